@@ -1,0 +1,56 @@
+# SoftCAM Review — the two commands: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+export SOFTCAM_HOME ?= $(CURDIR)/.softcam
+PORT   ?= 8501
+
+.PHONY: run test test-slow test-all bench demo venv test-deps chromium clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Re-install whenever a requirements file or the project metadata changes.
+$(VENV)/.installed: $(BIN)/python requirements.txt pyproject.toml
+	$(BIN)/pip install --progress-bar on -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(BIN)/pip install --progress-bar on -r requirements-test.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Debian's chromium drives the browser tests (Playwright's own browser download does not work offline).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "Installing Debian's chromium for the browser tests..."; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null \
+	  || echo "WARNING: could not install chromium; browser tests will skip"; }
+
+test-deps: $(VENV)/.installed-test chromium
+
+# Demo cohort (all three modalities) and demo models, made once under $(SOFTCAM_HOME), with progress.
+demo: venv
+	$(BIN)/softcam demo --home "$(SOFTCAM_HOME)"
+
+run: demo
+	$(BIN)/streamlit run app.py --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
+
+test: test-deps
+	$(BIN)/python -m pytest
+
+test-slow: test-deps
+	$(BIN)/python -m pytest -m slow
+
+test-all: test-deps
+	$(BIN)/python -m pytest -m "slow or not slow"
+
+bench: venv
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,3 @@
+from softcam_core.cli import main
+
+raise SystemExit(main())

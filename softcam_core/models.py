@@ -1,0 +1,290 @@
+"""SoftCAM self-explainable networks and their black-box baselines.
+
+SoftCAM (Djoumessi & Berens, MIDL 2026) removes global average pooling and the fully connected
+head of a CNN and puts a class-evidence head of 1x1 convolutions (unit stride) on the last feature
+map. Each class logit is the spatial mean of its evidence map, so the maps the prediction is
+computed from *are* the explanation, from the same forward pass.
+
+Both network types expose ``.features`` (the backbone up to the last convolutional feature map)
+so explanation methods hook the same layer on either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+import torchvision
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+VGGS = tuple(f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn"))
+DENSENETS = ("densenet121", "densenet161", "densenet169", "densenet201")
+EFFICIENTNETS = tuple(f"efficientnet_b{i}" for i in range(8))
+CONVNEXTS = ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large")
+ARCHS = RESNETS + VGGS + DENSENETS + EFFICIENTNETS + CONVNEXTS
+HEADS = ("softcam", "baseline")
+
+CHECKPOINT_FORMAT = "softcam-review-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, or not a SoftCAM Review checkpoint."""
+
+
+class SoftCAMNet(nn.Module):
+    """Backbone + class-evidence head; ``logits == maps.mean((2, 3))``.
+
+    Args:
+        features: module mapping images (B, 3, H, W) to feature maps (B, F, h, w).
+        evidence: module mapping (B, F, h, w) to class-evidence maps (B, C, h, w); built only from
+            1x1 convolutions with unit stride (and point-wise non-linearities / dropout), so each
+            evidence value depends on one feature-map position only.
+        arch: torchvision architecture name the backbone came from (metadata only).
+    """
+
+    def __init__(self, features: nn.Module, evidence: nn.Module, arch: str = "custom"):
+        super().__init__()
+        self.features = features
+        self.evidence = evidence
+        self.arch = arch
+
+    @property
+    def num_classes(self) -> int:
+        return _last_conv(self.evidence).out_channels
+
+    def forward_with_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass: ``(logits (B, C), maps (B, C, h, w))`` with logits the spatial mean of maps."""
+        maps = self.evidence(self.features(x))
+        return maps.mean(dim=(2, 3)), maps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C): a drop-in classifier for captum, torchcam and grad-cam."""
+        return self.forward_with_maps(x)[0]
+
+
+class BaselineNet(nn.Module):
+    """The black-box baseline: backbone, global average pooling, fully connected head."""
+
+    def __init__(self, features: nn.Module, fc: nn.Module, arch: str = "custom"):
+        super().__init__()
+        self.features = features
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = fc
+        self.arch = arch
+
+    @property
+    def num_classes(self) -> int:
+        return [m for m in self.fc.modules() if isinstance(m, nn.Linear)][-1].out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def _last_conv(module: nn.Module) -> nn.Conv2d:
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise TypeError("evidence head has no Conv2d layer")
+    return convs[-1]
+
+
+def _split_backbone(model: nn.Module) -> tuple[nn.Module, int, nn.Module | None, str]:
+    """Return (features, feature_channels, fc_or_None, family) of a torchvision classifier."""
+    tv = torchvision.models
+    if isinstance(model, BaselineNet):
+        fc = model.fc if isinstance(model.fc, nn.Linear) else None
+        channels = [m for m in model.fc.modules() if isinstance(m, nn.Linear)][0].in_features
+        return model.features, channels, fc, "baseline"
+    if isinstance(model, tv.ResNet):
+        features = nn.Sequential(
+            model.conv1, model.bn1, model.relu, model.maxpool,
+            model.layer1, model.layer2, model.layer3, model.layer4,
+        )
+        return features, model.fc.in_features, model.fc, "resnet"
+    if isinstance(model, tv.VGG):
+        return model.features, 512, None, "vgg"
+    if isinstance(model, tv.DenseNet):
+        # torchvision applies ReLU after the final norm inside DenseNet.forward, not in .features
+        features = nn.Sequential(model.features, nn.ReLU(inplace=False))
+        return features, model.classifier.in_features, model.classifier, "densenet"
+    if isinstance(model, tv.EfficientNet):
+        linear = model.classifier[-1]
+        return model.features, linear.in_features, None, "efficientnet"
+    if isinstance(model, tv.ConvNeXt):
+        # keep the per-position LayerNorm2d of the classifier: it acts on each feature-map position
+        norm = model.classifier[0]
+        linear = model.classifier[-1]
+        return nn.Sequential(model.features, norm), linear.in_features, None, "convnext"
+    raise TypeError(
+        f"unsupported model type {type(model).__name__}: expected a torchvision ResNet, VGG, "
+        "DenseNet, EfficientNet or ConvNeXt"
+    )
+
+
+def evidence_head(family: str, in_channels: int, num_classes: int, dropout: float = 0.5) -> nn.Module:
+    """Class-evidence head of 1x1 convolutions with unit stride.
+
+    ResNet-like: one layer ``in_channels -> num_classes``. VGG: ``512 -> 4096 -> 4096 -> classes``
+    with ReLU and Dropout, the paper's convolutional version of VGG's classifier.
+    """
+    if family == "vgg":
+        return nn.Sequential(
+            nn.Conv2d(in_channels, 4096, kernel_size=1, stride=1),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Conv2d(4096, 4096, kernel_size=1, stride=1),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Conv2d(4096, num_classes, kernel_size=1, stride=1),
+        )
+    return nn.Conv2d(in_channels, num_classes, kernel_size=1, stride=1)
+
+
+def baseline_head(family: str, in_channels: int, num_classes: int, dropout: float = 0.5) -> nn.Module:
+    """Fully connected head after global average pooling (the same shapes as :func:`evidence_head`)."""
+    if family == "vgg":
+        return nn.Sequential(
+            nn.Linear(in_channels, 4096), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(4096, num_classes),
+        )
+    return nn.Linear(in_channels, num_classes)
+
+
+def to_softcam(model: nn.Module, num_classes: int) -> SoftCAMNet:
+    """Turn a torchvision classifier (or a :class:`BaselineNet`) into a :class:`SoftCAMNet`.
+
+    Global pooling and the fully connected head are removed and a class-evidence head of 1x1
+    convolutions is put on the last feature map. When the model has a single linear head with
+    ``num_classes`` outputs (ResNet, DenseNet, a trained baseline), its weights are copied into the
+    1x1 convolution, so the converted net gives identical logits: mean(W f + b) == W mean(f) + b.
+
+    Args:
+        model: torchvision ResNet / VGG / DenseNet / EfficientNet / ConvNeXt, or a BaselineNet.
+        num_classes: number of output classes C.
+    Returns:
+        SoftCAMNet whose ``forward_with_maps`` returns logits (B, C) and maps (B, C, h, w).
+    """
+    features, channels, fc, family = _split_backbone(model)
+    if family == "baseline":
+        family = "vgg" if isinstance(model.fc, nn.Sequential) else "resnet"
+    head = evidence_head(family, channels, num_classes)
+    if isinstance(fc, nn.Linear) and fc.out_features == num_classes and isinstance(head, nn.Conv2d):
+        with torch.no_grad():
+            head.weight.copy_(fc.weight.reshape(num_classes, channels, 1, 1))
+            head.bias.copy_(fc.bias)
+    arch = getattr(model, "arch", type(model).__name__.lower())
+    return SoftCAMNet(features, head, arch=arch)
+
+
+def to_baseline(model: nn.Module, num_classes: int) -> BaselineNet:
+    """Wrap a torchvision classifier as the GAP + FC black-box :class:`BaselineNet`."""
+    features, channels, fc, family = _split_backbone(model)
+    head = baseline_head(family, channels, num_classes)
+    if isinstance(fc, nn.Linear) and fc.out_features == num_classes and isinstance(head, nn.Linear):
+        head.load_state_dict(fc.state_dict())
+    return BaselineNet(features, head, arch=getattr(model, "arch", type(model).__name__.lower()))
+
+
+def _load_init(model: nn.Module, init: str | Path) -> None:
+    """Load local weights (e.g. an ImageNet ``.pth``) into a torchvision model; head mismatches are skipped."""
+    path = Path(init)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: initial weights file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt pickle, zip, truncated file
+        raise CheckpointError(f"{path}: cannot read initial weights ({exc.__class__.__name__}: {exc})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise CheckpointError(f"{path}: no tensor matches the architecture's parameters")
+    model.load_state_dict(usable, strict=False)
+
+
+def build_model(arch: str, num_classes: int, head: str = "softcam", init: str | Path | None = None) -> nn.Module:
+    """Build a SoftCAM net or its black-box baseline from a torchvision architecture.
+
+    Args:
+        arch: torchvision name, one of :data:`ARCHS` (e.g. ``"resnet18"``, ``"vgg16_bn"``).
+        num_classes: number of classes C.
+        head: ``"softcam"`` (class-evidence maps) or ``"baseline"`` (GAP + FC).
+        init: optional local weights file for the torchvision backbone; never downloads.
+            Without it the weights are random.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose 'softcam' or 'baseline'")
+    backbone = torchvision.models.get_model(arch, weights=None)
+    if init is not None:
+        _load_init(backbone, init)
+    backbone.arch = arch
+    net = to_softcam(backbone, num_classes) if head == "softcam" else to_baseline(backbone, num_classes)
+    net.arch = arch
+    return net
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (checkpoint and image identities)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+REQUIRED_META = ("arch", "head", "classes", "img_size", "mean", "std", "modality")
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write ``model``'s weights with their metadata (see :data:`REQUIRED_META`) atomically."""
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"checkpoint metadata lacks {', '.join(missing)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "meta": dict(meta, num_classes=len(meta["classes"])),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> tuple[nn.Module, dict]:
+    """Load a checkpoint written by :func:`save_checkpoint`; returns ``(model in eval mode, meta)``.
+
+    Raises:
+        CheckpointError: the file is absent, corrupt, not ours, or its weights don't fit its arch.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({exc.__class__.__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a SoftCAM Review checkpoint (no '{CHECKPOINT_FORMAT}' header)")
+    meta = payload.get("meta") or {}
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint metadata lacks {', '.join(missing)}")
+    try:
+        model = build_model(meta["arch"], len(meta["classes"]), meta["head"])
+        model.load_state_dict(payload["state_dict"])
+    except (ValueError, RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not fit {meta.get('arch')}/{meta.get('head')}: {first}") from None
+    model.eval()
+    return model, meta

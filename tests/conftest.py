@@ -1,0 +1,34 @@
+"""Shared pytest set-up. Area fixtures live in tests/plugins/<area>.py and are loaded here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA = (ROOT.parent / "shared" / "data" / "real").resolve()
+
+pytest_plugins = sorted(
+    f"tests.plugins.{p.stem}" for p in (Path(__file__).parent / "plugins").glob("*.py") if p.stem != "__init__"
+)
+
+os.environ.setdefault("SOFTCAM_DEVICE", "cpu")  # tests are CPU-only; the GPU path is checked in bench/
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """Root of the shared real images (``../shared/data/real``); skips when absent (e.g. a user's laptop)."""
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"shared real data not found at {REAL_DATA}")
+    return REAL_DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Each test gets its own SOFTCAM_HOME so nothing touches the user's data."""
+    home = tmp_path_factory.mktemp("softcam_home")
+    monkeypatch.setenv("SOFTCAM_HOME", str(home))
+    monkeypatch.delenv("SOFTCAM_DB_URL", raising=False)
+    yield home
