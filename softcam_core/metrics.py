@@ -1,0 +1,633 @@
+"""Explainability metrics: localization, activation mass, consistency, faithfulness (deletion).
+
+Definitions follow the SoftCAM paper (Djoumessi & Berens, MIDL 2026, Appendix E) and the CasCAM
+evaluation; ``docs/metrics.md`` gives every formula, the edge-case rules and where the authors'
+code differs from the paper.
+
+Conventions shared by every function here:
+
+* ``sal`` is a saliency / evidence map, float array (H, W) at the model-input resolution, higher =
+  more evidence for the target class. Signed maps stay signed; a metric that needs non-negative
+  values uses the positive part ``P = max(sal, 0)`` and says so.
+* ``mask`` is the annotation, (H, W), bool (any non-zero value counts as annotated).
+* Shapes that disagree raise :class:`ValueError`. A metric that is *undefined* for its input
+  (empty mask, constant map, NaN / infinite values, no positive evidence ...) returns ``nan`` and
+  emits a :class:`MetricUndefined` warning whose text is the reason; :func:`metric_or_reason`
+  returns that reason instead, so tables can record why a cell is empty. An undefined value is
+  never replaced by 0 or 1 and is never averaged in.
+* Grid cells (``patch``): the map is cut into non-overlapping ``patch`` x ``patch`` cells from the
+  top-left corner. When H or W is not a multiple of ``patch`` the last row / column of cells is
+  narrower (it covers the remainder) and its mean is taken over the pixels it actually has; no
+  padding value ever enters a mean. Ties in a ranking are broken by cell index (row-major), so
+  results are deterministic.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "MetricUndefined",
+    "metric_or_reason",
+    "cell_grid",
+    "topk_localization_precision",
+    "activation_precision",
+    "activation_sensitivity",
+    "activation_consistency",
+    "pointing_game",
+    "iou_top_fraction",
+    "energy_top_fraction",
+    "average_precision",
+    "deletion_curve",
+    "deletion_curves",
+    "deletion_curve_reference",
+    "audc",
+    "target_probability",
+]
+
+
+class MetricUndefined(UserWarning):
+    """A metric is undefined for its input; the value returned is ``nan`` and the message says why."""
+
+
+# When metric_or_reason() is active in this thread / context, reasons are collected here instead of
+# being emitted as warnings (warnings.catch_warnings is process-global and not thread-safe, and the
+# cohort page evaluates in a background thread).
+_REASON_SINK: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("_REASON_SINK", default=None)
+
+
+def _undefined(reason: str) -> float:
+    sink = _REASON_SINK.get()
+    if sink is not None:
+        sink.append(reason)
+    else:
+        warnings.warn(reason, MetricUndefined, stacklevel=3)
+    return math.nan
+
+
+def metric_or_reason(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, str | None]:
+    """Call a metric and return ``(value, reason)``; ``reason`` is None when the value is defined.
+
+    Example: ``metric_or_reason(activation_precision, sal, mask)`` -> ``(nan, "empty annotation mask")``.
+    Thread-safe; no warning is emitted for reasons it collects.
+    """
+    sink: list[str] = []
+    token = _REASON_SINK.set(sink)
+    try:
+        value = fn(*args, **kwargs)
+    finally:
+        _REASON_SINK.reset(token)
+    return value, ("; ".join(dict.fromkeys(sink)) if sink else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# input checks
+
+
+def _as_array(x: Any, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (H, W) array, got shape {arr.shape}")
+    return arr
+
+
+def _pair(sal: Any, mask: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and convert ``(sal, mask)``; raises ValueError on a shape mismatch."""
+    sal_arr = _as_array(sal, "saliency map").astype(np.float64, copy=False)
+    mask_arr = _as_array(mask, "mask")
+    if sal_arr.shape != mask_arr.shape:
+        raise ValueError(f"saliency map shape {sal_arr.shape} does not match mask shape {mask_arr.shape}")
+    return sal_arr, mask_arr.astype(bool, copy=False)
+
+
+def _map_problem(sal: np.ndarray) -> str | None:
+    if not np.all(np.isfinite(sal)):
+        return "map contains NaN or infinite values"
+    if sal.size == 0:
+        return "map is empty"
+    if sal.max() == sal.min():
+        return "constant map: it ranks no pixel above another"
+    return None
+
+
+def _pair_problem(sal: np.ndarray, mask: np.ndarray) -> str | None:
+    problem = _map_problem(sal)
+    if problem:
+        return problem
+    if not mask.any():
+        return "empty annotation mask"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# grid cells
+
+
+def cell_grid(shape: tuple[int, int], patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start offsets of the non-overlapping ``patch`` x ``patch`` cells along rows and columns.
+
+    Returns ``(row_starts (nr,), col_starts (nc,))`` with ``nr = ceil(H / patch)``; the last cell of
+    a row / column is narrower when ``patch`` does not divide the size.
+    """
+    if int(patch) != patch or patch < 1:
+        raise ValueError(f"patch must be a positive integer, got {patch!r}")
+    height, width = shape
+    return np.arange(0, height, int(patch)), np.arange(0, width, int(patch))
+
+
+def _cell_reduce(values: np.ndarray, patch: int) -> np.ndarray:
+    """Sum of ``values`` (H, W) over each grid cell -> (nr, nc)."""
+    rows, cols = cell_grid(values.shape, patch)
+    return np.add.reduceat(np.add.reduceat(values, rows, axis=0), cols, axis=1)
+
+
+def _cell_means(sal: np.ndarray, patch: int) -> np.ndarray:
+    """Mean of ``sal`` over each cell's own pixels -> (nr, nc)."""
+    counts = _cell_reduce(np.ones(sal.shape, dtype=np.float64), patch)
+    return _cell_reduce(sal, patch) / counts
+
+
+def _cell_rank_map(sal: np.ndarray, patch: int) -> tuple[np.ndarray, int]:
+    """Per-pixel rank (0 = highest mean) of the pixel's cell, and the number of cells.
+
+    Cells are ranked by mean activation, descending; ties by cell index (row-major).
+    """
+    means = _cell_means(sal, patch)
+    order = np.argsort(-means.ravel(), kind="stable")
+    rank = np.empty(order.size, dtype=np.int64)
+    rank[order] = np.arange(order.size)
+    rank_grid = rank.reshape(means.shape)
+    rank_map = np.repeat(np.repeat(rank_grid, patch, axis=0), patch, axis=1)[: sal.shape[0], : sal.shape[1]]
+    return rank_map, order.size
+
+
+# ----------------------------------------------------------------------------------------------
+# localization and activation-mass metrics
+
+
+def topk_localization_precision(sal: Any, mask: Any, k: int, patch: int) -> float:
+    """Fraction of the top-k positive grid cells that touch the annotation (SoftCAM App. E).
+
+    The map (H, W) is cut into ``patch`` x ``patch`` pixel cells (see module notes for sizes that
+    ``patch`` does not divide). Cells are ranked by mean activation; only cells with a strictly
+    positive mean are candidates. Of the first ``m = min(k, #positive cells)`` candidates, the
+    result is the fraction that overlap the mask by at least one pixel.
+
+    Args:
+        sal: (H, W) map. mask: (H, W) bool annotation. k: >= 1 cells. patch: cell side in pixels.
+    Returns:
+        float in [0, 1]; nan (MetricUndefined) for an empty mask, a constant or non-finite map,
+        or a map without any positive cell.
+    """
+    sal, mask = _pair(sal, mask)
+    if int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    problem = _pair_problem(sal, mask)
+    if problem:
+        return _undefined(problem)
+    means = _cell_means(sal, patch).ravel()
+    touches = (_cell_reduce(mask.astype(np.float64), patch) > 0).ravel()
+    order = np.argsort(-means, kind="stable")
+    positive = order[means[order] > 0]
+    if positive.size == 0:
+        return _undefined("no grid cell has a positive mean activation")
+    chosen = positive[: int(k)]
+    return float(touches[chosen].mean())
+
+
+def activation_precision(sal: Any, mask: Any) -> float:
+    """Share of the positive evidence mass that lies inside the annotation.
+
+    ``sum(P * mask) / sum(P)`` with ``P = max(sal, 0)`` (the positive part, clipped here).
+    Returns float in [0, 1]; nan for an empty mask, a constant / non-finite map, or no positive
+    evidence.
+    """
+    sal, mask = _pair(sal, mask)
+    problem = _pair_problem(sal, mask)
+    if problem:
+        return _undefined(problem)
+    positive = np.clip(sal, 0.0, None)
+    total = positive.sum()
+    if total <= 0:
+        return _undefined("map has no positive activation")
+    return float(positive[mask].sum() / total)
+
+
+def activation_sensitivity(sal: Any, mask: Any) -> float:
+    """Mean normalised positive evidence over the annotated pixels.
+
+    ``sum(P / max(P) * mask) / sum(mask)`` with ``P = max(sal, 0)``: the positive part is scaled
+    to a maximum of 1, so the value is in [0, 1] and is 1 only when every annotated pixel carries
+    the map's peak evidence. Units: fraction of the peak, averaged per annotated pixel.
+    Returns nan for an empty mask, a constant / non-finite map, or no positive evidence.
+    """
+    sal, mask = _pair(sal, mask)
+    problem = _pair_problem(sal, mask)
+    if problem:
+        return _undefined(problem)
+    positive = np.clip(sal, 0.0, None)
+    peak = positive.max()
+    if peak <= 0:
+        return _undefined("map has no positive activation")
+    return float((positive[mask] / peak).sum() / mask.sum())
+
+
+def activation_consistency(maps: Any, labels: Any) -> float:
+    """Share of evidence with the sign the image's label calls for, averaged over images.
+
+    For each map ``m`` (the evidence for the *disease* class) with ``pos = sum(max(m, 0))`` and
+    ``neg = sum(max(-m, 0))``: a diseased image (label != 0) scores ``pos / (pos + neg)``, a
+    healthy image (label == 0) scores ``neg / (pos + neg)``. The result is the mean over images
+    whose map is not all zeros. A map that is non-negative by construction (e.g. Grad-CAM after
+    ReLU) therefore scores 0 on every healthy image.
+
+    Args:
+        maps: (N, H, W) maps, or one (H, W) map. labels: (N,) ints/bools, or a scalar for one map.
+    Returns:
+        float in [0, 1]; nan when no map is usable (all zeros, or non-finite values).
+    """
+    if isinstance(maps, torch.Tensor):
+        maps = maps.detach().cpu().numpy()
+    maps_arr = np.asarray(maps, dtype=np.float64)
+    labels_arr = np.asarray(labels)
+    if maps_arr.ndim == 2:
+        maps_arr = maps_arr[None]
+        labels_arr = labels_arr.reshape(1)
+    if maps_arr.ndim != 3:
+        raise ValueError(f"maps must be (N, H, W) or (H, W), got shape {maps_arr.shape}")
+    if labels_arr.shape != (maps_arr.shape[0],):
+        raise ValueError(f"labels shape {labels_arr.shape} does not match {maps_arr.shape[0]} maps")
+    shares = []
+    problems = []
+    for m, label in zip(maps_arr, labels_arr):
+        if not np.all(np.isfinite(m)):
+            problems.append("map contains NaN or infinite values")
+            continue
+        pos = np.clip(m, 0.0, None).sum()
+        neg = np.clip(-m, 0.0, None).sum()
+        if pos + neg == 0:
+            problems.append("map is all zeros")
+            continue
+        shares.append((pos if label != 0 else neg) / (pos + neg))
+    if not shares:
+        return _undefined("; ".join(dict.fromkeys(problems)) or "no maps")
+    return float(np.mean(shares))
+
+
+def pointing_game(sal: Any, mask: Any, tolerance_px: float = 0) -> float:
+    """Whether the map's maximum falls on the annotation (Zhang et al. 2016).
+
+    A maximal pixel hits when its Euclidean distance to the nearest annotated pixel is at most
+    ``tolerance_px`` (0: it must be annotated itself). When the maximum is attained at several
+    pixels the result is the fraction of them that hit, so it is exactly 1.0 or 0.0 for a unique
+    maximum and no tie is resolved by scan order.
+    Returns float in [0, 1]; nan for an empty mask or a constant / non-finite map.
+    """
+    sal, mask = _pair(sal, mask)
+    if tolerance_px < 0:
+        raise ValueError(f"tolerance_px must be >= 0, got {tolerance_px!r}")
+    problem = _pair_problem(sal, mask)
+    if problem:
+        return _undefined(problem)
+    if tolerance_px > 0:
+        from scipy.ndimage import distance_transform_edt
+
+        target = distance_transform_edt(~mask) <= tolerance_px
+    else:
+        target = mask
+    peaks = sal == sal.max()
+    return float(target[peaks].mean())
+
+
+def _top_region(sal: np.ndarray, frac: float) -> np.ndarray | None:
+    """Pixels among the ``ceil(frac * H * W)`` highest, counting only positive pixels.
+
+    Pixels tied with the last admitted value are all admitted. Returns None when no pixel is positive.
+    """
+    if not 0 < frac <= 1:
+        raise ValueError(f"frac must be in (0, 1], got {frac!r}")
+    count = max(1, math.ceil(frac * sal.size - 1e-9))
+    threshold = np.partition(sal.ravel(), sal.size - count)[sal.size - count]
+    region = (sal >= threshold) & (sal > 0)
+    return region if region.any() else None
+
+
+def iou_top_fraction(sal: Any, mask: Any, frac: float = 0.15) -> float:
+    """Intersection over union of the map's top-``frac`` region with the annotation.
+
+    The region is the ``ceil(frac * H * W)`` highest-valued pixels, restricted to positive values
+    (a sparse map is not padded with zero-evidence pixels); pixels tied at the threshold are all in.
+    Returns float in [0, 1]; nan for an empty mask, a constant / non-finite map, or no positive pixel.
+    """
+    sal, mask = _pair(sal, mask)
+    problem = _pair_problem(sal, mask)
+    if problem:
+        return _undefined(problem)
+    region = _top_region(sal, frac)
+    if region is None:
+        return _undefined("map has no positive activation")
+    return float((region & mask).sum() / (region | mask).sum())
+
+
+def energy_top_fraction(sal: Any, mask: Any, frac: float = 0.15) -> float:
+    """Share of the top-``frac`` region's positive energy that lies inside the annotation.
+
+    ``sum(P * T * mask) / sum(P * T)`` with ``P = max(sal, 0)`` and ``T`` the region of
+    :func:`iou_top_fraction`. Returns float in [0, 1]; nan in the same cases as that function.
+    """
+    sal, mask = _pair(sal, mask)
+    problem = _pair_problem(sal, mask)
+    if problem:
+        return _undefined(problem)
+    region = _top_region(sal, frac)
+    if region is None:
+        return _undefined("map has no positive activation")
+    energy = np.where(region, sal, 0.0)
+    return float(energy[mask].sum() / energy.sum())
+
+
+def average_precision(sal: Any, mask: Any) -> float:
+    """Pixel-level average precision of the map as a score for "pixel is annotated".
+
+    ``AP = sum_n (R_n - R_{n-1}) P_n`` over the distinct map values taken as thresholds, highest
+    first (scikit-learn's ``average_precision_score`` definition: no interpolation, tied pixels
+    enter together). Signed values are used as they are (only the order matters).
+    Returns float in (0, 1]; nan for an empty or all-covering mask or a constant / non-finite map.
+    """
+    sal, mask = _pair(sal, mask)
+    problem = _pair_problem(sal, mask)
+    if problem:
+        return _undefined(problem)
+    if mask.all():
+        return _undefined("annotation covers the whole image: every ranking scores 1")
+    scores = sal.ravel()
+    truth = mask.ravel()
+    order = np.argsort(-scores, kind="stable")
+    scores, truth = scores[order], truth[order]
+    # last index of each run of equal scores: a threshold admits a whole tie group at once
+    ends = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
+    true_pos = np.cumsum(truth)[ends]
+    precision = true_pos / (ends + 1)
+    recall = true_pos / truth.sum()
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+# ----------------------------------------------------------------------------------------------
+# faithfulness: deletion curves
+
+
+def target_probability(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Probability of each row's target class: softmax over C >= 2 logits, sigmoid for C == 1.
+
+    Args: logits (B, C); targets (B,) int64. Returns (B,) float.
+    """
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits[:, 0])
+    return torch.softmax(logits.float(), dim=1).gather(1, targets.view(-1, 1)).squeeze(1)
+
+
+def _resolve_baseline(image: torch.Tensor, baseline: str | float | torch.Tensor, patch: int) -> torch.Tensor:
+    """What an occluded pixel becomes, (3, H, W) in the model's (normalised) input space.
+
+    ``"zero"``: 0 (the dataset mean colour after normalisation); ``"mean"``: the image's per-channel
+    mean; ``"blur"``: the image blurred with a Gaussian of sigma = patch / 2 pixels; a number: that
+    constant; a tensor broadcastable to (3, H, W): itself.
+    """
+    if isinstance(baseline, torch.Tensor):
+        return baseline.to(image.device, image.dtype).expand_as(image)
+    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        return torch.full_like(image, float(baseline))
+    if baseline == "zero":
+        return torch.zeros_like(image)
+    if baseline == "mean":
+        return image.mean(dim=(1, 2), keepdim=True).expand_as(image)
+    if baseline == "blur":
+        from torchvision.transforms.functional import gaussian_blur
+
+        sigma = max(1.0, patch / 2.0)
+        kernel = 2 * math.ceil(3 * sigma) + 1
+        limit = 2 * min(image.shape[-2:]) - 1  # reflect padding must stay inside the image
+        kernel = min(kernel, limit if limit % 2 else limit - 1)
+        return gaussian_blur(image.unsqueeze(0), [kernel, kernel], [sigma, sigma])[0]
+    raise ValueError(f"unknown deletion baseline {baseline!r}; use 'zero', 'mean', 'blur', a number or a tensor")
+
+
+def _deletion_counts(n_cells: int, steps: int) -> np.ndarray:
+    """Cells occluded at steps 0..steps: ``floor(s * n_cells / steps)`` (0 first, all last)."""
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    return (np.arange(steps + 1) * n_cells) // steps
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+class _EvalMode:
+    """Put a model in eval mode for a block and restore its previous mode after."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.was_training = model.training
+
+    def __enter__(self) -> nn.Module:
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self.was_training)
+
+
+def _prepare_deletion(
+    images: torch.Tensor, sals: Any, targets: Any, patch: int, steps: int, baseline: Any
+) -> tuple[torch.Tensor, list[np.ndarray | None], list[str | None], torch.Tensor, torch.Tensor, np.ndarray]:
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, 3, H, W), got shape {tuple(images.shape)}")
+    sal_arr = sals.detach().cpu().numpy() if isinstance(sals, torch.Tensor) else np.asarray(sals)
+    if sal_arr.ndim != 3 or sal_arr.shape[0] != images.shape[0] or sal_arr.shape[1:] != images.shape[2:]:
+        raise ValueError(
+            f"saliency maps shape {sal_arr.shape} does not match images {tuple(images.shape)}: need (N, H, W)"
+        )
+    target_t = torch.as_tensor(np.asarray(targets, dtype=np.int64).reshape(-1))
+    if target_t.numel() != images.shape[0]:
+        raise ValueError(f"{target_t.numel()} targets for {images.shape[0]} images")
+    cell_grid(images.shape[2:], patch)
+    rank_maps: list[np.ndarray | None] = []
+    problems: list[str | None] = []
+    n_cells = 0
+    for sal in sal_arr.astype(np.float64):
+        problem = _map_problem(sal)
+        problems.append(problem)
+        if problem:
+            rank_maps.append(None)
+            continue
+        rank_map, n_cells = _cell_rank_map(sal, patch)
+        rank_maps.append(rank_map)
+    if n_cells == 0:
+        rows, cols = cell_grid(images.shape[2:], patch)
+        n_cells = rows.size * cols.size
+    counts = _deletion_counts(n_cells, steps)
+    baselines = torch.stack([_resolve_baseline(img, baseline, patch) for img in images])
+    return baselines, rank_maps, problems, target_t, torch.as_tensor(counts), counts
+
+
+def _curves_from_probs(probs: np.ndarray, problems: list[str | None]) -> np.ndarray:
+    curves = np.full(probs.shape, np.nan)
+    for i, problem in enumerate(problems):
+        if problem:
+            _undefined(problem)
+            continue
+        if probs[i, 0] <= 0:
+            _undefined("target probability of the intact image is 0")
+            continue
+        curves[i] = probs[i] / probs[i, 0]
+    return curves
+
+
+def deletion_curves(
+    model: nn.Module,
+    images: torch.Tensor,
+    sals: Any,
+    targets: Sequence[int] | np.ndarray | torch.Tensor,
+    patch: int,
+    steps: int = 20,
+    baseline: str | float | torch.Tensor = "zero",
+    batch_size: int | None = None,
+) -> np.ndarray:
+    """Deletion curves of several images, all steps batched into as few forward passes as fit.
+
+    Cells of ``patch`` x ``patch`` pixels are ranked by mean saliency (highest first, ties by cell
+    index); at step ``s`` (0..steps) the first ``floor(s * N_cells / steps)`` cells are replaced by
+    the baseline. The curve is the target-class probability relative to the intact image,
+    ``p_s / p_0`` (so ``1 - curve`` is the relative drop); a faithful map makes it fall fast.
+
+    Args:
+        model: classifier returning logits (B, C); run on its own device, in eval mode, under
+            ``torch.inference_mode`` (its train/eval mode is restored afterwards).
+        images: (N, 3, H, W) preprocessed model inputs. sals: (N, H, W) maps at input resolution.
+        targets: (N,) class indices. patch: cell side in pixels. steps: deletion steps.
+        baseline: ``"zero"``, ``"mean"``, ``"blur"``, a number or a tensor (see ``_resolve_baseline``).
+        batch_size: occluded inputs per forward pass; None = all N * (steps + 1) at once on a GPU
+            (halved on out-of-memory until it fits), 64 on a CPU.
+    Returns:
+        (N, steps + 1) float64; rows of nan (with a MetricUndefined reason) for constant or
+        non-finite maps or a zero intact probability.
+    """
+    device = _model_device(model)
+    images = images.to(device)
+    baselines, rank_maps, problems, target_t, counts_t, counts = _prepare_deletion(
+        images, sals, targets, patch, steps, baseline
+    )
+    n_images, n_steps = images.shape[0], steps + 1
+    jobs = [(i, s) for i in range(n_images) if rank_maps[i] is not None for s in range(n_steps)]
+    probs = np.full((n_images, n_steps), np.nan)
+    if jobs:
+        rank_t = torch.stack(
+            [torch.as_tensor(r if r is not None else np.zeros(images.shape[2:], np.int64)) for r in rank_maps]
+        ).to(device)
+        counts_t = counts_t.to(device)
+        target_t = target_t.to(device)
+        if batch_size is None:
+            batch_size = len(jobs) if device.type == "cuda" else 64
+        batch_size = max(1, int(batch_size))
+        with _EvalMode(model), torch.inference_mode():
+            start = 0
+            while start < len(jobs):
+                chunk = jobs[start : start + batch_size]
+                img_idx = torch.tensor([i for i, _ in chunk], device=device)
+                step_idx = torch.tensor([s for _, s in chunk], device=device)
+                occluded = rank_t[img_idx] < counts_t[step_idx].view(-1, 1, 1)
+                inputs = torch.where(occluded.unsqueeze(1), baselines[img_idx], images[img_idx])
+                try:
+                    out = target_probability(model(inputs), target_t[img_idx])
+                except torch.cuda.OutOfMemoryError:
+                    if batch_size == 1:
+                        raise
+                    del inputs, occluded
+                    torch.cuda.empty_cache()
+                    batch_size = max(1, batch_size // 2)
+                    continue
+                out = out.double().cpu().numpy()
+                for (i, s), p in zip(chunk, out):
+                    probs[i, s] = p
+                start += len(chunk)
+    return _curves_from_probs(probs, problems)
+
+
+def deletion_curve_reference(
+    model: nn.Module,
+    images: torch.Tensor,
+    sals: Any,
+    targets: Sequence[int] | np.ndarray | torch.Tensor,
+    patch: int,
+    steps: int = 20,
+    baseline: str | float | torch.Tensor = "zero",
+) -> np.ndarray:
+    """The plain loop :func:`deletion_curves` must equal: one image, one step, one forward pass.
+
+    Same arguments and result as :func:`deletion_curves`; kept for tests and benchmarks.
+    """
+    device = _model_device(model)
+    images = images.to(device)
+    baselines, rank_maps, problems, target_t, _, counts = _prepare_deletion(
+        images, sals, targets, patch, steps, baseline
+    )
+    probs = np.full((images.shape[0], steps + 1), np.nan)
+    with _EvalMode(model), torch.inference_mode():
+        for i, rank_map in enumerate(rank_maps):
+            if rank_map is None:
+                continue
+            for s, count in enumerate(counts):
+                occluded = torch.as_tensor(rank_map < count, device=device)
+                x = torch.where(occluded, baselines[i], images[i])
+                probs[i, s] = float(target_probability(model(x.unsqueeze(0)), target_t[i : i + 1].to(device))[0])
+    return _curves_from_probs(probs, problems)
+
+
+def deletion_curve(
+    model: nn.Module,
+    image: torch.Tensor,
+    sal: Any,
+    target: int,
+    patch: int,
+    steps: int = 20,
+    baseline: str | float | torch.Tensor = "zero",
+) -> np.ndarray:
+    """Deletion curve of one image: (steps + 1,) relative target probability ``p_s / p_0``.
+
+    ``image`` is (3, H, W) (or (1, 3, H, W)), ``sal`` (H, W); see :func:`deletion_curves`.
+    """
+    if image.ndim == 3:
+        image = image.unsqueeze(0)
+    sal_arr = sal.detach().cpu().numpy() if isinstance(sal, torch.Tensor) else np.asarray(sal)
+    if sal_arr.ndim != 2:
+        raise ValueError(f"saliency map must be (H, W), got shape {sal_arr.shape}")
+    return deletion_curves(model, image, sal_arr[None], [int(target)], patch, steps, baseline, batch_size=None)[0]
+
+
+def audc(curve: Any) -> float:
+    """Area under a deletion curve, trapezoid rule over x = s / steps in [0, 1]; lower = more faithful.
+
+    ``curve``: (steps + 1,) values from :func:`deletion_curve`. Returns nan (MetricUndefined) when the
+    curve has a nan or fewer than 2 points.
+    """
+    values = np.asarray(curve, dtype=np.float64).ravel()
+    if values.size < 2:
+        return _undefined("deletion curve has fewer than 2 points")
+    if not np.all(np.isfinite(values)):
+        return _undefined("deletion curve is undefined (nan)")
+    x = np.linspace(0.0, 1.0, values.size)
+    return float(np.sum((values[1:] + values[:-1]) * np.diff(x)) / 2.0)

@@ -1,0 +1,298 @@
+"""Every metric pinned on tiny hand-computed arrays; edge cases; batched deletion == plain loop."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from softcam_core import metrics as M
+
+
+def _mask(shape, *points):
+    mask = np.zeros(shape, dtype=bool)
+    for r, c in points:
+        mask[r, c] = True
+    return mask
+
+
+# ---------------------------------------------------------------- top-k localization precision
+
+SAL_4x4 = np.array(
+    [
+        [4, 4, 0, 0],
+        [4, 4, 0, 0],
+        [1, 1, -2, -2],
+        [1, 3, -2, -2],
+    ],
+    dtype=np.float32,
+)
+
+
+@pytest.mark.parametrize("k, expected", [(1, 0.0), (2, 0.5), (3, 0.5), (10, 0.5)])
+def test_topk_precision_hand_computed(k, expected):
+    # patch 2 -> cells TL, TR, BL, BR with means 4, 0, (1+1+1+3)/4 = 1.5, -2.
+    # positive cells ranked: TL (4), BL (1.5); TR (mean 0) is not positive.
+    # mask touches BL only -> k=1: [TL] -> 0/1; k=2: [TL, BL] -> 1/2; k>=3: still the 2 positive -> 1/2
+    mask = _mask((4, 4), (3, 0))
+    assert M.topk_localization_precision(SAL_4x4, mask, k, patch=2) == pytest.approx(expected)
+
+
+def test_topk_precision_partial_edge_cells_use_their_own_pixels():
+    # 5x5 with patch 2 -> 3x3 cells; the last row/column of cells is 1 pixel wide.
+    # corner cell (4,4) holds one pixel of value 10 -> mean 10 (NOT 10/4 = 2.5 as zero padding would give);
+    # top-left cell: four pixels of 8 -> mean 8. So the corner ranks first.
+    sal = np.zeros((5, 5))
+    sal[4, 4] = 10
+    sal[0:2, 0:2] = 8
+    assert M.topk_localization_precision(sal, _mask((5, 5), (4, 4)), 1, patch=2) == 1.0
+    assert M.topk_localization_precision(sal, _mask((5, 5), (0, 0)), 1, patch=2) == 0.0
+    # k=2: [corner, top-left], mask touches top-left only -> 1/2
+    assert M.topk_localization_precision(sal, _mask((5, 5), (1, 1)), 2, patch=2) == 0.5
+
+
+def test_topk_precision_ties_broken_by_cell_index():
+    # two cells with equal mean 1: row-major order puts TL (index 0) before BR (index 3)
+    sal = np.zeros((4, 4))
+    sal[0:2, 0:2] = 1
+    sal[2:4, 2:4] = 1
+    assert M.topk_localization_precision(sal, _mask((4, 4), (0, 0)), 1, patch=2) == 1.0
+    assert M.topk_localization_precision(sal, _mask((4, 4), (3, 3)), 1, patch=2) == 0.0
+
+
+def test_topk_precision_no_positive_cell_is_undefined():
+    value, reason = M.metric_or_reason(M.topk_localization_precision, -SAL_4x4 - 5, _mask((4, 4), (0, 0)), 3, 2)
+    assert math.isnan(value) and "positive" in reason
+
+
+# ---------------------------------------------------------------- activation precision / sensitivity
+
+
+def test_activation_precision_hand_computed():
+    sal = np.array([[2.0, -1.0], [1.0, 3.0]])
+    # P = [[2, 0], [1, 3]] -> total 6; inside mask {(0,0)}: 2 -> 2/6
+    assert M.activation_precision(sal, _mask((2, 2), (0, 0))) == pytest.approx(1 / 3)
+    # mask {(0,1), (1,1)}: 0 + 3 -> 3/6
+    assert M.activation_precision(sal, _mask((2, 2), (0, 1), (1, 1))) == pytest.approx(0.5)
+
+
+def test_activation_sensitivity_hand_computed():
+    sal = np.array([[2.0, -1.0], [1.0, 3.0]])
+    # P / max(P) = [[2/3, 0], [1/3, 1]]
+    # mask {(0,0)}: (2/3) / 1 pixel
+    assert M.activation_sensitivity(sal, _mask((2, 2), (0, 0))) == pytest.approx(2 / 3)
+    # mask {(0,0), (0,1)}: (2/3 + 0) / 2 pixels = 1/3
+    assert M.activation_sensitivity(sal, _mask((2, 2), (0, 0), (0, 1))) == pytest.approx(1 / 3)
+    # whole image: (2/3 + 0 + 1/3 + 1) / 4 = 0.5
+    assert M.activation_sensitivity(sal, np.ones((2, 2), bool)) == pytest.approx(0.5)
+
+
+def test_activation_consistency_hand_computed():
+    diseased = np.array([[3.0, -1.0], [0.0, 0.0]])  # pos 3, neg 1 -> positive share 3/4
+    healthy = np.array([[1.0, -3.0], [0.0, 0.0]])  # pos 1, neg 3 -> negative share 3/4
+    healthy_relu = np.array([[2.0, 0.0], [0.0, 0.0]])  # non-negative map: negative share 0
+    zeros = np.zeros((2, 2))  # no evidence at all: left out
+    maps = np.stack([diseased, healthy, healthy_relu, zeros])
+    labels = [1, 0, 0, 1]
+    # mean of (3/4, 3/4, 0) = 0.5
+    assert M.activation_consistency(maps, labels) == pytest.approx(0.5)
+    assert M.activation_consistency(diseased, 1) == pytest.approx(0.75)
+    assert M.activation_consistency(diseased, 0) == pytest.approx(0.25)
+    value, reason = M.metric_or_reason(M.activation_consistency, zeros, 1)
+    assert math.isnan(value) and "zeros" in reason
+    with pytest.raises(ValueError, match="labels"):
+        M.activation_consistency(maps, [1, 0])
+
+
+# ---------------------------------------------------------------- pointing game
+
+
+def test_pointing_game_hand_computed():
+    sal = np.zeros((3, 3))
+    sal[1, 1] = 5
+    assert M.pointing_game(sal, _mask((3, 3), (1, 1))) == 1.0
+    assert M.pointing_game(sal, _mask((3, 3), (0, 0))) == 0.0
+    # distance from (1,1) to (0,0) is sqrt(2) = 1.414: within 1.5, not within 1
+    assert M.pointing_game(sal, _mask((3, 3), (0, 0)), tolerance_px=1.5) == 1.0
+    assert M.pointing_game(sal, _mask((3, 3), (0, 0)), tolerance_px=1) == 0.0
+    # two tied maxima, one on the annotation -> 1/2
+    sal[2, 2] = 5
+    assert M.pointing_game(sal, _mask((3, 3), (2, 2))) == 0.5
+
+
+# ---------------------------------------------------------------- top-fraction IoU / energy, AP
+
+
+def test_iou_and_energy_top_fraction_hand_computed():
+    sal = np.arange(1, 11, dtype=float).reshape(2, 5)  # values 1..10
+    mask = np.isin(sal, [9, 8, 7, 6])
+    # frac 0.3 of 10 pixels -> top 3 = {10, 9, 8}; mask {9, 8, 7, 6}
+    # IoU = |{9, 8}| / |{10, 9, 8, 7, 6}| = 2/5
+    assert M.iou_top_fraction(sal, mask, 0.3) == pytest.approx(0.4)
+    # energy: inside (9 + 8) over top region (10 + 9 + 8) = 17/27
+    assert M.energy_top_fraction(sal, mask, 0.3) == pytest.approx(17 / 27)
+
+
+def test_top_fraction_counts_only_positive_pixels():
+    sal = np.zeros((2, 5))
+    sal[0, 0], sal[0, 1] = 2.0, 1.0  # only 2 positive pixels, frac asks for 5
+    mask = _mask((2, 5), (0, 1), (1, 4))
+    # region = {(0,0), (0,1)} (zeros are not padded in); IoU = 1 / |{(0,0), (0,1), (1,4)}| = 1/3
+    assert M.iou_top_fraction(sal, mask, 0.5) == pytest.approx(1 / 3)
+    # energy = 1 / (2 + 1)
+    assert M.energy_top_fraction(sal, mask, 0.5) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="frac"):
+        M.iou_top_fraction(sal, mask, 0.0)
+
+
+def test_average_precision_hand_computed():
+    sal = np.array([[0.9, 0.8], [0.7, 0.6]])
+    mask = np.array([[True, False], [True, False]])
+    # ranked: 0.9 (hit, P=1, R=1/2), 0.8 (miss), 0.7 (hit, P=2/3, R=1) -> AP = 1/2*1 + 1/2*2/3 = 5/6
+    assert M.average_precision(sal, mask) == pytest.approx(5 / 6)
+    # tie: scores 0.9, 0.5, 0.5, 0.1 with labels 1, 1, 0, 0: threshold 0.5 admits both tied pixels
+    # -> P=1 at R=1/2, then P=2/3 at R=1 -> 5/6 (not 1.0, which a scan order could give)
+    sal_tie = np.array([[0.9, 0.5], [0.5, 0.1]])
+    assert M.average_precision(sal_tie, np.array([[True, True], [False, False]])) == pytest.approx(5 / 6)
+    assert M.average_precision(sal_tie, np.array([[True, False], [True, False]])) == pytest.approx(5 / 6)
+
+
+def test_average_precision_matches_sklearn():
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(0)
+    sal = np.round(rng.normal(size=(32, 32)), 1)  # rounding creates many ties
+    mask = rng.random((32, 32)) < 0.2
+    assert M.average_precision(sal, mask) == pytest.approx(average_precision_score(mask.ravel(), sal.ravel()))
+
+
+# ---------------------------------------------------------------- edge cases shared by all map metrics
+
+MAP_METRICS = [
+    lambda s, m: M.topk_localization_precision(s, m, 2, 2),
+    M.activation_precision,
+    M.activation_sensitivity,
+    M.pointing_game,
+    lambda s, m: M.iou_top_fraction(s, m, 0.25),
+    lambda s, m: M.energy_top_fraction(s, m, 0.25),
+    M.average_precision,
+]
+
+
+@pytest.mark.parametrize("metric", MAP_METRICS)
+def test_edge_cases_are_explicit(metric):
+    good = SAL_4x4.astype(float)
+    mask = _mask((4, 4), (0, 0))
+    with pytest.raises(ValueError, match="shape"):
+        metric(good, np.zeros((4, 5), bool))
+    value, reason = M.metric_or_reason(metric, good, np.zeros((4, 4), bool))
+    assert math.isnan(value) and reason == "empty annotation mask"
+    value, reason = M.metric_or_reason(metric, np.full((4, 4), 3.0), mask)
+    assert math.isnan(value) and "constant" in reason
+    with_nan = good.copy()
+    with_nan[1, 1] = np.nan
+    value, reason = M.metric_or_reason(metric, with_nan, mask)
+    assert math.isnan(value) and "NaN" in reason
+    with pytest.warns(M.MetricUndefined, match="empty annotation mask"):
+        assert math.isnan(metric(good, np.zeros((4, 4), bool)))
+    value, reason = M.metric_or_reason(metric, good, mask)
+    assert np.isfinite(value) and reason is None
+
+
+def test_no_positive_evidence_is_undefined():
+    negative = -np.arange(16, dtype=float).reshape(4, 4) - 1
+    mask = _mask((4, 4), (0, 0))
+    for metric in (M.activation_precision, M.activation_sensitivity, M.iou_top_fraction, M.energy_top_fraction):
+        value, reason = M.metric_or_reason(metric, negative, mask)
+        assert math.isnan(value) and "positive" in reason
+
+
+# ---------------------------------------------------------------- deletion curves and AUDC
+
+
+def test_audc_hand_computed():
+    # x = 0, 0.5, 1: trapezoids 0.5 * (1 + 0.5) / 2 + 0.5 * (0.5 + 0) / 2 = 0.375 + 0.125
+    assert M.audc([1.0, 0.5, 0.0]) == pytest.approx(0.5)
+    assert M.audc([1.0, 1.0]) == pytest.approx(1.0)
+    value, reason = M.metric_or_reason(M.audc, [1.0, np.nan, 0.2])
+    assert math.isnan(value) and reason
+
+
+class _SumModel(nn.Module):
+    """One logit = sum of channel 0; probability = sigmoid(sum)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return x[:, 0].sum(dim=(1, 2)).unsqueeze(1) + self.dummy
+
+
+def test_deletion_curve_hand_computed():
+    image = torch.zeros(3, 4, 4)
+    image[0, 0:2, 0:2] = 1.0  # top-left cell contributes 4 to the logit
+    image[0, 2:4, 2:4] = 0.5  # bottom-right cell contributes 2
+    sal = np.zeros((4, 4))
+    sal[0:2, 0:2] = 3.0  # ranked first
+    sal[2:4, 2:4] = 2.0  # second
+    sal[0:2, 2:4] = 1.0  # third, holds nothing
+    # 4 cells, 4 steps -> cells occluded 0, 1, 2, 3, 4 -> logits 6, 2, 0, 0, 0 (zero baseline)
+    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    expected = np.array([sig(6), sig(2), sig(0), sig(0), sig(0)]) / sig(6)
+    curve = M.deletion_curve(_SumModel(), image, sal, target=0, patch=2, steps=4, baseline="zero")
+    np.testing.assert_allclose(curve, expected, rtol=1e-6)
+    # baseline 0.25 everywhere: step 1 -> TL cell = 4 * 0.25 = 1, plus BR 2 -> logit 3
+    curve = M.deletion_curve(_SumModel(), image, sal, target=0, patch=2, steps=4, baseline=0.25)
+    assert curve[1] == pytest.approx(sig(3) / sig(6), rel=1e-6)
+    assert M.audc(curve) < 1.0
+
+
+def test_deletion_constant_map_gives_nan_curve():
+    value, reason = M.metric_or_reason(
+        M.deletion_curve, _SumModel(), torch.ones(3, 4, 4), np.ones((4, 4)), 0, 2, 4
+    )
+    assert value.shape == (5,) and np.all(np.isnan(value)) and "constant" in reason
+
+
+def _tiny_cnn(num_classes=3):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes),
+    )
+    with torch.no_grad():  # non-trivial running statistics so eval-mode BN matters
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+    return net
+
+
+@pytest.mark.filterwarnings("ignore::softcam_core.metrics.MetricUndefined")
+@pytest.mark.parametrize("baseline", ["zero", "mean", "blur"])
+def test_batched_deletion_equals_loop(baseline):
+    torch.manual_seed(1)
+    model = _tiny_cnn()
+    model.train()  # must be evaluated in eval mode and handed back in train mode
+    images = torch.randn(3, 3, 30, 30)  # 30 is not a multiple of the patch (7): partial edge cells
+    sals = np.random.default_rng(2).normal(size=(3, 30, 30))
+    sals[1] = 0.5  # constant map -> nan row
+    targets = [0, 2, 1]
+    ref = M.deletion_curve_reference(model, images, sals, targets, patch=7, steps=6, baseline=baseline)
+    for batch_size in (None, 5, 1):
+        got = M.deletion_curves(model, images, sals, targets, patch=7, steps=6, baseline=baseline, batch_size=batch_size)
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+    assert model.training
+    assert np.all(np.isnan(ref[1])) and np.all(np.isfinite(ref[[0, 2]]))
+    assert np.allclose(ref[[0, 2], 0], 1.0)
+
+
+def test_deletion_shape_errors():
+    model = _tiny_cnn()
+    with pytest.raises(ValueError, match="does not match"):
+        M.deletion_curves(model, torch.zeros(2, 3, 8, 8), np.zeros((2, 8, 9)), [0, 0], 2, 4)
+    with pytest.raises(ValueError, match="targets"):
+        M.deletion_curves(model, torch.zeros(2, 3, 8, 8), np.zeros((2, 8, 8)), [0], 2, 4)
