@@ -1,0 +1,840 @@
+"""Everything the Streamlit pages need that is not Streamlit: model catalogue and loading, maps with
+caching, plotly overlays of maps over images, canvas <-> image box scaling, comparison export.
+
+The pages (``app.py``, ``pages/*.py``) stay thin: they lay out widgets and call these functions,
+which are plain Python and tested without a browser. This module never imports streamlit.
+
+Coordinates: boxes are ``(x0, y0, x1, y1)`` floats in original image pixels, exclusive end, origin
+top-left (DESIGN.md). Maps are float32 arrays; SoftCAM evidence stays signed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Methods that take seconds to minutes per image on CPU (many forward passes or an optimisation);
+# the Review page runs them with progress and stores their maps in the database cache.
+SLOW_METHODS = frozenset({"scorecam", "integrated_gradients", "ablationcam", "fullgrad"})
+
+# Plotly colour scales: signed SoftCAM evidence uses a diverging scale centred at 0 (red = evidence
+# for the class, blue = against it); non-negative post-hoc saliency uses a sequential scale.
+SIGNED_COLORSCALE = "RdBu_r"
+SALIENCY_COLORSCALE = "Inferno"
+
+# Longest side (pixels) of what the browser receives for one map; hover still reports image pixels.
+DISPLAY_MAX_SIDE = 384
+
+# Window presets for chest radiographs and CT-like DICOM (centre, width) in modality-LUT units.
+DICOM_WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "Lung": (-600.0, 1500.0),
+    "Mediastinum": (40.0, 400.0),
+    "Bone": (300.0, 1500.0),
+    "Soft tissue": (50.0, 350.0),
+}
+
+
+def is_slow_method(method: str) -> bool:
+    """True for methods the Review page runs in the background with progress (see :data:`SLOW_METHODS`)."""
+    return method in SLOW_METHODS or method.startswith("cascam:")
+
+
+def method_title(method: str) -> str:
+    """Display name of a contract method name, e.g. ``"gradcampp"`` -> ``"Grad-CAM++"``."""
+    names = {
+        "softcam": "SoftCAM", "cam": "CAM", "gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++",
+        "xgradcam": "XGrad-CAM", "layercam": "LayerCAM", "scorecam": "Score-CAM", "hirescam": "HiResCAM",
+        "eigencam": "Eigen-CAM", "ablationcam": "Ablation-CAM", "fullgrad": "FullGrad",
+        "integrated_gradients": "Integrated Gradients", "guided_backprop": "Guided Backprop",
+    }
+    if method.startswith("cascam:"):
+        return f"CasCAM ({names.get(method.split(':', 1)[1], method.split(':', 1)[1])})"
+    return names.get(method, method)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model catalogue and loading
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint file and the metadata it records (see ``models.save_checkpoint``)."""
+
+    path: Path
+    meta: dict
+    size_mb: float
+    modified: float  # POSIX seconds
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def modality(self) -> str:
+        return str(self.meta.get("modality", "other"))
+
+    @property
+    def head(self) -> str:
+        return str(self.meta.get("head", "?"))
+
+    def label(self) -> str:
+        """One line for select boxes: ``name — arch/head, modality, N classes``."""
+        meta = self.meta
+        return (f"{self.name} — {meta.get('arch', '?')}/{self.head}, {self.modality}, "
+                f"{len(meta.get('classes', []))} classes")
+
+
+_MODEL_CACHE: OrderedDict[tuple, tuple[Any, dict]] = OrderedDict()
+_MODEL_CACHE_SIZE = 4
+_MODEL_LOCK = threading.Lock()
+
+
+def _file_key(path: Path) -> tuple:
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+def load_model(path: str | Path) -> tuple[Any, dict]:
+    """``(model in eval mode on the default device, meta)`` for a checkpoint, cached by path and mtime.
+
+    A rewritten checkpoint (new mtime or size) is loaded afresh. Raises ``CheckpointError``.
+    """
+    from softcam_core.device import default_device
+    from softcam_core.models import CheckpointError, load_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path.name}: checkpoint not found")
+    key = _file_key(path)
+    with _MODEL_LOCK:
+        if key in _MODEL_CACHE:
+            _MODEL_CACHE.move_to_end(key)
+            return _MODEL_CACHE[key]
+    model, meta = load_checkpoint(path, map_location="cpu")
+    model = model.to(default_device()).eval()
+    with _MODEL_LOCK:
+        _MODEL_CACHE[key] = (model, meta)
+        while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
+            _MODEL_CACHE.popitem(last=False)
+    return model, meta
+
+
+_META_CACHE: dict[tuple, dict] = {}
+
+
+def checkpoint_info(path: str | Path) -> CheckpointInfo:
+    """Metadata of one checkpoint without keeping its weights in memory (cached by mtime)."""
+    import torch
+
+    from softcam_core.models import CHECKPOINT_FORMAT, CheckpointError
+
+    path = Path(path)
+    key = _file_key(path)
+    meta = _META_CACHE.get(key)
+    if meta is None:
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{path.name}: not a readable checkpoint ({exc.__class__.__name__})") from None
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path.name}: not a SoftCAM Review checkpoint")
+        meta = dict(payload.get("meta") or {})
+        _META_CACHE[key] = meta
+    stat = path.stat()
+    return CheckpointInfo(path=path, meta=meta, size_mb=stat.st_size / 1e6, modified=stat.st_mtime)
+
+
+def list_checkpoints(directory: str | Path | None = None) -> tuple[list[CheckpointInfo], list[str]]:
+    """All checkpoints (``*.pt``) under ``directory`` (default ``models_dir()``), newest first.
+
+    Returns ``(checkpoints, problems)`` where each problem is a one-line message for an unreadable file.
+    """
+    from softcam_core.paths import models_dir
+
+    directory = Path(directory) if directory is not None else models_dir()
+    found, problems = [], []
+    for path in sorted(directory.rglob("*.pt")):
+        try:
+            found.append(checkpoint_info(path))
+        except Exception as exc:  # one bad file must not hide the others
+            problems.append(" ".join(str(exc).split()))
+    found.sort(key=lambda info: info.modified, reverse=True)
+    return found, problems
+
+
+# --------------------------------------------------------------------------------------------------
+# Maps
+# --------------------------------------------------------------------------------------------------
+
+
+def image_fingerprint(pixels: np.ndarray) -> str:
+    """SHA-256 (hex, 16 chars) of a display array's shape, dtype and bytes: the cache key of an image."""
+    digest = hashlib.sha256()
+    digest.update(f"{pixels.shape}{pixels.dtype}".encode())
+    digest.update(np.ascontiguousarray(pixels).tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class MapResult:
+    """One explanation map of one image.
+
+    ``input_map`` is (S, S) float32 at the model input resolution (what the metrics use);
+    ``image_map`` is (H, W) float32 in original image pixels (what is drawn over the image).
+    """
+
+    method: str
+    target: int
+    target_name: str
+    input_map: np.ndarray
+    image_map: np.ndarray
+    seconds: float
+    cached: bool = False
+
+    @property
+    def signed(self) -> bool:
+        return self.method == "softcam"
+
+    @property
+    def title(self) -> str:
+        return f"{method_title(self.method)} · {self.target_name}"
+
+
+@dataclass
+class Prediction:
+    """Class probabilities of one image (softmax of the logits) and the input it was computed from."""
+
+    classes: list[str]
+    probabilities: np.ndarray  # (C,) float, sums to 1
+    seconds: float
+
+    @property
+    def predicted(self) -> int:
+        return int(np.argmax(self.probabilities))
+
+    @property
+    def predicted_name(self) -> str:
+        return self.classes[self.predicted]
+
+    def table(self) -> list[dict]:
+        """Rows ``{"class", "probability"}`` sorted by probability, highest first."""
+        order = np.argsort(-self.probabilities)
+        return [{"class": self.classes[i], "probability": float(self.probabilities[i])} for i in order]
+
+
+class MapStore:
+    """Where computed maps persist between sessions (the database map cache); ``None`` = memory only.
+
+    Pages pass an adapter over ``db.repository``; tests may pass a dict-backed one. Keys are
+    strings built by :func:`map_key`.
+    """
+
+    def get(self, key: str) -> tuple[np.ndarray, float] | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def put(self, key: str, array: np.ndarray, seconds: float) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def map_key(model_id: str, image_id: str, method: str, target: int) -> str:
+    """Cache key of one map: model identity, image identity, method and target class."""
+    return f"{model_id}|{image_id}|{method}|{int(target)}"
+
+
+_MAP_CACHE: OrderedDict[str, tuple[np.ndarray, float]] = OrderedDict()
+_MAP_CACHE_SIZE = 256
+_MAP_LOCK = threading.Lock()
+
+
+def _memory_get(key: str) -> tuple[np.ndarray, float] | None:
+    with _MAP_LOCK:
+        hit = _MAP_CACHE.get(key)
+        if hit is not None:
+            _MAP_CACHE.move_to_end(key)
+        return hit
+
+
+def _memory_put(key: str, array: np.ndarray, seconds: float) -> None:
+    with _MAP_LOCK:
+        _MAP_CACHE[key] = (array, seconds)
+        while len(_MAP_CACHE) > _MAP_CACHE_SIZE:
+            _MAP_CACHE.popitem(last=False)
+
+
+class ImageSession:
+    """One image prepared for one model: preprocessed once, then predictions and maps on demand.
+
+    Args:
+        model: a SoftCAMNet or BaselineNet in eval mode (``load_model``).
+        meta: its checkpoint metadata (classes, img_size, mean, std, ...).
+        image: a ``softcam_core.imaging.MedicalImage``.
+        model_id: identity of the checkpoint for cache keys (e.g. its path, mtime and size).
+        store: optional persistent cache (database) for maps.
+    """
+
+    def __init__(self, model, meta: dict, image, model_id: str, store: MapStore | None = None):
+        import torch
+
+        from softcam_core.imaging import preprocess
+
+        self.model, self.meta, self.image = model, meta, image
+        self.classes = [str(c) for c in meta["classes"]]
+        self.model_id = model_id
+        self.image_id = image_fingerprint(image.pixels)
+        self.store = store
+        tensor, self.geometry = preprocess(image, int(meta["img_size"]), meta["mean"], meta["std"])
+        device = next(model.parameters()).device
+        self.x = tensor.unsqueeze(0).to(device)
+        self._torch = torch
+        self._prediction: Prediction | None = None
+        self._evidence: np.ndarray | None = None  # (C, S, S) SoftCAM evidence at input resolution
+        self._evidence_seconds = 0.0
+
+    @property
+    def is_softcam(self) -> bool:
+        return hasattr(self.model, "forward_with_maps")
+
+    def predict(self) -> Prediction:
+        """Class probabilities; for a SoftCAM net the same forward pass also yields the evidence maps."""
+        if self._prediction is not None:
+            return self._prediction
+        torch = self._torch
+        start = time.perf_counter()
+        with torch.no_grad():
+            if self.is_softcam:
+                from softcam_core.explain import explain
+
+                logits = self.model(self.x)
+                # explain("softcam") upsamples the class-evidence maps to the input size, keeping sign
+                targets = list(range(len(self.classes)))
+                evidence = explain(self.model, self.x.expand(len(targets), -1, -1, -1), "softcam", target=targets)
+                self._evidence = evidence.detach().float().cpu().numpy()
+            else:
+                logits = self.model(self.x)
+        probabilities = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+        seconds = time.perf_counter() - start
+        self._evidence_seconds = seconds
+        self._prediction = Prediction(self.classes, probabilities, seconds)
+        return self._prediction
+
+    def _finish(self, method: str, target: int, input_map: np.ndarray, seconds: float, cached: bool) -> MapResult:
+        input_map = np.asarray(input_map, dtype=np.float32)
+        image_map = np.asarray(self.geometry.map_to_image(input_map), dtype=np.float32)
+        return MapResult(method, int(target), self.classes[int(target)], input_map, image_map, seconds, cached)
+
+    def evidence_maps(self) -> list[MapResult]:
+        """SoftCAM class-evidence maps for every class (signed). Empty for a black-box model."""
+        if not self.is_softcam:
+            return []
+        self.predict()
+        assert self._evidence is not None
+        return [self._finish("softcam", c, self._evidence[c], self._evidence_seconds, False)
+                for c in range(len(self.classes))]
+
+    def explain(self, method: str, target: int | None = None) -> MapResult:
+        """One post-hoc (or SoftCAM) map for ``target`` (default: the predicted class).
+
+        Looks in memory, then in the persistent store, then computes with ``softcam_core.explain``.
+        """
+        if target is None:
+            target = self.predict().predicted
+        if method == "softcam":
+            if not self.is_softcam:
+                raise ValueError("SoftCAM maps need a SoftCAM model; this checkpoint is a black-box baseline")
+            return self.evidence_maps()[target]
+        key = map_key(self.model_id, self.image_id, method, target)
+        hit = _memory_get(key)
+        if hit is None and self.store is not None:
+            hit = self.store.get(key)
+            if hit is not None:
+                _memory_put(key, *hit)
+        if hit is not None:
+            return self._finish(method, target, hit[0], hit[1], True)
+        from softcam_core.explain import explain
+
+        start = time.perf_counter()
+        result = explain(self.model, self.x, method, target=int(target))
+        array = result[0].detach().float().cpu().numpy().astype(np.float32)
+        seconds = time.perf_counter() - start
+        _memory_put(key, array, seconds)
+        if self.store is not None:
+            self.store.put(key, array, seconds)
+        return self._finish(method, target, array, seconds, False)
+
+    def is_cached(self, method: str, target: int | None = None) -> bool:
+        """True when ``method``'s map for ``target`` is in memory or in the store (no computing)."""
+        if target is None:
+            target = self.predict().predicted
+        key = map_key(self.model_id, self.image_id, method, target)
+        if _memory_get(key) is not None:
+            return True
+        return self.store is not None and self.store.get(key) is not None
+
+    def input_boxes(self, boxes: Sequence[Sequence[float]]) -> np.ndarray:
+        """Boxes (N, 4) xyxy in image pixels -> model input pixels (via ``Geometry.boxes_to_input``)."""
+        if len(boxes) == 0:
+            return np.zeros((0, 4), dtype=np.float32)
+        return np.asarray(self.geometry.boxes_to_input(np.asarray(boxes, dtype=np.float32)), dtype=np.float32)
+
+
+def model_identity(path: str | Path) -> str:
+    """Identity of a checkpoint file for cache keys: name, mtime and size (hashing 100 MB is slow)."""
+    path = Path(path)
+    stat = path.stat()
+    return f"{path.name}:{stat.st_mtime_ns}:{stat.st_size}"
+
+
+def boxes_mask(boxes: Sequence[Sequence[float]], size: tuple[int, int]) -> np.ndarray:
+    """Union of boxes (N, 4) xyxy -> bool mask of ``size`` (H, W); a pixel is inside when its centre is.
+
+    Delegates to ``annotations.geometry`` so there is one rasterisation rule in the project.
+    """
+    from annotations.geometry import Box, boxes_to_mask
+
+    return boxes_to_mask([Box(*map(float, b[:4])) for b in boxes], int(size[0]), int(size[1]))
+
+
+def activation_precision_for(result: MapResult, session: ImageSession, boxes: Sequence[Sequence[float]]) -> float | None:
+    """Activation precision of one map against lesion boxes (image pixels); ``None`` without boxes."""
+    from softcam_core import metrics
+
+    if len(boxes) == 0:
+        return None
+    size = result.input_map.shape
+    mask = boxes_mask(session.input_boxes(boxes), size)
+    if not mask.any():
+        return None
+    return float(metrics.activation_precision(result.input_map, mask))
+
+
+# --------------------------------------------------------------------------------------------------
+# Display: windowing and plotly overlays
+# --------------------------------------------------------------------------------------------------
+
+
+def display_pixels(image, *, center: float | None = None, width: float | None = None, invert: bool = False) -> np.ndarray:
+    """Display array (uint8, (H, W) or (H, W, 3)) with an optional DICOM window and inversion.
+
+    ``center``/``width`` re-window ``image.raw`` (modality-LUT values) when the image has them;
+    otherwise the stored display pixels are used. The model always sees the default window, so
+    changing the display never changes the maps.
+    """
+    pixels = image.pixels
+    if center is not None and width is not None and getattr(image, "raw", None) is not None:
+        from softcam_core.imaging import Window
+
+        pixels = image.rewindow(Window(float(center), float(width), "viewer"))
+    pixels = np.asarray(pixels)
+    if invert:
+        pixels = 255 - pixels.astype(np.uint8)
+    return pixels.astype(np.uint8)
+
+
+def window_presets(image) -> dict[str, tuple[float, float]]:
+    """Window presets for an image: the windows its DICOM file lists, then the standard presets.
+
+    Empty for images without modality-LUT values (PNG/JPEG/TIFF).
+    """
+    if getattr(image, "raw", None) is None:
+        return {}
+    presets: dict[str, tuple[float, float]] = {}
+    for win in getattr(image, "windows", []) or []:
+        presets[f"{win.name or 'File'} ({win.center:g}/{win.width:g})"] = (float(win.center), float(win.width))
+    for name, (center, width) in DICOM_WINDOW_PRESETS.items():
+        presets[f"{name} ({center:g}/{width:g})"] = (center, width)
+    return presets
+
+
+def _display_step(height: int, width: int, max_side: int = DISPLAY_MAX_SIDE) -> int:
+    """Integer subsampling step so the longest side sent to the browser is at most ``max_side``."""
+    return max(1, int(np.ceil(max(height, width) / max_side)))
+
+
+def _png_data_uri(pixels: np.ndarray) -> str:
+    import base64
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def symmetric_range(maps: Iterable[np.ndarray]) -> float:
+    """Largest absolute value over ``maps`` (for a shared signed colour scale centred at 0); 1e-6 floor."""
+    peak = max((float(np.nanmax(np.abs(m))) for m in maps if np.size(m)), default=0.0)
+    return max(peak, 1e-6)
+
+
+def overlay_figure(
+    pixels: np.ndarray,
+    heat: np.ndarray | None,
+    *,
+    title: str = "",
+    signed: bool = False,
+    zmax: float | None = None,
+    opacity: float = 0.5,
+    boxes: Sequence[Sequence[Any]] = (),
+    height: int = 340,
+    colorbar_title: str = "",
+):
+    """Interactive plotly figure: the image with a map drawn over it and annotation boxes on top.
+
+    Args:
+        pixels: display array (H, W) grey or (H, W, 3) RGB uint8, original image pixels.
+        heat: map (H, W) float in the same pixels, or ``None`` for the image alone.
+        signed: diverging scale centred at 0 (SoftCAM evidence); else a sequential scale from the
+            map's minimum.
+        zmax: colour-scale limit (signed: +-zmax; shared across maps when the caller passes one).
+        opacity: map opacity 0..1.
+        boxes: ``(x0, y0, x1, y1[, label])`` in image pixels; drawn as outlined rectangles.
+    Hover shows image-pixel coordinates and the map value.
+    """
+    import plotly.graph_objects as go
+
+    height_px, width_px = pixels.shape[:2]
+    step = _display_step(height_px, width_px)
+    shown = pixels[::step, ::step]
+    if shown.ndim == 2:
+        shown = np.stack([shown] * 3, axis=-1)
+    fig = go.Figure()
+    fig.add_trace(go.Image(source=_png_data_uri(np.ascontiguousarray(shown)), x0=0, y0=0, dx=step, dy=step,
+                           hoverinfo="skip", name="image"))
+    if heat is not None:
+        if heat.shape != (height_px, width_px):
+            raise ValueError(f"map shape {heat.shape} does not match image shape {(height_px, width_px)}")
+        values = heat[::step, ::step].astype(np.float32)
+        if signed:
+            limit = zmax if zmax is not None else symmetric_range([values])
+            zmin, zmax_ = -limit, limit
+            scale = SIGNED_COLORSCALE
+        else:
+            zmin = float(np.nanmin(values)) if values.size else 0.0
+            zmax_ = zmax if zmax is not None else float(np.nanmax(values)) if values.size else 1.0
+            if zmax_ <= zmin:
+                zmax_ = zmin + 1e-6
+            scale = SALIENCY_COLORSCALE
+        fig.add_trace(go.Heatmap(
+            z=np.round(values, 5), x0=step / 2 - 0.5, dx=step, y0=step / 2 - 0.5, dy=step,
+            zmin=zmin, zmax=zmax_, colorscale=scale, opacity=float(opacity), name="map",
+            colorbar=dict(thickness=10, len=0.9, title=dict(text=colorbar_title, side="right")),
+            hovertemplate="x %{x:.0f}, y %{y:.0f}<br>value %{z:.4f}<extra></extra>",
+        ))
+    for box in boxes:
+        x0, y0, x1, y1 = (float(v) for v in box[:4])
+        label = str(box[4]) if len(box) > 4 and box[4] else ""
+        fig.add_shape(type="rect", x0=x0 - 0.5, y0=y0 - 0.5, x1=x1 - 0.5, y1=y1 - 0.5,
+                      line=dict(color="#00e5ff", width=2), fillcolor="rgba(0,0,0,0)")
+        if label:
+            fig.add_annotation(x=x0 - 0.5, y=y0 - 0.5, text=label, showarrow=False, xanchor="left",
+                               yanchor="bottom", font=dict(color="#00e5ff", size=11),
+                               bgcolor="rgba(0,0,0,0.55)")
+    fig.update_xaxes(visible=False, range=[-0.5, width_px - 0.5], constrain="domain")
+    fig.update_yaxes(visible=False, range=[height_px - 0.5, -0.5], scaleanchor="x", constrain="domain")
+    fig.update_layout(
+        title=dict(text=title, font=dict(size=13), x=0.01, y=0.98, xanchor="left", yanchor="top"),
+        margin=dict(l=0, r=0, t=28 if title else 0, b=0), height=height,
+        paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)", showlegend=False,
+    )
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# Annotation canvas <-> image pixels
+# --------------------------------------------------------------------------------------------------
+
+
+def canvas_scale(image_width: int, image_height: int, max_width: int, max_height: int) -> float:
+    """Canvas pixels per image pixel so the whole image fits ``max_width`` x ``max_height``, aspect kept.
+
+    Images smaller than the box are not enlarged beyond 4x (boxes on tiny images stay drawable).
+    """
+    if image_width <= 0 or image_height <= 0:
+        raise ValueError(f"image size must be positive, got {image_width}x{image_height}")
+    return float(min(max_width / image_width, max_height / image_height, 4.0))
+
+
+def canvas_size(image_width: int, image_height: int, scale: float) -> tuple[int, int]:
+    """``(width, height)`` canvas pixels for an image shown at ``scale`` (rounded to whole pixels)."""
+    return max(1, round(image_width * scale)), max(1, round(image_height * scale))
+
+
+def image_boxes_to_canvas(boxes: Sequence[Sequence[Any]], scale_x: float, scale_y: float | None = None) -> list[dict]:
+    """Image-pixel boxes ``(x0, y0, x1, y1, label)`` -> canvas box dicts ``{label, left, top, width, height}``.
+
+    The dicts feed ``streamlit_drawable_canvas.boxes_to_drawing``.
+    """
+    scale_y = scale_x if scale_y is None else scale_y
+    out = []
+    for box in boxes:
+        x0, y0, x1, y1 = (float(v) for v in box[:4])
+        out.append({"label": str(box[4]) if len(box) > 4 else "", "left": x0 * scale_x, "top": y0 * scale_y,
+                    "width": (x1 - x0) * scale_x, "height": (y1 - y0) * scale_y})
+    return out
+
+
+def canvas_boxes_to_image(
+    canvas_boxes: Sequence[dict],
+    scale_x: float,
+    scale_y: float | None,
+    image_width: int,
+    image_height: int,
+    originals: Sequence[Sequence[Any]] = (),
+    tolerance: float = 1e-3,
+) -> list[tuple[float, float, float, float, str]]:
+    """Canvas box dicts -> image-pixel boxes ``(x0, y0, x1, y1, label)``, clipped to the image.
+
+    A canvas box that is (within ``tolerance`` canvas pixels) the drawing of one of ``originals`` —
+    i.e. the user did not move or resize it — returns that original exactly, so a save/reload cycle
+    never drifts by floating-point rounding whatever the canvas size. Boxes of zero area after
+    clipping are dropped.
+    """
+    scale_y = scale_x if scale_y is None else scale_y
+    drawn = image_boxes_to_canvas(originals, scale_x, scale_y)
+    result: list[tuple[float, float, float, float, str]] = []
+    for box in canvas_boxes:
+        label = str(box.get("label", ""))
+        match = None
+        for original, as_drawn in zip(originals, drawn):
+            if all(abs(float(box[k]) - as_drawn[k]) <= tolerance for k in ("left", "top", "width", "height")):
+                match = original
+                break
+        if match is not None:
+            x0, y0, x1, y1 = (float(v) for v in match[:4])
+        else:
+            left, top = float(box["left"]), float(box["top"])
+            width, height = float(box["width"]), float(box["height"])
+            if width < 0:
+                left, width = left + width, -width
+            if height < 0:
+                top, height = top + height, -height
+            x0, y0 = left / scale_x, top / scale_y
+            x1, y1 = (left + width) / scale_x, (top + height) / scale_y
+            x0, x1 = (round(min(max(v, 0.0), image_width), 2) for v in (x0, x1))
+            y0, y1 = (round(min(max(v, 0.0), image_height), 2) for v in (y0, y1))
+        if x1 - x0 <= 0 or y1 - y0 <= 0:
+            continue
+        result.append((x0, y0, x1, y1, label))
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------------
+
+
+def map_png(pixels: np.ndarray, heat: np.ndarray, *, signed: bool, opacity: float = 0.5,
+            zmax: float | None = None) -> bytes:
+    """PNG bytes of one map blended over the image at image resolution (no axes)."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    base = pixels if pixels.ndim == 3 else np.stack([pixels] * 3, axis=-1)
+    base = base.astype(np.float32) / 255.0
+    if signed:
+        limit = zmax if zmax is not None else symmetric_range([heat])
+        normed = (heat / limit + 1.0) / 2.0
+        cmap = colormaps["RdBu_r"]
+    else:
+        low = float(heat.min())
+        high = zmax if zmax is not None else float(heat.max())
+        normed = (heat - low) / max(high - low, 1e-6)
+        cmap = colormaps["inferno"]
+    colour = cmap(np.clip(normed, 0.0, 1.0))[..., :3]
+    blended = (1 - opacity) * base + opacity * colour
+    buffer = io.BytesIO()
+    Image.fromarray((np.clip(blended, 0, 1) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def map_npy(result: MapResult) -> bytes:
+    """``.npy`` bytes of a map at the model input resolution (float32, H x W), as ``softcam explain`` writes."""
+    buffer = io.BytesIO()
+    np.save(buffer, result.input_map.astype(np.float32))
+    return buffer.getvalue()
+
+
+@dataclass
+class ComparisonPage:
+    """What goes on the one-page comparison export."""
+
+    image_name: str
+    model_name: str
+    prediction: Prediction
+    pixels: np.ndarray
+    maps: list[MapResult]
+    scores: dict[str, float | None] = field(default_factory=dict)  # map title -> activation precision
+    boxes: Sequence[Sequence[Any]] = ()
+    shared_scale: bool = False
+
+
+def comparison_figure_bytes(page: ComparisonPage, fmt: str = "png", opacity: float = 0.5) -> bytes:
+    """One-page PNG or PDF: the image, every map over it (with boxes), prediction, seconds and scores."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib import pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    if fmt not in ("png", "pdf"):
+        raise ValueError(f"export format must be png or pdf, got {fmt!r}")
+    panels = 1 + len(page.maps)
+    columns = min(4, panels)
+    rows = int(np.ceil(panels / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.5 * rows + 0.8), squeeze=False)
+    shared = symmetric_range([m.image_map for m in page.maps if m.signed]) if page.shared_scale else None
+    base = page.pixels if page.pixels.ndim == 3 else np.stack([page.pixels] * 3, axis=-1)
+    for index, ax in enumerate(axes.ravel()):
+        ax.axis("off")
+        if index >= panels:
+            continue
+        if index == 0:
+            ax.imshow(base)
+            ax.set_title(page.image_name, fontsize=9)
+        else:
+            result = page.maps[index - 1]
+            from PIL import Image
+
+            blended = np.asarray(Image.open(io.BytesIO(map_png(page.pixels, result.image_map, signed=result.signed,
+                                                               opacity=opacity, zmax=shared if result.signed else None))))
+            ax.imshow(blended)
+            score = page.scores.get(result.title)
+            caption = f"{result.seconds:.2f} s" + (f" · act. precision {score:.3f}" if score is not None else "")
+            ax.set_title(f"{result.title}\n{caption}", fontsize=8)
+        for box in page.boxes:
+            x0, y0, x1, y1 = (float(v) for v in box[:4])
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="#00e5ff", linewidth=1.2))
+    probabilities = ", ".join(f"{row['class']} {row['probability']:.1%}" for row in page.prediction.table())
+    fig.suptitle(f"{page.image_name} · model {page.model_name} · prediction {page.prediction.predicted_name} "
+                 f"({probabilities})", fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=fmt, dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers for the pages
+# --------------------------------------------------------------------------------------------------
+
+
+def mask_db_url(url: str) -> str:
+    """Database URL with any password replaced by ``***`` (for the sidebar and logs)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1] if "@" in url else url
+
+
+def timed(function: Callable[[], Any]) -> tuple[Any, float]:
+    """``(function(), seconds)``."""
+    start = time.perf_counter()
+    value = function()
+    return value, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------------
+# Annotation editing
+# --------------------------------------------------------------------------------------------------
+
+# Lesion labels offered per modality on the Annotate page (the first is the default).
+LESION_LABELS: dict[str, tuple[str, ...]] = {
+    "fundus": ("lesion", "microaneurysm", "haemorrhage", "hard exudate", "soft exudate", "neovascularisation",
+               "optic disc"),
+    "oct": ("lesion", "drusen", "intraretinal fluid", "subretinal fluid", "PED", "geographic atrophy"),
+    "cxr": ("lesion", "opacity", "consolidation", "nodule", "mass", "effusion", "pneumothorax", "tuberculosis"),
+    "other": ("lesion",),
+}
+
+
+def lesion_labels(modality: str, existing: Iterable[str] = ()) -> list[str]:
+    """Labels for a modality, followed by any label already used on the image (kept selectable)."""
+    labels = list(LESION_LABELS.get(modality, LESION_LABELS["other"]))
+    for label in existing:
+        if label and label not in labels:
+            labels.append(label)
+    return labels
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two ``(x0, y0, x1, y1)`` boxes (0 when disjoint or empty)."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+@dataclass
+class BoxEdits:
+    """What saving a canvas means for the stored boxes of one image.
+
+    ``create``: new boxes ``(x0, y0, x1, y1, label)``; ``update``: ``(saved id, new box)``;
+    ``delete``: saved ids; ``unchanged``: saved ids kept as they are.
+    """
+
+    create: list[tuple] = field(default_factory=list)
+    update: list[tuple[Any, tuple]] = field(default_factory=list)
+    delete: list[Any] = field(default_factory=list)
+    unchanged: list[Any] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.create or self.update or self.delete)
+
+    def summary(self) -> str:
+        parts = [f"{len(self.create)} new", f"{len(self.update)} changed", f"{len(self.delete)} deleted"]
+        return ", ".join(parts)
+
+
+def diff_boxes(saved: Sequence[tuple[Any, Sequence[Any]]], edited: Sequence[Sequence[Any]],
+               min_iou: float = 0.05) -> BoxEdits:
+    """Match the canvas's boxes to the stored ones.
+
+    Args:
+        saved: ``(id, (x0, y0, x1, y1, label))`` of the stored boxes of one image.
+        edited: ``(x0, y0, x1, y1, label)`` on the canvas now (from :func:`canvas_boxes_to_image`,
+            which returns untouched boxes exactly).
+    An edited box equal to a stored one (coordinates and label) is unchanged; the remaining stored
+    boxes are paired greedily with the remaining edited boxes by IoU (moved, resized or relabelled
+    boxes become updates); stored boxes left over are deletions, edited ones left over are new.
+    """
+    edits = BoxEdits()
+    remaining_saved = list(saved)
+    remaining_edited = [tuple(box) for box in edited]
+    for ident, box in list(remaining_saved):
+        key = (tuple(float(v) for v in box[:4]), str(box[4]) if len(box) > 4 else "")
+        for candidate in remaining_edited:
+            if (tuple(float(v) for v in candidate[:4]), str(candidate[4]) if len(candidate) > 4 else "") == key:
+                edits.unchanged.append(ident)
+                remaining_saved.remove((ident, box))
+                remaining_edited.remove(candidate)
+                break
+    pairs = sorted(
+        ((box_iou(box[:4], candidate[:4]), i, j) for i, (_, box) in enumerate(remaining_saved)
+         for j, candidate in enumerate(remaining_edited)),
+        reverse=True,
+    )
+    used_saved, used_edited = set(), set()
+    for iou, i, j in pairs:
+        if iou < min_iou or i in used_saved or j in used_edited:
+            continue
+        used_saved.add(i)
+        used_edited.add(j)
+        edits.update.append((remaining_saved[i][0], remaining_edited[j]))
+    edits.delete = [ident for i, (ident, _) in enumerate(remaining_saved) if i not in used_saved]
+    edits.create = [box for j, box in enumerate(remaining_edited) if j not in used_edited]
+    return edits

@@ -1,0 +1,189 @@
+"""Pure functions behind the Streamlit pages (softcam_core.viewer): no browser, no Streamlit."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from softcam_core import viewer
+
+
+# ------------------------------------------------------------------------------------ canvas scaling
+def test_canvas_scale_fits_and_keeps_aspect():
+    assert viewer.canvas_scale(1000, 500, 600, 600) == pytest.approx(0.6)
+    assert viewer.canvas_scale(500, 1000, 600, 600) == pytest.approx(0.6)
+    assert viewer.canvas_scale(64, 64, 600, 600) == 4.0  # tiny images enlarged at most 4x
+    assert viewer.canvas_size(1000, 500, 0.6) == (600, 300)
+    with pytest.raises(ValueError):
+        viewer.canvas_scale(0, 10, 100, 100)
+
+
+def test_new_canvas_box_maps_to_image_pixels_by_hand():
+    # canvas shows a 1000x500 image at 0.6: a box drawn at canvas (60, 30)-(120, 90) is image (100, 50)-(200, 150)
+    boxes = viewer.canvas_boxes_to_image([{"label": "drusen", "left": 60, "top": 30, "width": 60, "height": 60}],
+                                         0.6, 0.6, 1000, 500)
+    assert boxes == [(100.0, 50.0, 200.0, 150.0, "drusen")]
+
+
+def test_boxes_drawn_right_to_left_and_outside_are_normalised_and_clipped():
+    boxes = viewer.canvas_boxes_to_image(
+        [{"label": "a", "left": 50, "top": 50, "width": -20, "height": -10},
+         {"label": "b", "left": -10, "top": 90, "width": 30, "height": 40},
+         {"label": "c", "left": 200, "top": 200, "width": 10, "height": 10}],  # fully outside: dropped
+        1.0, 1.0, 100, 100)
+    assert boxes == [(30.0, 40.0, 50.0, 50.0, "a"), (0.0, 90.0, 20.0, 100.0, "b")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    x0=st.floats(0, 3000), y0=st.floats(0, 2000), w=st.floats(0.5, 1000), h=st.floats(0.5, 800),
+    scale=st.floats(0.05, 4.0),
+)
+def test_untouched_boxes_reload_exactly_whatever_the_canvas_size(x0, y0, w, h, scale):
+    from annotations.geometry import Box
+
+    box = Box(x0, y0, x0 + w, y0 + h)
+    saved = [(box.x0, box.y0, box.x1, box.y1, "lesion")]
+    drawn = viewer.image_boxes_to_canvas(saved, scale)
+    # the canvas hands back what it was given, possibly re-serialised through float32-ish JSON
+    returned = [{k: (v if k == "label" else float(np.float64(v))) for k, v in d.items()} for d in drawn]
+    back = viewer.canvas_boxes_to_image(returned, scale, scale, 5000, 5000, originals=saved)
+    assert back == saved
+
+
+def test_moved_box_is_not_snapped_back_to_original():
+    saved = [(10.0, 10.0, 20.0, 20.0, "lesion")]
+    moved = [{"label": "lesion", "left": 15 * 2.0, "top": 10 * 2.0, "width": 20.0, "height": 20.0}]
+    assert viewer.canvas_boxes_to_image(moved, 2.0, 2.0, 100, 100, originals=saved) == [(15.0, 10.0, 25.0, 20.0, "lesion")]
+
+
+# ------------------------------------------------------------------------------------ box edits
+def test_diff_boxes_classifies_every_edit():
+    saved = [(1, (0, 0, 10, 10, "a")), (2, (50, 50, 60, 60, "b")), (3, (80, 80, 90, 90, "c"))]
+    edited = [(0, 0, 10, 10, "a"),          # unchanged
+              (52, 50, 62, 60, "b"),        # moved: overlaps 2
+              (20, 20, 30, 30, "new")]      # new; 3 deleted
+    edits = viewer.diff_boxes(saved, edited)
+    assert edits.unchanged == [1]
+    assert edits.update == [(2, (52, 50, 62, 60, "b"))]
+    assert edits.delete == [3]
+    assert edits.create == [(20, 20, 30, 30, "new")]
+    assert edits.summary() == "1 new, 1 changed, 1 deleted"
+    assert viewer.diff_boxes(saved, [b for _, b in saved]).empty
+
+
+def test_relabelled_box_is_an_update():
+    edits = viewer.diff_boxes([(7, (0, 0, 10, 10, "a"))], [(0, 0, 10, 10, "b")])
+    assert edits.update == [(7, (0, 0, 10, 10, "b"))] and not edits.create and not edits.delete
+
+
+def test_box_iou_by_hand():
+    assert viewer.box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+    assert viewer.box_iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0.0
+
+
+def test_lesion_labels_keep_existing_labels():
+    labels = viewer.lesion_labels("oct", ["drusen", "scar"])
+    assert labels[0] == "lesion" and "drusen" in labels and labels[-1] == "scar"
+
+
+# ------------------------------------------------------------------------------------ figures and export
+def test_overlay_figure_signed_map_is_centred_with_hover_and_boxes():
+    pixels = np.zeros((40, 60), dtype=np.uint8)
+    heat = np.zeros((40, 60), dtype=np.float32)
+    heat[10, 20], heat[30, 40] = 2.0, -0.5
+    fig = viewer.overlay_figure(pixels, heat, title="SoftCAM · disease", signed=True, opacity=0.4,
+                                boxes=[(5, 5, 15, 25, "lesion")])
+    image_trace, heatmap = fig.data
+    assert image_trace.type == "image" and heatmap.type == "heatmap"
+    assert heatmap.zmin == -2.0 and heatmap.zmax == 2.0 and heatmap.opacity == 0.4
+    assert heatmap.colorscale is not None and "value" in heatmap.hovertemplate
+    assert np.asarray(heatmap.z).shape == (40, 60)
+    shape = fig.layout.shapes[0]
+    assert (shape.x0, shape.y0, shape.x1, shape.y1) == (4.5, 4.5, 14.5, 24.5)  # pixel edges, not centres
+    assert fig.layout.annotations[0].text == "lesion"
+
+
+def test_overlay_figure_subsamples_large_images_but_keeps_image_coordinates():
+    pixels = np.zeros((1000, 2000, 3), dtype=np.uint8)
+    heat = np.ones((1000, 2000), dtype=np.float32)
+    fig = viewer.overlay_figure(pixels, heat, zmax=3.0)
+    image_trace, heatmap = fig.data
+    step = int(np.ceil(2000 / viewer.DISPLAY_MAX_SIDE))
+    assert image_trace.dx == step and heatmap.dx == step
+    assert np.asarray(heatmap.z).shape == (int(np.ceil(1000 / step)), int(np.ceil(2000 / step)))
+    assert heatmap.zmax == 3.0
+    assert tuple(fig.layout.xaxis.range) == (-0.5, 1999.5)
+
+
+def test_overlay_rejects_a_map_of_the_wrong_shape():
+    with pytest.raises(ValueError, match="does not match"):
+        viewer.overlay_figure(np.zeros((10, 10), np.uint8), np.zeros((5, 5), np.float32))
+
+
+def test_symmetric_range():
+    assert viewer.symmetric_range([np.array([-3.0, 1.0]), np.array([2.0])]) == 3.0
+    assert viewer.symmetric_range([np.zeros(3)]) == 1e-6
+
+
+def test_map_png_blends_signed_evidence_red_and_blue():
+    from PIL import Image
+
+    pixels = np.full((4, 4), 128, dtype=np.uint8)
+    heat = np.zeros((4, 4), dtype=np.float32)
+    heat[0, 0], heat[3, 3] = 1.0, -1.0
+    out = np.asarray(Image.open(io.BytesIO(viewer.map_png(pixels, heat, signed=True, opacity=1.0))))
+    assert out.shape == (4, 4, 3)
+    assert out[0, 0, 0] > out[0, 0, 2]  # positive evidence: red
+    assert out[3, 3, 2] > out[3, 3, 0]  # negative evidence: blue
+
+
+def test_comparison_export_png_and_pdf():
+    prediction = viewer.Prediction(["healthy", "disease"], np.array([0.25, 0.75]), 0.01)
+    pixels = np.zeros((32, 32), dtype=np.uint8)
+    heat = np.random.default_rng(0).normal(size=(32, 32)).astype(np.float32)
+    result = viewer.MapResult("softcam", 1, "disease", heat, heat, 0.02)
+    page = viewer.ComparisonPage("img.png", "demo", prediction, pixels, [result], {result.title: 0.5},
+                                 boxes=[(1, 1, 10, 10)])
+    assert viewer.comparison_figure_bytes(page, "png").startswith(b"\x89PNG")
+    assert viewer.comparison_figure_bytes(page, "pdf").startswith(b"%PDF")
+    with pytest.raises(ValueError):
+        viewer.comparison_figure_bytes(page, "svg")
+
+
+def test_map_npy_is_the_input_resolution_map():
+    heat = np.arange(12, dtype=np.float32).reshape(3, 4)
+    result = viewer.MapResult("gradcam", 0, "a", heat, np.zeros((6, 8), np.float32), 0.1)
+    assert np.array_equal(np.load(io.BytesIO(viewer.map_npy(result))), heat)
+
+
+def test_prediction_table_sorted():
+    prediction = viewer.Prediction(["a", "b", "c"], np.array([0.2, 0.5, 0.3]), 0.0)
+    assert [r["class"] for r in prediction.table()] == ["b", "c", "a"]
+    assert prediction.predicted_name == "b"
+
+
+def test_mask_db_url_hides_password():
+    assert viewer.mask_db_url("postgresql+psycopg://alice:s3cret@db:5432/x") == "postgresql+psycopg://alice:***@db:5432/x"
+    assert viewer.mask_db_url("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db"
+
+
+def test_method_titles_and_slowness():
+    assert viewer.method_title("gradcampp") == "Grad-CAM++"
+    assert viewer.method_title("cascam:gradcam") == "CasCAM (Grad-CAM)"
+    assert viewer.is_slow_method("scorecam") and viewer.is_slow_method("cascam:gradcam")
+    assert not viewer.is_slow_method("gradcam")
+
+
+def test_viewer_never_imports_streamlit():
+    import importlib
+    import subprocess
+
+    code = "import softcam_core.viewer, sys; assert 'streamlit' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    importlib.import_module("softcam_core.viewer")
