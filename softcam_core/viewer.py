@@ -34,15 +34,6 @@ SALIENCY_COLORSCALE = "Inferno"
 # Longest side (pixels) of what the browser receives for one map; hover still reports image pixels.
 DISPLAY_MAX_SIDE = 384
 
-# Window presets for chest radiographs and CT-like DICOM (centre, width) in modality-LUT units.
-DICOM_WINDOW_PRESETS: dict[str, tuple[float, float]] = {
-    "Lung": (-600.0, 1500.0),
-    "Mediastinum": (40.0, 400.0),
-    "Bone": (300.0, 1500.0),
-    "Soft tissue": (50.0, 350.0),
-}
-
-
 def is_slow_method(method: str) -> bool:
     """True for methods the Review page runs in the background with progress (see :data:`SLOW_METHODS`)."""
     return method in SLOW_METHODS or method.startswith("cascam:")
@@ -312,13 +303,13 @@ class ImageSession:
         start = time.perf_counter()
         with torch.no_grad():
             if self.is_softcam:
-                from softcam_core.explain import explain
+                from softcam_core.explain.methods import resize_to
 
-                logits = self.model(self.x)
-                # explain("softcam") upsamples the class-evidence maps to the input size, keeping sign
-                targets = list(range(len(self.classes)))
-                evidence = explain(self.model, self.x.expand(len(targets), -1, -1, -1), "softcam", target=targets)
-                self._evidence = evidence.detach().float().cpu().numpy()
+                # one forward pass gives the logits and every class's evidence map (the SoftCAM point);
+                # explain's own resize keeps the upsampling identical to explain(..., "softcam")
+                logits, maps = self.model.forward_with_maps(self.x)
+                evidence = resize_to(maps[0].float(), tuple(self.x.shape[-2:]))
+                self._evidence = evidence.cpu().numpy().astype(np.float32)
             else:
                 logits = self.model(self.x)
         probabilities = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
@@ -422,37 +413,32 @@ def activation_precision_for(result: MapResult, session: ImageSession, boxes: Se
 # --------------------------------------------------------------------------------------------------
 
 
-def display_pixels(image, *, center: float | None = None, width: float | None = None, invert: bool = False) -> np.ndarray:
-    """Display array (uint8, (H, W) or (H, W, 3)) with an optional DICOM window and inversion.
+def display_pixels(image, *, center: float | None = None, width: float | None = None, invert: bool = False,
+                   function: str = "LINEAR") -> np.ndarray:
+    """Display array (uint8, (H, W) or (H, W, 3)) with an optional VOI window and inversion.
 
-    ``center``/``width`` re-window ``image.raw`` (modality-LUT values) when the image has them;
-    otherwise the stored display pixels are used. The model always sees the default window, so
-    changing the display never changes the maps.
+    ``center``/``width`` (modality-LUT units) re-window ``image.raw`` through
+    ``MedicalImage.rewindow`` when the image has raw values (DICOM, 16-bit grey); otherwise the
+    stored display pixels are used. The model always sees the default window, so changing the
+    display never changes the maps.
     """
     pixels = image.pixels
     if center is not None and width is not None and getattr(image, "raw", None) is not None:
         from softcam_core.imaging import Window
 
-        pixels = image.rewindow(Window(float(center), float(width), "viewer"))
+        pixels = image.rewindow(Window(float(center), max(float(width), 1.0), "viewer", function))
     pixels = np.asarray(pixels)
     if invert:
         pixels = 255 - pixels.astype(np.uint8)
     return pixels.astype(np.uint8)
 
 
-def window_presets(image) -> dict[str, tuple[float, float]]:
-    """Window presets for an image: the windows its DICOM file lists, then the standard presets.
-
-    Empty for images without modality-LUT values (PNG/JPEG/TIFF).
-    """
+def window_presets(image) -> dict[str, Any]:
+    """``{"name (centre/width)": Window}`` for the windows the image offers (file windows first, then
+    the presets ``softcam_core.imaging`` adds: HU presets or percentile windows). Empty without raw values."""
     if getattr(image, "raw", None) is None:
         return {}
-    presets: dict[str, tuple[float, float]] = {}
-    for win in getattr(image, "windows", []) or []:
-        presets[f"{win.name or 'File'} ({win.center:g}/{win.width:g})"] = (float(win.center), float(win.width))
-    for name, (center, width) in DICOM_WINDOW_PRESETS.items():
-        presets[f"{name} ({center:g}/{width:g})"] = (center, width)
-    return presets
+    return {f"{w.name} ({w.center:.6g}/{w.width:.6g})": w for w in (getattr(image, "windows", None) or [])}
 
 
 def _display_step(height: int, width: int, max_side: int = DISPLAY_MAX_SIDE) -> int:
@@ -838,3 +824,47 @@ def diff_boxes(saved: Sequence[tuple[Any, Sequence[Any]]], edited: Sequence[Sequ
     edits.delete = [ident for i, (ident, _) in enumerate(remaining_saved) if i not in used_saved]
     edits.create = [box for j, box in enumerate(remaining_edited) if j not in used_edited]
     return edits
+
+
+# --------------------------------------------------------------------------------------------------
+# Background work (cohort metrics, training) whose progress lives in the database jobs table
+# --------------------------------------------------------------------------------------------------
+
+ProgressReport = Callable[[int, int, str], None]  # (done, total, message)
+
+
+def run_in_background(
+    work: Callable[[ProgressReport], Any],
+    *,
+    report: ProgressReport,
+    finish: Callable[[Any], None],
+    fail: Callable[[str], None],
+    min_interval: float = 0.5,
+    name: str = "softcam-job",
+) -> threading.Thread:
+    """Run ``work(progress)`` in a daemon thread; progress, result and failure go to the callbacks.
+
+    ``report`` (e.g. a database update of the job row) is called at most every ``min_interval``
+    seconds, plus always for the last step, so a fast loop does not hammer the database.
+    ``finish(result)`` runs on success; ``fail(message)`` with a one-line message on any exception.
+    The page polls the job row, so the work survives page reloads and browser disconnects.
+    """
+    last = [0.0]
+
+    def progress(done: int, total: int, message: str = "") -> None:
+        now = time.monotonic()
+        if done >= total or now - last[0] >= min_interval:
+            last[0] = now
+            report(int(done), int(total), str(message))
+
+    def target() -> None:
+        try:
+            result = work(progress)
+        except BaseException as exc:  # the thread must always leave the job in a final state
+            fail(" ".join(str(exc).split()) or exc.__class__.__name__)
+            return
+        finish(result)
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    return thread

@@ -187,3 +187,32 @@ def test_viewer_never_imports_streamlit():
     code = "import softcam_core.viewer, sys; assert 'streamlit' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
     importlib.import_module("softcam_core.viewer")
+
+
+# ------------------------------------------------------------------------------------ background jobs
+def test_run_in_background_reports_progress_and_result():
+    reports, finished, failed = [], [], []
+
+    def work(progress):
+        for i in range(1, 4):
+            progress(i, 3, f"step {i}")
+        return "result"
+
+    viewer.run_in_background(work, report=lambda *a: reports.append(a), finish=finished.append,
+                             fail=failed.append, min_interval=0.0).join(5)
+    assert reports == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
+    assert finished == ["result"] and failed == []
+
+
+def test_run_in_background_throttles_but_always_reports_the_last_step_and_failures():
+    reports, finished, failed = [], [], []
+
+    def work(progress):
+        for i in range(1, 101):
+            progress(i, 100, "")
+        raise RuntimeError("cohort.csv:\n disk full")
+
+    viewer.run_in_background(work, report=lambda *a: reports.append(a), finish=finished.append,
+                             fail=failed.append, min_interval=60.0).join(5)
+    assert reports[-1][:2] == (100, 100) and len(reports) <= 2
+    assert finished == [] and failed == ["cohort.csv: disk full"]
