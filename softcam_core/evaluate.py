@@ -1,0 +1,743 @@
+"""Cohort evaluation: any model x explanation methods x metrics, streamed, resumable.
+
+``evaluate_cohort`` walks a synth-style cohort folder one image at a time: preprocess, classify,
+explain with every method, score every metric against the annotation mask mapped to the model
+input, and append the rows to ``per_image.csv`` at once (memory does not grow with the cohort; a
+killed run resumes where it stopped). At the end it writes the cohort summary (mean, std, 95%
+bootstrap interval, n per metric), paired Wilcoxon signed-rank tests between methods with Holm
+correction, Parquet copies of each table and plotly figures. ``softcam evaluate`` is its CLI.
+
+Output files in ``out_dir``:
+    per_image.csv / .parquet   one row per image x method
+    deletion_curves.csv        one row per image x method: s0..sN (relative target probability)
+    cohort.csv / .parquet      one row per method: <metric>_mean/_std/_ci_low/_ci_high/_n
+    paired.csv / .parquet      one row per metric x method pair
+    config.json                the settings (checked on --resume)
+    figures/*.html (+ .png)    top-k precision vs k, deletion curves, per-method box plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from softcam_core import metrics as M
+
+METRIC_CHOICES = (
+    "topk",
+    "activation_precision",
+    "activation_sensitivity",
+    "activation_consistency",
+    "pointing_game",
+    "iou_top",
+    "energy_top",
+    "average_precision",
+    "deletion",
+)
+TARGET_POLICIES = ("disease", "label", "pred")
+DEFAULT_TOPK = (1, 3, 5, 10, 15, 20)
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+ID_COLUMNS = ("image", "split", "label", "pred", "target", "p_target", "method", "seconds")
+
+Progress = Callable[[int, int, str], None]
+
+
+# ----------------------------------------------------------------------------------------------
+# statistics
+
+
+def bootstrap_ci(
+    values: Iterable[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of the finite ``values``.
+
+    ``resamples`` resamples with replacement drawn by ``numpy.random.default_rng(seed)``; the
+    interval is the (1-level)/2 and (1+level)/2 percentiles of the resampled means. One value gives
+    a zero-width interval; none gives (nan, nan).
+    """
+    arr = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    if arr.size == 0:
+        return math.nan, math.nan
+    if arr.size == 1:
+        return float(arr[0]), float(arr[0])
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    # chunks keep the index matrix small for large cohorts
+    chunk = max(1, 2_000_000 // arr.size)
+    for start in range(0, resamples, chunk):
+        stop = min(resamples, start + chunk)
+        means[start:stop] = arr[rng.integers(0, arr.size, size=(stop - start, arr.size))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def holm(pvalues: Sequence[float]) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (step-down); nan entries stay nan and don't count in m.
+
+    Sorted ascending ``p_(1) <= ... <= p_(m)``: ``adj_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))``.
+    """
+    p = np.asarray(pvalues, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    m = finite.size
+    if m == 0:
+        return out
+    order = finite[np.argsort(p[finite], kind="stable")]
+    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    out[order] = np.maximum.accumulate(scaled)
+    return out
+
+
+def metric_columns(per_image: pd.DataFrame) -> list[str]:
+    """The metric columns of a per-image table (everything numeric that is not an id column)."""
+    skip = set(ID_COLUMNS) | {"notes", "model", "model_method", "modality", "label_index"}
+    return [c for c in per_image.columns if c not in skip and pd.api.types.is_numeric_dtype(per_image[c])]
+
+
+def summarise(
+    per_image: pd.DataFrame,
+    group: str = "method",
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> pd.DataFrame:
+    """One row per ``group`` value: for every metric (and ``seconds``) mean, std (ddof=1), 95% CI, n.
+
+    n counts the images where the metric is defined; undefined (nan) values are left out.
+    """
+    columns = metric_columns(per_image) + (["seconds"] if "seconds" in per_image.columns else [])
+    rows = []
+    for name, rows_of in per_image.groupby(group, sort=False):
+        row: dict[str, Any] = {group: name, "images": int(rows_of["image"].nunique())}
+        for col in columns:
+            values = rows_of[col].to_numpy(dtype=np.float64)
+            values = values[np.isfinite(values)]
+            low, high = bootstrap_ci(values, resamples, seed)
+            row[f"{col}_mean"] = float(values.mean()) if values.size else math.nan
+            row[f"{col}_std"] = float(values.std(ddof=1)) if values.size > 1 else math.nan
+            row[f"{col}_ci_low"] = low
+            row[f"{col}_ci_high"] = high
+            row[f"{col}_n"] = int(values.size)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paired_tests(per_image: pd.DataFrame, group: str = "method", alpha: float = 0.05) -> pd.DataFrame:
+    """Wilcoxon signed-rank test for every pair of ``group`` values, per metric, Holm-corrected.
+
+    Pairs are matched by image; only images where both values are defined count (n). The test is
+    two-sided with scipy's default zero handling (``zero_method="wilcox"``: zero differences are
+    dropped). The Holm family is all pairs of one metric. ``mean_diff`` is a minus b.
+    """
+    from scipy.stats import wilcoxon
+
+    methods = list(dict.fromkeys(per_image[group]))
+    rows = []
+    for metric in metric_columns(per_image):
+        table = per_image.pivot_table(index="image", columns=group, values=metric, aggfunc="first")
+        family = []
+        for a, b in itertools.combinations(methods, 2):
+            if a not in table or b not in table:
+                continue
+            both = table[[a, b]].dropna()
+            x, y = both[a].to_numpy(float), both[b].to_numpy(float)
+            diff = x - y
+            stat = p = math.nan
+            note = ""
+            if both.shape[0] == 0:
+                note = "no image where both are defined"
+            elif np.all(diff == 0):
+                note = "all differences are zero"
+            else:
+                try:
+                    result = wilcoxon(x, y, zero_method="wilcox", alternative="two-sided")
+                    stat, p = float(result.statistic), float(result.pvalue)
+                except ValueError as exc:
+                    note = str(exc).splitlines()[0]
+            family.append(
+                {
+                    "metric": metric, "method_a": a, "method_b": b, "n": int(both.shape[0]),
+                    "mean_a": float(x.mean()) if x.size else math.nan,
+                    "mean_b": float(y.mean()) if y.size else math.nan,
+                    "mean_diff": float(diff.mean()) if diff.size else math.nan,
+                    "median_diff": float(np.median(diff)) if diff.size else math.nan,
+                    "statistic": stat, "p_value": p, "note": note,
+                }
+            )
+        adjusted = holm([r["p_value"] for r in family])
+        for r, adj in zip(family, adjusted):
+            r["p_holm"] = float(adj)
+            r["significant"] = bool(np.isfinite(adj) and adj < alpha)
+        rows.extend(family)
+    columns = ["metric", "method_a", "method_b", "n", "mean_a", "mean_b", "mean_diff", "median_diff",
+               "statistic", "p_value", "p_holm", "significant", "note"]
+    out = pd.DataFrame(rows, columns=columns)
+    if group != "method":
+        out = out.rename(columns={"method_a": f"{group}_a", "method_b": f"{group}_b"})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# settings and per-image scoring
+
+
+@dataclass
+class EvalSettings:
+    """What to compute. Defaults follow docs/metrics.md.
+
+    patch: grid-cell side in model-input pixels (None: ``img_size // 16``).
+    topk: the k values of ``topk_precision_k<k>``. top_fraction: frac of iou/energy top metrics.
+    deletion_steps / deletion_baseline: see :func:`softcam_core.metrics.deletion_curves`.
+    target: ``"disease"`` (class 1 of a binary model; for more classes the true class if diseased,
+    else the most probable disease class), ``"label"`` or ``"pred"``.
+    pointing_tolerance: pixels. split: cohort split (``"all"`` for every image). limit: first N images.
+    """
+
+    metrics: tuple[str, ...] = METRIC_CHOICES
+    patch: int | None = None
+    topk: tuple[int, ...] = DEFAULT_TOPK
+    top_fraction: float = 0.15
+    deletion_steps: int = 20
+    deletion_baseline: str = "zero"
+    target: str = "disease"
+    pointing_tolerance: float = 0.0
+    split: str = "test"
+    limit: int | None = None
+    resamples: int = BOOTSTRAP_RESAMPLES
+    seed: int = BOOTSTRAP_SEED
+    figures: bool = True
+    png: bool = True
+
+    def validate(self) -> None:
+        unknown = [m for m in self.metrics if m not in METRIC_CHOICES]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRIC_CHOICES)}")
+        if self.target not in TARGET_POLICIES:
+            raise ValueError(f"unknown target policy {self.target!r}; choose from {', '.join(TARGET_POLICIES)}")
+        if any(int(k) != k or k < 1 for k in self.topk):
+            raise ValueError(f"top-k values must be positive integers, got {self.topk}")
+        if not 0 < self.top_fraction <= 1:
+            raise ValueError(f"top fraction must be in (0, 1], got {self.top_fraction}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+
+    def columns(self) -> list[str]:
+        """Metric columns of per_image.csv, in order."""
+        pct = f"{round(self.top_fraction * 100):g}"
+        names = {
+            "activation_precision": ["activation_precision"],
+            "activation_sensitivity": ["activation_sensitivity"],
+            "activation_consistency": ["activation_consistency"],
+            "pointing_game": ["pointing_game"],
+            "iou_top": [f"iou_top{pct}"],
+            "energy_top": [f"energy_top{pct}"],
+            "average_precision": ["average_precision"],
+            "topk": [f"topk_precision_k{k}" for k in sorted(set(self.topk))],
+            "deletion": ["audc"],
+        }
+        return [c for m in METRIC_CHOICES if m in self.metrics for c in names[m]]
+
+
+def score_map(sal: np.ndarray, mask: np.ndarray, label_index: int, settings: EvalSettings, patch: int) -> tuple[dict[str, float], dict[str, str]]:
+    """All map-only metrics of one map: ``({column: value}, {column: reason undefined})``."""
+    pct = f"{round(settings.top_fraction * 100):g}"
+    calls: list[tuple[str, Callable[..., float], tuple]] = []
+    chosen = settings.metrics
+    if "topk" in chosen:
+        for k in sorted(set(settings.topk)):
+            calls.append((f"topk_precision_k{k}", M.topk_localization_precision, (sal, mask, k, patch)))
+    if "activation_precision" in chosen:
+        calls.append(("activation_precision", M.activation_precision, (sal, mask)))
+    if "activation_sensitivity" in chosen:
+        calls.append(("activation_sensitivity", M.activation_sensitivity, (sal, mask)))
+    if "activation_consistency" in chosen:
+        calls.append(("activation_consistency", M.activation_consistency, (sal, label_index)))
+    if "pointing_game" in chosen:
+        calls.append(("pointing_game", M.pointing_game, (sal, mask, settings.pointing_tolerance)))
+    if "iou_top" in chosen:
+        calls.append((f"iou_top{pct}", M.iou_top_fraction, (sal, mask, settings.top_fraction)))
+    if "energy_top" in chosen:
+        calls.append((f"energy_top{pct}", M.energy_top_fraction, (sal, mask, settings.top_fraction)))
+    if "average_precision" in chosen:
+        calls.append(("average_precision", M.average_precision, (sal, mask)))
+    values, reasons = {}, {}
+    for column, fn, args in calls:
+        value, reason = M.metric_or_reason(fn, *args)
+        values[column] = value
+        if reason:
+            reasons[column] = reason
+    return values, reasons
+
+
+def _notes(reasons: dict[str, str]) -> str:
+    """``"reason (col, col); reason (col)"``: why cells of a row are empty."""
+    by_reason: dict[str, list[str]] = {}
+    for column, reason in reasons.items():
+        by_reason.setdefault(reason, []).append(column)
+    return "; ".join(f"{r} ({', '.join(cols)})" for r, cols in by_reason.items())
+
+
+def choose_target(policy: str, probs: np.ndarray, label_index: int) -> int:
+    """Class index whose evidence is explained and scored (see :class:`EvalSettings`)."""
+    pred = int(np.argmax(probs))
+    if policy == "label":
+        return int(label_index)
+    if policy == "pred":
+        return pred
+    if probs.size == 2:
+        return 1
+    if label_index != 0:
+        return int(label_index)
+    return 1 + int(np.argmax(probs[1:]))
+
+
+# ----------------------------------------------------------------------------------------------
+# the cohort folder and its annotations
+
+
+@dataclass
+class _Item:
+    path: Path
+    stem: str
+    label_index: int
+    split: str
+
+
+def _record_item(record: Any) -> _Item:
+    """Adapt a CohortFolder record (attributes or a (path, label, split) tuple) to an _Item."""
+    if isinstance(record, (tuple, list)) and not hasattr(record, "_fields"):
+        path, label, split = record[0], record[1], record[2] if len(record) > 2 else ""
+    else:
+        path = next(getattr(record, a) for a in ("path", "image_path", "image") if hasattr(record, a))
+        label = next(getattr(record, a) for a in ("label_index", "label") if hasattr(record, a))
+        split = getattr(record, "split", "")
+    path = Path(path)
+    return _Item(path=path, stem=path.stem, label_index=int(label), split=str(split))
+
+
+def _open_folder(folder: Any):
+    if isinstance(folder, (str, Path)):
+        from softcam_core.data import CohortFolder
+
+        return CohortFolder(folder)
+    return folder
+
+
+@dataclass
+class _Resolved:
+    key: Any
+    width: int | None = None
+    height: int | None = None
+
+
+def load_box_annotations(path: str | Path, items: Sequence[_Item]) -> dict[str, list]:
+    """COCO boxes per image stem, read with :func:`annotations.formats.read_coco`.
+
+    Images of the file that are not in ``items`` are ignored; a malformed file or row raises
+    ValueError naming the file and the first problem.
+    """
+    from annotations.formats import read_coco
+
+    by_name: dict[str, str] = {}
+    for item in items:
+        by_name[item.path.name] = item.stem
+        by_name[item.stem] = item.stem
+
+    def resolve(ref: str, fuzzy: bool) -> _Resolved:
+        name = Path(ref.replace("\\", "/")).name
+        return _Resolved(by_name.get(name) or by_name.get(Path(name).stem))
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: annotation file not found")
+    report = read_coco(path, resolve)
+    if report.errors:
+        raise ValueError(f"{path.name}: {report.errors[0]} ({len(report.errors)} problem(s) in all)")
+    boxes: dict[str, list] = {}
+    for ann in report.annotations:
+        if ann.image is None or getattr(ann.geometry, "kind", "box") != "box":
+            continue
+        boxes.setdefault(ann.image, []).append(ann.geometry)
+    return boxes
+
+
+# ----------------------------------------------------------------------------------------------
+# streaming output
+
+
+def _read_done(per_image: Path, header: list[str]) -> set[tuple[str, str]]:
+    """(image, method) pairs already in per_image.csv; drops a torn last line from a killed run."""
+    if not per_image.exists():
+        return set()
+    with per_image.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        return set()
+    if rows[0] != header:
+        raise ValueError(
+            f"{per_image}: written with other columns ({', '.join(rows[0][:12])}...); "
+            "use another --out or run without --resume"
+        )
+    good = [r for r in rows[1:] if len(r) == len(header)]
+    if len(good) != len(rows) - 1:  # rewrite without the torn row
+        with per_image.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(good)
+    image_col, method_col = header.index("image"), header.index("method")
+    return {(r[image_col], r[method_col]) for r in good}
+
+
+def _append_rows(path: Path, header: list[str], rows: list[dict[str, Any]]) -> None:
+    """Append rows in one write (header first if the file is new) and flush them to disk."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=header, extrasaction="raise")
+    new = not path.exists() or path.stat().st_size == 0
+    if new:
+        writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    with path.open("a", newline="", encoding="utf-8") as handle:
+        handle.write(buffer.getvalue())
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _settings_fingerprint(meta: dict, settings: EvalSettings, patch: int, annotations: str | None) -> dict:
+    model_id = hashlib.sha256(
+        json.dumps({k: meta.get(k) for k in sorted(meta) if k != "metrics"}, sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+    return {
+        "model": model_id,
+        "columns": settings.columns(),
+        "patch": patch,
+        "top_fraction": settings.top_fraction,
+        "deletion_steps": settings.deletion_steps,
+        "deletion_baseline": settings.deletion_baseline,
+        "target": settings.target,
+        "pointing_tolerance": settings.pointing_tolerance,
+        "annotations": annotations,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# the evaluation
+
+
+@dataclass
+class EvaluationResult:
+    """Where the outputs went and the tables themselves (small: one row per image x method)."""
+
+    out_dir: Path
+    per_image: pd.DataFrame
+    cohort: pd.DataFrame
+    paired: pd.DataFrame
+    curves: pd.DataFrame
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def evaluate_cohort(
+    model: torch.nn.Module,
+    meta: dict,
+    folder: Any,
+    methods: Sequence[str],
+    metrics: Sequence[str] | None = None,
+    out_dir: str | Path = "evaluation",
+    progress: Progress | None = None,
+    resume: bool = False,
+    *,
+    annotations: str | Path | None = None,
+    settings: EvalSettings | None = None,
+    device: torch.device | str | None = None,
+) -> EvaluationResult:
+    """Evaluate ``methods`` on ``model`` over a cohort; stream rows to ``out_dir/per_image.csv``.
+
+    Args:
+        model, meta: from :func:`softcam_core.models.load_checkpoint` (meta gives img_size, mean,
+            std, classes).
+        folder: a :class:`softcam_core.data.CohortFolder` or its path (synth layout).
+        methods: explanation method names (``softcam_core.explain.METHODS``, ``cascam:<base>``).
+        metrics: subset of :data:`METRIC_CHOICES` (None = all; overrides ``settings.metrics``).
+        out_dir: output folder (created). progress: ``progress(done, total, message)`` called
+            after every image x method (no Streamlit here; the page passes its own callback).
+        resume: keep rows already in per_image.csv and compute only the missing image x method
+            pairs; without it, earlier outputs in ``out_dir`` are replaced.
+        annotations: COCO file whose boxes replace the folder's ``masks/`` as ground truth.
+        settings: :class:`EvalSettings`. device: default :func:`softcam_core.device.default_device`.
+    Returns:
+        :class:`EvaluationResult`.
+    """
+    from tqdm.auto import tqdm
+
+    from softcam_core.device import default_device
+    from softcam_core.explain import explain
+    from softcam_core.imaging import load_image, preprocess
+
+    settings = settings or EvalSettings()
+    if metrics is not None:
+        settings.metrics = tuple(metrics)
+    settings.validate()
+    methods = list(dict.fromkeys(m.strip() for m in methods if m.strip()))
+    if not methods:
+        raise ValueError("no explanation method given")
+    folder = _open_folder(folder)
+    classes = list(meta["classes"])
+    img_size = int(meta["img_size"])
+    patch = int(settings.patch or max(1, img_size // 16))
+    M.cell_grid((img_size, img_size), patch)
+
+    items = [_record_item(r) for r in folder.records]
+    if settings.split != "all":
+        items = [it for it in items if it.split == settings.split]
+    if not items:
+        raise ValueError(f"{getattr(folder, 'root', folder)}: no image in split {settings.split!r}")
+    if settings.limit:
+        items = items[: settings.limit]
+    boxes = load_box_annotations(annotations, items) if annotations else None
+    folder_classes = list(getattr(folder, "classes", classes))
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_image_path = out_dir / "per_image.csv"
+    curves_path = out_dir / "deletion_curves.csv"
+    config_path = out_dir / "config.json"
+    header = list(ID_COLUMNS) + settings.columns() + ["notes"]
+    curve_header = ["image", "method"] + [f"s{s}" for s in range(settings.deletion_steps + 1)]
+    fingerprint = _settings_fingerprint(meta, settings, patch, str(annotations) if annotations else None)
+
+    if resume and config_path.exists():
+        previous = json.loads(config_path.read_text())
+        changed = [k for k, v in fingerprint.items() if previous.get("fingerprint", {}).get(k) != v]
+        if changed:
+            raise ValueError(
+                f"{config_path}: earlier run used other settings ({', '.join(changed)}); "
+                "use another --out or run without --resume"
+            )
+    if not resume:
+        for stale in (per_image_path, curves_path):
+            stale.unlink(missing_ok=True)
+    done = _read_done(per_image_path, header) if resume else set()
+    config_path.write_text(json.dumps(
+        {"fingerprint": fingerprint, "methods": methods, "split": settings.split, "limit": settings.limit,
+         "resamples": settings.resamples, "seed": settings.seed, "classes": classes,
+         "arch": meta.get("arch"), "head": meta.get("head")}, indent=2, default=str))
+
+    device = torch.device(device) if device is not None else default_device()
+    model = model.to(device).eval()
+    mean, std = meta["mean"], meta["std"]
+    total = len(items) * len(methods)
+    finished = sum(1 for it in items for m in methods if (it.stem, m) in done)
+    bar = tqdm(total=total, initial=finished, desc="evaluate", unit="map", disable=progress is not None)
+    if progress:
+        progress(finished, total, "resuming" if finished else "starting")
+
+    for item in items:
+        pending = [m for m in methods if (item.stem, m) not in done]
+        if not pending:
+            continue
+        image = load_image(item.path)
+        x, geometry = preprocess(image, img_size, mean, std)
+        x = x.unsqueeze(0).to(device)
+        if boxes is not None:
+            from annotations.geometry import boxes_to_mask
+
+            height, width = image.pixels.shape[:2]
+            original_mask = boxes_to_mask(boxes.get(item.stem, []), height, width)
+        else:
+            original_mask = folder.mask(item.stem)
+            if original_mask is None:
+                original_mask = np.zeros(image.pixels.shape[:2], dtype=bool)
+        mask = np.asarray(geometry.mask_to_input(np.asarray(original_mask) > 0), dtype=bool)
+        with torch.inference_mode():
+            probs = torch.softmax(model(x).float(), dim=1)[0].cpu().numpy()
+        pred = int(np.argmax(probs))
+        target = choose_target(settings.target, probs, item.label_index)
+
+        sals, rows = [], []
+        for method in pending:
+            start = time.perf_counter()
+            sal = explain(model, x, method, target=[target])
+            sal = sal.detach().float().cpu().numpy()[0]
+            seconds = time.perf_counter() - start
+            if sal.shape != mask.shape:
+                raise ValueError(f"{method}: map shape {sal.shape} differs from the model input {mask.shape}")
+            values, reasons = score_map(sal, mask, item.label_index, settings, patch)
+            sals.append(sal)
+            rows.append({
+                "image": item.stem, "split": item.split,
+                "label": folder_classes[item.label_index] if item.label_index < len(folder_classes) else item.label_index,
+                "pred": classes[pred], "target": classes[target], "p_target": float(probs[target]),
+                "method": method, "seconds": round(seconds, 6), **values, "_reasons": reasons,
+            })
+        if "deletion" in settings.metrics:
+            curves = M.deletion_curves(
+                model, x.expand(len(pending), -1, -1, -1), np.stack(sals), [target] * len(pending),
+                patch, settings.deletion_steps, settings.deletion_baseline,
+            )
+            curve_rows = []
+            for row, method, curve in zip(rows, pending, curves):
+                value, reason = M.metric_or_reason(M.audc, curve)
+                row["audc"] = value
+                if reason:
+                    row["_reasons"]["audc"] = reason
+                curve_rows.append({"image": item.stem, "method": method,
+                                   **{f"s{s}": float(v) for s, v in enumerate(curve)}})
+            _append_rows(curves_path, curve_header, curve_rows)
+        for row in rows:
+            row["notes"] = _notes(row.pop("_reasons"))
+        _append_rows(per_image_path, header, rows)
+        for method in pending:
+            done.add((item.stem, method))
+            finished += 1
+            bar.update(1)
+            if progress:
+                progress(finished, total, f"{item.stem} · {method}")
+    bar.close()
+    return finalise(out_dir, settings, methods=methods, items={it.stem for it in items})
+
+
+def finalise(
+    out_dir: str | Path,
+    settings: EvalSettings | None = None,
+    methods: Sequence[str] | None = None,
+    items: set[str] | None = None,
+) -> EvaluationResult:
+    """Write cohort / paired tables, Parquet copies and figures from the streamed CSVs."""
+    settings = settings or EvalSettings()
+    out_dir = Path(out_dir)
+    per_image = pd.read_csv(out_dir / "per_image.csv", dtype={"image": str, "notes": str})
+    if items is not None:
+        per_image = per_image[per_image["image"].isin(items)]
+    if methods is not None:
+        per_image = per_image[per_image["method"].isin(methods)]
+    per_image = per_image.drop_duplicates(["image", "method"], keep="last").reset_index(drop=True)
+    curves_path = out_dir / "deletion_curves.csv"
+    curves = pd.DataFrame()
+    if curves_path.exists():
+        curves = pd.read_csv(curves_path, dtype={"image": str})
+        curves = curves.drop_duplicates(["image", "method"], keep="last")
+        curves = curves.merge(per_image[["image", "method"]], on=["image", "method"]).reset_index(drop=True)
+    cohort = summarise(per_image, resamples=settings.resamples, seed=settings.seed)
+    paired = paired_tests(per_image)
+    files = {"per_image": out_dir / "per_image.csv", "cohort": out_dir / "cohort.csv", "paired": out_dir / "paired.csv"}
+    cohort.to_csv(files["cohort"], index=False)
+    paired.to_csv(files["paired"], index=False)
+    for name, table in (("per_image", per_image), ("cohort", cohort), ("paired", paired)):
+        path = out_dir / f"{name}.parquet"
+        table.to_parquet(path, index=False)
+        files[f"{name}_parquet"] = path
+    if not curves.empty:
+        files["deletion_curves"] = curves_path
+    if settings.figures and not per_image.empty:
+        for name, paths in write_figures(per_image, curves, out_dir / "figures", png=settings.png).items():
+            for path in paths:
+                files[f"figure_{name}{path.suffix}"] = path
+    return EvaluationResult(out_dir, per_image, cohort, paired, curves, files)
+
+
+def cohort_figures(per_image: pd.DataFrame, curves: pd.DataFrame, group: str | None = None, title: str = "") -> dict:
+    """The standard figures of a cohort evaluation: top-k precision vs k, deletion, box plots."""
+    from softcam_core import plots
+
+    prefix = f"{title}: " if title else ""
+    figures = {}
+    if any(c.startswith("topk_precision_k") for c in per_image.columns):
+        figures["topk_precision"] = plots.topk_precision_figure(per_image, group, f"{prefix}top-k localization precision")
+    if curves is not None and not curves.empty:
+        figures["deletion_curves"] = plots.deletion_figure(curves, group, f"{prefix}deletion curves (lower AUDC = more faithful)")
+    box_metrics = [c for c in metric_columns(per_image) if not c.startswith("topk_precision_k") and c != "p_target"]
+    if box_metrics:
+        figures["metric_boxplots"] = plots.metric_boxplots(per_image, box_metrics, group, f"{prefix}per-image metrics")
+    return figures
+
+
+def write_figures(per_image: pd.DataFrame, curves: pd.DataFrame, out_dir: Path, png: bool = True) -> dict[str, list[Path]]:
+    from softcam_core import plots
+
+    return plots.save_figures(cohort_figures(per_image, curves), out_dir, png=png)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="all explainability metrics for a cohort (per_image.csv, cohort.csv, paired.csv, figures)",
+        description="Explain every image of a cohort with each method and score the maps against the "
+        "annotations. Streams rows to DIR2/per_image.csv; --resume continues a stopped run.",
+    )
+    parser.add_argument("--model", required=True, help="checkpoint (.pt) written by `softcam train`")
+    parser.add_argument("--data", required=True, help="cohort folder laid out like `softcam synth` output")
+    parser.add_argument("--methods", required=True, help="comma-separated method names, e.g. softcam,gradcam,cascam:gradcam")
+    parser.add_argument("--out", required=True, help="output folder DIR2")
+    parser.add_argument("--annotations", help="COCO JSON with boxes to use instead of the folder's masks/")
+    parser.add_argument("--metrics", default=",".join(METRIC_CHOICES),
+                        help=f"comma-separated subset of: {', '.join(METRIC_CHOICES)} (default: all)")
+    parser.add_argument("--split", default="test", help="cohort split to evaluate: train, val, test or all (default test)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
+    parser.add_argument("--resume", action="store_true", help="keep rows already in DIR2/per_image.csv, compute the rest")
+    parser.add_argument("--patch", type=int, help="grid-cell side in model-input pixels (default img_size // 16)")
+    parser.add_argument("--topk", type=_int_list, default=DEFAULT_TOPK, help="k values for top-k precision (default 1,3,5,10,15,20)")
+    parser.add_argument("--top-fraction", type=float, default=0.15, help="fraction for the top-region IoU / energy (default 0.15)")
+    parser.add_argument("--steps", type=int, default=20, help="deletion steps (default 20)")
+    parser.add_argument("--baseline", default="zero", help="deletion fill: zero, mean, blur or a number (default zero)")
+    parser.add_argument("--target", choices=TARGET_POLICIES, default="disease", help="class explained (default disease)")
+    parser.add_argument("--tolerance", type=float, default=0.0, help="pointing-game tolerance in pixels (default 0)")
+    parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES, help="bootstrap resamples (default 2000)")
+    parser.add_argument("--seed", type=int, default=BOOTSTRAP_SEED, help="bootstrap seed (default 0)")
+    parser.add_argument("--no-figures", action="store_true", help="skip the plotly figures")
+    parser.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from softcam_core.models import load_checkpoint
+
+    data = Path(args.data)
+    if not data.is_dir():
+        raise ValueError(f"{data}: cohort folder not found")
+    model, meta = load_checkpoint(args.model)
+    baseline: Any = args.baseline
+    try:
+        baseline = float(baseline)
+    except ValueError:
+        pass
+    settings = EvalSettings(
+        metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
+        patch=args.patch, topk=tuple(args.topk), top_fraction=args.top_fraction,
+        deletion_steps=args.steps, deletion_baseline=baseline, target=args.target,
+        pointing_tolerance=args.tolerance, split=args.split, limit=args.limit,
+        resamples=args.bootstrap, seed=args.seed, figures=not args.no_figures,
+    )
+    result = evaluate_cohort(
+        model, meta, data, args.methods.split(","), None, args.out, resume=args.resume,
+        annotations=args.annotations, settings=settings,
+    )
+    columns = [c for c in ("activation_precision_mean", "topk_precision_k5_mean", "audc_mean") if c in result.cohort]
+    print(result.cohort[["method", "images", *columns]].to_string(index=False))
+    print(f"wrote {result.out_dir}/per_image.csv, cohort.csv, paired.csv (+ .parquet, figures/)")
+    return 0
