@@ -1,0 +1,314 @@
+"""``explain(model, x, method, target=None, **options)``: one verb for every saliency method.
+
+Native maps (``softcam``, ``cam``) are computed here; every post-hoc method is computed by its
+library (torchcam, captum, grad-cam), not rewritten. The only post-processing is bilinear
+resizing to the input resolution (and, for captum's input-space attributions, the channel sum
+that turns (B, 3, H, W) attributions into a map). Values stay raw: no normalisation here (the
+UI and metrics normalise as they need). See docs/explain.md for each method's parameters,
+layer and sign convention.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from softcam_core.explain.guard import eval_locked, guarded
+from softcam_core.explain.layers import ExplainError, cam_head, model_device, resolve_target_layer
+
+BASE_METHODS = (
+    "softcam",
+    "cam",
+    "gradcam",
+    "gradcampp",
+    "xgradcam",
+    "layercam",
+    "scorecam",
+    "hirescam",
+    "eigencam",
+    "ablationcam",
+    "fullgrad",
+    "integrated_gradients",
+    "guided_backprop",
+)
+METHODS = BASE_METHODS  # the contract names; "cascam:<base>" wraps any of them (CASCAM_PREFIX)
+CASCAM_PREFIX = "cascam:"
+SIGNED_METHODS = frozenset({"softcam", "cam", "integrated_gradients", "guided_backprop"})
+
+# captum announces, on every call, that it hooks the ReLUs (and removes the hooks): not news here
+warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU activations")
+
+IG_DEFAULT_STEPS = 50
+SCORECAM_DEFAULT_BATCH = 32
+ABLATIONCAM_DEFAULT_BATCH = 32
+
+
+def is_method(name: str) -> bool:
+    """True for a base method name or ``cascam:<base>`` with a base method (not itself CasCAM)."""
+    if name.startswith(CASCAM_PREFIX):
+        return name[len(CASCAM_PREFIX):] in BASE_METHODS
+    return name in BASE_METHODS
+
+
+def file_safe_name(method: str) -> str:
+    """File stem for a method's outputs: ``cascam:gradcam`` -> ``cascam-gradcam``."""
+    return method.replace(":", "-")
+
+
+def resolve_targets(target: Any, batch: int, num_classes: int | None = None) -> list[int] | None:
+    """Per-image class indices from ``None`` (predicted; returns None), an int, or a length-``batch`` sequence.
+
+    Raises:
+        ValueError: a sequence of another length (never truncated or broadcast), a non-integer,
+            or an index outside ``[0, num_classes)``.
+    """
+    if target is None:
+        return None
+    if isinstance(target, torch.Tensor):
+        target = target.tolist() if target.ndim else int(target.item())
+    if isinstance(target, np.ndarray):
+        target = target.tolist() if target.ndim else int(target.item())
+    if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+        targets = [int(target)] * batch
+    elif isinstance(target, Sequence) and not isinstance(target, str):
+        if len(target) != batch:
+            raise ValueError(f"target has {len(target)} entries for a batch of {batch} images; give one per image")
+        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in target):
+            raise ValueError(f"targets must be class indices (int), got {list(target)!r}")
+        targets = [int(t) for t in target]
+    else:
+        raise ValueError(f"target must be None, a class index or one index per image, got {target!r}")
+    if num_classes is not None:
+        bad = [t for t in targets if not 0 <= t < num_classes]
+        if bad:
+            raise ValueError(f"target class {bad[0]} outside 0..{num_classes - 1}")
+    return targets
+
+
+def num_classes_of(model: nn.Module) -> int | None:
+    """Number of classes when the model says so (SoftCAMNet / BaselineNet / torchvision heads), else None."""
+    value = getattr(model, "num_classes", None)
+    if isinstance(value, int):
+        return value
+    for name in ("fc", "classifier", "head"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+            if linears:
+                return linears[-1].out_features
+    return None
+
+
+def _predicted(model: nn.Module, x: torch.Tensor) -> list[int]:
+    with torch.no_grad():
+        return model(x).argmax(1).tolist()
+
+
+def _select(maps: torch.Tensor, targets: list[int]) -> torch.Tensor:
+    """maps (B, C, h, w), one class per image -> (B, h, w)."""
+    index = torch.as_tensor(targets, device=maps.device)
+    return maps[torch.arange(maps.shape[0], device=maps.device), index]
+
+
+# ---------------------------------------------------------------------------------------- native
+def _softcam(model: nn.Module, x: torch.Tensor, targets: list[int] | None) -> torch.Tensor:
+    """Target-class evidence map (signed) from the same forward pass as the prediction."""
+    if not hasattr(model, "forward_with_maps"):
+        raise ExplainError(
+            f"'softcam' needs a SoftCAM net (forward_with_maps); {type(model).__name__} is a black box: "
+            "use a post-hoc method"
+        )
+    with eval_locked(model), torch.no_grad():
+        logits, maps = model.forward_with_maps(x)
+        if targets is None:
+            targets = logits.argmax(1).tolist()
+        return _select(maps, targets)
+
+
+def _cam(model: nn.Module, x: torch.Tensor, targets: list[int] | None) -> torch.Tensor:
+    """Classic CAM (Zhou et al. 2016): ``sum_k W[c, k] A_k`` on the last feature map, signed, no bias."""
+    layer, linear, relu = cam_head(model)
+    captured: list[torch.Tensor] = []
+    with guarded(model, freeze=False), torch.no_grad():
+        handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            logits = model(x)
+        finally:
+            handle.remove()
+        features = F.relu(captured[0]) if relu else captured[0]
+        if targets is None:
+            targets = logits.argmax(1).tolist()
+        weights = linear.weight[torch.as_tensor(targets, device=features.device)]  # (B, K)
+        return torch.einsum("bk,bkhw->bhw", weights, features)
+
+
+# ---------------------------------------------------------------------------------------- torchcam
+def _torchcam(class_name: str, uses_gradients: bool) -> Callable[..., torch.Tensor]:
+    def run(model: nn.Module, x: torch.Tensor, targets: list[int] | None, target_layer=None, **kwargs) -> torch.Tensor:
+        from torchcam import methods as torchcam_methods
+
+        layer = resolve_target_layer(model, target_layer)
+        with guarded(model):
+            extractor = getattr(torchcam_methods, class_name)(model, target_layer=layer, **kwargs)
+            try:
+                with torch.set_grad_enabled(uses_gradients):
+                    # parameters are frozen by the guard: gradients flow from the input only
+                    scores = model(x.detach().requires_grad_(uses_gradients))
+                    class_idx = targets if targets is not None else scores.argmax(1).tolist()
+                    if uses_gradients:
+                        cams = extractor(class_idx=class_idx, scores=scores, normalized=False)
+                    else:
+                        cams = extractor(class_idx=class_idx, normalized=False)
+            finally:
+                extractor.remove_hooks()
+        return cams[0]
+
+    run.__name__ = f"torchcam_{class_name}"
+    return run
+
+
+# ---------------------------------------------------------------------------------------- grad-cam
+def _pytorch_grad_cam(class_name: str, uses_gradients: bool) -> Callable[..., torch.Tensor]:
+    def run(model: nn.Module, x: torch.Tensor, targets: list[int] | None, target_layer=None, **kwargs) -> torch.Tensor:
+        import pytorch_grad_cam
+        from pytorch_grad_cam.ablation_layer import AblationLayer
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        layers = [] if class_name == "FullGrad" else [resolve_target_layer(model, target_layer)]
+        if class_name == "AblationCAM":
+            kwargs.setdefault("batch_size", ABLATIONCAM_DEFAULT_BATCH)
+            # the library's default AblationLayer() is one instance shared by every call: use our own
+            kwargs.setdefault("ablation_layer", AblationLayer())
+        with guarded(model):
+            cam = getattr(pytorch_grad_cam, class_name)(model=model, target_layers=layers, **kwargs)
+            try:
+                library_targets = None if targets is None else [ClassifierOutputTarget(t) for t in targets]
+                with torch.set_grad_enabled(uses_gradients):
+                    # FullGrad makes its own input leaf (compute_input_gradient); others need an
+                    # input that requires grad because the parameters are frozen by the guard
+                    needs_input_grad = uses_gradients and class_name != "FullGrad"
+                    maps = cam(input_tensor=x.detach().requires_grad_(needs_input_grad), targets=library_targets)
+            finally:
+                # not ``with cam:``: BaseCAM.__exit__ swallows IndexError
+                cam.activations_and_grads.release()
+        return torch.from_numpy(np.asarray(maps, dtype=np.float32))
+
+    run.__name__ = f"grad_cam_{class_name}"
+    return run
+
+
+# ---------------------------------------------------------------------------------------- captum
+def _integrated_gradients(
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: list[int] | None,
+    n_steps: int = IG_DEFAULT_STEPS,
+    baseline: float | torch.Tensor = 0.0,
+    internal_batch_size: int | None = None,
+    integration: str = "gausslegendre",
+) -> torch.Tensor:
+    """captum IntegratedGradients; map = sum over colour channels of the attributions (signed)."""
+    from captum.attr import IntegratedGradients
+
+    with guarded(model):
+        if targets is None:
+            targets = _predicted(model, x)
+        if isinstance(baseline, torch.Tensor):
+            baseline = baseline.to(x.device, x.dtype)
+        with torch.enable_grad():
+            attributions = IntegratedGradients(model).attribute(
+                x, baselines=baseline, target=targets, n_steps=n_steps,
+                internal_batch_size=internal_batch_size, method=integration,
+            )
+    return attributions.sum(1)
+
+
+def _guided_backprop(model: nn.Module, x: torch.Tensor, targets: list[int] | None) -> torch.Tensor:
+    """captum GuidedBackprop; map = sum over colour channels of the input gradients (signed)."""
+    from captum.attr import GuidedBackprop
+
+    with guarded(model):
+        if targets is None:
+            targets = _predicted(model, x)
+        with torch.enable_grad():
+            attributions = GuidedBackprop(model).attribute(x.detach().requires_grad_(True), target=targets)
+    return attributions.sum(1)
+
+
+_IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "softcam": _softcam,
+    "cam": _cam,
+    "gradcam": _torchcam("GradCAM", True),
+    "gradcampp": _torchcam("GradCAMpp", True),
+    "xgradcam": _torchcam("XGradCAM", True),
+    "layercam": _torchcam("LayerCAM", True),
+    "scorecam": _torchcam("ScoreCAM", False),
+    "hirescam": _pytorch_grad_cam("HiResCAM", True),
+    "eigencam": _pytorch_grad_cam("EigenCAM", False),
+    "ablationcam": _pytorch_grad_cam("AblationCAM", False),
+    "fullgrad": _pytorch_grad_cam("FullGrad", True),
+    "integrated_gradients": _integrated_gradients,
+    "guided_backprop": _guided_backprop,
+}
+assert tuple(_IMPLEMENTATIONS) == BASE_METHODS
+
+
+def resize_to(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, h, w) -> (B, H, W) by bilinear interpolation (``align_corners=False``); no-op at equal size."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def explain(
+    model: nn.Module,
+    x: torch.Tensor,
+    method: str,
+    target: int | Sequence[int] | None = None,
+    **options: Any,
+) -> torch.Tensor:
+    """Saliency maps of ``method`` for a batch (contract).
+
+    Args:
+        model: SoftCAMNet, BaselineNet, or a torchvision ResNet / VGG / DenseNet / EfficientNet /
+            ConvNeXt classifier returning logits (B, C). Left exactly as found (mode, hooks,
+            parameters, ``requires_grad``, ``.grad``, layers); see :mod:`softcam_core.explain.guard`.
+        x: normalised images (B, 3, H, W); moved to the model's device for the computation.
+        method: one of :data:`METHODS` or ``"cascam:<base>"``.
+        target: None (each image's predicted class), one class index for all images, or one index
+            per image (length B exactly).
+        **options: method options: ``target_layer`` (module or name) for the CAM-style methods;
+            ``batch_size`` (scorecam, ablationcam); ``n_steps``, ``baseline``,
+            ``internal_batch_size`` (integrated_gradients); CasCAM's ``stages``, ``theta``,
+            ``lam``, ``threshold``, ``topk_percent``, ``ebayes_a`` plus its base method's options.
+    Returns:
+        float32 tensor (B, H, W) on ``x``'s device: higher = more evidence for the target class;
+        signed for softcam, cam, integrated_gradients and guided_backprop.
+    Raises:
+        ValueError: unknown method or option, bad input shape, bad target.
+        ExplainError (a ValueError): the method does not apply to this model.
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        raise ValueError(f"x must be a (B, 3, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if method.startswith(CASCAM_PREFIX):
+        from softcam_core.explain.cascam import cascam
+
+        return cascam(model, x, method[len(CASCAM_PREFIX):], target=target, **options).combined
+    implementation = _IMPLEMENTATIONS.get(method)
+    if implementation is None:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)} or cascam:<method>")
+    targets = resolve_targets(target, x.shape[0], num_classes_of(model))
+    inputs = x.detach().to(model_device(model), torch.float32)
+    try:
+        maps = implementation(model, inputs, targets, **options)
+    except TypeError as exc:
+        if "unexpected keyword argument" in str(exc):
+            raise ValueError(f"{method}: {exc}") from None
+        raise
+    return resize_to(maps.detach().float(), tuple(x.shape[-2:])).to(x.device, torch.float32)
