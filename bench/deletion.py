@@ -1,0 +1,77 @@
+"""Benchmark 4a: deletion-curve faithfulness over a cohort, batched vs step-by-step.
+
+``softcam_core.metrics.deletion_curves`` occludes every (image, step) pair of a cohort in a few
+large batched forward passes; ``deletion_curve_reference`` runs the obvious loop, one forward pass
+of one occluded image per step. Both run the same SoftCAM network (eval mode, inference mode) on
+the same images and maps; the curves must agree (max abs diff printed, tolerance 1e-5: batched
+convolutions may sum in another order) and the batched one must be >= 1.5x faster on 2 CPU cores
+and >= 5x on a GPU.
+
+The maps are the network's own SoftCAM evidence for the predicted class, upsampled to the input,
+so the cell ranking is a realistic one (the cost does not depend on it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench.common import Config, Result, speedup, time_pair
+from softcam_core import metrics
+from softcam_core.models import build_model
+
+NAME = "deletion"
+CURVE_TOLERANCE = 1e-5
+
+
+def target_for(device: torch.device) -> float:
+    return 5.0 if device.type == "cuda" else 1.5
+
+
+def setup(config: Config, device: torch.device) -> dict:
+    """Model, cohort and maps for the run level and device."""
+    arch, size, patch, steps = config.pick(
+        tiny=("resnet18", 64, 16, 4), quick=("resnet18", 224, 16, 10), full=("resnet18", 224, 16, 20)
+    )
+    n_images = config.pick(tiny=2, quick=4, full=64 if device.type == "cuda" else 12)
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=5, head="softcam").eval().to(device)
+    images = torch.randn(n_images, 3, size, size, device=device)
+    with torch.inference_mode():
+        logits, maps = model.forward_with_maps(images)
+        targets = logits.argmax(1)
+        chosen = maps[torch.arange(n_images, device=device), targets]
+        sals = F.interpolate(chosen[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    return dict(model=model, images=images, sals=sals.float().cpu().numpy(), targets=targets.cpu().numpy(),
+                patch=patch, steps=steps, arch=arch, size=size)
+
+
+def run(config: Config) -> list[Result]:
+    results = []
+    for device in config.devices:
+        s = setup(config, device)
+        args = (s["model"], s["images"], s["sals"], s["targets"], s["patch"], s["steps"])
+        # the first calls give the curves to compare and serve as warm-up
+        batched = metrics.deletion_curves(*args)
+        reference = metrics.deletion_curve_reference(*args)
+        diff = float(np.nanmax(np.abs(batched - reference)))
+        paired = time_pair(
+            lambda: metrics.deletion_curves(*args),
+            lambda: metrics.deletion_curve_reference(*args),
+            device,
+            repeats=config.pick(tiny=1, quick=2, full=3 if device.type == "cpu" else 10),
+            warmup=0,
+        )
+        n = s["images"].shape[0]
+        result = speedup(
+            f"deletion curves {s['arch']} {s['size']}px {n} images x {s['steps'] + 1} steps",
+            device, paired, target_for(device),
+            **{"curves max abs diff": diff, "identical": bool(diff <= CURVE_TOLERANCE),
+               "batched images/s": n / (paired.ours_ms / 1e3)},
+        )
+        if diff > CURVE_TOLERANCE:  # a fast wrong answer is a failure whatever the speed
+            result.target, result.ratio = result.target, float("nan")
+        results.append(result)
+        print(result.line(), flush=True)
+    return results
