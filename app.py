@@ -1,0 +1,37 @@
+"""SoftCAM Review — Streamlit entry point: sign-in, navigation by role, and the sidebar.
+
+Run with ``streamlit run app.py`` (``make run``). Pages live in ``pages/``; all logic lives in
+``softcam_core``, ``annotations`` and ``db``.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from pages import common
+
+st.set_page_config(page_title="SoftCAM Review", page_icon=":material/biotech:", layout="wide")
+
+PAGES = {
+    "review": st.Page("pages/review.py", title="Review", icon=":material/visibility:", default=True),
+    "annotate": st.Page("pages/annotate.py", title="Annotate", icon=":material/draw:"),
+    "cohort": st.Page("pages/cohort.py", title="Cohort metrics", icon=":material/analytics:"),
+    "models": st.Page("pages/models.py", title="Models", icon=":material/model_training:"),
+    "data": st.Page("pages/data.py", title="Data", icon=":material/upload_file:"),
+}
+
+try:
+    common.start_database()
+except Exception as exc:  # unreachable server, bad URL: say so instead of a traceback
+    st.error(f"Database unavailable ({common.masked_db_url()}): {common.one_line(exc)}")
+    st.stop()
+
+user = common.current_user()
+if user is None:
+    common.sign_in_page()
+    st.stop()
+
+allowed = [PAGES[key] for key in common.pages_for_role(user.role)]
+navigation = st.navigation({"SoftCAM Review": allowed})
+common.sidebar(user)
+navigation.run()

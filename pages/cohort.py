@@ -1,0 +1,138 @@
+"""Cohort metrics: model x methods x metrics over a cohort, run as a background job stored in the database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from pages import common
+from softcam_core import viewer
+
+st.title("Cohort metrics")
+user = common.current_user()
+
+from softcam_core.evaluate import METRIC_CHOICES, EvalSettings  # noqa: E402
+from softcam_core.explain import METHODS  # noqa: E402
+
+METRIC_TITLES = {
+    "topk": "Top-k localization precision", "activation_precision": "Activation precision",
+    "activation_sensitivity": "Activation sensitivity", "activation_consistency": "Activation consistency",
+    "pointing_game": "Pointing game", "iou_top": "IoU of the top 15 %", "energy_top": "Energy in the top 15 %",
+    "average_precision": "Pixel average precision", "deletion": "Deletion curve (AUDC)",
+}
+
+checkpoints = common.checkpoints()
+cohorts = common.cohort_folders()
+if not checkpoints or not cohorts:
+    st.info("A cohort metric needs a model and a cohort folder with lesion masks (e.g. the demo cohorts made by "
+            "`make run`, or `softcam synth`).", icon=":material/info:")
+    st.stop()
+
+with st.form("cohort_run"):
+    left, right = st.columns(2)
+    with left:
+        paths = [str(c.path) for c in checkpoints]
+        current = st.session_state.get("model_path")
+        model_path = st.selectbox("Model", paths, index=paths.index(current) if current in paths else 0,
+                                  format_func=lambda p: checkpoints[paths.index(p)].label())
+        cohort_names = list(cohorts)
+        cohort_name = st.selectbox("Cohort", cohort_names, format_func=lambda n: f"{n} — {cohorts[n]}")
+        split = st.selectbox("Images", ["test", "val", "train", "all"], help="Which split of the cohort to score.")
+        limit = st.number_input("At most this many images (0 = all)", 0, 100000, 0, step=10)
+    with right:
+        methods = st.multiselect("Methods", list(METHODS), default=["softcam", "gradcam"],
+                                 format_func=viewer.method_title)
+        metrics = st.multiselect("Metrics", list(METRIC_CHOICES),
+                                 default=["topk", "activation_precision", "pointing_game", "deletion"],
+                                 format_func=lambda m: METRIC_TITLES.get(m, m))
+        target = st.selectbox("Explained class", ["disease", "label", "pred"],
+                              format_func={"disease": "Disease class", "label": "True label",
+                                           "pred": "Predicted class"}.get)
+    submitted = st.form_submit_button("Run evaluation", type="primary", icon=":material/play_arrow:")
+
+if submitted:
+    if not methods or not metrics:
+        st.error("Choose at least one method and one metric.")
+    else:
+        params = {"model": model_path, "cohort": cohort_name, "folder": str(cohorts[cohort_name]),
+                  "methods": methods, "metrics": metrics, "split": split, "limit": int(limit) or None,
+                  "target": target}
+        try:
+            job_id = common.start_evaluation_job(params, user)
+        except Exception as exc:
+            st.error(f"Could not start the evaluation: {common.one_line(exc)}")
+        else:
+            st.session_state["cohort_job"] = job_id
+            st.toast(f"Evaluation job {job_id} started.")
+
+jobs = common.list_jobs("evaluate")
+if not jobs:
+    st.caption("No evaluation has run yet.")
+    st.stop()
+
+job_ids = [job.id for job in jobs]
+selected = st.session_state.get("cohort_job", job_ids[0])
+if selected not in job_ids:
+    selected = job_ids[0]
+job_id = st.selectbox("Evaluation", job_ids, index=job_ids.index(selected), key="cohort_job_choice",
+                      format_func=lambda i: common.job_label(next(j for j in jobs if j.id == i)))
+st.session_state["cohort_job"] = job_id
+
+
+@st.fragment(run_every=1.0)
+def job_progress(job_id: int) -> None:
+    """Polls the job row: progress survives reloads because it lives in the database, not the session."""
+    job = common.get_job(job_id)
+    if job is None:
+        return
+    if job.status in ("queued", "running"):
+        total = job.progress_total or 0
+        fraction = (job.progress_done / total) if total else 0.0
+        st.progress(min(fraction, 1.0), text=f"{job.status.capitalize()}: {job.progress_done}/{total or '?'} "
+                                                f"image × method · {job.message or ''}")
+        st.session_state["cohort_job_running"] = True
+    elif st.session_state.pop("cohort_job_running", False):
+        st.rerun()  # the job just finished: redraw the whole page with its results
+
+
+job = common.get_job(job_id)
+job_progress(job_id)
+if job.status == "failed":
+    st.error(f"Evaluation failed: {job.error}")
+    st.stop()
+if job.status != "done" or not job.result_path:
+    st.stop()
+
+result = common.load_evaluation(job.result_path)
+if result is None:
+    st.warning(f"The results of job {job.id} are no longer at {job.result_path}.")
+    st.stop()
+
+st.subheader("Cohort summary")
+st.caption("Mean, standard deviation and 95 % bootstrap interval over the images where the metric is defined.")
+st.dataframe(result.cohort, hide_index=True, width="stretch")
+tabs = st.tabs(["Figures", "Per image", "Paired tests", "Downloads"])
+with tabs[0]:
+    from softcam_core.evaluate import cohort_figures
+
+    figures = cohort_figures(result.per_image, result.curves)
+    for name, figure in figures.items():
+        st.plotly_chart(figure, width="stretch", key=f"cohort_fig_{name}")
+    if not figures:
+        st.caption("No figure for the chosen metrics.")
+with tabs[1]:
+    st.dataframe(result.per_image, hide_index=True, width="stretch")
+with tabs[2]:
+    if result.paired.empty:
+        st.caption("Paired tests need at least two methods.")
+    else:
+        st.dataframe(result.paired, hide_index=True, width="stretch")
+with tabs[3]:
+    out_dir = Path(job.result_path)
+    for name, path in sorted(result.files.items()):
+        path = Path(path)
+        if path.is_file():
+            st.download_button(f"{path.relative_to(out_dir)}", path.read_bytes(), file_name=path.name,
+                               key=f"cohort_dl_{name}", icon=":material/download:")

@@ -1,0 +1,747 @@
+"""Streamlit helpers shared by app.py and the pages: database engine, sign-in, sidebar, model choice.
+
+Only Streamlit glue lives here; the logic is in ``softcam_core.viewer``, ``db.repository`` and
+``annotations``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+
+from softcam_core import viewer
+from softcam_core.paths import db_url
+
+ROLES = ("clinician", "annotator", "researcher", "admin")
+# Pages each role is offered, in navigation order. Review is everyone's start page.
+ROLE_PAGES = {
+    "clinician": ("review", "annotate"),
+    "annotator": ("review", "annotate"),
+    "researcher": ("review", "annotate", "cohort", "models", "data"),
+    "admin": ("review", "annotate", "cohort", "models", "data"),
+}
+DEFAULT_ADMIN = "admin"
+DEFAULT_ADMIN_PASSWORD = "softcam-admin"  # printed in the README; the sidebar asks to change it
+
+
+@dataclass(frozen=True)
+class User:
+    id: int | None
+    name: str
+    role: str
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as the one-line message users see (never a traceback)."""
+    return " ".join(str(exc).split()) or exc.__class__.__name__
+
+
+def masked_db_url() -> str:
+    return viewer.mask_db_url(db_url())
+
+
+def pages_for_role(role: str) -> tuple[str, ...]:
+    return ROLE_PAGES.get(role, ROLE_PAGES["clinician"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Database
+# --------------------------------------------------------------------------------------------------
+
+
+@st.cache_resource(show_spinner=False)
+def _engine_for(url: str):
+    from db.session import get_engine, upgrade
+
+    engine = get_engine(url)
+    upgrade(engine)  # the app migrates on start (issue 7)
+    return engine
+
+
+def engine():
+    """The SQLAlchemy engine of ``SOFTCAM_DB_URL``, upgraded to the latest revision on first use."""
+    return _engine_for(db_url())
+
+
+def start_database() -> None:
+    """Upgrade the database, create the first admin account when there is no user yet, and register the
+    demo cohort folders (once per process and database)."""
+    _start_database(db_url())
+
+
+@st.cache_resource(show_spinner="Preparing the database…")
+def _start_database(url: str) -> bool:
+    from db import repository
+    from db.session import session_scope
+
+    with session_scope(_engine_for(url)) as session:
+        if not repository.list_users(session):
+            password = os.environ.get("SOFTCAM_ADMIN_PASSWORD") or DEFAULT_ADMIN_PASSWORD
+            repository.create_user(session, DEFAULT_ADMIN, "admin", password, display_name="Administrator")
+    register_demo_cohorts()
+    return True
+
+
+def session():
+    """Context manager: one database transaction (``db.session.session_scope``)."""
+    from db.session import session_scope
+
+    return session_scope(engine())
+
+
+# --------------------------------------------------------------------------------------------------
+# Sign-in
+# --------------------------------------------------------------------------------------------------
+
+
+def _oidc_configured() -> bool:
+    try:
+        return "auth" in st.secrets
+    except Exception:  # no secrets file at all
+        return False
+
+
+def current_user() -> User | None:
+    """The signed-in user: local account from the session, or the OIDC identity when configured."""
+    user = st.session_state.get("user")
+    if isinstance(user, User):
+        return user
+    if isinstance(user, dict):  # set by tests / AppTest
+        return User(user.get("id"), user["name"], user.get("role", "clinician"))
+    if _oidc_configured() and getattr(st.user, "is_logged_in", False):
+        from db import repository
+
+        name = str(st.user.get("email") or st.user.get("name"))
+        with session() as s:
+            account = repository.get_user(s, name)
+            role = account.role if account is not None else "clinician"  # unknown OIDC users may review
+            user_id = account.id if account is not None else None
+        st.session_state["user"] = User(user_id, name, role)
+        return st.session_state["user"]
+    return None
+
+
+def sign_in_page() -> None:
+    """Local sign-in form (or the OIDC button when ``[auth]`` is configured in secrets)."""
+    from db import repository
+
+    left, middle, right = st.columns([1, 1.2, 1])
+    with middle:
+        st.title("SoftCAM Review")
+        st.caption("Self-explainable classifiers, saliency maps, lesion annotations and explainability metrics.")
+        if _oidc_configured():
+            st.button("Sign in with your organisation", on_click=st.login, type="primary")
+            return
+        with st.form("sign_in"):
+            name = st.text_input("User name", key="sign_in_name")
+            password = st.text_input("Password", type="password", key="sign_in_password")
+            submitted = st.form_submit_button("Sign in", type="primary", width="stretch")
+        if submitted:
+            with session() as s:
+                account = repository.verify_password(s, name.strip(), password)
+                user = User(account.id, account.username, account.role) if account is not None else None
+            if user is None:
+                st.error("Unknown user name or wrong password.")
+            else:
+                st.session_state["user"] = user
+                st.rerun()
+        st.caption(f"Database: {masked_db_url()}")
+
+
+def sign_out() -> None:
+    st.session_state.pop("user", None)
+    if _oidc_configured():
+        st.logout()
+
+
+# --------------------------------------------------------------------------------------------------
+# Sidebar: user, device, database, model
+# --------------------------------------------------------------------------------------------------
+
+
+def sidebar(user: User) -> None:
+    with st.sidebar:
+        st.markdown(f"**{user.name}** · {user.role}")
+        st.button("Sign out", on_click=sign_out, key="sign_out", type="tertiary")
+        model_selector()
+        st.divider()
+        st.caption(f"Compute: {device_text()}")
+        st.caption(f"Database: {masked_db_url()}")
+
+
+@st.cache_resource(show_spinner=False)
+def device_text() -> str:
+    """Compute device in words (``softcam_core.device.describe_device``), once per process."""
+    from softcam_core.device import describe_device
+
+    return describe_device()
+
+
+def checkpoints() -> list[viewer.CheckpointInfo]:
+    found, problems = viewer.list_checkpoints()
+    for problem in problems:
+        st.sidebar.warning(problem, icon=":material/warning:")
+    return found
+
+
+def default_model_path(modality: str | None = None) -> str | None:
+    """The default checkpoint for a modality as chosen on the Models page (database), else None."""
+    from db import repository
+
+    with session() as s:
+        return repository.get_default_model(s, modality) if modality else None
+
+
+def model_selector() -> viewer.CheckpointInfo | None:
+    """Sidebar choice of the current model; remembered in the session as ``model_path``."""
+    found = checkpoints()
+    if not found:
+        st.warning("No model yet. Train one on the Models page or run `make run` for the demo models.")
+        st.session_state.pop("model_path", None)
+        return None
+    paths = [str(info.path) for info in found]
+    current = st.session_state.get("model_path")
+    if current not in paths:
+        current = paths[0]
+    index = paths.index(current)
+    chosen = st.selectbox("Model", paths, index=index, format_func=lambda p: found[paths.index(p)].label(),
+                          key="model_choice")
+    st.session_state["model_path"] = chosen
+    return found[paths.index(chosen)]
+
+
+def current_model() -> viewer.CheckpointInfo | None:
+    path = st.session_state.get("model_path")
+    if not path:
+        return None
+    for info in checkpoints():
+        if str(info.path) == path:
+            return info
+    return None
+
+
+def load_model(path):
+    """``(model, meta)`` from ``softcam_core.viewer.load_model`` (cached across sessions by path and mtime)."""
+    return viewer.load_model(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cohorts and images
+# --------------------------------------------------------------------------------------------------
+
+from db.repository import ConflictError  # noqa: E402  (re-exported for the pages)
+
+
+def register_demo_cohorts() -> None:
+    """Cohort folders under SOFTCAM_HOME/demo and /cohorts become database cohorts (idempotent)."""
+    from db import repository
+
+    for name, folder in viewer.find_cohort_folders().items():
+        with session() as s:
+            if any(c.name == name for c in repository.list_cohorts(s)):
+                continue
+            modality = folder.name if folder.name in ("fundus", "oct", "cxr") else None
+            viewer.register_cohort_folder(s, folder, name, modality)
+
+
+def cohort_folders() -> dict:
+    return viewer.find_cohort_folders()
+
+
+@st.cache_resource(max_entries=32, show_spinner=False)
+def _load_stored_image(path: str, name: str, modality: str | None, mtime: float):
+    from softcam_core.imaging import load_image
+
+    return load_image(path, name=name, modality=modality)
+
+
+def load_record(record):
+    """The MedicalImage of a database image row (decoded once per process)."""
+    from db import repository
+
+    path = repository.image_path(record)
+    name = record.original_name or f"{record.pseudonym}{record.extension}"
+    return _load_stored_image(str(path), name, record.modality, path.stat().st_mtime)
+
+
+def record_title(record) -> str:
+    name = record.original_name or record.pseudonym
+    extra = " · ".join(v for v in (record.label, record.split) if v)
+    return f"{name}" + (f" ({extra})" if extra else "")
+
+
+def _cohort_select(page: str, default_modality: str | None = None):
+    from db import repository
+
+    with session() as s:
+        cohorts = repository.list_cohorts(s)
+    if not cohorts:
+        return None
+    names = [c.name for c in cohorts]
+    preferred = next((c.name for c in cohorts if c.modality == default_modality), names[0])
+    current = st.session_state.get(f"{page}_cohort", preferred)
+    index = names.index(current) if current in names else 0
+    name = st.selectbox("Cohort", names, index=index, key=f"{page}_cohort_choice")
+    st.session_state[f"{page}_cohort"] = name
+    return next(c for c in cohorts if c.name == name)
+
+
+def _step_buttons(page: str, ids: list[int], selected: int) -> int:
+    previous, following = st.columns(2)
+    position = ids.index(selected)
+    if previous.button("Previous", key=f"{page}_prev", icon=":material/chevron_left:", disabled=position == 0,
+                       width="stretch"):
+        selected = ids[position - 1]
+    if following.button("Next", key=f"{page}_next", icon=":material/chevron_right:",
+                        disabled=position == len(ids) - 1, width="stretch"):
+        selected = ids[position + 1]
+    return selected
+
+
+def image_picker(page: str, default_modality: str | None = None):
+    """Sidebar-free image choice for Review: a cohort image (search, filters, previous/next) or an
+    upload (imported, de-identified, into cohort ``Uploads``). Returns ``(MedicalImage, record)`` or None."""
+    from db import repository
+
+    source = st.segmented_control("Image source", ["Cohort", "Upload"], default="Cohort", key=f"{page}_source",
+                                  label_visibility="collapsed")
+    if source == "Upload":
+        upload = st.file_uploader("Image file (PNG, JPEG, TIFF or DICOM)", key=f"{page}_upload",
+                                  help="Stored de-identified in the cohort 'Uploads' so it can be annotated.")
+        if upload is None:
+            st.info("Upload an image to review it.", icon=":material/upload_file:")
+            return None
+        try:
+            record = import_upload(upload.name, upload.getvalue())
+            return load_record(record), record
+        except Exception as exc:
+            st.error(one_line(exc))
+            return None
+
+    columns = st.columns([1.2, 1.2, 1, 1, 1.4])
+    with columns[0]:
+        cohort = _cohort_select(page, default_modality)
+    if cohort is None:
+        st.info("No cohort yet: import images on the Data page or upload one.", icon=":material/info:")
+        return None
+    with session() as s:
+        labels = sorted({i.label for i in repository.list_images(s, cohort) if i.label})
+    with columns[1]:
+        search = st.text_input("Search", key=f"{page}_search", placeholder="name or pseudonym")
+    with columns[2]:
+        label = st.selectbox("Class", ["all"] + labels, key=f"{page}_label")
+    with columns[3]:
+        split = st.selectbox("Split", ["all", "train", "val", "test"], key=f"{page}_split")
+    with columns[4]:
+        annotated = st.selectbox("Annotations", ["all", "annotated", "not annotated"], key=f"{page}_annotated")
+    with session() as s:
+        records = repository.list_images(
+            s, cohort, search=search or None, label=None if label == "all" else label,
+            split=None if split == "all" else split,
+            annotated=None if annotated == "all" else annotated == "annotated")
+    if not records:
+        st.warning("No image matches these filters.")
+        return None
+    ids = [r.id for r in records]
+    selected = st.session_state.get(f"{page}_image")
+    if selected not in ids:
+        selected = ids[0]
+    pick, step = st.columns([3, 1])
+    with step:
+        st.write("")  # align the buttons with the select box
+        selected = _step_buttons(page, ids, selected)
+    with pick:
+        chosen = st.selectbox(f"Image ({len(ids)} found)", ids, index=ids.index(selected), key=f"{page}_image_{selected}",
+                              format_func=lambda i: record_title(records[ids.index(i)]))
+    st.session_state[f"{page}_image"] = chosen
+    record = records[ids.index(chosen)]
+    try:
+        return load_record(record), record
+    except Exception as exc:
+        st.error(one_line(exc))
+        return None
+
+
+def import_upload(name: str, data: bytes, cohort: str = "Uploads"):
+    """Import one uploaded file (de-identified) and return its image row; bad files raise with one line."""
+    import tempfile
+    from pathlib import Path
+
+    from db import repository
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / Path(name).name
+        path.write_bytes(data)
+        with session() as s:
+            result = repository.import_images(s, [path], cohort)
+            if result.rejected:
+                raise ValueError(f"{Path(name).name}: {result.rejected[0].reason}")
+            return repository.get_image(s, result.accepted[0].image_id)
+
+
+def cohort_image_picker(page: str, queue_for: User | None = None):
+    """Annotate's picker: a cohort, the queue of images this user has not annotated, previous/next."""
+    from db import repository
+
+    top = st.columns([1.2, 1.2, 2])
+    with top[0]:
+        cohort = _cohort_select(page)
+    if cohort is None:
+        st.info("No cohort yet: import images on the Data page.", icon=":material/info:")
+        return None
+    with top[1]:
+        scope = st.selectbox("Show", ["my queue (not annotated by me)", "all images"], key=f"{page}_scope")
+    with session() as s:
+        if scope.startswith("my queue") and queue_for is not None and queue_for.id is not None:
+            records = [r for r in repository.list_images(s, cohort)
+                       if not repository.list_annotations(s, r, author=queue_for.id)]
+        else:
+            records = repository.list_images(s, cohort)
+    if not records:
+        st.success("Queue empty: every image of this cohort has your annotations.", icon=":material/task_alt:")
+        return None
+    ids = [r.id for r in records]
+    selected = st.session_state.get(f"{page}_image")
+    if selected not in ids:
+        selected = ids[0]
+    with top[2]:
+        pick, step = st.columns([2, 1])
+        with step:
+            st.write("")
+            selected = _step_buttons(page, ids, selected)
+        with pick:
+            chosen = st.selectbox(f"Image ({len(ids)})", ids, index=ids.index(selected), key=f"{page}_image_{selected}",
+                                  format_func=lambda i: record_title(records[ids.index(i)]))
+    st.session_state[f"{page}_image"] = chosen
+    record = records[ids.index(chosen)]
+    try:
+        return load_record(record), record
+    except Exception as exc:
+        st.error(one_line(exc))
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Annotations
+# --------------------------------------------------------------------------------------------------
+
+
+def saved_boxes(record) -> list[tuple[tuple[int, int], tuple]]:
+    """Live box annotations of an image: ``[((id, version), (x0, y0, x1, y1, label))]`` in image pixels."""
+    from db import repository
+
+    if record is None:
+        return []
+    with session() as s:
+        rows = repository.list_annotations(s, record.id)
+        out = []
+        for row in rows:
+            if row.kind != "box":
+                continue
+            box = repository.annotation_geometry(row)
+            out.append(((row.id, row.version), (box.x0, box.y0, box.x1, box.y1, row.label or "")))
+    return out
+
+
+def image_boxes(record) -> list[tuple]:
+    return [box for _, box in saved_boxes(record)]
+
+
+def boxes_signature(saved) -> str:
+    import hashlib
+
+    return hashlib.sha1(repr([ref for ref, _ in saved]).encode()).hexdigest()[:10]
+
+
+def apply_box_edits(record, edits: viewer.BoxEdits, user: User | None) -> None:
+    """Store one canvas save in ONE transaction: all edits or none (a conflict rolls everything back)."""
+    from annotations.geometry import Box
+    from db import repository
+
+    user_id = user.id if user is not None else None
+    with session() as s:
+        for (annotation_id, version), box in edits.update:
+            repository.save_annotation(s, record.id, Box(*box[:4]), box[4] or None, user_id,
+                                       annotation_id=annotation_id, expected_version=version)
+        for annotation_id, version in edits.delete:
+            repository.delete_annotation(s, annotation_id, user_id, expected_version=version)
+        for box in edits.create:
+            repository.save_annotation(s, record.id, Box(*box[:4]), box[4] or None, user_id)
+
+
+ANNOTATION_FORMATS = {"coco": "COCO JSON", "voc": "Pascal VOC XML (file or zip)", "rsna": "RSNA pneumonia CSV",
+                      "yolo": "YOLO txt (file or zip)", "csv": "Plain CSV", "mask": "Binary mask PNG (file or zip)"}
+
+
+def annotation_import_form(user: User | None) -> None:
+    """Upload an annotation file; import it atomically; show the per-row error report when rows are bad."""
+    import tempfile
+    from pathlib import Path
+
+    from db import repository
+
+    with session() as s:
+        cohorts = [c.name for c in repository.list_cohorts(s)]
+    if not cohorts:
+        st.info("Import images first (Data page).")
+        return
+    with st.form("annotation_import"):
+        left, right = st.columns(2)
+        cohort = left.selectbox("Cohort", cohorts, key="import_cohort")
+        fmt = left.selectbox("Format", list(ANNOTATION_FORMATS), format_func=ANNOTATION_FORMATS.get, key="import_fmt")
+        label = left.text_input("Label for mask imports", value="lesion", key="import_label")
+        upload = right.file_uploader("Annotation file", key="import_file")
+        submitted = st.form_submit_button("Import annotations", type="primary", icon=":material/upload:")
+    if not submitted:
+        return
+    if upload is None:
+        st.error("Choose an annotation file.")
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / Path(upload.name).name
+        path.write_bytes(upload.getvalue())
+        try:
+            with session() as s:
+                result = repository.import_annotations(s, path, fmt, cohort, user.id if user else None,
+                                                       label=label or None)
+        except repository.AnnotationImportError as exc:
+            report = exc.report
+            st.error(f"{upload.name}: {len(report.errors)} bad row(s) of {report.rows}; nothing was imported.")
+            st.dataframe([{"where": e.location, "problem": e.problem} for e in report.errors],
+                         hide_index=True, width="stretch")
+            return
+        except Exception as exc:
+            st.error(f"{upload.name}: {one_line(exc)}")
+            return
+    st.success(f"{upload.name}: {result.added} annotation(s) added on {result.images} image(s); "
+               f"{result.duplicates} already present.")
+    for warning in result.report.warnings:
+        st.warning(f"{warning.location}: {warning.problem}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Models in the database, map cache
+# --------------------------------------------------------------------------------------------------
+
+
+def _model_row(info: viewer.CheckpointInfo):
+    """The database row of a checkpoint, registered on first use (hashing the file once per mtime)."""
+    return _registered_model(str(info.path), info.path.stat().st_mtime_ns, db_url())
+
+
+@st.cache_resource(max_entries=64, show_spinner=False)
+def _registered_model(path: str, mtime: int, url: str):
+    from pathlib import Path
+
+    from db import repository
+
+    info = viewer.checkpoint_info(path)
+    with session() as s:
+        for row in repository.list_models(s):
+            if row.checkpoint_path == str(Path(path).resolve()):
+                return row
+        name = info.name
+        if repository.list_models(s) and any(r.name == name for r in repository.list_models(s)):
+            name = f"{info.name}-{mtime}"
+        return repository.register_model(s, name, path, modality=info.modality, metadata=info.meta)
+
+
+class DatabaseMapStore(viewer.MapStore):
+    """The database map cache (``cached_maps``) for one model and one stored image."""
+
+    def __init__(self, model_row, image_row):
+        self.model_row, self.image_row = model_row, image_row
+
+    @staticmethod
+    def _parse(key: str) -> tuple[str, int]:
+        _, _, method, target = key.split("|")
+        return method, int(target)
+
+    def get(self, key):
+        from db import repository
+
+        method, target = self._parse(key)
+        with session() as s:
+            hit = repository.get_cached_map(s, self.model_row, self.image_row, method, target)
+        if hit is None:
+            return None
+        return hit[0], float(hit[1] or 0.0)
+
+    def put(self, key, array, seconds):
+        from db import repository
+
+        method, target = self._parse(key)
+        with session() as s:
+            repository.cache_map(s, self.model_row, self.image_row, method, target, array, seconds=seconds)
+
+
+def map_store(info: viewer.CheckpointInfo | None = None, record=None) -> viewer.MapStore | None:
+    if info is None or record is None:
+        return None
+    return DatabaseMapStore(_model_row(info), record)
+
+
+def default_models() -> dict[str, str]:
+    """``{modality: checkpoint path}`` of the default models chosen on the Models page."""
+    from db import repository
+
+    with session() as s:
+        return {row.modality: row.checkpoint_path for row in repository.list_models(s)
+                if row.is_default and row.modality}
+
+
+def set_default_model(path: str, modality: str) -> None:
+    from db import repository
+
+    info = viewer.checkpoint_info(path)
+    row = _model_row(info)
+    with session() as s:
+        repository.set_default_model(s, row.id)
+
+
+# --------------------------------------------------------------------------------------------------
+# Background jobs
+# --------------------------------------------------------------------------------------------------
+
+
+def list_jobs(kind: str) -> list:
+    from db import repository
+
+    with session() as s:
+        return repository.list_jobs(s, kind)
+
+
+def get_job(job_id: int):
+    from db import repository
+
+    with session() as s:
+        try:
+            return repository.get_job(s, job_id)
+        except repository.NotFoundError:
+            return None
+
+
+def job_label(job) -> str:
+    params = job.params or {}
+    when = job.created_at.strftime("%Y-%m-%d %H:%M") if job.created_at else ""
+    what = params.get("cohort") or params.get("name") or ""
+    model = Path(params["model"]).stem if params.get("model") else ""
+    parts = [f"#{job.id}", what, model, ", ".join(params.get("methods", [])), job.status, when]
+    return " · ".join(p for p in parts if p)
+
+
+def _job_callbacks(job_id: int):
+    from db import repository
+
+    def report(done: int, total: int, message: str) -> None:
+        with session() as s:
+            repository.update_job(s, job_id, done=done, total=total, message=message, status="running")
+
+    def fail(message: str) -> None:
+        with session() as s:
+            repository.update_job(s, job_id, status="failed", error=message)
+
+    return report, fail
+
+
+def start_evaluation_job(params: dict, user: User | None) -> int:
+    """Create an ``evaluate`` job row and run ``evaluate_cohort`` in a background thread."""
+    from pathlib import Path
+
+    from db import repository
+    from softcam_core.evaluate import EvalSettings, evaluate_cohort
+    from softcam_core.paths import softcam_home
+
+    with session() as s:
+        job = repository.create_job(s, "evaluate", params=params, user=user.id if user else None,
+                                    message="queued")
+        job_id = job.id
+    out_dir = softcam_home() / "evaluations" / f"job-{job_id}"
+    report, fail = _job_callbacks(job_id)
+
+    def work(progress):
+        model, meta = viewer.load_model(params["model"])
+        settings = EvalSettings(split=params["split"], limit=params.get("limit"), target=params["target"],
+                                png=False)
+        result = evaluate_cohort(model, meta, Path(params["folder"]), params["methods"], params["metrics"],
+                                 out_dir, progress=progress, settings=settings)
+        return result
+
+    def finish(result) -> None:
+        with session() as s:
+            repository.update_job(s, job_id, status="done", result_path=str(out_dir),
+                                  message=f"{len(result.per_image)} image × method rows")
+
+    viewer.run_in_background(work, report=report, finish=finish, fail=fail, name=f"evaluate-{job_id}")
+    return job_id
+
+
+def load_evaluation(result_path: str):
+    """The tables of a finished evaluation folder (per_image, cohort, paired, deletion curves), or None."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from softcam_core.evaluate import EvaluationResult
+
+    folder = Path(result_path)
+    if not (folder / "per_image.csv").is_file():
+        return None
+
+    def read(name: str) -> pd.DataFrame:
+        path = folder / name
+        return pd.read_csv(path, dtype={"image": str}) if path.is_file() else pd.DataFrame()
+
+    files = {p.stem + ("" if p.suffix == ".csv" else p.suffix): p for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.suffix in (".csv", ".parquet", ".html", ".png")}
+    return EvaluationResult(folder, read("per_image.csv"), read("cohort.csv"), read("paired.csv"),
+                            read("deletion_curves.csv"), files)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data page
+# --------------------------------------------------------------------------------------------------
+
+
+def cohort_summaries() -> list[dict]:
+    from db import repository
+
+    with session() as s:
+        rows = []
+        for cohort in repository.list_cohorts(s):
+            images = repository.list_images(s, cohort)
+            annotated = repository.list_images(s, cohort, annotated=True)
+            rows.append({"cohort": cohort.name, "modality": cohort.modality or "mixed", "images": len(images),
+                         "annotated": len(annotated),
+                         "created": cohort.created_at.strftime("%Y-%m-%d %H:%M") if cohort.created_at else ""})
+    return rows
+
+
+def import_images(sources, cohort: str, modality: str | None, user: User | None):
+    """Import uploaded ``(name, bytes)`` pairs and server paths through ``db.repository.import_images``."""
+    import tempfile
+    from pathlib import Path
+
+    from db import repository
+
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for source in sources:
+            if isinstance(source, tuple):
+                name, data = source
+                path = Path(folder) / Path(name).name
+                path.write_bytes(data)
+                paths.append(path)
+            else:
+                paths.append(source)
+        with session() as s:
+            return repository.import_images(s, paths, cohort, modality=modality)
+
+
+def row_of(item) -> dict:
+    from dataclasses import asdict
+
+    return asdict(item)

@@ -1,0 +1,76 @@
+"""Data: import images (files, folders, zip archives, DICOM series), de-identified, with a report of what was
+accepted and rejected and why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from pages import common
+from softcam_core.imaging import MODALITIES
+
+st.title("Data")
+user = common.current_user()
+
+cohorts = common.cohort_summaries()
+if cohorts:
+    st.dataframe(cohorts, hide_index=True, width="stretch")
+else:
+    st.caption("No cohort in the database yet.")
+
+st.subheader("Import images")
+st.caption("DICOM files are de-identified on import (PS3.15 basic profile subset); only the de-identified copy "
+           "is stored. Zip archives and folders are searched recursively; several files of one DICOM series "
+           "become one image each.")
+with st.form("import_images", clear_on_submit=True):
+    left, right = st.columns(2)
+    with left:
+        existing = [row["cohort"] for row in cohorts]
+        cohort = st.selectbox("Cohort", existing + ["(new cohort)"], key="data_cohort")
+        new_name = st.text_input("New cohort name", key="data_new_cohort",
+                                 help="Used when '(new cohort)' is chosen.")
+        modality = st.selectbox("Modality", ["auto"] + list(MODALITIES),
+                                help="auto: DICOM files say; photographs are guessed from their content.")
+    with right:
+        uploads = st.file_uploader("Files or zip archives", accept_multiple_files=True, key="data_files")
+        folder = st.text_input("…or a folder on the server", placeholder="/data/study42",
+                               help="Imported recursively; the folder must be readable by the app's server.")
+    submitted = st.form_submit_button("Import", type="primary", icon=":material/upload:")
+
+if submitted:
+    name = new_name.strip() if cohort == "(new cohort)" else cohort
+    sources: list[tuple[str, bytes] | Path] = [(f.name, f.getvalue()) for f in uploads or []]
+    if folder.strip():
+        path = Path(folder.strip()).expanduser()
+        if not path.exists():
+            st.error(f"{path}: no such file or folder on the server.")
+            sources = []
+        else:
+            sources.append(path)
+    if not name:
+        st.error("Name the new cohort.")
+    elif not sources:
+        st.error("Choose files, a zip archive or a folder to import.")
+    else:
+        with st.status(f"Importing into {name}…", expanded=True) as status:
+            try:
+                report = common.import_images(sources, name, None if modality == "auto" else modality, user)
+            except Exception as exc:
+                status.update(label="Import failed", state="error")
+                st.error(common.one_line(exc))
+            else:
+                status.update(label=f"Imported into {name}: {len(report.accepted)} accepted, "
+                                    f"{len(report.rejected)} rejected", state="complete")
+                st.session_state["data_last_report"] = report
+
+report = st.session_state.get("data_last_report")
+if report is not None:
+    accepted, rejected = st.columns(2)
+    accepted.metric("Accepted", len(report.accepted))
+    rejected.metric("Rejected", len(report.rejected))
+    if report.accepted:
+        st.dataframe([common.row_of(item) for item in report.accepted], hide_index=True, width="stretch")
+    if report.rejected:
+        st.markdown("**Rejected**")
+        st.dataframe([common.row_of(item) for item in report.rejected], hide_index=True, width="stretch")

@@ -1,0 +1,106 @@
+"""Models: checkpoints with their metadata and metrics, default model per modality, training with live progress."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import streamlit as st
+
+from pages import common
+from softcam_core.models import ARCHS
+
+st.title("Models")
+user = common.current_user()
+
+checkpoints = common.checkpoints()
+defaults = common.default_models()  # modality -> checkpoint path
+
+if checkpoints:
+    rows = []
+    for info in checkpoints:
+        meta = info.meta
+        metrics = meta.get("metrics") or {}
+        row = {
+            "default": str(info.path) == defaults.get(info.modality),
+            "name": info.name, "modality": info.modality, "architecture": meta.get("arch"), "head": info.head,
+            "classes": ", ".join(map(str, meta.get("classes", []))), "input": f"{meta.get('img_size')} px",
+            "L1": meta.get("l1"), "L2": meta.get("l2"),
+            "size (MB)": round(info.size_mb, 1),
+            "modified": dt.datetime.fromtimestamp(info.modified).strftime("%Y-%m-%d %H:%M"),
+        }
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)):
+                row[key] = round(float(value), 4)
+        rows.append(row)
+    st.dataframe(rows, hide_index=True, width="stretch",
+                 column_config={"default": st.column_config.CheckboxColumn("Default")})
+
+    st.subheader("Default model per modality")
+    st.caption("The Review page starts with the default model of the image's modality.")
+    modalities = sorted({info.modality for info in checkpoints})
+    columns = st.columns(max(1, len(modalities)))
+    for column, modality in zip(columns, modalities):
+        candidates = [str(info.path) for info in checkpoints if info.modality == modality]
+        current = defaults.get(modality)
+        index = candidates.index(current) if current in candidates else 0
+        with column:
+            chosen = st.selectbox(modality, candidates, index=index, key=f"default_{modality}",
+                                  format_func=lambda p: next(i.name for i in checkpoints if str(i.path) == p))
+            if chosen != current:
+                if st.button("Make default", key=f"make_default_{modality}", disabled=user.role not in ("admin", "researcher")):
+                    common.set_default_model(chosen, modality)
+                    st.rerun()
+else:
+    st.info("No checkpoint yet: train one below, or run `make run` to prepare the demo models.")
+
+st.subheader("Train a model")
+folders = common.cohort_folders()
+if not folders:
+    st.caption("Training needs a cohort folder laid out like `softcam synth` output (images/, labels.csv).")
+else:
+    with st.form("train"):
+        left, middle, right = st.columns(3)
+        with left:
+            cohort = st.selectbox("Cohort", list(folders), format_func=lambda n: f"{n} — {folders[n]}")
+            name = st.text_input("Checkpoint name", value="my_model")
+        with middle:
+            arch = st.selectbox("Architecture", ARCHS, index=ARCHS.index("resnet18"))
+            head = st.radio("Head", ["softcam", "baseline"], horizontal=True,
+                            format_func={"softcam": "SoftCAM (evidence maps)", "baseline": "Black box (GAP + FC)"}.get)
+        with right:
+            epochs = st.number_input("Epochs", 1, 500, 5)
+            img_size = st.select_slider("Input size (px)", [64, 96, 128, 160, 224, 256, 384, 512], value=128)
+            l1 = st.number_input("L1 (sparsity) weight", 0.0, 1.0, 0.0, format="%.5f")
+            l2 = st.number_input("L2 (ridge) weight", 0.0, 1.0, 0.0, format="%.5f")
+        submitted = st.form_submit_button("Train", type="primary", icon=":material/model_training:")
+    if submitted:
+        params = {"data": str(folders[cohort]), "arch": arch, "head": head, "epochs": int(epochs),
+                  "img_size": int(img_size), "l1": float(l1), "l2": float(l2), "name": name.strip() or "model"}
+        try:
+            st.session_state["train_job"] = common.start_training_job(params, user)
+        except Exception as exc:
+            st.error(f"Could not start training: {common.one_line(exc)}")
+
+jobs = common.list_jobs("train")
+if jobs:
+    st.subheader("Training runs")
+
+    @st.fragment(run_every=1.0)
+    def training_progress() -> None:
+        for job in common.list_jobs("train")[:5]:
+            label = common.job_label(job)
+            if job.status in ("queued", "running"):
+                total = job.progress_total or 0
+                st.progress(min(job.progress_done / total, 1.0) if total else 0.0,
+                            text=f"{label} · {job.message or ''}")
+                st.session_state["train_running"] = True
+            elif job.status == "failed":
+                st.error(f"{label}: {job.error}")
+            else:
+                st.success(f"{label}: {job.message or 'done'}")
+        if st.session_state.get("train_running") and not any(j.status in ("queued", "running")
+                                                             for j in common.list_jobs("train")):
+            st.session_state["train_running"] = False
+            st.rerun()
+
+    training_progress()

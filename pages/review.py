@@ -1,0 +1,205 @@
+"""Review: one image, its prediction, SoftCAM class-evidence maps beside post-hoc saliency maps."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import streamlit as st
+
+from pages import common
+from softcam_core import viewer
+
+st.title("Review")
+
+model_info = common.current_model()
+if model_info is None:
+    st.info("Choose a model in the sidebar to review images.", icon=":material/info:")
+    st.stop()
+
+try:
+    model, meta = common.load_model(model_info.path)
+except Exception as exc:
+    st.error(f"{model_info.path.name}: {common.one_line(exc)}")
+    st.stop()
+
+# ---------------------------------------------------------------------------------------------- image
+loaded = common.image_picker(page="review", default_modality=model_info.modality)
+if loaded is None:
+    st.stop()
+image, record = loaded
+opened_at = time.perf_counter()
+
+# ---------------------------------------------------------------------------------------------- controls
+from softcam_core.explain import METHODS  # noqa: E402  (after the model so import errors show late)
+
+post_hoc = [m for m in METHODS if m != "softcam"]
+with st.expander("Display and methods", expanded=False, icon=":material/tune:"):
+    left, middle, right = st.columns(3)
+    with left:
+        methods = st.multiselect("Post-hoc methods", post_hoc, default=["gradcam"] if "gradcam" in post_hoc else [],
+                                 format_func=viewer.method_title, key="review_methods",
+                                 help="Score-CAM, Integrated Gradients, Ablation-CAM, FullGrad and CasCAM are slow: "
+                                      "they run on request and are cached in the database.")
+        cascam_base = st.selectbox("CasCAM stages of", ["(none)"] + [m for m in post_hoc if not m.startswith("cascam")],
+                                   format_func=lambda m: m if m == "(none)" else viewer.method_title(m),
+                                   key="review_cascam")
+    with middle:
+        opacity = st.slider("Map opacity", 0.0, 1.0, 0.5, 0.05, key="review_opacity")
+        shared_scale = st.checkbox("Shared scale for SoftCAM maps", value=True, key="review_shared",
+                                   help="One colour range (±max over all classes) so evidence is comparable across classes.")
+        show_boxes = st.checkbox("Show annotation boxes", value=True, key="review_boxes")
+    with right:
+        presets = viewer.window_presets(image)
+        center = width = None
+        function = "LINEAR"
+        if presets:
+            preset = st.selectbox("Window preset", list(presets), key="review_window")
+            chosen = presets[preset]
+            low, high = float(np.nanmin(image.raw)), float(np.nanmax(image.raw))
+            span = max(2.0, high - low)
+            center = st.slider("Level (centre)", low - span / 2, high + span / 2,
+                               float(np.clip(chosen.center, low - span / 2, high + span / 2)),
+                               key=f"review_level_{preset}")
+            width = st.slider("Width", 1.0, 2 * span, float(np.clip(chosen.width, 1.0, 2 * span)),
+                              key=f"review_width_{preset}")
+            function = chosen.function
+        invert = st.checkbox("Invert", value=False, key="review_invert")
+
+pixels = viewer.display_pixels(image, center=center, width=width, invert=invert, function=function)
+boxes = common.image_boxes(record) if show_boxes else []
+
+# ---------------------------------------------------------------------------------------------- prediction
+store = common.map_store(model_info, record)
+try:
+    session = viewer.ImageSession(model, meta, image, viewer.model_identity(model_info.path), store=store)
+    prediction = session.predict()
+except Exception as exc:
+    st.error(f"{image.name}: cannot run {model_info.name}: {common.one_line(exc)}")
+    st.stop()
+
+classes = prediction.classes
+head_left, head_right = st.columns([1, 2])
+with head_left:
+    st.metric("Prediction", prediction.predicted_name, f"{prediction.probabilities[prediction.predicted]:.1%}",
+              delta_color="off")
+    if model_info.modality not in (image.modality, "other") and image.modality != "other":
+        st.warning(f"The model was trained on {model_info.modality} images; this is a {image.modality} image.")
+    if image.flags.get("burned_in_annotation"):
+        st.warning("This DICOM file declares burned-in annotation: text in the pixels may identify the patient.")
+with head_right:
+    st.dataframe(prediction.table(), hide_index=True, width="stretch",
+                 column_config={"class": st.column_config.TextColumn("Class"),
+                                "probability": st.column_config.ProgressColumn("Probability", format="percent",
+                                                                               min_value=0.0, max_value=1.0)})
+target = st.radio("Maps for class", range(len(classes)), index=prediction.predicted, horizontal=True,
+                  format_func=lambda c: classes[c] + (" (predicted)" if c == prediction.predicted else ""),
+                  key=f"review_target_{len(classes)}")
+
+# ---------------------------------------------------------------------------------------------- maps
+results: list[viewer.MapResult] = []
+problems: list[str] = []
+evidence = session.evidence_maps()
+if not evidence:
+    st.caption("This is a black-box baseline: it has no SoftCAM evidence maps; only post-hoc maps are shown.")
+results.extend(evidence)
+
+pending = []
+for method in methods:
+    if viewer.is_slow_method(method) and not session.is_cached(method, target):
+        pending.append(method)
+        continue
+    try:
+        results.append(session.explain(method, target))
+    except Exception as exc:
+        problems.append(f"{viewer.method_title(method)}: {common.one_line(exc)}")
+
+if pending:
+    names = ", ".join(viewer.method_title(m) for m in pending)
+    if st.button(f"Compute {names}", icon=":material/hourglass_top:", key="review_run_slow"):
+        with st.status(f"Computing {names}…", expanded=True) as status:
+            bar = st.progress(0.0)
+            for index, method in enumerate(pending):
+                status.update(label=f"Computing {viewer.method_title(method)} ({index + 1}/{len(pending)})…")
+                try:
+                    results.append(session.explain(method, target))
+                except Exception as exc:
+                    problems.append(f"{viewer.method_title(method)}: {common.one_line(exc)}")
+                bar.progress((index + 1) / len(pending))
+            status.update(label="Slow methods done and cached", state="complete", expanded=False)
+    else:
+        st.caption(f"{names}: slow on this device; computed on request and cached for next time.")
+for problem in problems:
+    st.error(problem)
+
+shared = viewer.symmetric_range([r.image_map for r in results if r.signed]) if shared_scale else None
+scores = {r.title: viewer.activation_precision_for(r, session, [b[:4] for b in boxes]) for r in results}
+
+columns_per_row = 3
+panels = [None] + results  # the image itself first
+for row_start in range(0, len(panels), columns_per_row):
+    columns = st.columns(columns_per_row)
+    for column, result in zip(columns, panels[row_start:row_start + columns_per_row]):
+        with column:
+            if result is None:
+                figure = viewer.overlay_figure(pixels, None, title=f"Image · {image.name}", boxes=boxes)
+                st.plotly_chart(figure, width="stretch", key="review_fig_image",
+                                config={"displaylogo": False})
+                st.caption(f"{image.width}×{image.height} px · {image.modality}"
+                           + (f" · {image.spacing[0]:.3f}×{image.spacing[1]:.3f} mm/px" if image.spacing else ""))
+                continue
+            figure = viewer.overlay_figure(
+                pixels, result.image_map, title=result.title, signed=result.signed,
+                zmax=shared if result.signed else None, opacity=opacity, boxes=boxes,
+                colorbar_title="evidence" if result.signed else "saliency")
+            st.plotly_chart(figure, width="stretch", key=f"review_fig_{result.method}_{result.target}",
+                            config={"displaylogo": False})
+            score = scores.get(result.title)
+            caption = f"{result.seconds:.2f} s" + (" (cached)" if result.cached else "")
+            caption += (f" · activation precision {score:.3f}" if score is not None
+                        else " · activation precision: no annotation" if not boxes else "")
+            st.caption(caption)
+            stem = f"{image.name.rsplit('.', 1)[0]}_{result.method.replace(':', '-')}_{result.target_name}"
+            png, npy = st.columns(2)
+            png.download_button("PNG", viewer.map_png(pixels, result.image_map, signed=result.signed, opacity=opacity,
+                                                      zmax=shared if result.signed else None),
+                                file_name=f"{stem}.png", mime="image/png", key=f"dl_png_{stem}",
+                                icon=":material/image:", width="stretch")
+            npy.download_button("NPY", viewer.map_npy(result), file_name=f"{stem}.npy",
+                                mime="application/octet-stream", key=f"dl_npy_{stem}",
+                                icon=":material/data_array:", width="stretch")
+
+st.session_state["review_seconds_to_maps"] = time.perf_counter() - opened_at
+st.caption(f"Maps ready in {st.session_state['review_seconds_to_maps']:.2f} s on {common.device_text()}.")
+
+# ---------------------------------------------------------------------------------------------- CasCAM
+if cascam_base != "(none)":
+    st.subheader(f"CasCAM stages · {viewer.method_title(cascam_base)}")
+    cached = session.is_cached(f"cascam:{cascam_base}", target)
+    if cached or st.button("Run CasCAM cascade", key="review_run_cascam", icon=":material/layers:"):
+        with st.status("Running the CasCAM cascade…", expanded=False) as status:
+            try:
+                stages = session.cascam_stages(cascam_base, target)
+            except Exception as exc:
+                stages = None
+                st.error(f"CasCAM: {common.one_line(exc)}")
+            status.update(label="CasCAM cascade done", state="complete")
+        if stages:
+            strip = st.columns(len(stages))
+            for index, (column, stage) in enumerate(zip(strip, stages)):
+                with column:
+                    st.image(stage.masked_input, caption=f"Stage {index + 1} input", width="stretch")
+                    st.image(viewer.map_png(stage.input_pixels, stage.heat, signed=False, opacity=opacity),
+                             caption=f"Stage {index + 1} map · weight {stage.weight:.2f}", width="stretch")
+
+# ---------------------------------------------------------------------------------------------- export
+st.divider()
+page = viewer.ComparisonPage(image_name=image.name, model_name=model_info.name, prediction=prediction,
+                             pixels=pixels, maps=results, scores=scores, boxes=boxes, shared_scale=shared_scale)
+export_png, export_pdf, _ = st.columns([1, 1, 3])
+export_png.download_button("Comparison (PNG)", lambda: viewer.comparison_figure_bytes(page, "png", opacity),
+                           file_name=f"{image.name.rsplit('.', 1)[0]}_comparison.png", mime="image/png",
+                           icon=":material/download:", key="dl_comparison_png", width="stretch")
+export_pdf.download_button("Comparison (PDF)", lambda: viewer.comparison_figure_bytes(page, "pdf", opacity),
+                           file_name=f"{image.name.rsplit('.', 1)[0]}_comparison.pdf", mime="application/pdf",
+                           icon=":material/picture_as_pdf:", key="dl_comparison_pdf", width="stretch")

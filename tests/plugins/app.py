@@ -1,0 +1,127 @@
+"""Fixtures for the app tests: a prepared SOFTCAM_HOME, a running ``streamlit run app.py`` server and
+headless Debian Chromium driven by Playwright."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = os.environ.get("SOFTCAM_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+ADMIN = ("admin", "softcam-admin")
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_tiny_checkpoint(path: Path, classes=("healthy", "disease"), modality: str = "fundus", img_size: int = 64,
+                         arch: str = "resnet18", head: str = "softcam", seed: int = 0) -> Path:
+    """A real (untrained, seeded) ResNet-18 SoftCAM checkpoint at a small input size."""
+    import torch
+
+    from softcam_core.models import build_model, save_checkpoint
+
+    torch.manual_seed(seed)
+    model = build_model(arch, len(classes), head)
+    meta = {"arch": arch, "head": head, "classes": list(classes), "img_size": img_size,
+            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "modality": modality,
+            "l1": 0.0, "l2": 0.0, "data_hash": "tiny", "metrics": {}}
+    return save_checkpoint(path, model, meta)
+
+
+def prepare_home(home: Path, *, n_images: int = 6, modality: str = "fundus") -> dict:
+    """Fill ``home`` like a small demo: one synthetic cohort imported into the database and one model.
+
+    Returns ``{"cohort": name, "cohort_dir": Path, "model": Path}``.
+    """
+    from softcam_core.synth import make_cohort
+
+    home.mkdir(parents=True, exist_ok=True)
+    old = os.environ.get("SOFTCAM_HOME")
+    os.environ["SOFTCAM_HOME"] = str(home)
+    try:
+        cohort_dir = make_cohort(modality, n_images, 0, home / "demo" / modality, size=128)
+        model = make_tiny_checkpoint(home / "models" / f"{modality}_softcam.pt", modality=modality)
+        from db.session import get_engine, session_scope, upgrade
+        from softcam_core.viewer import register_cohort_folder
+
+        engine = get_engine()
+        upgrade(engine)
+        name = f"demo-{modality}"
+        with session_scope(engine) as session:
+            register_cohort_folder(session, cohort_dir, name, modality=modality)
+    finally:
+        if old is None:
+            os.environ.pop("SOFTCAM_HOME", None)
+        else:
+            os.environ["SOFTCAM_HOME"] = old
+    return {"cohort": name, "cohort_dir": cohort_dir, "model": model}
+
+
+@pytest.fixture
+def app_home(_isolated_home) -> dict:
+    """This test's SOFTCAM_HOME with a tiny synthetic cohort in the database and a tiny SoftCAM model."""
+    return prepare_home(Path(os.environ["SOFTCAM_HOME"]))
+
+
+@contextlib.contextmanager
+def run_server(home: Path, log_path: Path, timeout: float = 90.0):
+    """``streamlit run app.py`` on a free port with its own SOFTCAM_HOME; yields the base URL."""
+    port = free_port()
+    env = dict(os.environ, SOFTCAM_HOME=str(home), SOFTCAM_DEVICE="cpu", PYTHONUNBUFFERED="1")
+    env.pop("SOFTCAM_DB_URL", None)
+    command = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
+               "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
+               "--server.fileWatcherType", "none", "--global.developmentMode", "false"]
+    log = open(log_path, "w")
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"streamlit exited with {process.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"streamlit did not answer /_stcore/health within {timeout:.0f} s")
+            time.sleep(0.3)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian Chromium through Playwright; skips with the reason when either is missing."""
+    if not (os.path.isfile(CHROMIUM) or shutil.which("chromium")):
+        pytest.skip(f"no Chromium at {CHROMIUM} (install Debian's chromium: `make chromium`)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM if os.path.isfile(CHROMIUM) else shutil.which("chromium"),
+                                             args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
