@@ -1,0 +1,148 @@
+"""``softcam db``, ``softcam images`` and ``softcam annotations`` commands (contracts in DESIGN.md).
+
+Each handler opens one transaction (``session_scope``) and calls the same repository functions the
+Streamlit pages call; a failure rolls everything back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from annotations.formats import EXPORT_FORMATS, IMPORT_FORMATS
+
+
+def _progress_bar(desc: str):
+    """(callback, close) for a tqdm bar on stderr, created on the first progress call."""
+    from tqdm import tqdm
+
+    state: dict = {}
+
+    def update(done: int, total: int) -> None:
+        bar = state.get("bar")
+        if bar is None:
+            bar = state["bar"] = tqdm(total=total, desc=desc, unit="item", file=sys.stderr, leave=False,
+                                      disable=total < 20)
+        bar.n = done
+        bar.refresh()
+
+    def close() -> None:
+        if "bar" in state:
+            state["bar"].close()
+
+    return update, close
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from .session import get_engine, upgrade
+
+    engine = get_engine(args.url)
+    revision = upgrade(engine)
+    print(f"database {engine.url.render_as_string(hide_password=True)} is at revision {revision}")
+    return 0
+
+
+def _db_current(args: argparse.Namespace) -> int:
+    from .session import current_revision, get_engine, head_revision
+
+    engine = get_engine(args.url)
+    current = current_revision(engine)
+    head = head_revision()
+    print(f"database revision: {current or '(empty)'}; newest: {head}")
+    return 0 if current == head else 1
+
+
+def _images_import(args: argparse.Namespace) -> int:
+    from .repository import add_cohort, import_images
+    from .session import get_engine, session_scope, upgrade
+
+    engine = get_engine()
+    upgrade(engine)
+    update, close = _progress_bar("importing images")
+    try:
+        with session_scope(engine) as session:
+            cohort = add_cohort(session, args.cohort, modality=args.modality)
+            result = import_images(session, args.paths, cohort, modality=args.modality, progress=update)
+    finally:
+        close()
+    for item in result.accepted:
+        print(f"accepted  {item.name} -> {item.pseudonym}{'' if item.new else ' (already imported)'}")
+    for item in result.rejected:
+        print(f"rejected  {item.name}: {item.reason}")
+    print(f"{len(result.accepted)} accepted ({result.new} new), {len(result.rejected)} rejected into cohort {args.cohort!r}")
+    return 1 if result.rejected else 0
+
+
+def _annotations_import(args: argparse.Namespace) -> int:
+    from .repository import AnnotationImportError, get_cohort, get_or_create_user, import_annotations
+    from .session import get_engine, session_scope, upgrade
+
+    engine = get_engine()
+    upgrade(engine)
+    update, close = _progress_bar("importing annotations")
+    try:
+        with session_scope(engine) as session:
+            cohort = get_cohort(session, args.cohort)
+            user = get_or_create_user(session, args.user) if args.user else None
+            result = import_annotations(session, args.file, args.format, cohort, user, label=args.label,
+                                        progress=update)
+    except AnnotationImportError as exc:
+        close()
+        print(exc.report.summary(limit=None), file=sys.stderr)
+        print(f"{exc.report.source}: {len(exc.report.errors)} bad row(s); nothing imported", file=sys.stderr)
+        return 1
+    finally:
+        close()
+    if result.report.warnings:
+        print(result.report.summary(limit=20), file=sys.stderr)
+    print(f"{result.added} annotation(s) imported, {result.duplicates} already present, "
+          f"{result.images} image(s) matched in cohort {args.cohort!r}")
+    return 0
+
+
+def _annotations_export(args: argparse.Namespace) -> int:
+    from .repository import export_annotations, get_cohort
+    from .session import get_engine, session_scope, upgrade
+
+    engine = get_engine()
+    upgrade(engine)
+    with session_scope(engine, readonly=True) as session:
+        out = export_annotations(session, args.format, get_cohort(session, args.cohort), args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add the ``db``, ``images`` and ``annotations`` command groups."""
+    db = subparsers.add_parser("db", help="create or migrate the database (SOFTCAM_DB_URL)")
+    db_sub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    up = db_sub.add_parser("upgrade", help="create the database or migrate it to the newest revision")
+    up.add_argument("--url", help="SQLAlchemy URL (default: SOFTCAM_DB_URL or SQLite in SOFTCAM_HOME)")
+    up.set_defaults(func=_db_upgrade)
+    cur = db_sub.add_parser("current", help="show the database revision (exit 1 if not the newest)")
+    cur.add_argument("--url", help="SQLAlchemy URL (default: SOFTCAM_DB_URL or SQLite in SOFTCAM_HOME)")
+    cur.set_defaults(func=_db_current)
+
+    images = subparsers.add_parser("images", help="import image files into a cohort (de-identified)")
+    images_sub = images.add_subparsers(dest="images_command", metavar="ACTION", required=True)
+    imp = images_sub.add_parser("import", help="import files, folders or zips; prints accepted / rejected with reasons")
+    imp.add_argument("paths", nargs="+", metavar="PATH", help="image files (PNG, JPEG, TIFF, DICOM), folders or zips")
+    imp.add_argument("--cohort", required=True, help="cohort name (created if new)")
+    imp.add_argument("--modality", choices=("fundus", "oct", "cxr", "other"), help="override the detected modality")
+    imp.set_defaults(func=_images_import)
+
+    ann = subparsers.add_parser("annotations", help="import or export annotation files")
+    ann_sub = ann.add_subparsers(dest="annotations_command", metavar="ACTION", required=True)
+    aimp = ann_sub.add_parser("import", help="atomic import: every row valid or nothing imported (exit 1, per-row report)")
+    aimp.add_argument("file", metavar="FILE", help="annotation file, folder (VOC, YOLO, masks) or zip")
+    aimp.add_argument("--format", required=True, choices=IMPORT_FORMATS)
+    aimp.add_argument("--cohort", required=True, help="cohort whose images the file refers to")
+    aimp.add_argument("--user", help="author to record (created as an annotator if new)")
+    aimp.add_argument("--label", help="label for mask imports (default: lesion)")
+    aimp.set_defaults(func=_annotations_import)
+    aexp = ann_sub.add_parser("export", help="export the cohort's boxes (pseudonymous image ids only)")
+    aexp.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    aexp.add_argument("--cohort", required=True)
+    aexp.add_argument("--out", required=True, metavar="FILE",
+                      help="output file (VOC and YOLO: a folder, or a zip when FILE ends with .zip)")
+    aexp.set_defaults(func=_annotations_export)

@@ -1,0 +1,263 @@
+"""SQLAlchemy 2 models of the SoftCAM Review database (see docs/database.md).
+
+The Alembic revisions under db/migrations/versions create exactly these tables; a test compares the
+migrated database with this metadata, so a change here needs a new revision.
+
+Privacy: images are known by a pseudonym (``img-`` + 16 hex of the stored file's sha256) and by
+keyed hashes of their names / DICOM ids (``image_keys``), never by a patient name or ID.
+Timestamps are stored as naive UTC and come back as aware UTC datetimes (:class:`UTCDateTime`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+ROLES = ("clinician", "annotator", "researcher", "admin")
+ANNOTATION_KINDS = ("box", "point", "polygon", "mask")
+PROVENANCES = ("drawn", "imported", "derived")
+AUDIT_ACTIONS = ("create", "update", "delete", "restore")
+JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+
+# constraint names fixed so migrations on SQLite (batch mode) and PostgreSQL agree
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """Naive UTC in the database, aware UTC in Python, on SQLite and PostgreSQL alike."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; use an aware UTC datetime (db.schema.utcnow())")
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON(), list[Any]: JSON()}
+
+
+class Setting(Base):
+    """Key/value settings of this database (e.g. the key of the image-name hashes)."""
+
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class Cohort(Base):
+    __tablename__ = "cohorts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    description: Mapped[str | None] = mapped_column(Text)
+    modality: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    images: Mapped[list["Image"]] = relationship(back_populates="cohort")
+    labels: Mapped[list["ClassLabel"]] = relationship(back_populates="cohort", order_by="ClassLabel.position")
+
+
+class ClassLabel(Base):
+    """Class names of a cohort (image-level classes and annotation labels), in model output order."""
+
+    __tablename__ = "class_labels"
+    __table_args__ = (UniqueConstraint("cohort_id", "name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cohort_id: Mapped[int] = mapped_column(ForeignKey("cohorts.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    position: Mapped[int] = mapped_column(Integer)
+    colour: Mapped[str | None] = mapped_column(String(16))
+
+    cohort: Mapped[Cohort] = relationship(back_populates="labels")
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(120), unique=True)
+    display_name: Mapped[str | None] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(32))
+    password_hash: Mapped[str | None] = mapped_column(String(400))  # "scrypt$n$r$p$salt_hex$hash_hex"
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Image(Base):
+    """An imported, de-identified image stored at ``SOFTCAM_HOME/<stored_path>``."""
+
+    __tablename__ = "images"
+    __table_args__ = (UniqueConstraint("cohort_id", "sha256"), UniqueConstraint("cohort_id", "pseudonym"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cohort_id: Mapped[int] = mapped_column(ForeignKey("cohorts.id", ondelete="CASCADE"), index=True)
+    pseudonym: Mapped[str] = mapped_column(String(64), index=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)           # of the stored (de-identified) file
+    source_sha256: Mapped[str] = mapped_column(String(64), index=True)    # of the file as given
+    modality: Mapped[str] = mapped_column(String(32))
+    original_name: Mapped[str | None] = mapped_column(String(500))        # kept only for non-DICOM files
+    extension: Mapped[str] = mapped_column(String(16))
+    stored_path: Mapped[str] = mapped_column(String(500))                 # relative to SOFTCAM_HOME
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    label: Mapped[str | None] = mapped_column(String(200))
+    split: Mapped[str | None] = mapped_column(String(16))
+    burned_in: Mapped[bool] = mapped_column(Boolean, default=False)
+    metadata_json: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    cohort: Mapped[Cohort] = relationship(back_populates="images")
+
+
+class ImageKey(Base):
+    """Keyed hash (HMAC-SHA256) of a name an annotation file may use for an image: file name, stem,
+    leading token, DICOM PatientID / SOP / Study UID. Lets imports match without storing the name."""
+
+    __tablename__ = "image_keys"
+    __table_args__ = (UniqueConstraint("image_id", "kind", "digest"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    digest: Mapped[str] = mapped_column(String(64), index=True)
+
+
+class Annotation(Base):
+    """A box / point / polygon / mask on an image. ``version`` increases on every change (optimistic
+    concurrency); deleting sets ``deleted_at`` (rows are never removed)."""
+
+    __tablename__ = "annotations"
+    __table_args__ = (Index("ix_annotations_image_live", "image_id", "deleted_at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))
+    geometry: Mapped[dict[str, Any]] = mapped_column(JSON)
+    label: Mapped[str | None] = mapped_column(String(200))
+    author_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    deleted_at: Mapped[datetime | None] = mapped_column()
+    provenance: Mapped[str] = mapped_column(String(16), default="drawn")
+    source_file: Mapped[str | None] = mapped_column(String(500))
+    derived_from_id: Mapped[int | None] = mapped_column(ForeignKey("annotations.id"))
+
+    image: Mapped[Image] = relationship()
+    author: Mapped[User | None] = relationship(foreign_keys=[author_id])
+    updated_by: Mapped[User | None] = relationship(foreign_keys=[updated_by_id])
+
+
+class AnnotationAudit(Base):
+    """One row per change of an annotation: who, when, what, and the state before and after."""
+
+    __tablename__ = "annotation_audit"
+    __table_args__ = (Index("ix_annotation_audit_history", "annotation_id", "at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    annotation_id: Mapped[int] = mapped_column(ForeignKey("annotations.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    action: Mapped[str] = mapped_column(String(16))
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class Model(Base):
+    """A registered classifier checkpoint."""
+
+    __tablename__ = "models"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    checkpoint_path: Mapped[str] = mapped_column(String(1000))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    modality: Mapped[str | None] = mapped_column(String(32))
+    is_default: Mapped[bool] = mapped_column(Boolean, default=False)
+    metadata_json: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CachedMap(Base):
+    """An explanation map computed once and kept as ``SOFTCAM_HOME/<path>`` (.npy float32)."""
+
+    __tablename__ = "cached_maps"
+    __table_args__ = (UniqueConstraint("model_id", "image_id", "method", "target", "params_hash"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    method: Mapped[str] = mapped_column(String(64))
+    target: Mapped[int] = mapped_column(Integer)
+    params_hash: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(1000))
+    seconds: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# --- revision 2 --------------------------------------------------------------------------------
+
+class MetricResult(Base):
+    """One metric value: per image (``image_id`` set) or per cohort (``image_id`` NULL)."""
+
+    __tablename__ = "metric_results"
+    __table_args__ = (Index("ix_metric_results_lookup", "model_id", "cohort_id", "method", "metric"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    cohort_id: Mapped[int | None] = mapped_column(ForeignKey("cohorts.id", ondelete="CASCADE"))
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    method: Mapped[str] = mapped_column(String(64))
+    metric: Mapped[str] = mapped_column(String(64))
+    target: Mapped[int | None] = mapped_column(Integer)
+    value: Mapped[float | None] = mapped_column(Float)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Job(Base):
+    """A background job (e.g. cohort metrics) whose progress outlives a page reload."""
+
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    progress_done: Mapped[int] = mapped_column(Integer, default=0)
+    progress_total: Mapped[int | None] = mapped_column(Integer)
+    message: Mapped[str | None] = mapped_column(Text)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    result_path: Mapped[str | None] = mapped_column(String(1000))
+    error: Mapped[str | None] = mapped_column(Text)
