@@ -872,7 +872,7 @@ def set_default_model(session: Session, model: Model | int | str) -> Model:
     return session.get(Model, model.id)
 
 
-def default_model(session: Session, modality: str | None) -> Model | None:
+def get_default_model(session: Session, modality: str | None) -> Model | None:
     query = select(Model).where(Model.is_default.is_(True))
     query = query.where(Model.modality.is_(None) if modality is None else Model.modality == modality)
     return session.scalars(query.order_by(Model.id)).first()
