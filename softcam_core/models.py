@@ -12,6 +12,7 @@ so explanation methods hook the same layer on either.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ EFFICIENTNETS = tuple(f"efficientnet_b{i}" for i in range(8))
 CONVNEXTS = ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large")
 ARCHS = RESNETS + VGGS + DENSENETS + EFFICIENTNETS + CONVNEXTS
 HEADS = ("softcam", "baseline")
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "softcam-review-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -111,10 +114,13 @@ def _split_backbone(model: nn.Module) -> tuple[nn.Module, int, nn.Module | None,
         features = nn.Sequential(model.features, nn.ReLU(inplace=False))
         return features, model.classifier.in_features, model.classifier, "densenet"
     if isinstance(model, tv.EfficientNet):
+        # classifier = Dropout + Linear after GAP: in eval mode the Linear alone maps pooled features
         linear = model.classifier[-1]
-        return model.features, linear.in_features, None, "efficientnet"
+        return model.features, linear.in_features, linear, "efficientnet"
     if isinstance(model, tv.ConvNeXt):
-        # keep the per-position LayerNorm2d of the classifier: it acts on each feature-map position
+        # ConvNeXt normalises the pooled vector; SoftCAM moves that LayerNorm2d before the head so it
+        # acts on each feature-map position (a norm does not commute with the mean, so FC weights
+        # are not copied here: the converted logits would differ anyway)
         norm = model.classifier[0]
         linear = model.classifier[-1]
         return nn.Sequential(model.features, norm), linear.in_features, None, "convnext"
@@ -189,22 +195,50 @@ def to_baseline(model: nn.Module, num_classes: int) -> BaselineNet:
     return BaselineNet(features, head, arch=getattr(model, "arch", type(model).__name__.lower()))
 
 
-def _load_init(model: nn.Module, init: str | Path) -> None:
-    """Load local weights (e.g. an ImageNet ``.pth``) into a torchvision model; head mismatches are skipped."""
-    path = Path(init)
+def _read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a local weights file: a plain state dict (torchvision ``.pth``), a dict holding one
+    under ``state_dict``/``model``, or a SoftCAM Review checkpoint. ``module.`` prefixes (DDP) are dropped."""
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: initial weights file not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt pickle, zip, truncated file
-        raise CheckpointError(f"{path}: cannot read initial weights ({exc.__class__.__name__}: {exc})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    own = model.state_dict()
+    except Exception as exc:  # corrupt pickle or zip, truncated file
+        raise CheckpointError(f"{path}: cannot read initial weights ({exc.__class__.__name__})") from None
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: holds no state dict of weights")
+    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _load_matching(module: nn.Module, state: dict[str, torch.Tensor]) -> int:
+    """Load the tensors of ``state`` whose name and shape match ``module``'s; returns how many did."""
+    own = module.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise CheckpointError(f"{path}: no tensor matches the architecture's parameters")
-    model.load_state_dict(usable, strict=False)
+    if usable:
+        module.load_state_dict(usable, strict=False)
+    return len(usable)
+
+
+def _vgg_features(arch: str) -> nn.Sequential:
+    """The convolutional part of torchvision's ``arch`` (same layers and parameter names as
+    ``torchvision.models.get_model(arch).features``), initialised as torchvision does."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    depth, _, bn = arch.removeprefix("vgg").partition("_")
+    features = make_layers(cfgs[{"11": "A", "13": "B", "16": "D", "19": "E"}[depth]], batch_norm=bool(bn))
+    for module in features.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return features
 
 
 def build_model(arch: str, num_classes: int, head: str = "softcam", init: str | Path | None = None) -> nn.Module:
@@ -214,19 +248,42 @@ def build_model(arch: str, num_classes: int, head: str = "softcam", init: str | 
         arch: torchvision name, one of :data:`ARCHS` (e.g. ``"resnet18"``, ``"vgg16_bn"``).
         num_classes: number of classes C.
         head: ``"softcam"`` (class-evidence maps) or ``"baseline"`` (GAP + FC).
-        init: optional local weights file for the torchvision backbone; never downloads.
-            Without it the weights are random.
+        init: optional local weights file, never downloaded: a torchvision state dict (e.g.
+            ImageNet ``resnet18-*.pth``) or a SoftCAM Review checkpoint; tensors whose names and
+            shapes match are loaded (a 1000-class ImageNet head is skipped). Without it the weights
+            are random.
+    Raises:
+        CheckpointError: ``init`` is missing, unreadable, or no tensor in it fits ``arch``.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose 'softcam' or 'baseline'")
-    backbone = torchvision.models.get_model(arch, weights=None)
-    if init is not None:
-        _load_init(backbone, init)
-    backbone.arch = arch
-    net = to_softcam(backbone, num_classes) if head == "softcam" else to_baseline(backbone, num_classes)
+    state = _read_weights(init) if init is not None else None
+    loaded = 0
+    if arch in VGGS:
+        # torchvision's VGG would first build (and randomly initialise) the 25088x4096 classifier
+        # that SoftCAM discards: seconds of wasted work on every load, so build the features alone
+        features = _vgg_features(arch)
+        if head == "softcam":
+            net = SoftCAMNet(features, evidence_head("vgg", 512, num_classes), arch=arch)
+        else:
+            net = BaselineNet(features, baseline_head("vgg", 512, num_classes), arch=arch)
+    else:
+        backbone = torchvision.models.get_model(arch, weights=None)
+        # torchvision-named weights (ImageNet .pth) go into the backbone before conversion ...
+        loaded = _load_matching(backbone, state) if state else 0
+        backbone.arch = arch
+        net = to_softcam(backbone, num_classes) if head == "softcam" else to_baseline(backbone, num_classes)
     net.arch = arch
+    # ... our own checkpoints (features.* / evidence.* / fc.* names) into the converted net; the
+    # two share modules, so a tensor matching both is loaded twice with the same value
+    if state:
+        loaded = max(loaded, _load_matching(net, state))
+    if state is not None and not loaded:
+        raise CheckpointError(f"{init}: no tensor matches the parameters of {arch}")
+    if state is not None:
+        log.info("initialised %s from %s: %d tensors", arch, init, loaded)
     return net
 
 
