@@ -35,6 +35,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from annotations.geometry import Box
+
 GENERATOR_VERSION = 1
 MODALITIES = ("fundus", "oct", "cxr")
 LESION_KINDS = {
@@ -47,7 +49,7 @@ GRADE_CLASSES = ("grade0", "grade1", "grade2")
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIX = {"fundus": ".png", "oct": ".png", "cxr": ".dcm"}
 # burned-in text of the shortcut artifact, per modality (a site stamp, a device tag, a lead side marker)
-ARTIFACT_TEXT = {"fundus": "SITE2", "oct": "HD2", "cxr": "L"}
+ARTIFACT_TEXT = {"fundus": "S2", "oct": "HD2", "cxr": "L"}
 
 # random streams per image: the background never depends on the label, so healthy and diseased
 # images differ only by their lesions (and, when asked for, by the artifact)
@@ -317,25 +319,28 @@ def render_image(
     rng_lesion = _rng(seed, modality, index, _STREAM_LESIONS)
     rng_noise = _rng(seed, modality, index, _STREAM_NOISE)
     renderer = {"fundus": _render_fundus, "oct": _render_oct, "cxr": _render_cxr}[modality]
-    rendered, free_corners = renderer(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions)
+    rendered, region, corners = renderer(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions)
     if artifact:
-        _burn_artifact(rendered, modality, size, free_corners, _rng(seed, modality, index, _STREAM_ARTIFACT))
+        _burn_artifact(rendered, modality, size, region, corners, _rng(seed, modality, index, _STREAM_ARTIFACT))
     return rendered
 
 
-def _burn_artifact(rendered: Rendered, modality: str, size: int, corners: list[str], rng: np.random.Generator) -> None:
-    """Burn the shortcut artifact (bright text or side marker) into a free corner, clear of lesions."""
+def _burn_artifact(rendered: Rendered, modality: str, size: int, region, corners: list[str], rng: np.random.Generator) -> None:
+    """Burn the shortcut artifact (bright text or side marker) into a corner of ``region``
+    (x0, y0, x1, y1 pixels: the part of the image the model sees), clear of the lesions."""
     scale = max(1, int(round(size / 128)))
     bitmap = _text_bitmap(ARTIFACT_TEXT[modality], scale, frame=modality == "cxr")
     height, width = rendered.pixels.shape[:2]
     bh, bw = bitmap.shape
-    margin = max(2, int(round(0.02 * size)))
+    margin = max(2, int(round(0.015 * size)))
+    left, top = max(0, int(math.ceil(region[0]))), max(0, int(math.ceil(region[1])))
+    right, bottom = min(width, int(math.floor(region[2]))), min(height, int(math.floor(region[3])))
     lesion_boxes = [lesion.box for lesion in rendered.lesions]
     order = rng.permutation(len(corners))
     for corner in (corners[i] for i in order):
         jitter_x, jitter_y = (int(j) for j in rng.integers(0, max(1, margin), size=2))
-        x0 = margin + jitter_x if corner.endswith("left") else width - margin - jitter_x - bw
-        y0 = margin + jitter_y if corner.startswith("top") else height - margin - jitter_y - bh
+        x0 = left + margin + jitter_x if corner.endswith("left") else right - margin - jitter_x - bw
+        y0 = top + margin + jitter_y if corner.startswith("top") else bottom - margin - jitter_y - bh
         box = (float(x0), float(y0), float(x0 + bw), float(y0 + bh))
         if any(_boxes_overlap(box, other, margin=1.0) for other in lesion_boxes):
             continue
@@ -445,7 +450,10 @@ def _render_fundus(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
     img += 1.6 * rng_noise.standard_normal(img.shape, dtype=np.float32)
     img = img * fov[..., None]
     pixels = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    return Rendered(pixels, lesions), ["top-left", "top-right", "bottom-left", "bottom-right"]
+    # the tag goes in a corner of the square circumscribing the retina (what the fundus crop keeps),
+    # outside the circle
+    region = (cx - radius, cy - radius, cx + radius, cy + radius)
+    return Rendered(pixels, lesions), region, ["top-left", "top-right", "bottom-left", "bottom-right"]
 
 
 def _fundus_plan(load: str, rng: np.random.Generator) -> list[tuple[str, float]]:
@@ -612,7 +620,7 @@ def _render_oct(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
         mask = (yy >= rpe[None, :] - dome[None, :]) & (yy < rpe[None, :]) & (dome[None, :] >= 0.5)
         if mask.any():
             lesions.append(Lesion("drusen", mask))
-    return Rendered(pixels, lesions), ["top-left", "top-right"]
+    return Rendered(pixels, lesions), (0, 0, width, height), ["top-left", "top-right"]
 
 
 def _oct_plan(load: str, rng: np.random.Generator, width: int, height: int) -> list[tuple[float, float]]:
@@ -749,7 +757,7 @@ def _render_cxr(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
 
     atten += 0.01 * rng_noise.standard_normal((height, width)).astype(np.float32)  # quantum noise
     stored = np.clip(np.rint(_CXR_OFFSET + _CXR_GAIN * atten), 0, 4095).astype(np.uint16)
-    return Rendered(stored, lesions), ["top-left", "top-right"]
+    return Rendered(stored, lesions), (0, 0, width, height), ["top-left", "top-right"]
 
 
 def _cxr_plan(load: str, rng: np.random.Generator, size: int) -> list[float]:
@@ -959,7 +967,7 @@ def make_cohort(
                 area = int(lesion.mask.sum())
                 coco_annotations.append({
                     "id": len(coco_annotations) + 1, "image_id": i + 1, "category_id": category_id[lesion.kind],
-                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(area), "iscrowd": 0,
+                    "bbox": [float(v) for v in Box(x0, y0, x1, y1).to_xywh()], "area": float(area), "iscrowd": 0,
                 })
                 lesion_records.append({"kind": lesion.kind, "box": [x0, y0, x1, y1], "area": area})
             counts = {kind: sum(1 for lesion in rendered.lesions if lesion.kind == kind) for kind in LESION_KINDS[modality]}
