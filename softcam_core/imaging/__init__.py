@@ -1,0 +1,21 @@
+"""Medical image input: every file the app, CLI and training read goes through here.
+
+``load_image`` turns bytes into a :class:`MedicalImage` (display pixels, modality, spacing, safe
+metadata, DICOM raw values and windows) or raises :class:`ImageLoadError`; ``preprocess`` is the one
+path from a MedicalImage to a model input; ``deidentify`` / ``deidentified_bytes`` strip identifiers.
+Rules: docs/imaging.md.
+"""
+
+from .deid import deid_key, deidentified_bytes, deidentify, pseudonym, remap_uid, safe_metadata
+from .dicom import HU_PRESETS, infer_modality, window
+from .errors import ImageLoadError
+from .loader import DEFAULT_MAX_PIXELS, infer_photo_modality, load_image
+from .model import MODALITIES, MedicalImage, Window
+from .preprocessing import Geometry, detect_fundus_circle, geometry_for, preprocess
+from .raster import sniff
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS", "Geometry", "HU_PRESETS", "ImageLoadError", "MODALITIES", "MedicalImage", "Window",
+    "deid_key", "deidentified_bytes", "deidentify", "detect_fundus_circle", "geometry_for", "infer_modality",
+    "infer_photo_modality", "load_image", "preprocess", "pseudonym", "remap_uid", "safe_metadata", "sniff", "window",
+]

@@ -1,0 +1,22 @@
+"""The one error type for unreadable input."""
+
+from __future__ import annotations
+
+
+def _one_line(text: object, limit: int = 300) -> str:
+    """Collapse whitespace so a message from any decoder fits on one line; cap its length."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+class ImageLoadError(ValueError):
+    """An input that cannot be read as a medical image.
+
+    ``str(error) == "<file name>: <problem>"`` on one line, so the CLI and the app can show it as is.
+    ``.filename`` and ``.problem`` hold the two parts.
+    """
+
+    def __init__(self, filename: str, problem: str):
+        self.filename = _one_line(filename or "<unnamed>", 120)
+        self.problem = _one_line(problem)
+        super().__init__(f"{self.filename}: {self.problem}")

@@ -1,0 +1,136 @@
+"""``load_image``: bytes or a path -> MedicalImage, or one clear ImageLoadError."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ImageLoadError, _one_line
+from .model import MODALITIES, MedicalImage
+
+DEFAULT_MAX_PIXELS = 200_000_000  # decompression-bomb cap per decoded frame (pixels)
+MAX_FILE_BYTES = 2 * 1024**3
+
+
+def max_pixels_default() -> int:
+    """Pixel cap per frame: ``SOFTCAM_MAX_IMAGE_PIXELS`` or 200 MP."""
+    try:
+        return int(os.environ.get("SOFTCAM_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS))
+    except ValueError:
+        return DEFAULT_MAX_PIXELS
+
+
+def _read_source(source, name: str | None) -> tuple[bytes, str]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source), name or "<upload>"
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        label = name or path.name or str(path)
+        try:
+            size = path.stat().st_size
+            if size > MAX_FILE_BYTES:
+                raise ImageLoadError(label, f"file too large ({size / 1e9:.1f} GB)")
+            return path.read_bytes(), label
+        except ImageLoadError:
+            raise
+        except FileNotFoundError:
+            raise ImageLoadError(label, "file not found") from None
+        except IsADirectoryError:
+            raise ImageLoadError(label, "is a directory, not an image file") from None
+        except OSError as exc:
+            raise ImageLoadError(label, f"cannot read file ({exc.strerror or _one_line(exc, 100)})") from None
+    if hasattr(source, "read"):  # an open binary file, e.g. a Streamlit UploadedFile
+        label = name or Path(str(getattr(source, "name", "") or "<upload>")).name
+        data = source.read()
+        if not isinstance(data, (bytes, bytearray)):
+            raise ImageLoadError(label, "file object did not return bytes")
+        return bytes(data), label
+    raise TypeError(f"load_image expects a path, bytes or a binary file, got {type(source).__name__}")
+
+
+def infer_photo_modality(pixels: np.ndarray) -> str:
+    """Guess the modality of a non-DICOM image from its pixels (pass ``modality=`` to override).
+
+    colour + dark corners around a bright centre (the black surround of a fundus camera) -> fundus;
+    other colour -> other; grey and wider than tall by >= 2 % (OCT B-scans are landscape) -> oct;
+    other grey (square or portrait, like chest radiographs) -> cxr.
+    """
+    h, w = pixels.shape[:2]
+    if pixels.ndim == 3:
+        luminance = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        ch, cw = max(1, h // 12), max(1, w // 12)
+        corners = np.concatenate([luminance[:ch, :cw].ravel(), luminance[:ch, -cw:].ravel(),
+                                  luminance[-ch:, :cw].ravel(), luminance[-ch:, -cw:].ravel()])
+        centre = luminance[h // 3 : 2 * h // 3 + 1, w // 3 : 2 * w // 3 + 1]
+        if float(np.median(corners)) < 20 and float(np.median(centre)) > 40:
+            return "fundus"
+        return "other"
+    if w >= 1.02 * h:
+        return "oct"
+    return "cxr"
+
+
+def load_image(source, *, name: str | None = None, modality: str | None = None, frame: int = 0,
+               max_pixels: int | None = None) -> MedicalImage:
+    """Decode PNG, JPEG, TIFF or DICOM (format sniffed from the content) into a MedicalImage.
+
+    source: path, bytes or binary file object. name: file name used in messages and
+    ``MedicalImage.name`` (default: the path's name, else ``"<upload>"``). modality: ``fundus | oct |
+    cxr | other``; None infers it (DICOM header, else :func:`infer_photo_modality`). frame: page of a
+    multi-page TIFF / frame of a multi-frame DICOM (0-based). max_pixels: cap per frame (default
+    ``SOFTCAM_MAX_IMAGE_PIXELS`` or 200 MP). Any unreadable input raises :class:`ImageLoadError`.
+    """
+    from .deid import safe_metadata
+    from .dicom import decode_dicom, infer_modality
+    from .raster import decode_pillow, decode_tiff, describe_unknown, sniff
+
+    data, label = _read_source(source, name)
+    label = Path(label).name or label
+    if modality is not None and modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+    if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)):
+        raise ImageLoadError(label, f"frame must be an integer, got {frame!r}")
+    cap = int(max_pixels) if max_pixels is not None else max_pixels_default()
+    kind = sniff(data)
+    if kind is None:
+        raise ImageLoadError(label, describe_unknown(data))
+    try:
+        if kind == "dicom":
+            decoded = decode_dicom(data, label, int(frame), cap)
+            ds = decoded.dataset
+            try:
+                metadata = safe_metadata(ds)
+            except Exception as exc:  # a header too broken to summarise is still unusable
+                raise ImageLoadError(label, f"unreadable DICOM header ({_one_line(exc, 120)})") from None
+            return MedicalImage(
+                pixels=decoded.pixels,
+                modality=modality or infer_modality(ds),
+                name=label,
+                spacing=decoded.spacing,
+                spacing_source=decoded.spacing_source,
+                metadata=metadata,
+                raw=decoded.raw,
+                windows=decoded.windows,
+                flags=decoded.flags,
+            )
+        if kind == "tiff":
+            pixels, raw, windows, flags, metadata = decode_tiff(data, label, int(frame), cap)
+        else:
+            pixels, raw, windows, flags, metadata = decode_pillow(data, label, kind, int(frame), cap)
+    except ImageLoadError:
+        raise
+    except MemoryError:
+        raise ImageLoadError(label, "not enough memory to decode the image") from None
+    except RecursionError:
+        raise ImageLoadError(label, "malformed file (nesting too deep)") from None
+    return MedicalImage(
+        pixels=np.ascontiguousarray(pixels),
+        modality=modality or infer_photo_modality(pixels),
+        name=label,
+        metadata=metadata,
+        raw=raw,
+        windows=windows,
+        flags=flags,
+    )

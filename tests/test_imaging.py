@@ -1,0 +1,296 @@
+"""softcam_core.imaging: decoding PNG/JPEG/TIFF/DICOM, windowing, errors."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from softcam_core.imaging import ImageLoadError, MedicalImage, Window, load_image, sniff, window
+from tests.plugins.imaging import cr_monochrome1_path, make_dicom_bytes, pydicom_file
+
+
+def _png(arr: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+# --- window(): DICOM PS3.3 C.11.2.1.2 pinned on hand-computed values -------------------------------
+
+
+def test_window_linear_hand_computed():
+    # c=40, w=400: ramp from c-0.5-(w-1)/2 = -160 (exclusive) to c-0.5+(w-1)/2 = 239
+    x = np.array([-1000, -160, 0, 39.5, 100, 239, 240], dtype=np.float32)
+    # 0 -> ((0 - 39.5)/399 + 0.5)*255 = 102.26; 39.5 -> 127.5 -> 128 (half to even); 100 -> 166.17
+    assert window(x, 40, 400).tolist() == [0, 0, 102, 128, 166, 255, 255]
+    assert window(x, 40, 400, invert=True).tolist() == [255, 255, 153, 127, 89, 0, 0]
+    assert window(x, 40, 400).dtype == np.uint8
+
+
+def test_window_width_one_is_a_threshold_at_c_minus_half():
+    x = np.array([-0.6, -0.5, -0.4, 3.0])
+    assert window(x, 0, 1).tolist() == [0, 0, 255, 255]
+
+
+def test_window_linear_exact_and_sigmoid():
+    x = np.array([-5.0, 0.0, 1.0, 5.0, 6.0])
+    # LINEAR_EXACT c=0, w=10: ((x - 0)/10 + 0.5)*255 -> 0, 127.5->128, 153, 255 (x <= c + w/2), 255
+    assert window(x, 0, 10, function="LINEAR_EXACT").tolist() == [0, 128, 153, 255, 255]
+    # SIGMOID c=0, w=4: 255/(1+exp(-x)) -> 1.71, 127.5, 186.4, 253.3, 254.4
+    assert window(x, 0, 4, function="SIGMOID").tolist() == [2, 128, 186, 253, 254]
+
+
+@pytest.mark.parametrize("width, function", [(0.5, "LINEAR"), (0, "LINEAR_EXACT"), (-1, "SIGMOID")])
+def test_window_rejects_invalid_width(width, function):
+    with pytest.raises(ValueError):
+        window(np.zeros(3), 0, width, function=function)
+
+
+# --- raster formats --------------------------------------------------------------------------------
+
+
+def test_png_grey_and_rgb_roundtrip():
+    grey = np.arange(64 * 48, dtype=np.uint32).reshape(48, 64).astype(np.uint8)
+    img = load_image(_png(grey), name="g.png")
+    assert isinstance(img, MedicalImage) and img.pixels.dtype == np.uint8
+    np.testing.assert_array_equal(img.pixels, grey)
+    assert img.raw is None and img.name == "g.png"
+    rgb = np.dstack([grey, 255 - grey, np.full_like(grey, 7)])
+    img = load_image(_png(rgb), name="c.png")
+    np.testing.assert_array_equal(img.pixels, rgb)
+
+
+def test_rgb_file_with_grey_content_becomes_grey():
+    grey = (np.arange(32 * 32).reshape(32, 32) % 256).astype(np.uint8)
+    img = load_image(_png(np.dstack([grey] * 3)), name="x.png")
+    assert img.pixels.shape == (32, 32) and img.flags["grey_stored_as_rgb"]
+    np.testing.assert_array_equal(img.pixels, grey)
+
+
+def test_png_16bit_grey_keeps_raw_and_auto_windows():
+    arr = (np.linspace(0, 4095, 40 * 30).reshape(30, 40)).astype(np.uint16)  # 12-bit data in 16-bit PNG
+    img = load_image(_png(arr), name="xr16.png")
+    np.testing.assert_array_equal(img.raw, arr.astype(np.float32))
+    assert img.windows[0].name == "auto" and img.pixels.dtype == np.uint8
+    assert img.pixels.min() == 0 and img.pixels.max() == 255
+    assert np.all(np.diff(img.pixels.astype(int), axis=1) >= 0)  # monotone ramp stays monotone
+
+
+def test_jpeg_loads_and_modality_is_inferred_for_fundus(tmp_path):
+    from tests.plugins.imaging import synthetic_fundus
+
+    photo = synthetic_fundus(120, 160, 80, 60, 55)
+    path = tmp_path / "eye.jpg"
+    Image.fromarray(photo).save(path, quality=90)
+    img = load_image(path)
+    assert img.modality == "fundus" and img.pixels.shape == (120, 160, 3) and img.name == "eye.jpg"
+
+
+def test_tiff_16bit_rgb_and_multipage(tmp_path):
+    import tifffile
+
+    rgb16 = (np.random.default_rng(0).integers(0, 65535, (20, 30, 3))).astype(np.uint16)
+    path = tmp_path / "rgb16.tif"
+    tifffile.imwrite(path, rgb16, photometric="rgb")
+    img = load_image(path)
+    np.testing.assert_array_equal(img.pixels, np.rint(rgb16 / 257.0).astype(np.uint8))
+
+    pages = [np.full((10, 12), v, np.uint8) for v in (10, 120, 240)]
+    multi = tmp_path / "stack.tif"
+    with tifffile.TiffWriter(multi) as tw:
+        for p in pages:
+            tw.write(p)
+    assert load_image(multi, frame=2).pixels[0, 0] == 240
+    assert load_image(multi).pixels[0, 0] == 10
+    with pytest.raises(ImageLoadError, match=r"^stack\.tif: frame 3 out of range \(file has 3 pages\)$"):
+        load_image(multi, frame=3)
+
+
+def test_grey_landscape_is_oct_and_square_is_cxr():
+    assert load_image(_png(np.full((50, 80), 40, np.uint8))).modality == "oct"
+    assert load_image(_png(np.full((64, 64), 120, np.uint8))).modality == "cxr"
+    assert load_image(_png(np.full((64, 64), 120, np.uint8)), modality="other").modality == "other"
+
+
+# --- DICOM -----------------------------------------------------------------------------------------
+
+
+def test_cr_monochrome1_rescale_and_window():
+    import pydicom
+
+    path = cr_monochrome1_path()
+    ds = pydicom.dcmread(path)
+    img = load_image(path)
+    stored = ds.pixel_array.astype(np.float64)
+    expected_raw = stored * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    np.testing.assert_allclose(img.raw, expected_raw, rtol=1e-6)
+    assert img.flags["monochrome1"] and img.modality == "cxr"
+    first = img.windows[0]
+    assert (first.center, first.width) == (float(ds.WindowCenter), float(ds.WindowWidth))
+    # MONOCHROME1: high values are dark -> display = 255 - window
+    np.testing.assert_array_equal(img.pixels, 255 - window(expected_raw, first.center, first.width))
+    assert img.spacing == (0.1, 0.1) and img.spacing_source == "ImagerPixelSpacing"
+    assert "Doe" not in repr(img.metadata) and str(ds.PatientID) not in repr(img.metadata)
+
+
+def test_dicom_windows_named_from_explanation_and_presets():
+    arr = np.arange(100, dtype=np.uint16).reshape(10, 10) * 10
+    data = make_dicom_bytes(arr, WindowCenter=[500, 300], WindowWidth=[1000, 200],
+                            WindowCenterWidthExplanation=["NORMAL", "HARD"], RescaleSlope=2, RescaleIntercept=-100,
+                            PixelSpacing=[0.2, 0.3], ImagerPixelSpacing=[0.25, 0.25])
+    img = load_image(data, name="w.dcm")
+    names = [w.name for w in img.windows]
+    assert names[:2] == ["NORMAL", "HARD"] and "auto" in names
+    np.testing.assert_allclose(img.raw, arr * 2.0 - 100)
+    np.testing.assert_array_equal(img.pixels, window(arr * 2.0 - 100, 500, 1000))
+    np.testing.assert_array_equal(img.rewindow(img.windows[1]), window(arr * 2.0 - 100, 300, 200))
+    assert img.spacing == (0.2, 0.3) and img.spacing_source == "PixelSpacing"
+
+
+def test_dicom_without_window_gets_auto_window_and_ct_gets_hu_presets():
+    arr = (np.arange(400, dtype=np.uint16).reshape(20, 20))
+    img = load_image(make_dicom_bytes(arr), name="a.dcm")
+    assert img.windows[0].name == "auto"
+    assert img.pixels.min() == 0 and img.pixels.max() == 255
+    ct = load_image(pydicom_file("CT_small.dcm"))
+    assert {"lung", "mediastinum", "bone"} <= {w.name for w in ct.windows}
+
+
+def test_dicom_modality_inference():
+    arr = np.zeros((8, 8), np.uint8)
+    assert load_image(make_dicom_bytes(arr, Modality="CR")).modality == "cxr"
+    assert load_image(make_dicom_bytes(arr, Modality="SC", BodyPartExamined="CHEST")).modality == "cxr"
+    assert load_image(make_dicom_bytes(arr, Modality="SC", BodyPartExamined="HAND")).modality == "other"
+    assert load_image(make_dicom_bytes(arr, Modality="OPT")).modality == "oct"
+
+
+def test_dicom_multiframe_picks_frame():
+    frames = np.stack([np.full((6, 7), v, np.uint8) for v in (10, 20, 30)])
+    data = make_dicom_bytes(frames[0], NumberOfFrames=3, Rows=6, Columns=7)
+    # replace pixel data with all three frames
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.PixelData = frames.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    img = load_image(buf.getvalue(), name="mf.dcm", frame=2)
+    assert img.raw[0, 0] == 30
+    with pytest.raises(ImageLoadError, match=r"^mf\.dcm: frame 5 out of range \(file has 3 frames\)$"):
+        load_image(buf.getvalue(), name="mf.dcm", frame=5)
+
+
+def test_burned_in_annotation_flag():
+    img = load_image(make_dicom_bytes(np.zeros((4, 4), np.uint8), BurnedInAnnotation="YES"))
+    assert img.flags["burned_in_annotation"] is True
+
+
+@pytest.mark.parametrize(
+    "name, shape",
+    [("JPGExtended.dcm", (1024, 256)),  # 12-bit JPEG extended (process 4)
+     ("MR_small_RLE.dcm", (64, 64)), ("MR_small_jp2klossless.dcm", (64, 64)),
+     ("MR_small_jpeg_ls_lossless.dcm", (64, 64)), ("693_J2KI.dcm", (512, 512)),
+     ("SC_rgb_jpeg_dcmtk.dcm", (100, 100, 3)), ("SC_rgb_rle.dcm", (100, 100, 3)),
+     ("examples_palette.dcm", (350, 800, 3))],
+)
+def test_compressed_transfer_syntaxes_decode(name, shape):
+    img = load_image(pydicom_file(name))
+    assert img.pixels.shape == shape and img.pixels.dtype == np.uint8
+    assert img.pixels.std() > 1  # real content, not a blank frame
+
+
+def test_compressed_variants_match_uncompressed_mr():
+    reference = load_image(pydicom_file("MR_small.dcm"))
+    for variant in ("MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm"):
+        np.testing.assert_array_equal(load_image(pydicom_file(variant)).raw, reference.raw)
+
+
+def test_corrupt_jpeg_stream_names_the_transfer_syntax():
+    # JPEG-lossy.dcm's scan header is not sequential-conformant: no installed decoder accepts it
+    with pytest.raises(ImageLoadError, match=r"^JPEG-lossy\.dcm: .*JPEG Extended"):
+        load_image(pydicom_file("JPEG-lossy.dcm"))
+
+
+def test_unsupported_transfer_syntax_is_named():
+    data = make_dicom_bytes(np.zeros((4, 4), np.uint8))
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2 video
+    from pydicom.encaps import encapsulate
+
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + b"\x00" * 20])
+    ds["PixelData"].VR = "OB"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(ImageLoadError, match=r"^v\.dcm: unsupported transfer syntax MPEG2"):
+        load_image(buf.getvalue(), name="v.dcm")
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+def _one_line_error(source, name="bad.png", **kw) -> str:
+    with pytest.raises(ImageLoadError) as info:
+        load_image(source, name=name, **kw)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{name}: ")
+    assert isinstance(info.value, ValueError)
+    return message
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path):
+    png = _png(np.zeros((16, 16), np.uint8))
+    assert "empty file" in _one_line_error(b"")
+    assert "corrupt or truncated PNG" in _one_line_error(png[: len(png) // 2])
+    assert "text file" in _one_line_error(b"patient,label\n1,2\n", name="x.png")
+    assert "PDF" in _one_line_error(b"%PDF-1.4 ...", name="scan.jpg")
+    assert "file not found" in _one_line_error(tmp_path / "missing.png", name="missing.png")
+    no_pixels = make_dicom_bytes(np.zeros((4, 4), np.uint8))
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(no_pixels))
+    del ds.PixelData
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    assert "no pixel data" in _one_line_error(buf.getvalue(), name="np.dcm")
+    assert "no pixel data" in _one_line_error(pydicom_file("rtplan.dcm"), name="rtplan.dcm")
+
+
+def test_wrong_extension_is_decided_by_content(tmp_path):
+    path = tmp_path / "really_a_png.dcm"
+    path.write_bytes(_png(np.full((8, 8), 9, np.uint8)))
+    assert load_image(path).pixels[0, 0] == 9
+    dcm = tmp_path / "really_dicom.jpg"
+    dcm.write_bytes(make_dicom_bytes(np.full((8, 8), 3, np.uint8)))
+    assert load_image(dcm).metadata["format"] == "DICOM"
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    # a valid 20000 x 20000 PNG (400 MP) compresses to a few hundred KB
+    import zlib, struct
+
+    width = height = 20000
+    raw = zlib.compress(b"".join(b"\x00" + bytes(width) for _ in range(64)))  # only the first rows
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+    message = _one_line_error(png, name="bomb.png")
+    assert "too large" in message and "20000x20000" in message
+    small = _png(np.zeros((100, 100), np.uint8))
+    assert "too large" in _one_line_error(small, name="s.png", max_pixels=5000)
+    dicom = make_dicom_bytes(np.zeros((100, 100), np.uint8))
+    assert "too large" in _one_line_error(dicom, name="s.dcm", max_pixels=5000)
+
+
+def test_sniff():
+    assert sniff(_png(np.zeros((2, 2), np.uint8))) == "png"
+    assert sniff(make_dicom_bytes(np.zeros((2, 2), np.uint8))) == "dicom"
+    assert sniff(b"hello") is None
+
+
+def test_window_dataclass_defaults():
+    assert Window(1.0, 2.0, "x").function == "LINEAR"
