@@ -172,12 +172,17 @@ class Polygon:
 
     def to_mask(self, height: int, width: int) -> np.ndarray:
         """``(height, width)`` bool, True on pixels whose centre is inside the polygon (even-odd rule)."""
-        from PIL import Image, ImageDraw
-
-        img = Image.new("1", (width, height), 0)
-        # PIL samples pixel (i, j) at integer coordinates; shift by half a pixel to test centres
-        ImageDraw.Draw(img).polygon([(x - 0.5, y - 0.5) for x, y in self.points], fill=1)
-        return np.asarray(img, dtype=bool)
+        # crossing-number test on pixel centres (x + 0.5, y + 0.5); the same rule as Box.to_mask
+        ys, xs = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
+        inside = np.zeros((height, width), dtype=bool)
+        pts = self.points
+        for (xa, ya), (xb, yb) in zip(pts, pts[1:] + pts[:1]):
+            if ya == yb:
+                continue
+            crosses = (ya > ys) != (yb > ys)
+            x_at = xa + (ys - ya) * (xb - xa) / (yb - ya)
+            inside ^= crosses & (xs < x_at)
+        return inside
 
     def to_json(self) -> dict[str, Any]:
         return {"points": [list(p) for p in self.points]}
