@@ -502,9 +502,7 @@ def evaluate_cohort(
     patch = int(settings.patch or max(1, img_size // 16))
     M.cell_grid((img_size, img_size), patch)
 
-    items = [_record_item(r) for r in folder.records]
-    if settings.split != "all":
-        items = [it for it in items if it.split == settings.split]
+    items = [_record_item(r) for r in folder.split(settings.split)]
     if not items:
         raise ValueError(f"{getattr(folder, 'root', folder)}: no image in split {settings.split!r}")
     if settings.limit:
