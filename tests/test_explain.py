@@ -1,0 +1,221 @@
+"""explain(): every method on a hand-built net whose evidence is known, targets, layers, errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from softcam_core.explain import METHODS, ExplainError, explain, file_safe_name, is_method, resolve_targets
+from softcam_core.models import BaselineNet, SoftCAMNet, to_softcam
+from tests.plugins.explain import IMAGE_SIZE, hand_built_baseline, hand_built_softcam, square_image
+
+DESIGN = Path(__file__).resolve().parents[2] / "shared" / "DESIGN.md"
+CONTRACT_NAMES = (
+    "softcam", "cam", "gradcam", "gradcampp", "xgradcam", "layercam", "scorecam", "hirescam", "eigencam",
+    "ablationcam", "fullgrad", "integrated_gradients", "guided_backprop",
+)
+# two images, bright squares (row, col, side) at different places
+SQUARES = [(8, 16, 8), (20, 4, 8)]
+
+
+def _two_squares() -> torch.Tensor:
+    return torch.stack([square_image([(r, c, s, 2.0)], seed=i) for i, (r, c, s) in enumerate(SQUARES)])
+
+
+def _model_for(method: str, head: str):
+    if method == "cam" or head == "baseline":
+        return hand_built_baseline()
+    return hand_built_softcam()
+
+
+def test_method_names_are_the_contract():
+    assert METHODS == CONTRACT_NAMES
+    if DESIGN.is_file():
+        text = DESIGN.read_text()
+        for name in METHODS:
+            assert f"`{name}`" in text
+    assert is_method("cascam:gradcam") and is_method("softcam")
+    assert not is_method("cascam:cascam:gradcam") and not is_method("gradcam++")
+    assert file_safe_name("cascam:gradcam") == "cascam-gradcam"
+
+
+@pytest.mark.parametrize("head", ["softcam", "baseline"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_peaks_on_the_bright_square(method, head):
+    """The hand-built net's class-0 evidence is exactly the bright square: every map must peak there."""
+    if method == "softcam" and head == "baseline":
+        pytest.skip("softcam needs a SoftCAM net (error path tested below)")
+    if method == "cam" and head == "softcam":
+        pytest.skip("cam needs a GAP + Linear net (error path tested below)")
+    model = _model_for(method, head)
+    x = _two_squares()
+    assert model(x).argmax(1).tolist() == [0, 0]
+    maps = explain(model, x, method)
+    assert maps.shape == (2, IMAGE_SIZE, IMAGE_SIZE) and maps.dtype == torch.float32
+    assert torch.isfinite(maps).all()
+    for b, (row, col, side) in enumerate(SQUARES):
+        peak_row, peak_col = divmod(int(maps[b].argmax()), IMAGE_SIZE)
+        assert row <= peak_row < row + side and col <= peak_col < col + side, (method, b, peak_row, peak_col)
+        inside = torch.zeros(IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bool)
+        inside[row:row + side, col:col + side] = True
+        assert maps[b][inside].mean() > maps[b][~inside].mean()
+
+
+def test_softcam_is_the_signed_evidence_map_of_the_forward_pass():
+    net = hand_built_softcam()
+    x = _two_squares()
+    logits, evidence = net.forward_with_maps(x)
+    for target in (0, 1):
+        maps = explain(net, x, "softcam", target=target)
+        expected = nn.functional.interpolate(evidence[:, target:target + 1], size=(IMAGE_SIZE, IMAGE_SIZE),
+                                             mode="bilinear", align_corners=False)[:, 0]
+        torch.testing.assert_close(maps, expected)
+    # class 0 evidence: 4 * bright - 0.1 -> signed, -0.1 on the background, 3.9 on the square
+    maps = explain(net, x, "softcam", target=0)
+    assert maps.min().item() == pytest.approx(-0.1, abs=1e-6)
+    assert maps.max().item() == pytest.approx(3.9, abs=1e-5)
+    # logits are the spatial mean of the feature-resolution maps
+    torch.testing.assert_close(evidence.mean((2, 3)), logits)
+
+
+def test_cam_equals_softcam_of_the_converted_net_minus_bias():
+    """CAM of a GAP+Linear net == SoftCAM map of its to_softcam conversion minus the class bias."""
+    baseline = hand_built_baseline()
+    converted = to_softcam(baseline, 2).eval()
+    x = _two_squares()
+    for target in (0, 1):
+        cam = explain(baseline, x, "cam", target=target)
+        softcam = explain(converted, x, "softcam", target=target)
+        torch.testing.assert_close(cam, softcam - baseline.fc.bias[target].item(), atol=1e-5, rtol=1e-5)
+
+
+def test_native_methods_reject_the_wrong_architecture():
+    x = _two_squares()
+    with pytest.raises(ExplainError, match="softcam"):
+        explain(hand_built_baseline(), x, "softcam")
+    with pytest.raises(ExplainError, match="use 'softcam'"):
+        explain(hand_built_softcam(), x, "cam")
+    mlp = BaselineNet(hand_built_softcam().features, nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2)))
+    with pytest.raises(ExplainError, match="single Linear"):
+        explain(mlp, x, "cam")
+
+
+def test_targets_default_int_and_per_image():
+    net = hand_built_softcam()
+    x = torch.stack([square_image([(8, 16, 8, 2.0)]), square_image([])])  # lesion, healthy
+    assert net(x).argmax(1).tolist() == [0, 1]
+    predicted = explain(net, x, "gradcam")
+    per_image = explain(net, x, "gradcam", target=[0, 1])
+    torch.testing.assert_close(predicted, per_image)
+    as_tensor = explain(net, x, "gradcam", target=torch.tensor([0, 1]))
+    torch.testing.assert_close(as_tensor, per_image)
+    all_zero = explain(net, x, "gradcam", target=0)
+    torch.testing.assert_close(all_zero[0], per_image[0])
+    assert not torch.allclose(all_zero[1], per_image[1])
+    # class-1 evidence (dark background) is not on the square
+    healthy_map = explain(net, x, "softcam", target=1)[0]
+    assert healthy_map[8:16, 16:24].mean() < healthy_map.mean()
+
+
+@pytest.mark.parametrize("method", ["softcam", "gradcam", "integrated_gradients", "hirescam", "cascam:gradcam"])
+@pytest.mark.parametrize("target", [[0], [0, 1, 0], [0, 5], 2, -1, "0", [0.5, 1]])
+def test_bad_targets_are_errors_never_truncated(method, target):
+    with pytest.raises(ValueError):
+        explain(hand_built_softcam(), _two_squares(), method, target=target)
+
+
+def test_resolve_targets():
+    assert resolve_targets(None, 3) is None
+    assert resolve_targets(1, 3, 2) == [1, 1, 1]
+    with pytest.raises(ValueError, match="2 entries for a batch of 3"):
+        resolve_targets([0, 1], 3)
+
+
+def test_unknown_method_option_and_bad_input_are_clear_errors():
+    net = hand_built_softcam()
+    x = _two_squares()
+    with pytest.raises(ValueError, match="unknown method 'gradcam\\+\\+'"):
+        explain(net, x, "gradcam++")
+    with pytest.raises(ValueError, match="n_step"):
+        explain(net, x, "integrated_gradients", n_step=10)
+    with pytest.raises(ValueError, match=re.escape("(B, 3, H, W)")):
+        explain(net, x[0], "gradcam")
+    with pytest.raises(ExplainError, match="not found"):
+        explain(net, x, "gradcam", target_layer="features.9")
+
+
+def test_target_layer_override_by_name_and_module():
+    net = hand_built_softcam()
+    x = _two_squares()
+    # the ReLU before pooling: full-resolution feature map, still peaks on the square
+    by_name = explain(net, x, "gradcam", target_layer="features.1")
+    by_module = explain(net, x, "gradcam", target_layer=net.features[1])
+    torch.testing.assert_close(by_name, by_module)
+    assert not torch.allclose(by_name, explain(net, x, "gradcam"))
+    peak_row, peak_col = divmod(int(by_name[0].argmax()), IMAGE_SIZE)
+    assert 8 <= peak_row < 16 and 16 <= peak_col < 24
+
+
+def test_integrated_gradients_options_and_completeness():
+    """IG with the zero (dataset-mean) baseline satisfies completeness: sum of attributions = f(x) - f(0)."""
+    net = hand_built_softcam()
+    x = _two_squares()
+    maps = explain(net, x, "integrated_gradients", target=0, n_steps=64)
+    with torch.no_grad():
+        delta = net(x)[:, 0] - net(torch.zeros_like(x))[:, 0]
+    torch.testing.assert_close(maps.sum((1, 2)), delta, atol=2e-3, rtol=2e-2)
+    shifted = explain(net, x, "integrated_gradients", target=0, n_steps=16, baseline=0.5)
+    assert not torch.allclose(shifted, maps)
+
+
+def test_output_stays_on_the_input_device_and_model_is_untouched_on_cpu():
+    net = hand_built_softcam()
+    maps = explain(net, _two_squares(), "gradcam")
+    assert maps.device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "densenet121", "efficientnet_b0", "convnext_tiny", "vgg11"])
+def test_automatic_target_layer_on_plain_torchvision_and_built_models(arch):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    plain = torchvision.models.get_model(arch, weights=None, num_classes=3).eval()
+    x = torch.randn(1, 3, 32, 32)
+    for method in ("gradcam", "hirescam"):
+        maps = explain(plain, x, method, target=1)
+        assert maps.shape == (1, 32, 32) and torch.isfinite(maps).all()
+    if arch in ("resnet18", "densenet121", "efficientnet_b0"):
+        assert explain(plain, x, "cam", target=1).shape == (1, 32, 32)
+    else:
+        with pytest.raises(ExplainError):
+            explain(plain, x, "cam")
+
+
+def test_built_softcam_resnet_all_fast_methods():
+    from softcam_core.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("resnet18", 2, "softcam").eval()
+    x = torch.randn(2, 3, 32, 32)
+    for method in ("softcam", "gradcam", "layercam", "eigencam", "fullgrad", "guided_backprop"):
+        maps = explain(net, x, method, target=[0, 1])
+        assert maps.shape == (2, 32, 32) and torch.isfinite(maps).all(), method
+    assert isinstance(net, SoftCAMNet)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_matches_cpu(method):
+    model = _model_for(method, "softcam")
+    x = _two_squares()
+    cpu = explain(model, x, method, target=0)
+    gpu_model = _model_for(method, "softcam").cuda()
+    gpu = explain(gpu_model, x.cuda(), method, target=0)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-3)
+    # CPU input to a CUDA model comes back on the CPU
+    assert explain(gpu_model, x, method, target=0).device.type == "cpu"
