@@ -178,7 +178,10 @@ def test_output_stays_on_the_input_device_and_model_is_untouched_on_cpu():
     assert maps.device == torch.device("cpu")
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "densenet121", "efficientnet_b0", "convnext_tiny", "vgg11"])
+@pytest.mark.parametrize(
+    "arch",
+    ["resnet18"] + [pytest.param(a, marks=pytest.mark.slow) for a in ("densenet121", "efficientnet_b0", "convnext_tiny", "vgg11")],
+)
 def test_automatic_target_layer_on_plain_torchvision_and_built_models(arch):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
@@ -194,6 +197,7 @@ def test_automatic_target_layer_on_plain_torchvision_and_built_models(arch):
             explain(plain, x, "cam")
 
 
+@pytest.mark.slow
 def test_built_softcam_resnet_all_fast_methods():
     from softcam_core.models import build_model
 

@@ -1,0 +1,152 @@
+"""A shared cached model is left exactly as found: hooks, layers, modes, requires_grad, .grad, weights."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from softcam_core.explain import METHODS, explain
+from softcam_core.explain.guard import HOOK_DICTS
+from tests.plugins.explain import (
+    Tripwire,
+    hand_built_baseline,
+    hand_built_softcam,
+    hand_built_softcam_with_tripwire,
+    square_image,
+)
+
+LIBRARY_METHODS = [m for m in METHODS if m not in ("softcam", "cam")]
+
+
+def _x() -> torch.Tensor:
+    return torch.stack([square_image([(8, 16, 8, 2.0)]), square_image([(20, 4, 8, 2.0)], seed=1)])
+
+
+def _snapshot(model: torch.nn.Module) -> dict:
+    """Everything a method could leave behind."""
+    modules = list(model.named_modules())
+    return {
+        "modules": [(name, id(m), type(m)) for name, m in modules],
+        "hooks": sum(len(getattr(m, d, {}) or {}) for _, m in modules for d in HOOK_DICTS),
+        "hook_keys": [(name, d, tuple((getattr(m, d, {}) or {}).keys())) for name, m in modules for d in HOOK_DICTS],
+        "training": [(name, m.training) for name, m in modules],
+        "requires_grad": [(name, p.requires_grad) for name, p in model.named_parameters()],
+        "grad_ids": [(name, id(p.grad) if p.grad is not None else None) for name, p in model.named_parameters()],
+        "grads": {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None},
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+    }
+
+
+def _assert_same(before: dict, after: dict) -> None:
+    for key in ("modules", "hooks", "hook_keys", "training", "requires_grad", "grad_ids"):
+        assert after[key] == before[key], key
+    assert before["grads"].keys() == after["grads"].keys()
+    for name, grad in before["grads"].items():
+        assert torch.equal(after["grads"][name], grad), name
+    for name, value in before["state"].items():
+        assert torch.equal(after["state"][name], value), name
+
+
+def _messy(model: torch.nn.Module) -> torch.nn.Module:
+    """A model as a session might leave it: train mode, a frozen layer, stale .grad, a user hook."""
+    model.train()
+    model.features[0].bias.requires_grad_(False)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.full_like(p, 0.25)
+    model.features.register_forward_hook(lambda *_: None)
+    model.register_forward_pre_hook(lambda *_: None)
+    return model
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_successful_call_leaves_model_as_found(method):
+    model = _messy(hand_built_baseline() if method == "cam" else hand_built_softcam())
+    before = _snapshot(model)
+    assert before["hooks"] == 2
+    explain(model, _x(), method)
+    _assert_same(before, _snapshot(model))
+    assert model.training
+
+
+@pytest.mark.parametrize("fail_on", [1, 2, 3])
+@pytest.mark.parametrize("method", LIBRARY_METHODS + ["softcam", "cascam:gradcam"])
+def test_failure_mid_method_leaves_model_as_found(method, fail_on):
+    """The tripwire raises on the n-th forward through the head: hooks registered, layer swapped, ..."""
+    model = _messy(hand_built_softcam_with_tripwire(fail_on=None))
+    tripwire = model.evidence[0]
+    before = _snapshot(model)
+    tripwire.fail_on, tripwire.calls = fail_on, 0
+    try:
+        explain(model, _x(), method, target=0)
+    except RuntimeError as exc:
+        assert "tripwire" in str(exc) or "tripwire" in str(exc.__cause__ or "")
+        raised = True
+    else:  # the method needs fewer forward passes than fail_on
+        raised = False
+    tripwire.fail_on = None
+    _assert_same(before, _snapshot(model))
+    if fail_on == 1:
+        assert raised, f"{method} swallowed the failure"
+
+
+def test_ablationcam_layer_swap_is_undone_after_a_failure():
+    """AblationCAM swaps the target layer for an AblationLayer before its ablation passes (call 3)."""
+    from pytorch_grad_cam.ablation_layer import AblationLayer
+
+    model = hand_built_softcam_with_tripwire(fail_on=3)
+    features = model.features
+    seen_swapped = []
+    original_forward = Tripwire.forward
+
+    def spy(self, x):  # records what sits in model.features while the ablation passes run
+        seen_swapped.append(isinstance(model._modules["features"], AblationLayer))
+        return original_forward(self, x)
+
+    model.evidence[0].forward = spy.__get__(model.evidence[0])
+    with pytest.raises(RuntimeError, match="tripwire"):
+        explain(model, _x(), "ablationcam", target=0)
+    assert seen_swapped[-1] is True, "the failure must happen while the layer is swapped"
+    assert model.features is features
+    assert not any(isinstance(m, AblationLayer) for m in model.modules())
+    model.evidence[0].fail_on = None
+    torch.testing.assert_close(model(_x()), hand_built_softcam()(_x()))
+
+
+def test_grad_cam_index_error_is_not_swallowed():
+    """grad-cam's context manager swallows IndexError; explain must not (bad layer -> clear error)."""
+    model = hand_built_softcam()
+    with pytest.raises(ValueError):
+        explain(model, _x(), "hirescam", target=[0, 7])
+
+
+def test_concurrent_calls_give_the_serial_maps():
+    model = hand_built_softcam()
+    x = _x()
+    methods = ["gradcam", "scorecam", "integrated_gradients", "ablationcam", "guided_backprop", "softcam", "fullgrad"]
+    serial = {m: explain(model, x, m, target=[0, 1]) for m in methods}
+    results: dict[tuple[int, str, int], torch.Tensor] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def worker(index: int) -> None:
+        try:
+            start.wait()
+            for repeat in range(2):
+                for method in (methods if index == 0 else methods[::-1]):
+                    results[(index, method, repeat)] = explain(model, x, method, target=[0, 1])
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert len(results) == 2 * 2 * len(methods)
+    for (index, method, repeat), maps in results.items():
+        torch.testing.assert_close(maps, serial[method], rtol=0, atol=0, msg=f"{method} thread {index}")
+    assert sum(len(getattr(m, d, {}) or {}) for m in model.modules() for d in HOOK_DICTS) == 0
