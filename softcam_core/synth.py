@@ -225,10 +225,11 @@ def _draw_tree(
 
 def _polyline(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], width: float, value: int) -> None:
     pen = max(1, int(round(width)))
-    draw.line(points, fill=value, width=pen, joint="curve")
-    r = pen / 2.0
-    x, y = points[-1]
-    draw.ellipse([x - r, y - r, x + r, y + r], fill=value)  # round cap where the next run starts
+    draw.line(points, fill=value, width=pen)
+    if pen >= 3:  # round joins; thinner lines show no gaps once downsampled
+        r = pen / 2.0
+        for x, y in points[1:]:
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=value)
 
 
 # 5 x 7 bitmap glyphs for the burned-in artifact text: drawn here rather than with a font file so
@@ -394,10 +395,10 @@ def _render_fundus(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
     disc_alpha = 1.0 - _smoothstep(disc_r * 0.85, disc_r * 1.08, disc_d)
     cup_x = disc_x + eye * 0.12 * disc_r
     cup_alpha = 1.0 - _smoothstep(disc_r * 0.25, disc_r * 0.55, np.hypot(xx - cup_x, yy - disc_y))
-    disc_colour = np.array([250, 200, 125], dtype=np.float32) * rng_bg.uniform(0.92, 1.02)
-    cup_colour = np.array([255, 238, 190], dtype=np.float32)
-    img = img * (1 - 0.9 * disc_alpha[..., None]) + disc_colour * 0.9 * disc_alpha[..., None]
-    img = img * (1 - 0.85 * cup_alpha[..., None]) + cup_colour * 0.85 * cup_alpha[..., None]
+    disc_colour = np.array([250, 185, 105], dtype=np.float32) * rng_bg.uniform(0.92, 1.02)
+    cup_colour = np.array([255, 228, 165], dtype=np.float32)
+    img = img * (1 - 0.85 * disc_alpha[..., None]) + disc_colour * 0.85 * disc_alpha[..., None]
+    img = img * (1 - 0.8 * cup_alpha[..., None]) + cup_colour * 0.8 * cup_alpha[..., None]
 
     # vessels: arteries and veins leave the disc in four arcades; the temporal ones arch around
     # the macula, the nasal ones run to the nasal rim
@@ -411,11 +412,11 @@ def _render_fundus(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
             start_angle = math.atan2(vertical, -eye * 0.35) + rng_bg.normal(0, 0.1)
             target = math.atan2(vertical * 0.25, -eye) + rng_bg.normal(0, 0.08)
             _draw_tree(draw, rng_bg, (cup_x, disc_y + vertical * 0.2 * disc_r), start_angle, target, vessel_width * radius,
-                       1.5 * radius, value=255, inside=inside, scale=scale, step=step, steer=0.07)
+                       1.5 * radius, value=255, inside=inside, scale=scale, step=step, steer=0.07, jitter=0.07)
             start_angle = math.atan2(vertical, eye * 0.6) + rng_bg.normal(0, 0.1)
             target = math.atan2(vertical * 0.4, eye) + rng_bg.normal(0, 0.1)
             _draw_tree(draw, rng_bg, (cup_x, disc_y + vertical * 0.2 * disc_r), start_angle, target, vessel_width * radius * 0.75,
-                       0.8 * radius, value=255, inside=inside, scale=scale, step=step, steer=0.1)
+                       0.8 * radius, value=255, inside=inside, scale=scale, step=step, steer=0.1, jitter=0.08)
     veins = np.asarray(canvas_veins.reduce(int(scale)), dtype=np.float32) / 255.0
     arteries = np.asarray(canvas_arteries.reduce(int(scale)), dtype=np.float32) / 255.0
     artery_colour = np.array([165, 38, 22], dtype=np.float32) * (base[0] / 210)
@@ -552,7 +553,7 @@ def _render_oct(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
         else:
             continue
         t = np.clip((x - centre) / half_width, -1.0, 1.0)
-        dome = (peak * (1 - t**2) ** 1.5).astype(np.float32)
+        dome = (peak * (1 - t**2) ** 1.1).astype(np.float32)
         elevation += dome
         drusen.append(dome)
     if not draw_lesions:
@@ -561,13 +562,13 @@ def _render_oct(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
     bm = rpe + rpe_thickness  # Bruch's membrane stays put
     rpe_top = rpe - elevation
     # boundaries from the RPE upwards; the outer retina rides on the elevated RPE and the outer
-    # nuclear layer absorbs most of the displacement
+    # nuclear layer absorbs most of the displacement, so the inner retina barely moves
     boundaries = {}
     level = rpe_top
     for name in ("os", "ez", "myoid", "elm"):
         level = level - thickness[name]
         boundaries[name] = level
-    level = level - np.maximum(thickness["onl"] - 0.6 * elevation, 0.2 * thickness["onl"])
+    level = level - np.maximum(thickness["onl"] - 0.9 * elevation, 0.25 * thickness["onl"])
     boundaries["onl"] = level
     for name in ("opl", "inl", "ipl", "gcl", "nfl"):
         level = level - thickness[name]
@@ -586,7 +587,7 @@ def _render_oct(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
         (boundaries["ez"], 0.85),
         (boundaries["os"], 0.36),
         (rpe_top, 0.95),
-        (np.minimum(rpe_top + rpe_thickness, bm), 0.52),  # druse material under the lifted RPE
+        (np.minimum(rpe_top + rpe_thickness, bm), 0.58),  # druse material under the lifted RPE
         (bm, 0.0),  # choroid, added below
     ]
     img = np.full((height, width), layers[0][1], dtype=np.float32)
@@ -610,7 +611,7 @@ def _render_oct(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
         img += 0.25 * np.exp(-0.5 * (((xx - vx) / vr) ** 2 + ((yy - vy_top) / vr) ** 2))
 
     # speckle: multiplicative, slightly elongated along the A-scan lateral direction
-    speckle = np.exp(0.42 * _smooth_noise(rng_noise, (height, width), (0.6 * size / 256, 1.1 * size / 256)) - 0.09)
+    speckle = np.exp(0.36 * _smooth_noise(rng_noise, (height, width), (0.6 * size / 256, 1.1 * size / 256)) - 0.065)
     img = img * speckle + 0.03 * np.abs(rng_noise.standard_normal((height, width)))
     pixels = np.clip(np.rint(255 * np.clip(img, 0, 1) ** 0.9), 0, 255).astype(np.uint8)
 
@@ -624,13 +625,15 @@ def _render_oct(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
 
 
 def _oct_plan(load: str, rng: np.random.Generator, width: int, height: int) -> list[tuple[float, float]]:
-    """Drusen to draw: (half width, peak height) in pixels."""
-    count = {"none": 0, "mild": int(rng.integers(1, 3)), "moderate": int(rng.integers(2, 5)), "severe": int(rng.integers(4, 7))}[load]
-    big = load == "severe"
-    return [
-        (rng.uniform(0.035, 0.07 if not big else 0.09) * width, rng.uniform(0.035, 0.06 if not big else 0.075) * height)
-        for _ in range(count)
-    ]
+    """Drusen to draw: (half width, peak height) in pixels. Intermediate to large drusen: 100-400 um
+    tall on a ~2 mm deep scan, i.e. 4-10 % of the scan height."""
+    count, (w_low, w_high), (h_low, h_high) = {
+        "none": (0, (0, 0), (0, 0)),
+        "mild": (int(rng.integers(1, 3)), (0.04, 0.06), (0.045, 0.065)),
+        "moderate": (int(rng.integers(3, 6)), (0.045, 0.075), (0.055, 0.09)),
+        "severe": (int(rng.integers(5, 8)), (0.05, 0.08), (0.07, 0.1)),
+    }[load]
+    return [(rng.uniform(w_low, w_high) * width, rng.uniform(h_low, h_high) * height) for _ in range(count)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -668,8 +671,8 @@ def _render_cxr(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
 
     right = lung(0.30, rng_bg.uniform(0.69, 0.72), 0.30)
     left = lung(0.70, rng_bg.uniform(0.72, 0.75), 0.70)
-    heart_u, heart_v = 0.545 + rng_bg.uniform(-0.01, 0.02), 0.635 + rng_bg.uniform(-0.01, 0.015)
-    heart_a, heart_b, tilt = 0.16 * rng_bg.uniform(0.92, 1.1), 0.125, -0.35
+    heart_u, heart_v = 0.55 + rng_bg.uniform(-0.01, 0.02), 0.65 + rng_bg.uniform(-0.01, 0.015)
+    heart_a, heart_b, tilt = 0.175 * rng_bg.uniform(0.92, 1.1), 0.115, -0.5
     hu, hv = u - heart_u, v - heart_v
     heart = ((hu * math.cos(tilt) + hv * math.sin(tilt)) / heart_a) ** 2 + ((-hu * math.sin(tilt) + hv * math.cos(tilt)) / heart_b) ** 2 < 1
     mediastinum = (np.abs(u - 0.5) < 0.065 + 0.02 * _smoothstep(0.3, 0.5, v)) & (v > 0.05)
@@ -691,25 +694,26 @@ def _render_cxr(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
     ribs = Image.new("L", (width * scale, height * scale), 0)
     rib_draw = ImageDraw.Draw(ribs)
     rib_width = 0.018 * size
+    to_canvas = lambda pu, pv: ((pu + shift_u) * width * scale, (pv + shift_v) * height * scale)  # noqa: E731
     for side in (-1.0, 1.0):
         for k in range(10):
-            v0 = 0.115 + 0.062 * k + rng_bg.normal(0, 0.004)
-            points = []
-            for t in np.linspace(0.0, 1.0, 14):
-                pu = 0.5 + side * (0.035 + (0.40 + 0.03 * k / 9) * t)
-                pv = v0 - 0.045 * math.sin(math.pi * min(t * 1.25, 1.0)) + 0.06 * t**2
-                points.append(((pu + shift_u) * width * scale, (pv + shift_v) * height * scale))
-            rib_draw.line(points, fill=150, width=int(round(rib_width * scale * (1 + 0.25 * k / 9))), joint="curve")
-            rib_draw.line(points, fill=100, width=max(1, int(round(rib_width * scale * 0.45))), joint="curve")
-            # anterior rib: fainter, running down towards the sternum
-            start_u, start_v = 0.5 + side * 0.43, v0 + 0.03
-            end_u, end_v = 0.5 + side * 0.16, v0 + 0.13
-            rib_draw.line([((start_u + shift_u) * width * scale, (start_v + shift_v) * height * scale),
-                           ((end_u + shift_u) * width * scale, (end_v + shift_v) * height * scale)],
-                          fill=60, width=int(round(rib_width * scale * 0.8)))
-        clavicle = [((0.5 + side * (0.05 + 0.3 * t) + shift_u) * width * scale,
-                     (0.165 - 0.07 * t + 0.02 * math.sin(math.pi * t) + shift_v) * height * scale) for t in np.linspace(0, 1, 10)]
-        rib_draw.line(clavicle, fill=255, width=int(round(0.03 * size * scale)), joint="curve")
+            v0 = 0.10 + 0.064 * k + rng_bg.normal(0, 0.004)
+            # posterior rib: leaves the spine, arches up and out, then turns down the lateral wall
+            reach = 0.19 + 0.02 * math.sin(math.pi * k / 9)
+            points = [to_canvas(0.5 + side * (0.03 + reach * (1 + math.cos(phi))), v0 + 0.07 - 0.085 * math.sin(phi))
+                      for phi in np.linspace(0.97 * math.pi, -0.45, 16)]
+            pen = int(round(rib_width * scale * (1 + 0.3 * k / 9)))
+            rib_draw.line(points, fill=125, width=pen, joint="curve")
+            rib_draw.line(points, fill=80, width=max(1, int(round(pen * 0.45))), joint="curve")  # bright cortex, paler marrow
+            if k > 6:
+                continue  # the lower anterior ribs hide behind the diaphragm
+            # anterior rib: fainter, from the lateral wall down towards the sternum
+            points = [to_canvas(0.5 + side * (0.43 - 0.28 * t), v0 + 0.05 + 0.11 * t - 0.03 * math.sin(math.pi * t))
+                      for t in np.linspace(0, 1, 8)]
+            rib_draw.line(points, fill=55, width=int(round(rib_width * scale * 0.8)), joint="curve")
+        clavicle = [to_canvas(0.5 + side * (0.05 + 0.3 * t), 0.17 - 0.075 * t + 0.025 * math.sin(math.pi * t))
+                    for t in np.linspace(0, 1, 10)]
+        rib_draw.line(clavicle, fill=255, width=int(round(0.026 * size * scale)), joint="curve")
     bone = np.asarray(ribs.reduce(scale), dtype=np.float32) / 255.0
     atten += 0.13 * bone * body
 
@@ -717,14 +721,16 @@ def _render_cxr(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
     tree_draw = ImageDraw.Draw(tree)
     for side in (-1.0, 1.0):
         hilum = ((0.5 + side * 0.1 + shift_u) * width, (0.44 + shift_v) * height)
-        for base_angle in (-1.1, -0.4, 0.3, 0.9, 1.4):
-            angle = math.atan2(math.sin(base_angle), side * math.cos(base_angle)) + rng_bg.normal(0, 0.1)
-            _draw_tree(tree_draw, rng_bg, hilum, angle, angle, 0.009 * size, 0.3 * size, value=255,
-                       inside=lambda px, py: 0 <= px < width and 0 <= py < height, scale=scale, step=0.02 * size,
-                       steer=0.05, branch_prob=0.15, jitter=0.1, min_width=0.2)
-    vessels = np.asarray(tree.reduce(scale), dtype=np.float32) / 255.0
+        for base_angle in (-1.3, -0.8, -0.3, 0.2, 0.7, 1.2, 1.6):
+            angle = math.atan2(math.sin(base_angle), side * math.cos(base_angle)) + rng_bg.normal(0, 0.12)
+            _draw_tree(tree_draw, rng_bg, hilum, angle, angle, 0.008 * size, 0.32 * size, value=255,
+                       inside=lambda px, py: 0 <= px < width and 0 <= py < height, scale=scale, step=0.015 * size,
+                       steer=0.0, branch_prob=0.22, jitter=0.09, min_width=0.25)
+    vessels = ndimage.gaussian_filter(np.asarray(tree.reduce(scale), dtype=np.float32) / 255.0, 0.4 * size / 256)
+    # vessel markings fade towards the periphery, where the vessels are thin
+    from_hilum = np.hypot(np.abs(u - 0.5) - 0.1, v - 0.44)
     hila = np.exp(-0.5 * (((np.abs(u - 0.5) - 0.1) / 0.04) ** 2 + ((v - 0.44) / 0.06) ** 2))
-    atten += (0.05 * vessels + 0.06 * hila) * lungs
+    atten += (0.07 * vessels * np.exp(-from_hilum / 0.2) + 0.06 * hila) * lungs
     atten += 0.015 * _smooth_noise(rng_bg, (height, width), 0.02 * size) * body
     atten = ndimage.gaussian_filter(atten, 0.6 * size / 256)
 
@@ -732,7 +738,7 @@ def _render_cxr(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
     lesions = []
     inner = ndimage.distance_transform_edt(lungs_hard)
     for radius in _cxr_plan(load, rng_lesion, size):
-        candidates = np.flatnonzero(inner.ravel() > 0.65 * radius)
+        candidates = np.flatnonzero(inner.ravel() > 0.9 * radius)
         if candidates.size == 0:
             continue
         for _ in range(60):
@@ -746,7 +752,8 @@ def _render_cxr(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
         window, coverage, depth = _blob((height, width), px + 0.5, py + 0.5, radius, rng_lesion, aspect=rng_lesion.uniform(0.65, 1.0), wobble=0.2)
         in_lung = lungs_hard[window]
         mottle = np.clip(1.0 + 0.25 * _smooth_noise(rng_lesion, coverage.shape, 0.015 * size), 0.5, 1.5)
-        density = rng_lesion.uniform(0.17, 0.26) * np.clip(coverage, 0, 1) * (0.35 + 0.65 * depth**0.5) * mottle * in_lung
+        # ill-defined margin: density rises over the outer part of the blob
+        density = rng_lesion.uniform(0.2, 0.3) * coverage * (0.25 + 0.75 * _smoothstep(0.0, 0.6, depth)) * mottle * in_lung
         mask = np.zeros((height, width), dtype=bool)
         mask[window] = (coverage >= 0.5) & in_lung
         if not mask.any():
@@ -762,8 +769,12 @@ def _render_cxr(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
 
 def _cxr_plan(load: str, rng: np.random.Generator, size: int) -> list[float]:
     """Opacity radii in pixels."""
-    count = {"none": 0, "mild": int(rng.integers(1, 3)), "moderate": int(rng.integers(2, 4)), "severe": int(rng.integers(3, 6))}[load]
-    low, high = (0.045, 0.075) if load == "mild" else (0.05, 0.095)
+    count, (low, high) = {
+        "none": (0, (0, 0)),
+        "mild": (int(rng.integers(1, 3)), (0.055, 0.075)),
+        "moderate": (int(rng.integers(2, 5)), (0.06, 0.1)),
+        "severe": (int(rng.integers(4, 7)), (0.07, 0.11)),
+    }[load]
     return [rng.uniform(low, high) * size for _ in range(count)]
 
 
