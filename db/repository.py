@@ -317,20 +317,25 @@ def _iter_sources(paths: Iterable[str | Path]) -> Iterator[tuple[str, Callable[[
                     (str(child.relative_to(path)), child.read_bytes)]
         elif path.suffix.lower() == ".zip" and path.is_file():
             try:
-                archive = zipfile.ZipFile(path)
+                with zipfile.ZipFile(path) as archive:
+                    members = sorted(archive.namelist())
             except zipfile.BadZipFile:
                 yield path.name, _unreadable("not a valid zip file")
                 continue
-            with archive:
-                for member in sorted(archive.namelist()):
-                    base = PurePosixPath(member).name
-                    if member.endswith("/") or base.startswith(".") or "__MACOSX" in member:
-                        continue
-                    if PurePosixPath(member).suffix.lower() not in IMAGE_SUFFIXES:
-                        continue
-                    yield f"{path.name}:{member}", (lambda a=archive, m=member: a.read(m))
+            for member in members:
+                base = PurePosixPath(member).name
+                if member.endswith("/") or base.startswith(".") or "__MACOSX" in member:
+                    continue
+                if PurePosixPath(member).suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                yield f"{path.name}:{member}", (lambda p=path, m=member: _read_member(p, m))
         else:
             yield str(path), path.read_bytes
+
+
+def _read_member(archive: Path, member: str) -> bytes:
+    with zipfile.ZipFile(archive) as zf:
+        return zf.read(member)
 
 
 def _unreadable(reason: str) -> Callable[[], bytes]:

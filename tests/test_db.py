@@ -1,0 +1,427 @@
+"""Database: migrations, users, annotations with audit and optimistic concurrency, models, maps,
+jobs, image import, atomic annotation import/export on real data, privacy of exports, CLI.
+
+Every test taking ``engine`` / ``session`` / ``db_url`` runs on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select, text
+
+from annotations.geometry import Box, Mask, Point, Polygon
+from db import repository as repo
+from db.schema import Annotation, AnnotationAudit, Image
+from db.session import current_revision, get_engine, head_revision, session_scope, upgrade
+
+FIRST_REVISION = "0001_initial"
+
+
+# --- migrations --------------------------------------------------------------------------------
+
+def test_migrated_database_matches_the_models(engine):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from db.schema import Base
+
+    assert current_revision(engine) == head_revision() == "0002_jobs_metrics"
+    with engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    assert upgrade(engine) == head_revision()  # idempotent: the app calls it on every start
+
+
+@pytest.fixture
+def db_at_first_revision(db_url):
+    """A database made by the FIRST revision, holding rows written the way that revision's code did."""
+    engine = get_engine(db_url)
+    assert upgrade(engine, FIRST_REVISION) == FIRST_REVISION
+    at = datetime(2026, 1, 2, 3, 4, 5)
+    geometry = json.dumps({"x0": 1.5, "y0": 2.0, "x1": 30.25, "y1": 40.0})
+    statements = [
+        ("INSERT INTO cohorts (id, name, created_at) VALUES (1, 'old', :at)", {}),
+        ("INSERT INTO users (id, username, role, active, created_at) VALUES (1, 'ann', 'annotator', :t, :at)", {"t": True}),
+        ("INSERT INTO images (id, cohort_id, pseudonym, sha256, source_sha256, modality, extension, stored_path, width,"
+         " height, burned_in, metadata, created_at) VALUES (1, 1, 'img-0123456789abcdef', :sha, :sha, 'cxr', '.png',"
+         " 'images/x.png', 64, 48, :f, '{}', :at)", {"sha": "ab" * 32, "f": False}),
+        ("INSERT INTO annotations (id, image_id, kind, geometry, label, author_id, created_at, updated_at, version,"
+         " provenance) VALUES (1, 1, 'box', :g, 'opacity', 1, :at, :at, 3, 'drawn')", {"g": geometry}),
+        ("INSERT INTO annotation_audit (id, annotation_id, user_id, at, action, after) VALUES (1, 1, 1, :at, 'create', :g)",
+         {"g": geometry}),
+        ("INSERT INTO models (id, name, checkpoint_path, sha256, is_default, metadata, created_at) VALUES"
+         " (1, 'm', '/x.pt', :sha, :t, '{}', :at)", {"sha": "cd" * 32, "t": True}),
+    ]
+    with engine.begin() as connection:
+        for sql, params in statements:
+            connection.execute(text(sql), {"at": at, **params})
+        if engine.dialect.name == "postgresql":  # explicit ids: move the sequences on
+            for table in ("cohorts", "users", "images", "annotations", "annotation_audit", "models"):
+                connection.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), 10)"))
+    return engine
+
+
+def test_old_database_upgrades_without_loss(db_at_first_revision):
+    engine = db_at_first_revision
+    assert upgrade(engine) == head_revision()
+    with session_scope(engine) as s:
+        image = repo.get_image(s, "img-0123456789abcdef")
+        [annotation] = repo.list_annotations(s, image)
+        assert repo.annotation_geometry(annotation) == Box(1.5, 2, 30.25, 40)
+        assert (annotation.label, annotation.version, annotation.author.username) == ("opacity", 3, "ann")
+        assert annotation.created_at == datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+        assert [h.action for h in repo.annotation_history(s, annotation.id)] == ["create"]
+        assert repo.list_models(s)[0].is_default
+        # the old row keeps working with the new code, and the new tables exist
+        updated = repo.save_annotation(s, image, Box(2, 2, 31, 40), "opacity", "ann", annotation_id=annotation.id,
+                                       expected_version=3)
+        assert updated.version == 4
+        job = repo.create_job(s, "evaluate", total=3)
+        assert repo.update_job(s, job.id, done=1, status="running").progress_done == 1
+
+
+# --- users -------------------------------------------------------------------------------------
+
+def test_users_roles_and_passwords(session):
+    alice = repo.create_user(session, "alice", "clinician", "correct horse")
+    bob = repo.create_user(session, "bob", "annotator", "correct horse")
+    assert alice.password_hash.startswith("scrypt$") and alice.password_hash != bob.password_hash  # per-user salt
+    assert repo.verify_password(session, "alice", "correct horse").id == alice.id
+    assert repo.verify_password(session, "alice", "wrong") is None
+    assert repo.verify_password(session, "nobody", "correct horse") is None
+    with pytest.raises(repo.RepositoryError, match="role 'boss' is not one of"):
+        repo.create_user(session, "carol", "boss", "x")
+    with pytest.raises(repo.RepositoryError, match="already exists"):
+        repo.create_user(session, "alice", "admin", "x")
+    repo.set_password(session, "alice", "new secret")
+    assert repo.verify_password(session, "alice", "correct horse") is None
+    assert repo.verify_password(session, "alice", "new secret") is not None
+
+
+# --- annotations -------------------------------------------------------------------------------
+
+def _fake_image(session, cohort, n: int = 0, width: int = 64, height: int = 48) -> Image:
+    sha = hashlib.sha256(str(n).encode()).hexdigest()
+    image = Image(cohort_id=cohort.id, pseudonym=f"img-{sha[:16]}", sha256=sha, source_sha256=sha, modality="cxr",
+                  extension=".png", stored_path=f"images/{sha}.png", width=width, height=height, metadata_json={})
+    session.add(image)
+    session.flush()
+    return image
+
+
+def test_annotation_lifecycle_audit_and_conflict(session):
+    cohort = repo.add_cohort(session, "c")
+    image = _fake_image(session, cohort)
+    alice = repo.create_user(session, "alice", "annotator")
+    bob = repo.create_user(session, "bob", "annotator")
+
+    a = repo.save_annotation(session, image, Box(1, 2, 10, 20), "lesion", alice)
+    assert (a.version, a.provenance, a.author_id) == (1, "drawn", alice.id)
+    a2 = repo.save_annotation(session, image, Box(1, 2, 12, 20), "lesion", bob, annotation_id=a.id, expected_version=1)
+    assert a2.version == 2 and a2.author_id == alice.id and a2.updated_by_id == bob.id
+    # alice still holds version 1: her save must not overwrite bob's
+    with pytest.raises(repo.ConflictError, match=r"changed by bob at .* \(now version 2, you edited version 1\)"):
+        repo.save_annotation(session, image, Box(0, 0, 5, 5), "lesion", alice, annotation_id=a.id, expected_version=1)
+    assert repo.annotation_geometry(repo.list_annotations(session, image)[0]) == Box(1, 2, 12, 20)
+
+    repo.delete_annotation(session, a.id, alice, expected_version=2)
+    assert repo.list_annotations(session, image) == []
+    assert [x.id for x in repo.list_annotations(session, image, include_deleted=True)] == [a.id]
+    with pytest.raises(repo.ConflictError, match="deleted by alice"):
+        repo.save_annotation(session, image, Box(0, 0, 5, 5), "lesion", bob, annotation_id=a.id, expected_version=3)
+    repo.restore_annotation(session, a.id, bob, expected_version=3)
+
+    history = repo.annotation_history(session, a.id)
+    assert [(h.action, h.user_id) for h in history] == [
+        ("create", alice.id), ("update", bob.id), ("delete", alice.id), ("restore", bob.id)]
+    assert history[0].before is None and history[0].after["geometry"] == {"x0": 1, "y0": 2, "x1": 10, "y1": 20}
+    assert history[1].before["geometry"]["x1"] == 10 and history[1].after["geometry"]["x1"] == 12
+    assert history[2].after["deleted"] is True and history[3].after["deleted"] is False
+    assert all(h.at.tzinfo is not None for h in history)
+
+
+def test_other_kinds_and_mask_size_check(session):
+    cohort = repo.add_cohort(session, "c")
+    image = _fake_image(session, cohort, width=8, height=6)
+    mask = np.zeros((6, 8), bool)
+    mask[1:3, 2:5] = True
+    for geometry in (Point(3, 4), Polygon(((0, 0), (4, 0), (0, 4))), Mask(mask)):
+        saved = repo.save_annotation(session, image, geometry, "x")
+        assert repo.annotation_geometry(saved) == geometry
+    with pytest.raises(repo.RepositoryError, match="mask is 3x3 but image"):
+        repo.save_annotation(session, image, Mask(np.ones((3, 3), bool)), "x")
+
+
+def test_annotator_queue_and_image_listing(session):
+    cohort = repo.add_cohort(session, "c")
+    images = [_fake_image(session, cohort, n) for n in range(3)]
+    alice = repo.create_user(session, "alice", "annotator")
+    bob = repo.create_user(session, "bob", "annotator")
+    assert repo.next_unannotated_image(session, cohort, alice).id == images[0].id
+    repo.save_annotation(session, images[0], Box(0, 0, 1, 1), "x", alice)
+    repo.save_annotation(session, images[1], Box(0, 0, 1, 1), "x", bob)
+    assert repo.next_unannotated_image(session, cohort, alice).id == images[1].id
+    assert repo.next_unannotated_image(session, cohort, alice, skip=[images[1].id]).id == images[2].id
+    assert repo.next_unannotated_image(session, cohort).id == images[2].id
+    assert [i.id for i in repo.list_images(session, cohort, annotated=True)] == [images[0].id, images[1].id]
+    assert [i.id for i in repo.list_images(session, "c", search=images[2].pseudonym)] == [images[2].id]
+    repo.set_image_label(session, images[2], "normal", "test")
+    assert [i.id for i in repo.list_images(session, cohort, label="normal", split="test")] == [images[2].id]
+    assert [label.name for label in repo.get_cohort(session, "c").labels] == ["normal"]
+
+
+# --- models, maps, metrics, jobs ---------------------------------------------------------------
+
+def test_models_maps_metrics_jobs(session, tmp_path):
+    ckpt = tmp_path / "m.pt"
+    ckpt.write_bytes(b"weights")
+    first = repo.register_model(session, "fundus-a", ckpt, modality="fundus", metadata={"arch": "resnet18"}, default=True)
+    second = repo.register_model(session, "fundus-b", ckpt, modality="fundus")
+    assert first.sha256 == hashlib.sha256(b"weights").hexdigest()
+    assert repo.get_default_model(session, "fundus").id == first.id
+    repo.set_default_model(session, second.id)
+    assert repo.get_default_model(session, "fundus").id == second.id
+    assert [m.is_default for m in repo.list_models(session, "fundus")] == [False, True]
+
+    cohort = repo.add_cohort(session, "c")
+    image = _fake_image(session, cohort)
+    saliency = np.arange(12, dtype=np.float32).reshape(3, 4) - 5  # signed maps stay signed
+    assert repo.get_cached_map(session, first, image, "gradcam", 1, {"layer": "x"}) is None
+    row = repo.cache_map(session, first, image, "cascam:gradcam", 1, saliency, params={"layer": "x"}, seconds=0.25)
+    assert row.path.startswith("maps/") and row.path.endswith(".npy")
+    cached, seconds = repo.get_cached_map(session, first, image, "cascam:gradcam", 1, {"layer": "x"})
+    assert np.array_equal(cached, saliency) and cached.dtype == np.float32 and seconds == 0.25
+    assert repo.get_cached_map(session, first, image, "cascam:gradcam", 1, {"layer": "y"}) is None
+    assert repo.get_cached_map(session, first, image, "cascam:gradcam", 0, {"layer": "x"}) is None
+
+    job = repo.create_job(session, "evaluate", total=10, params={"methods": ["gradcam"]})
+    assert job.status == "queued"
+    repo.update_job(session, job.id, status="running", done=4, message="4 of 10")
+    repo.save_metric_results(session, first, [{"method": "gradcam", "metric": "pointing_game", "value": 1.0,
+                                               "image_id": image.id}, {"method": "gradcam", "metric": "auc",
+                                                                       "value": float("nan")}], cohort=cohort, job=job)
+    done = repo.update_job(session, job.id, status="done", done=10, result_path=tmp_path / "out")
+    assert done.started_at is not None and done.finished_at >= done.started_at
+    assert repo.list_jobs(session, "evaluate", status="done")[0].id == job.id
+    per_image = repo.list_metric_results(session, first, per_image=True)
+    assert [(r.metric, r.value) for r in per_image] == [("pointing_game", 1.0)]
+    assert repo.list_metric_results(session, first, per_image=False)[0].value is None
+    with pytest.raises(repo.RepositoryError, match="job status"):
+        repo.update_job(session, job.id, status="weird")
+
+
+# --- image import ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # file handling, not SQL
+def test_import_images_accepts_rejects_and_is_idempotent(session, real_data, tmp_path):
+    folder = real_data / "cxr_rsna_png" / "images"
+    archive = tmp_path / "more.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(real_data / "cxr_tbx11k_nih" / "tbx11k_test_data" / "imgs" / "health" / "h0001.png", "h0001.png")
+        zf.writestr("notes.txt", "not an image")  # skipped: not an image suffix
+        zf.writestr("broken.png", b"\x89PNG\r\n\x1a\nbroken")
+    text_file = tmp_path / "scan.png"
+    text_file.write_text("hello")
+    result = repo.import_images(session, [folder, archive, text_file], "cxr", modality="cxr")
+    assert len(result.accepted) == 5 and result.new == 5
+    reasons = {Path(r.name).name: r.reason for r in result.rejected}
+    assert set(reasons) == {"more.zip:broken.png", "scan.png"}
+    assert "text" in reasons["scan.png"]
+    images = repo.list_images(session, "cxr")
+    assert {(i.width, i.height) for i in images} == {(1024, 1024), (512, 512)}
+    for image in images:
+        stored = repo.image_path(image)
+        assert stored.name == f"{image.sha256}.png" and stored.is_file()
+        assert image.pseudonym == f"img-{image.sha256[:16]}"
+    again = repo.import_images(session, [folder], "cxr")
+    assert again.new == 0 and len(again.accepted) == 4
+    assert repo.count_images(session, repo.get_cohort(session, "cxr")) == 5
+
+
+# --- annotation import / export on real data ---------------------------------------------------
+
+def _box_rows(session, cohort) -> list[tuple]:
+    """(image sha256, kind, geometry json, label) of the live annotations: comparable across cohorts."""
+    rows = session.execute(select(Image.sha256, Annotation.kind, Annotation.geometry, Annotation.label)
+                           .join(Image).where(Image.cohort_id == cohort.id, Annotation.deleted_at.is_(None)))
+    return sorted((sha, kind, json.dumps(g, sort_keys=True), label) for sha, kind, g, label in rows)
+
+
+def _round_trip(session, paths, source, fmt, export_fmt, tmp_path, suffix="", label=None):
+    """Import ``source`` into cohort A, export, import the export into cohort B (same images), compare."""
+    for cohort in ("A", "B"):
+        imported = repo.import_images(session, paths, cohort)
+        assert not imported.rejected, imported.rejected
+    repo.get_or_create_user(session, "importer")
+    first = repo.import_annotations(session, source, fmt, "A", "importer", label=label)
+    assert first.added > 0 and first.duplicates == 0
+    again = repo.import_annotations(session, source, fmt, "A", "importer", label=label)
+    assert again.added == 0 and again.duplicates == first.added  # idempotent
+    out = repo.export_annotations(session, export_fmt, "A", tmp_path / f"export{suffix}")
+    repo.import_annotations(session, out, export_fmt, "B", "importer")
+    a, b = repo.get_cohort(session, "A"), repo.get_cohort(session, "B")
+    boxes_a = [r for r in _box_rows(session, a) if r[1] == "box"]
+    assert boxes_a == _box_rows(session, b)  # coordinates bit-identical after export + re-import
+    return first, out
+
+
+def test_rsna_round_trip_in_database(session, real_data, tmp_path):
+    folder = real_data / "cxr_rsna_png"
+    first, out = _round_trip(session, [folder / "images"], folder / "stage_2_train_labels.csv", "rsna", "rsna",
+                             tmp_path, ".csv")
+    assert first.added == 8 and first.images == 4
+    exported = list(csv.DictReader(out.open()))
+    assert all(r["patientId"].startswith("img-") for r in exported) and len(exported) == 8
+
+
+def test_tbx11k_coco_round_trip_in_database(session, real_data, tmp_path):
+    folder = real_data / "cxr_tbx11k_nih" / "tbx11k_test_data"
+    first, out = _round_trip(session, [folder / "imgs"], folder / "annotations" / "json" / "TBX11K_train.json",
+                             "coco", "coco", tmp_path, ".json")
+    assert first.added == 3
+    source = json.loads((folder / "annotations" / "json" / "TBX11K_train.json").read_text())
+    exported = json.loads(out.read_text())
+    assert sorted(a["bbox"] for a in exported["annotations"]) == sorted(a["bbox"] for a in source["annotations"])
+    assert all(i["file_name"].startswith("img-") for i in exported["images"])
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # large JPEGs: once is enough
+def test_idrid_yolo_round_trip_in_database(session, real_data, tmp_path):
+    folder = real_data / "fundus_idrid"
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for stem in ("0348", "0391"):
+        (labels / f"{stem}.txt").write_bytes((folder / "images" / f"{stem}.txt").read_bytes())
+    (labels / "retinal.names").write_bytes((folder / "retinal.names").read_bytes())
+    paths = [folder / "images" / "0348.jpg", folder / "images" / "0391.jpg"]
+    first, out = _round_trip(session, paths, labels, "yolo", "yolo", tmp_path, ".zip")
+    with zipfile.ZipFile(out) as zf:
+        assert sorted(zf.namelist())[0] == "classes.txt"
+    # the class list (retinal.names) named the labels
+    assert {r[3] for r in _box_rows(session, repo.get_cohort(session, "A"))} == {"optic_disc", "hard_exudates", "haemorrhage"}
+
+
+def test_oct_masks_import_and_csv_round_trip(session, real_data, tmp_path):
+    folder = real_data / "oct_bonn_drusen"
+    stems = ["12", "42", "7"]
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for s in stems:
+        (masks / f"{s}-drusen-derived.png").write_bytes((folder / "derived_drusen_masks" / f"{s}-drusen-derived.png").read_bytes())
+    paths = [folder / "bscans" / f"{s}-Input.tif" for s in stems]
+    first, out = _round_trip(session, paths, masks, "mask", "csv", tmp_path, ".csv", label="drusen")
+    cohort = repo.get_cohort(session, "A")
+    rows = session.scalars(select(Annotation).join(Image).where(Image.cohort_id == cohort.id)).all()
+    by_kind = {k: [r for r in rows if r.kind == k] for k in ("mask", "box")}
+    assert len(by_kind["mask"]) == 3
+    assert all(b.provenance == "derived" and b.derived_from_id in {m.id for m in by_kind["mask"]} for b in by_kind["box"])
+    mask_12 = next(m for m in by_kind["mask"] if m.image.original_name == "12-Input.tif")
+    png = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(masks / "12-drusen-derived.png")) != 0
+    assert np.array_equal(repo.annotation_geometry(mask_12).array, png)
+    with open(folder / "derived_drusen_boxes.csv") as fh:
+        expected = sorted(tuple(Box.from_inclusive(*(int(r[k]) for k in ("x0", "y0", "x1", "y1"))).to_json().values())
+                          for r in csv.DictReader(fh) if r["bscan"] in stems)
+    wide = sorted(tuple(b.geometry[k] for k in ("x0", "y0", "x1", "y1")) for b in by_kind["box"]
+                  if b.geometry["x1"] - b.geometry["x0"] >= 5)
+    assert wide == expected
+
+
+def test_import_is_all_or_nothing(session, real_data, tmp_path):
+    folder = real_data / "cxr_rsna_png"
+    repo.import_images(session, [folder / "images"], "rsna")
+    lines = (folder / "stage_2_train_labels.csv").read_text().splitlines()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\n".join(lines + [lines[1].replace(",1", ",7").replace("637.0", "abc"), "ghost,1,1,1,1,1"]) + "\n")
+    with pytest.raises(repo.AnnotationImportError) as info:
+        repo.import_annotations(session, bad, "rsna", "rsna")
+    report = info.value.report
+    assert [e.location for e in report.errors] == ["line 10", "line 11"]
+    assert "nothing imported" in str(info.value)
+    assert session.scalar(select(func.count()).select_from(Annotation)) == 0
+
+
+# --- privacy -----------------------------------------------------------------------------------
+
+SECRET_ID, SECRET_NAME = "PID-73519-SECRET", "Doe^Jane"
+
+
+def _identified_dicom(tmp_path) -> Path:
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    ds.PatientName = SECRET_NAME
+    ds.PatientID = SECRET_ID
+    path = tmp_path / f"{SECRET_ID}.dcm"  # the file name itself identifies the patient
+    ds.save_as(path)
+    return path
+
+
+def test_exports_carry_pseudonyms_only(session, tmp_path):
+    dicom = _identified_dicom(tmp_path)
+    result = repo.import_images(session, [dicom], "private")
+    assert not result.rejected, result.rejected
+    image = repo.get_image(session, result.accepted[0].image_id)
+    assert image.original_name is None and SECRET_ID not in json.dumps(image.metadata_json)
+    # an RSNA file keyed by the DICOM PatientID still finds the image (keyed hash, not the stored id)
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"patientId,x,y,width,height,Target\n{SECRET_ID},10,12,20,22,1\n")
+    assert repo.import_annotations(session, labels, "rsna", "private").added == 1
+    needles = [SECRET_ID.encode(), b"Doe", b"Jane", b"73519"]
+    for fmt, name in (("coco", "x.json"), ("voc", "voc.zip"), ("rsna", "r.csv"), ("yolo", "y.zip"), ("csv", "p.csv")):
+        out = repo.export_annotations(session, fmt, "private", tmp_path / "out" / name)
+        blobs = [out.read_bytes()]
+        if out.suffix == ".zip":
+            with zipfile.ZipFile(out) as zf:
+                blobs = [zf.read(n) + n.encode() for n in zf.namelist()]
+        for blob in blobs:
+            assert not any(n in blob for n in needles), (fmt, blob[:200])
+        assert image.pseudonym.encode() in b"".join(blobs)
+    stored = repo.image_path(image).read_bytes()
+    assert SECRET_ID.encode() not in stored and b"Doe^Jane" not in stored
+    # nothing in the database holds the id in clear either
+    dump = json.dumps([list(map(str, r)) for r in session.execute(select(Image)).all()])
+    assert SECRET_ID not in dump
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the CLI calls the functions tested on both
+def test_cli_commands(db_env, real_data, tmp_path, capsys):
+    from softcam_core.cli import main
+
+    folder = real_data / "cxr_rsna_png"
+    assert main(["db", "upgrade"]) == 0
+    assert "0002_jobs_metrics" in capsys.readouterr().out
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"")
+    assert main(["images", "import", str(folder / "images"), str(junk), "--cohort", "rsna", "--modality", "cxr"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("accepted  ") == 4 and "rejected  " in out and "empty file" in out
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text((folder / "stage_2_train_labels.csv").read_text() + "nobody,1,2,3,4,1\n")
+    assert main(["annotations", "import", str(bad), "--format", "rsna", "--cohort", "rsna"]) == 1
+    err = capsys.readouterr().err
+    assert "bad.csv: line 10: no image matches 'nobody'" in err and "nothing imported" in err
+    with session_scope(db_env) as s:
+        assert s.scalar(select(func.count()).select_from(Annotation)) == 0
+
+    assert main(["annotations", "import", str(folder / "stage_2_train_labels.csv"), "--format", "rsna",
+                 "--cohort", "rsna", "--user", "reader1"]) == 0
+    assert "8 annotation(s) imported" in capsys.readouterr().out
+    out_file = tmp_path / "export.json"
+    assert main(["annotations", "export", "--format", "coco", "--cohort", "rsna", "--out", str(out_file)]) == 0
+    assert len(json.loads(out_file.read_text())["annotations"]) == 8
+    assert main(["annotations", "export", "--format", "coco", "--cohort", "nope", "--out", str(out_file)]) == 2
+    assert "no cohort 'nope'" in capsys.readouterr().err
+    with session_scope(db_env) as s:
+        audit = s.scalars(select(AnnotationAudit)).all()
+        assert len(audit) == 8 and {a.action for a in audit} == {"create"}
+        assert {a.after["provenance"] for a in audit} == {"imported"}
