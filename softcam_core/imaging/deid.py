@@ -15,8 +15,9 @@ import hmac
 import io
 import os
 import secrets
+import warnings
 
-from .errors import ImageLoadError, _one_line
+from .errors import ImageLoadError, _one_line, quiet_logs
 
 # Attributes removed outright (PS3.15 Table E.1-1 actions X/Z/D for identifying data). PatientName
 # and PatientID are replaced by a pseudonym instead; UIDs are remapped; dates shifted.
@@ -304,9 +305,14 @@ def _rewrite_tiff(data: bytes, name: str) -> bytes:
     """Re-write every page's pixels losslessly without descriptive tags (Artist, DateTime, HostComputer...)."""
     import tifffile
 
+    from .loader import max_pixels_default
+
+    cap = max_pixels_default()
     buffer = io.BytesIO()
     with tifffile.TiffFile(io.BytesIO(data)) as tif, tifffile.TiffWriter(buffer) as writer:
         for page in tif.pages:
+            if int(page.imagewidth) * int(page.imagelength) * int(page.imagedepth or 1) > cap or int(page.samplesperpixel or 1) > 4:
+                raise ImageLoadError(name, f"TIFF page too large or unsupported ({page.imagewidth}x{page.imagelength})")
             arr = page.asarray()
             photometric = page.photometric
             kwargs = {"colormap": page.colormap} if page.colormap is not None else {}
@@ -323,34 +329,42 @@ def deidentified_bytes(source, *, name: str | None = None, key: bytes | str | No
     byte for byte). TIFF: pages re-written losslessly without descriptive tags. Unreadable input
     raises :class:`ImageLoadError`. The result decodes to the same pixels as the input.
     """
-    from .dicom import read_dataset
     from .loader import _read_source
-    from .raster import describe_unknown, sniff
+    from .raster import sniff
 
     data, label = _read_source(source, name)
     kind = sniff(data)
     try:
-        if kind == "dicom":
-            import pydicom
-
-            ds = read_dataset(data, label)
-            clean = deidentify(ds, key=key, keep_patient_characteristics=keep_patient_characteristics)
-            meta = clean.file_meta
-            if "SOPClassUID" in clean and "MediaStorageSOPClassUID" not in meta:
-                meta.MediaStorageSOPClassUID = clean.SOPClassUID
-            if "SOPInstanceUID" in clean:
-                meta.MediaStorageSOPInstanceUID = clean.SOPInstanceUID
-            buffer = io.BytesIO()
-            pydicom.dcmwrite(buffer, clean, enforce_file_format=False)
-            return buffer.getvalue()
-        if kind == "png":
-            return _strip_png(data, label)
-        if kind == "jpeg":
-            return _strip_jpeg(data, label)
-        if kind == "tiff":
-            return _rewrite_tiff(data, label)
+        with warnings.catch_warnings(), quiet_logs("pydicom", "tifffile"):
+            warnings.simplefilter("ignore")
+            return _deidentified_bytes(data, label, kind, key, keep_patient_characteristics)
     except ImageLoadError:
         raise
     except Exception as exc:
         raise ImageLoadError(label, f"cannot write a de-identified copy ({_one_line(exc, 150)})") from None
-    raise ImageLoadError(label, describe_unknown(data))
+
+
+def _deidentified_bytes(data: bytes, label: str, kind: str | None, key, keep_patient_characteristics: bool) -> bytes:
+    import pydicom
+
+    from .dicom import read_dataset
+    from .raster import describe_unknown
+
+    if kind == "png":
+        return _strip_png(data, label)
+    if kind == "jpeg":
+        return _strip_jpeg(data, label)
+    if kind == "tiff":
+        return _rewrite_tiff(data, label)
+    if kind != "dicom":
+        raise ImageLoadError(label, describe_unknown(data))
+    ds = read_dataset(data, label)
+    clean = deidentify(ds, key=key, keep_patient_characteristics=keep_patient_characteristics)
+    meta = clean.file_meta
+    if "SOPClassUID" in clean and "MediaStorageSOPClassUID" not in meta:
+        meta.MediaStorageSOPClassUID = clean.SOPClassUID
+    if "SOPInstanceUID" in clean:
+        meta.MediaStorageSOPInstanceUID = clean.SOPInstanceUID
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, clean, enforce_file_format=False)
+    return buffer.getvalue()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 
 def _one_line(text: object, limit: int = 300) -> str:
     """Collapse whitespace so a message from any decoder fits on one line; cap its length."""
@@ -20,3 +23,18 @@ class ImageLoadError(ValueError):
         self.filename = _one_line(filename or "<unnamed>", 120)
         self.problem = _one_line(problem)
         super().__init__(f"{self.filename}: {self.problem}")
+
+
+@contextlib.contextmanager
+def quiet_logs(*logger_names: str):
+    """Silence decoder loggers (pydicom, tifffile log a traceback per failed attempt) inside a load;
+    the caller turns the failure into one ImageLoadError instead."""
+    loggers = [logging.getLogger(n) for n in logger_names]
+    previous = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, previous):
+            lg.setLevel(level)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .errors import ImageLoadError, _one_line
+from .errors import ImageLoadError, _one_line, quiet_logs
 from .model import MODALITIES, MedicalImage
 
 DEFAULT_MAX_PIXELS = 200_000_000  # decompression-bomb cap per decoded frame (pixels)
@@ -59,7 +60,10 @@ def infer_photo_modality(pixels: np.ndarray) -> str:
     """
     h, w = pixels.shape[:2]
     if pixels.ndim == 3:
-        luminance = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        step = max(1, max(h, w) // 256)  # corners and centre are judged on a ~256-px subsample
+        small = pixels[::step, ::step]
+        h, w = small.shape[:2]
+        luminance = small.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         ch, cw = max(1, h // 12), max(1, w // 12)
         corners = np.concatenate([luminance[:ch, :cw].ravel(), luminance[:ch, -cw:].ravel(),
                                   luminance[-ch:, :cw].ravel(), luminance[-ch:, -cw:].ravel()])
@@ -98,15 +102,15 @@ def load_image(source, *, name: str | None = None, modality: str | None = None, 
         raise ImageLoadError(label, describe_unknown(data))
     try:
         if kind == "dicom":
-            decoded = decode_dicom(data, label, int(frame), cap)
-            ds = decoded.dataset
-            try:
+            with quiet_logs("pydicom"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pydicom warns per odd value; the file still loads
+                decoded = decode_dicom(data, label, int(frame), cap)
+                ds = decoded.dataset
                 metadata = safe_metadata(ds)
-            except Exception as exc:  # a header too broken to summarise is still unusable
-                raise ImageLoadError(label, f"unreadable DICOM header ({_one_line(exc, 120)})") from None
+                inferred = infer_modality(ds)
             return MedicalImage(
                 pixels=decoded.pixels,
-                modality=modality or infer_modality(ds),
+                modality=modality or inferred,
                 name=label,
                 spacing=decoded.spacing,
                 spacing_source=decoded.spacing_source,
@@ -125,6 +129,10 @@ def load_image(source, *, name: str | None = None, modality: str | None = None, 
         raise ImageLoadError(label, "not enough memory to decode the image") from None
     except RecursionError:
         raise ImageLoadError(label, "malformed file (nesting too deep)") from None
+    except Exception as exc:
+        # Decoders parse untrusted bytes and raise every exception type (pydicom converts values
+        # lazily, so even reading a header field can fail): all of it is "this file is unreadable".
+        raise ImageLoadError(label, f"malformed {kind.upper()} data ({type(exc).__name__}: {_one_line(exc, 150)})") from None
     return MedicalImage(
         pixels=np.ascontiguousarray(pixels),
         modality=modality or infer_photo_modality(pixels),

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
-import logging
 import warnings
 
 import numpy as np
 
 from .dicom import percentile_window, window
-from .errors import ImageLoadError, _one_line
+from .errors import ImageLoadError, _one_line, quiet_logs
 from .model import Window
 
 # Formats told apart by their first bytes, never by the file extension.
@@ -197,25 +195,13 @@ def decode_pillow(data: bytes, name: str, kind: str, frame: int, max_pixels: int
     return pixels, raw, windows, flags, metadata
 
 
-@contextlib.contextmanager
-def _quiet_tifffile():
-    """tifffile logs a warning per malformed structure; the caller gets one ImageLoadError instead."""
-    logger = logging.getLogger("tifffile")
-    previous = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(previous)
-
-
 def decode_tiff(data: bytes, name: str, frame: int, max_pixels: int):
     """TIFF via tifffile (8/16/32-bit, float, grey/RGB/palette, multi-page), Pillow as fallback."""
     import tifffile
 
     flags: dict = {}
     try:
-        with warnings.catch_warnings(), _quiet_tifffile():
+        with warnings.catch_warnings(), quiet_logs("tifffile"):
             warnings.simplefilter("ignore")
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
                 pages = tif.pages
@@ -226,6 +212,8 @@ def decode_tiff(data: bytes, name: str, frame: int, max_pixels: int):
                     raise ImageLoadError(name, f"frame {frame} out of range (file has {frames} page{'s' if frames != 1 else ''})")
                 page = pages[frame]
                 _check_size(name, int(page.imagewidth), int(page.imagelength), max_pixels)
+                if int(page.samplesperpixel or 1) > 4:
+                    raise ImageLoadError(name, f"unsupported TIFF layout ({page.samplesperpixel} samples per pixel)")
                 if int(page.imagedepth or 1) > 1:
                     raise ImageLoadError(name, "volumetric TIFF pages are not supported")
                 arr = page.asarray()
