@@ -1,0 +1,80 @@
+"""`softcam report`: tables and rendering on hand-made results; the full pipeline behind `slow`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from softcam_core import evaluate as E
+from softcam_core import report as R
+
+
+def _per_image():
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(12):
+        for model, method, ap in (("baseline", "gradcam", 0.3), ("dense", "softcam", 0.6), ("lasso", "softcam", 0.7)):
+            rows.append({"model": model, "model_method": R._label(model, method), "image": f"im{i}",
+                         "method": method, "seconds": 0.1, "activation_precision": ap + 0.05 * rng.normal(),
+                         "audc": 0.5 - ap / 2 + 0.02 * rng.normal(), "topk_precision_k5": ap})
+    return pd.DataFrame(rows)
+
+
+def test_labels():
+    assert R._label("lasso", "softcam") == "SoftCAM lasso"
+    assert R._label("baseline", "cascam:gradcam") == "cascam:gradcam"
+
+
+def test_headline_and_paired_tables():
+    per_image = _per_image()
+    cohort = E.summarise(per_image, group="model_method", resamples=200)
+    table = R.headline_table(cohort).set_index("method")
+    assert list(table.index) == ["gradcam", "SoftCAM dense", "SoftCAM lasso"]
+    cell = table.loc["SoftCAM lasso", "topk_precision_k5"]
+    assert cell == "0.700 [0.700, 0.700] (12)"  # constant column: zero-width interval
+    paired = E.paired_tests(per_image, group="model_method")
+    versus = R.softcam_vs_posthoc(paired)
+    # only SoftCAM-vs-post-hoc pairs, SoftCAM always first, difference signed accordingly
+    assert set(versus["post-hoc"]) == {"gradcam"}
+    assert set(versus["SoftCAM"]) == {"SoftCAM dense", "SoftCAM lasso"}
+    row = versus[(versus["metric"] == "topk_precision_k5") & (versus["SoftCAM"] == "SoftCAM dense")].iloc[0]
+    assert row["mean diff (SoftCAM − post-hoc)"] == "0.300"
+
+
+def test_render_writes_markdown_and_html(tmp_path):
+    per_image = _per_image()
+    result = R.ModalityResult(
+        "oct", per_image, pd.DataFrame(), E.summarise(per_image, group="model_method", resamples=100),
+        E.paired_tests(per_image, group="model_method"),
+        pd.DataFrame([{"model": "dense", "test_accuracy": 0.9}]), {"synth": 1.0},
+    )
+    config = R.ReportConfig(n=10, epochs=1, modalities=("oct",))
+    command = R.canonical_command(tmp_path, config)
+    assert "--n 10 --epochs 1 --seed 0" in command and "--modalities oct" in command
+    md, page = R.render([result], config, tmp_path, command, 12.0, {})
+    text = md.read_text()
+    assert command in text and "## OCT" in text and "SoftCAM lasso" in text
+    assert "0.700 [0.700, 0.700] (12)" in text
+    html = page.read_text()
+    assert html.startswith("<!doctype html>") and "<table" in html and "SoftCAM dense" in html
+
+
+def test_cli_rejects_unknown_modality(capsys, tmp_path):
+    from softcam_core.cli import main
+
+    assert main(["report", "--out", str(tmp_path), "--modalities", "mri"]) == 2
+    assert "unknown modality mri" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_full_report_one_modality(tmp_path):
+    config = R.ReportConfig(n=24, epochs=1, img_size=64, modalities=("oct",), methods=("gradcam", "cascam:gradcam"),
+                            eval_limit=3, deletion_steps=4, resamples=100, png=False)
+    md = R.run_report(tmp_path, config, command=R.canonical_command(tmp_path, config))
+    text = md.read_text()
+    for label in ("gradcam", "cascam:gradcam", "SoftCAM dense", "SoftCAM lasso", "SoftCAM ridge"):
+        assert label in text
+    per_image = pd.read_csv(tmp_path / "tables" / "oct_per_image.csv")
+    assert set(per_image["model"]) == {"baseline", "dense", "lasso", "ridge"}
+    assert (tmp_path / "figures" / "oct_topk_precision.html").is_file()
