@@ -458,22 +458,17 @@ def _render_fundus(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
 
 
 def _fundus_plan(load: str, rng: np.random.Generator) -> list[tuple[str, float]]:
-    """Lesions to draw: (kind, extent as a fraction of the image side)."""
-    counts = {
-        "none": (0, 0, 0),
-        "mild": (int(rng.integers(0, 2)), int(rng.integers(1, 3)), int(rng.integers(1, 3))),
-        "moderate": (int(rng.integers(1, 3)), int(rng.integers(2, 4)), int(rng.integers(1, 4))),
-        "severe": (int(rng.integers(3, 5)), int(rng.integers(4, 6)), int(rng.integers(3, 6))),
+    """Lesions to draw: (kind, extent as a fraction of the image side). Heavier grades have more
+    and larger lesions; microaneurysms are true to size (tiny) and never the only lesion."""
+    exudates, haemorrhages, microaneurysms, scale = {
+        "none": (0, 0, 0, 1.0),
+        "mild": (1, int(rng.integers(1, 3)), int(rng.integers(1, 3)), 0.9),
+        "moderate": (int(rng.integers(1, 3)), int(rng.integers(2, 4)), int(rng.integers(1, 4)), 1.0),
+        "severe": (int(rng.integers(3, 5)), int(rng.integers(4, 6)), int(rng.integers(3, 6)), 1.15),
     }[load]
-    plan = []
-    for _ in range(counts[0]):
-        plan.append(("hard_exudate", rng.uniform(0.035, 0.06)))
-    for _ in range(counts[1]):
-        plan.append(("haemorrhage", rng.uniform(0.018, 0.032)))
-    for _ in range(counts[2]):
-        plan.append(("microaneurysm", rng.uniform(0.006, 0.009)))
-    if load == "mild" and counts[0] == 0:
-        plan.append(("haemorrhage", rng.uniform(0.02, 0.03)))  # every diseased eye has a visible lesion
+    plan = [("hard_exudate", scale * rng.uniform(0.035, 0.06)) for _ in range(exudates)]
+    plan += [("haemorrhage", scale * rng.uniform(0.018, 0.032)) for _ in range(haemorrhages)]
+    plan += [("microaneurysm", rng.uniform(0.006, 0.009)) for _ in range(microaneurysms)]
     return plan
 
 
@@ -753,7 +748,7 @@ def _render_cxr(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
         in_lung = lungs_hard[window]
         mottle = np.clip(1.0 + 0.25 * _smooth_noise(rng_lesion, coverage.shape, 0.015 * size), 0.5, 1.5)
         # ill-defined margin: density rises over the outer part of the blob
-        density = rng_lesion.uniform(0.2, 0.3) * coverage * (0.25 + 0.75 * _smoothstep(0.0, 0.6, depth)) * mottle * in_lung
+        density = rng_lesion.uniform(0.24, 0.34) * coverage * (0.25 + 0.75 * _smoothstep(0.0, 0.6, depth)) * mottle * in_lung
         mask = np.zeros((height, width), dtype=bool)
         mask[window] = (coverage >= 0.5) & in_lung
         if not mask.any():
@@ -771,7 +766,7 @@ def _cxr_plan(load: str, rng: np.random.Generator, size: int) -> list[float]:
     """Opacity radii in pixels."""
     count, (low, high) = {
         "none": (0, (0, 0)),
-        "mild": (int(rng.integers(1, 3)), (0.055, 0.075)),
+        "mild": (int(rng.integers(1, 3)), (0.06, 0.08)),
         "moderate": (int(rng.integers(2, 5)), (0.06, 0.1)),
         "severe": (int(rng.integers(4, 7)), (0.07, 0.11)),
     }[load]

@@ -290,3 +290,16 @@ def test_two_hundred_images_render_quickly(modality, tmp_path):
     start = time.process_time()
     synth.make_cohort(modality, 200, 0, tmp_path / modality, size=256)
     assert time.process_time() - start < 20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_cohort_is_learnable_by_a_resnet18_from_scratch(modality, tmp_path):
+    """The demo models rely on it: 300 images (180 to train), 128 px input, 10 epochs of the paper's
+    SGD recipe from random weights. Measured on an H200: test accuracy fundus 0.97, OCT 1.00, CXR 0.95."""
+    from softcam_core.training import train
+
+    root = synth.make_cohort(modality, 300, 1, tmp_path / "cohort")
+    result = train(root, tmp_path / "model.pt", arch="resnet18", head="baseline", epochs=10, img_size=128,
+                   batch_size=16, seed=0, show_progress=False)
+    assert result.meta["metrics"]["test"]["accuracy"] >= 0.9
