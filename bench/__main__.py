@@ -7,6 +7,13 @@ informational), 1 when any fails, 2 for a bad argument.
 
 from __future__ import annotations
 
+import os
+
+# On a shared machine, OpenMP threads that spin while waiting for a descheduled sibling make a
+# 2-thread CPU forward pass 10x slower and erratic; sleeping waits keep the timings meaningful.
+# Must be set before torch loads its OpenMP runtime; OMP_WAIT_POLICY=ACTIVE in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import importlib
 import sys
@@ -39,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto (default): CPU, and CUDA when available")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for this run (default: torch's choice, one per core)")
     parser.add_argument("--out", type=Path, default=OUT_DIR, help=f"JSON results folder (default {OUT_DIR})")
     return parser
 
@@ -50,11 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     level = "tiny" if args.tiny else "quick" if args.quick else "full"
     config = Config(level=level, devices=devices_to_run(args.device), out_dir=args.out)
     info = machine_info()
     print(f"# bench level={level} cpu={info['cpu']} cores={info['cores']} torch={info['torch']} "
-          f"threads={info['torch_threads']} cuda={info['cuda']}", flush=True)
+          f"threads={info['torch_threads']} OMP_WAIT_POLICY={info['omp_wait_policy']} cuda={info['cuda']}", flush=True)
     failed = []
     for name in names:
         start = time.perf_counter()

@@ -122,8 +122,10 @@ class Result:
 
     @property
     def passed(self) -> bool | None:
-        if self.target is None or self.ratio != self.ratio:  # NaN ratio: nothing measured
+        if self.target is None:
             return None
+        if self.ratio != self.ratio:  # NaN: the outputs disagreed, so the timing is void
+            return False
         return self.ratio <= self.target if self.direction == "<=" else self.ratio >= self.target
 
     @property
@@ -143,7 +145,9 @@ class Result:
         return text
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(asdict(self), passed=self.passed, verdict=self.verdict)
+        """JSON-ready: NaN (nothing to compare) becomes null."""
+        data = dict(asdict(self), passed=self.passed, verdict=self.verdict)
+        return {k: (None if isinstance(v, float) and v != v else v) for k, v in data.items()}
 
 
 def _fmt(value: Any) -> str:
@@ -192,9 +196,11 @@ def machine_info() -> dict[str, Any]:
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     return info
 
