@@ -299,6 +299,25 @@ def file_sha256(path: str | Path) -> str:
 REQUIRED_META = ("arch", "head", "classes", "img_size", "mean", "std", "modality")
 
 
+def _plain(value: Any) -> Any:
+    """Metadata as plain Python types (dict, list, str, int, float, bool, None), so checkpoints load
+    with ``torch.load(weights_only=True)``: numpy scalars, paths, tuples and str subclasses such as
+    ``torch.__version__`` would otherwise need unpickling of arbitrary classes."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _plain(value.item())
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    return str(value)
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     """Write ``model``'s weights with their metadata (see :data:`REQUIRED_META`) atomically."""
     missing = [k for k in REQUIRED_META if k not in meta]
@@ -309,7 +328,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
-        "meta": dict(meta, num_classes=len(meta["classes"])),
+        "meta": _plain(dict(meta, num_classes=len(meta["classes"]))),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
