@@ -1,0 +1,170 @@
+"""``softcam explain`` (contract): maps, overlays and per-method seconds for one image.
+
+Writes, for every method, ``DIR/<stem>.npy`` (float32, H x W of the model input, raw values as
+:func:`explain` returns them) and ``DIR/<stem>.png`` (the map blended over the model input image:
+diverging RdBu colours centred on 0 for signed maps, inferno for non-negative maps), where
+``<stem>`` is the method name with ``:`` replaced by ``-`` (``cascam:gradcam`` ->
+``cascam-gradcam``), and ``DIR/summary.json`` (prediction, class probabilities, target, seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from softcam_core.explain.cascam import (
+    DEFAULT_EBAYES_A,
+    DEFAULT_LAMBDA,
+    DEFAULT_STAGES,
+    DEFAULT_THETA,
+    DEFAULT_TOPK_PERCENT,
+    THRESHOLDS,
+)
+from softcam_core.explain.methods import CASCAM_PREFIX, METHODS, SIGNED_METHODS, explain, file_safe_name, is_method
+
+
+def parse_methods(text: str) -> list[str]:
+    """``"softcam, gradcam,cascam:gradcam"`` -> list of names; unknown names are a ValueError."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise ValueError("--methods is empty; give e.g. softcam,gradcam")
+    unknown = [m for m in methods if not is_method(m)]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)} or cascam:<method>")
+    return list(dict.fromkeys(methods))
+
+
+def parse_target(text: str | None, classes: list[str]) -> int | None:
+    """Class index or class name -> index; None stays None (the predicted class)."""
+    if text is None:
+        return None
+    if text in classes:
+        return classes.index(text)
+    try:
+        index = int(text)
+    except ValueError:
+        raise ValueError(f"--target {text!r} is neither a class index nor one of {', '.join(classes)}") from None
+    if not 0 <= index < len(classes):
+        raise ValueError(f"--target {index} outside 0..{len(classes) - 1} ({', '.join(classes)})")
+    return index
+
+
+def input_pixels(x: torch.Tensor, mean, std) -> np.ndarray:
+    """Normalised model input (3, H, W) -> uint8 RGB (H, W, 3) as the model sees it."""
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    rgb = (x.detach().cpu().float() * std_t + mean_t).clamp(0, 1)
+    return (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    """Handler of ``softcam explain``; returns the exit code."""
+    from tqdm import tqdm
+
+    from softcam_core.device import default_device
+    from softcam_core.imaging import load_image, preprocess
+    from softcam_core.models import load_checkpoint
+    from softcam_core.viewer import map_png
+
+    methods = parse_methods(args.methods)
+    if args.cascam_retrain and not args.data:
+        raise ValueError("--cascam-retrain needs --data DIR (the cohort to fine-tune each stage on)")
+    device = default_device()
+    model, meta = load_checkpoint(args.model, map_location=device)
+    classes = [str(c) for c in meta["classes"]]
+    target = parse_target(args.target, classes)
+    image = load_image(args.image)
+    x, _geometry = preprocess(image, int(meta["img_size"]), meta["mean"], meta["std"])
+    batch = x[None]
+    with torch.no_grad():
+        probabilities = torch.softmax(model(batch.to(device)).float(), dim=1)[0].cpu()
+    predicted = int(probabilities.argmax())
+    explained = predicted if target is None else target
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pixels = input_pixels(x, meta["mean"], meta["std"])
+    cascam_options = {
+        "stages": args.cascam_stages, "theta": args.cascam_theta, "lam": args.cascam_lambda,
+        "threshold": args.cascam_threshold, "topk_percent": args.cascam_topk, "ebayes_a": args.cascam_ebayes_a,
+    }
+    stage_models = None
+    if args.cascam_retrain and any(m.startswith(CASCAM_PREFIX) for m in methods):
+        from softcam_core.explain.retrain import retrain_stage_models
+
+        stage_models = retrain_stage_models(
+            args.model, args.data, Path(args.out) / "cascam-retrain", methods, epochs=args.retrain_epochs,
+            **cascam_options,
+        )
+    records = {}
+    for method in tqdm(methods, desc="explain", unit="method", disable=args.quiet):
+        options = {}
+        if method.startswith(CASCAM_PREFIX):
+            options = dict(cascam_options)
+            if stage_models is not None:
+                options["stage_models"] = stage_models[method]
+        start = time.perf_counter()
+        maps = explain(model, batch, method, target=explained, **options)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        heat = maps[0].cpu().numpy().astype(np.float32)
+        stem = file_safe_name(method)
+        np.save(out / f"{stem}.npy", heat)
+        signed = method in SIGNED_METHODS or bool((heat < 0).any())
+        (out / f"{stem}.png").write_bytes(map_png(pixels, heat, signed=signed))
+        records[method] = {
+            "seconds": round(seconds, 6), "npy": f"{stem}.npy", "png": f"{stem}.png", "signed": signed,
+            "min": float(heat.min()), "max": float(heat.max()),
+        }
+    summary = {
+        "model": str(args.model),
+        "image": str(args.image),
+        "device": str(device),
+        "input_size": list(batch.shape[-2:]),
+        "prediction": {"index": predicted, "class": classes[predicted], "probability": float(probabilities[predicted])},
+        "probabilities": {name: float(p) for name, p in zip(classes, probabilities.tolist())},
+        "target": {"index": explained, "class": classes[explained], "requested": args.target is not None},
+        "methods": records,
+        "cascam": cascam_options | {"retrain": bool(args.cascam_retrain)},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"{len(methods)} map(s) for {Path(args.image).name} -> {out} "
+          f"(predicted {classes[predicted]} p={float(probabilities[predicted]):.3f}, explained {classes[explained]})")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add ``softcam explain`` to the CLI."""
+    parser = subparsers.add_parser(
+        "explain",
+        help="saliency maps (SoftCAM evidence, post-hoc methods, CasCAM) for one image",
+        description="Explain one image with a checkpoint. Writes DIR/<method>.npy (float32 map at the model "
+        "input size), DIR/<method>.png (overlay) and DIR/summary.json (prediction, probabilities, target, "
+        "seconds per method). 'cascam:gradcam' files are named cascam-gradcam.*.",
+    )
+    parser.add_argument("--model", type=Path, required=True, help="checkpoint (.pt) written by softcam train")
+    parser.add_argument("--image", type=Path, required=True, help="image file (PNG/JPEG/TIFF/DICOM)")
+    parser.add_argument("--methods", required=True,
+                        help=f"comma-separated: {', '.join(METHODS)}, or cascam:<method> (e.g. cascam:gradcam)")
+    parser.add_argument("--target", default=None, help="class index or name to explain (default: the predicted class)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--cascam-stages", type=int, default=DEFAULT_STAGES, help=f"CasCAM stages K (default {DEFAULT_STAGES})")
+    parser.add_argument("--cascam-theta", type=float, default=DEFAULT_THETA, help=f"CasCAM masking strength (default {DEFAULT_THETA})")
+    parser.add_argument("--cascam-lambda", type=float, default=DEFAULT_LAMBDA,
+                        help=f"CasCAM stage-weight decay, w_k ~ exp(-lambda k) (default {DEFAULT_LAMBDA})")
+    parser.add_argument("--cascam-threshold", choices=THRESHOLDS, default="none", help="CasCAM threshold (default none)")
+    parser.add_argument("--cascam-topk", type=float, default=DEFAULT_TOPK_PERCENT,
+                        help=f"percent of pixels kept by the topk threshold (default {DEFAULT_TOPK_PERCENT})")
+    parser.add_argument("--cascam-ebayes-a", type=float, default=DEFAULT_EBAYES_A,
+                        help=f"Laplace prior scale of the ebayes threshold (default {DEFAULT_EBAYES_A})")
+    parser.add_argument("--cascam-retrain", action="store_true",
+                        help="the original paper's mode: fine-tune a copy of the model on masked images per stage (needs --data)")
+    parser.add_argument("--data", type=Path, default=None, help="cohort folder for --cascam-retrain")
+    parser.add_argument("--retrain-epochs", type=int, default=1, help="fine-tuning epochs per stage (default 1)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_explain)
