@@ -3,8 +3,8 @@
 A synthetic fundus cohort (``softcam_core.synth.make_cohort``) of the small and the large size and
 a randomly initialised SoftCAM checkpoint are written to a temporary folder; then
 ``python -m softcam_core evaluate`` runs on each cohort as a child process and its peak resident
-set size is read from the kernel's accounting of that one child (``os.wait4`` -> ``ru_maxrss``,
-KiB on Linux), so nothing else in this process counts. Target: peak(large) / peak(small) <= 1.10
+set size is that child's own ``VmHWM`` (/proc polling, see :func:`peak_rss_of`), so nothing
+else in this process counts. Target: peak(large) / peak(small) <= 1.10
 (full: 1,000 vs 250 images; ``--quick``: 80 vs 20).
 
 The evaluation streams one image at a time, so its memory should not grow with the cohort; a
@@ -54,20 +54,46 @@ def make_cohorts(root: Path, sizes: tuple[int, ...], synth_size: int) -> dict[in
     return {n: make_cohort("fundus", n, 0, root / f"cohort{n}", size=synth_size) for n in sizes}
 
 
-def peak_rss_of(command: list[str], env: dict[str, str]) -> tuple[float, float, int]:
-    """Run ``command``; return (peak RSS MiB of that child, wall seconds, exit status)."""
+def _vm_hwm_mib(pid: int) -> float | None:
+    """Peak RSS so far (``VmHWM``) of a live process, MiB; None once it has exited."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_of(command: list[str], env: dict[str, str], poll_s: float = 0.02) -> tuple[float, float, int]:
+    """Run ``command``; return (peak RSS MiB of that child, wall seconds, exit status).
+
+    The peak is the child's own ``VmHWM`` (a high-water mark kept per address space), sampled every
+    ``poll_s`` until it exits. Not ``ru_maxrss`` from ``wait4`` / ``RUSAGE_CHILDREN``: Linux carries
+    the parent's resident size at ``fork`` into the child's ``ru_maxrss`` across ``exec``, so a large
+    benchmark process would mask the child's own figure.
+    """
     start = time.perf_counter()
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    # wait4 reports the resources of exactly this child (RUSAGE_CHILDREN would mix in earlier runs)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    peak = 0.0
+    while True:
+        # WNOWAIT: learn that it exited without reaping it, so /proc/<pid> stays readable until then
+        exited = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        if exited is not None:
+            break
+        sample = _vm_hwm_mib(proc.pid)
+        if sample is not None:
+            peak = max(peak, sample)
+        time.sleep(poll_s)
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    status = proc.wait()
     if proc.stderr:
         proc.stderr.close()
-    if proc.returncode != 0:
+    if status != 0:
         last = err.strip().splitlines()[-1] if err.strip() else "no message"
-        raise RuntimeError(f"{' '.join(command[:4])} ... exited {proc.returncode}: {last}")
-    return usage.ru_maxrss / 1024.0, time.perf_counter() - start, proc.returncode
+        raise RuntimeError(f"{' '.join(command[:4])} ... exited {status}: {last}")
+    return peak, time.perf_counter() - start, status
 
 
 def run(config: Config) -> list[Result]:

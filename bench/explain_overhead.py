@@ -37,9 +37,9 @@ HEAVY = ("scorecam", "ablationcam", "integrated_gradients")
 def settings(config: Config, device: torch.device) -> dict:
     gpu = device.type == "cuda"
     return config.pick(
-        tiny=dict(arch="resnet18", size=64, heavy_size=64, batch=1, repeats=1, heavy_repeats=1,
-                  methods=("softcam", "cam", "gradcam", "hirescam", "integrated_gradients", "guided_backprop"),
-                  options={"integrated_gradients": {"n_steps": 4}}),
+        tiny=dict(arch="resnet18", size=32, heavy_size=32, batch=1, repeats=1, heavy_repeats=1,
+                  methods=("softcam", "cam", "gradcam", "hirescam", "integrated_gradients"),
+                  options={"integrated_gradients": {"n_steps": 2}}),
         quick=dict(arch="resnet18", size=128, heavy_size=64, batch=1, repeats=10 if gpu else 3,
                    heavy_repeats=3 if gpu else 1, methods=METHODS, options={}),
         full=dict(arch="resnet18", size=224, heavy_size=224 if gpu else 128, batch=1, repeats=20 if gpu else 5,

@@ -43,7 +43,7 @@ def settings(config: Config, device: torch.device) -> dict:
     gpu = device.type == "cuda"
     return config.pick(
         tiny=dict(arch="resnet18", size=32, repeats=1, methods=("integrated_gradients",),
-                  base_options={"integrated_gradients": {"n_steps": 4}}),
+                  base_options={"integrated_gradients": {"n_steps": 2}}),
         quick=dict(arch="resnet18", size=64, repeats=3 if gpu else 1, methods=METHODS, base_options={}),
         full=dict(arch="resnet18", size=224 if gpu else 128, repeats=5 if gpu else 2, methods=METHODS,
                   base_options={}),

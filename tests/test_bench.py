@@ -1,0 +1,114 @@
+"""Smoke tests of the benchmarks (bench/): each runs in a tiny configuration and prints its ratio line.
+
+These check that every benchmark runs end to end on real models and libraries and reports what it
+should (the line format, identical maps / curves, JSON output); they assert no timing: the figures
+come from ``python -m bench`` (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+import torch
+
+from bench import BENCHMARKS
+from bench.__main__ import main
+from bench.common import Config, Paired, Result, time_pair
+from bench.evaluate_memory import peak_rss_of
+
+LINE = re.compile(
+    r"^(?P<name>[^:\n]+): .+ (?P<ours>[\d.e+-]+) (?P<unit>ms|MiB), .+ (?P<ref>[\d.e+-]+) (?P=unit), "
+    r"ratio (?P<ratio>[\d.]+|nan) \(target (?:<=|>=) [\d.]+\) (?P<verdict>PASS|FAIL) \[cpu \(\d+ threads\)\]",
+    re.M,
+)
+
+
+def run_bench(name: str, tmp_path, capsys) -> tuple[str, dict]:
+    status = main(["--tiny", "--only", name, "--device", "cpu", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert status in (0, 1), out  # 1 = a ratio missed its target: allowed for tiny timings
+    payload = json.loads((tmp_path / f"{name}.json").read_text())
+    assert payload["benchmark"] == name and payload["machine"]["torch"] == torch.__version__
+    return out, payload
+
+
+def test_result_line_and_verdicts():
+    paired = Paired(ours_s=[0.010, 0.012, 0.011], reference_s=[0.010, 0.010, 0.010])
+    result = Result("demo", "cpu (2 threads)", paired.ours_ms, paired.reference_ms,
+                    paired.ours_ms / paired.reference_ms, 1.05)
+    assert result.ratio == pytest.approx(1.1)
+    assert result.passed is False
+    assert LINE.search(result.line()).group("verdict") == "FAIL"
+    faster = Result("x", "cpu (2 threads)", 10.0, 20.0, 2.0, 1.5, ">=")
+    assert faster.passed is True and "target >= 1.5" in faster.line()
+    void = Result("y", "cpu (2 threads)", 10.0, 20.0, float("nan"), 1.5, ">=")
+    assert void.passed is False and void.as_dict()["ratio"] is None  # outputs differed: never a pass
+    assert Result("z", "cpu", 1.0, float("nan"), float("nan"), None).verdict == "INFO"
+
+
+def test_time_pair_interleaves_and_counts():
+    calls = []
+    paired = time_pair(lambda: calls.append("a"), lambda: calls.append("b"), torch.device("cpu"), repeats=4, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
+    assert len(paired.ours_s) == len(paired.reference_s) == 4
+
+
+def test_peak_rss_of_sees_the_child_allocation():
+    grow = [sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); import time; time.sleep(0.3)"]
+    idle = [sys.executable, "-c", "pass"]
+    big, _, _ = peak_rss_of(grow, {})
+    small, _, _ = peak_rss_of(idle, {})
+    assert big - small > 250, (big, small)
+    with pytest.raises(RuntimeError, match="exited 3"):
+        peak_rss_of([sys.executable, "-c", "raise SystemExit(3)"], {})
+
+
+def test_forward_tiny(tmp_path, capsys):
+    out, payload = run_bench("forward", tmp_path, capsys)
+    match = LINE.search(out)
+    assert match and match.group("name") == "forward resnet18 64px batch 1", out
+    # the ResNet evidence head carries the FC weights: same logits as torchvision
+    assert payload["results"][0]["extra"]["logits max abs diff"] < 1e-4
+
+
+def test_explain_overhead_tiny_maps_identical(tmp_path, capsys):
+    out, payload = run_bench("explain_overhead", tmp_path, capsys)
+    methods = [r["name"].split()[1] for r in payload["results"]]
+    assert methods == ["softcam", "cam", "gradcam", "hirescam", "integrated_gradients"]
+    assert len(LINE.findall(out)) == len(methods), out
+    assert all(r["extra"]["maps max abs diff"] <= 1e-4 for r in payload["results"])
+
+
+def test_fast_methods_tiny(tmp_path, capsys):
+    out, payload = run_bench("fast_methods", tmp_path, capsys)
+    first = payload["results"][0]
+    assert first["name"].startswith("integrated_gradients") and first["target"] == 1.10
+    assert first["extra"]["same maps"] is True
+    assert LINE.search(out), out
+
+
+def test_deletion_tiny_curves_identical(tmp_path, capsys):
+    out, payload = run_bench("deletion", tmp_path, capsys)
+    curves, rate = payload["results"]
+    assert curves["extra"]["identical"] is True and curves["direction"] == ">=" and curves["target"] == 1.5
+    assert rate["unit"] == "images/s" and rate["ours"] > 0
+    assert "cohort evaluate throughput softcam" in out and LINE.search(out)
+
+
+@pytest.mark.slow
+def test_evaluate_memory_tiny(tmp_path, capsys):
+    out, payload = run_bench("evaluate_memory", tmp_path, capsys)
+    (result,) = payload["results"]
+    assert result["unit"] == "MiB" and result["ours"] > 100 and result["reference"] > 100
+    assert LINE.search(out), out
+
+
+def test_cli_rejects_unknown_benchmark(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--only", "nope"])
+    assert exc.value.code == 2 and "unknown benchmark nope" in capsys.readouterr().err
+    assert set(BENCHMARKS) == {"forward", "explain_overhead", "fast_methods", "deletion", "evaluate_memory"}
+    assert Config(level="quick").pick(1, 2, 3) == 2
