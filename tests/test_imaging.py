@@ -208,10 +208,25 @@ def test_compressed_variants_match_uncompressed_mr():
         np.testing.assert_array_equal(load_image(pydicom_file(variant)).raw, reference.raw)
 
 
+def test_12bit_jpeg_with_nonconformant_scan_header_is_repaired_like_ijg_viewers():
+    # JPEG-lossy.dcm: 12-bit JPEG extended whose sequential scan says Se=0; pylibjpeg refuses it,
+    # IJG-based viewers only warn. After repair it matches JPGExtended.dcm (same image) exactly.
+    lossy = load_image(pydicom_file("JPEG-lossy.dcm"))
+    assert lossy.flags["jpeg_scan_header_repaired"] and lossy.flags["lossy_compressed"]
+    np.testing.assert_array_equal(lossy.raw, load_image(pydicom_file("JPGExtended.dcm")).raw)
+
+
 def test_corrupt_jpeg_stream_names_the_transfer_syntax():
-    # JPEG-lossy.dcm's scan header is not sequential-conformant: no installed decoder accepts it
-    with pytest.raises(ImageLoadError, match=r"^JPEG-lossy\.dcm: .*JPEG Extended"):
-        load_image(pydicom_file("JPEG-lossy.dcm"))
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(pydicom_file("JPGExtended.dcm"))
+    stream = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([stream[:2] + bytes(200) + stream[-2:]])  # SOI, garbage, EOI
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(ImageLoadError, match=r"^cut\.dcm: cannot decode pixel data \(transfer syntax JPEG Extended"):
+        load_image(buf.getvalue(), name="cut.dcm")
 
 
 def test_unsupported_transfer_syntax_is_named():
@@ -294,3 +309,46 @@ def test_sniff():
 
 def test_window_dataclass_defaults():
     assert Window(1.0, 2.0, "x").function == "LINEAR"
+
+
+def test_modality_lut_sequence_and_voi_lut_sequence():
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    stored = np.array([[0, 1], [2, 3]], np.uint16)
+    data = make_dicom_bytes(stored)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    modality_lut = Dataset()
+    modality_lut.LUTDescriptor = [4, 0, 16]  # 4 entries, first stored value 0, 16-bit output
+    modality_lut.ModalityLUTType = "US"
+    modality_lut.add_new(0x00283006, "US", [100, 200, 300, 400])  # LUTData (VR US or OW)
+    ds.ModalityLUTSequence = Sequence([modality_lut])
+    voi = Dataset()
+    voi.LUTDescriptor = [301, 100, 16]  # input 100..400, 16-bit words holding 12-bit values
+    voi.LUTExplanation = "SOFT LUT"
+    voi.add_new(0x00283006, "US", [int(round(v)) for v in np.linspace(4095, 0, 301)])  # an inverting LUT
+    ds.VOILUTSequence = Sequence([voi])
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    img = load_image(buf.getvalue(), name="lut.dcm")
+    np.testing.assert_array_equal(img.raw, [[100, 200], [300, 400]])
+    expected = np.array(voi.LUTData)[np.array([[0, 100], [200, 300]])]  # 4095, 2730, 1365, 0
+    np.testing.assert_array_equal(img.pixels, np.rint(expected * 255 / 4095).astype(np.uint8))
+    assert img.pixels.tolist() == [[255, 170], [85, 0]]
+    assert img.flags["voi_lut"] == "SOFT LUT"
+
+
+def test_rust_decoder_panic_becomes_image_load_error():
+    # pylibjpeg-rle panics (a BaseException) on a replicate run overflowing its segment
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(pydicom_file("MR_small_RLE.dcm"))
+    stream = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    stream[64] = 0x81  # first header byte of segment 1: "repeat the next byte 128 times"
+    ds.PixelData = encapsulate([bytes(stream)])
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(ImageLoadError, match=r"^rle\.dcm: cannot decode pixel data \(transfer syntax RLE Lossless"):
+        load_image(buf.getvalue(), name="rle.dcm")

@@ -17,7 +17,7 @@ import os
 import secrets
 import warnings
 
-from .errors import ImageLoadError, _one_line, quiet_logs
+from .errors import ImageLoadError, _one_line, is_decoder_failure, quiet_logs
 
 # Attributes removed outright (PS3.15 Table E.1-1 actions X/Z/D for identifying data). PatientName
 # and PatientID are replaced by a pseudonym instead; UIDs are remapped; dates shifted.
@@ -340,7 +340,9 @@ def deidentified_bytes(source, *, name: str | None = None, key: bytes | str | No
             return _deidentified_bytes(data, label, kind, key, keep_patient_characteristics)
     except ImageLoadError:
         raise
-    except Exception as exc:
+    except BaseException as exc:
+        if not is_decoder_failure(exc):
+            raise
         raise ImageLoadError(label, f"cannot write a de-identified copy ({_one_line(exc, 150)})") from None
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ImageLoadError, _one_line
+from .errors import ImageLoadError, _one_line, is_decoder_failure
 from .model import Window
 
 # Well-known display windows for CT-like data whose modality LUT gives Hounsfield units.
@@ -260,14 +260,18 @@ def decode_dicom(data: bytes, name: str, frame: int, max_pixels: int) -> DicomPi
         if not decoder.is_available:
             raise ImageLoadError(name, f"no decoder installed for transfer syntax {ts_label}")
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    flags: dict = {}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            arr = ds.pixel_array if frames == 1 else _frame(ds, frame)
+        arr = _decode_frame(ds, frame, frames)
     except MemoryError:
-        raise ImageLoadError(name, "not enough memory to decode the pixel data") from None
-    except Exception as exc:  # decoders raise ValueError/RuntimeError/OSError/... on corrupt streams
-        raise ImageLoadError(name, f"cannot decode pixel data (transfer syntax {ts_label}): {_one_line(exc, 150)}") from None
+        raise ImageLoadError(name, f"not enough memory to decode the pixel data ({rows}x{cols})") from None
+    except BaseException as exc:  # ValueError/RuntimeError/OSError/Rust panics... on corrupt streams
+        if not is_decoder_failure(exc):
+            raise
+        arr = _decode_repaired_jpeg(ds, frame, frames)
+        if arr is None:
+            raise ImageLoadError(name, f"cannot decode pixel data (transfer syntax {ts_label}): {_one_line(exc, 150)}") from None
+        flags["jpeg_scan_header_repaired"] = True
     arr = np.asarray(arr)
     if frames > 1 and arr.ndim >= 3 and arr.shape[0] == frames and (samples == 1 or arr.ndim == 4):
         arr = arr[frame]  # a decoder that returned every frame
@@ -275,7 +279,6 @@ def decode_dicom(data: bytes, name: str, frame: int, max_pixels: int) -> DicomPi
     if arr.shape != expected:
         raise ImageLoadError(name, f"decoded pixel array has shape {arr.shape}, header says {expected}")
 
-    flags: dict = {}
     if str(ds.get("BurnedInAnnotation", "") or "").upper() == "YES":
         flags["burned_in_annotation"] = True
     if str(ds.get("LossyImageCompression", "") or "") == "01":
@@ -329,7 +332,10 @@ def decode_dicom(data: bytes, name: str, frame: int, max_pixels: int) -> DicomPi
                 warnings.simplefilter("ignore")
                 voi = np.asarray(apply_voi_lut(raw, ds, index=0, prefer_lut=True), dtype=np.float64)
             descriptor = ds.VOILUTSequence[0].LUTDescriptor
-            top = float(2 ** int(descriptor[2]) - 1)
+            # Many LUTs declare 16-bit entries but use 10-12 of them: scale by the bits the
+            # entries actually reach (as DCMTK does), within the declared depth.
+            used_bits = max(8, int(np.max(voi, initial=0)).bit_length())
+            top = float(2 ** min(used_bits, int(descriptor[2])) - 1)
             y = np.clip(np.rint(voi * (255.0 / top)), 0, 255).astype(np.uint8)
             pixels = (255 - y) if invert else y
             flags["voi_lut"] = str(ds.VOILUTSequence[0].get("LUTExplanation", "") or "VOI LUT")
@@ -343,7 +349,71 @@ def decode_dicom(data: bytes, name: str, frame: int, max_pixels: int) -> DicomPi
     return DicomPixels(ds, pixels, raw, windows, flags, spacing, spacing_source)
 
 
-def _frame(ds, index: int) -> np.ndarray:
+def _decode_frame(ds, index: int, frames: int) -> np.ndarray:
     from pydicom.pixels import pixel_array
 
-    return pixel_array(ds, index=index)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ds.pixel_array if frames == 1 else pixel_array(ds, index=index)
+
+
+def repair_sequential_jpeg(stream: bytes) -> bytes | None:
+    """Reset a sequential-DCT JPEG's scan header to Ss=0, Se=63, Ah=Al=0; None if nothing to repair.
+
+    Some encoders write other spectral-selection values in sequential (SOF0/SOF1) scans, where they
+    have no meaning; IJG libjpeg (used by most DICOM viewers) only warns, libjpeg-turbo/pylibjpeg
+    refuse. pydicom's ``JPEG-lossy.dcm`` is such a file.
+    """
+    pos, sequential = 2, False
+    data = bytearray(stream)
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in (0xC0, 0xC1):
+            sequential = True
+        elif 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return None  # progressive / lossless / arithmetic: the scan fields mean something there
+        if marker == 0xDA:
+            if not sequential or length < 6:
+                return None
+            ns = data[pos + 4]
+            spectral = pos + 5 + 2 * ns
+            if spectral + 2 >= len(data) or tuple(data[spectral : spectral + 3]) == (0, 63, 0):
+                return None
+            data[spectral : spectral + 3] = bytes((0, 63, 0))
+            return bytes(data)
+        pos += 2 + length
+    return None
+
+
+def _decode_repaired_jpeg(ds, index: int, frames: int) -> np.ndarray | None:
+    """Retry a failed JPEG baseline/extended decode with repaired scan headers; None if not applicable."""
+    import copy
+
+    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit
+
+    if ds.file_meta.get("TransferSyntaxUID") not in (JPEGBaseline8Bit, JPEGExtended12Bit):
+        return None
+    try:
+        streams = list(generate_frames(ds.PixelData, number_of_frames=frames))
+        if index >= len(streams):
+            return None
+        repaired = repair_sequential_jpeg(streams[index])
+        if repaired is None:
+            return None
+        single = copy.copy(ds)  # shallow: only PixelData / NumberOfFrames differ
+        single.PixelData = encapsulate([repaired])
+        single["PixelData"].VR = "OB"
+        if "NumberOfFrames" in single:
+            single.NumberOfFrames = 1
+        return _decode_frame(single, 0, 1)
+    except BaseException as exc:
+        if not is_decoder_failure(exc):
+            raise
+        return None

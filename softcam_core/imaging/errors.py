@@ -38,3 +38,12 @@ def quiet_logs(*logger_names: str):
     finally:
         for lg, level in zip(loggers, previous):
             lg.setLevel(level)
+
+
+def is_decoder_failure(exc: BaseException) -> bool:
+    """True for anything a decoder may raise on bad bytes, i.e. everything except process control.
+
+    Rust extensions (pylibjpeg-rle) raise ``pyo3_runtime.PanicException``, a BaseException, on
+    malformed input; it must become an ImageLoadError too.
+    """
+    return not isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ImageLoadError, _one_line, quiet_logs
+from .errors import ImageLoadError, _one_line, is_decoder_failure, quiet_logs
 from .model import MODALITIES, MedicalImage
 
 DEFAULT_MAX_PIXELS = 200_000_000  # decompression-bomb cap per decoded frame (pixels)
@@ -129,7 +129,9 @@ def load_image(source, *, name: str | None = None, modality: str | None = None, 
         raise ImageLoadError(label, "not enough memory to decode the image") from None
     except RecursionError:
         raise ImageLoadError(label, "malformed file (nesting too deep)") from None
-    except Exception as exc:
+    except BaseException as exc:
+        if not is_decoder_failure(exc):
+            raise
         # Decoders parse untrusted bytes and raise every exception type (pydicom converts values
         # lazily, so even reading a header field can fail): all of it is "this file is unreadable".
         raise ImageLoadError(label, f"malformed {kind.upper()} data ({type(exc).__name__}: {_one_line(exc, 150)})") from None
