@@ -232,7 +232,7 @@ def test_torchrun_two_cpu_processes(tmp_path, synth_cohort):
     out = tmp_path / "ddp.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", "0", "-m", "softcam_core", "train",
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "softcam_core", "train",
          "--data", str(data), "--arch", "resnet18", "--head", "softcam", "--l1", "0.01", "--epochs", "2",
          "--img-size", "64", "--batch-size", "4", "--out", str(out), "--device", "cpu"],
         capture_output=True, text=True, env=env, timeout=300,
