@@ -463,11 +463,11 @@ def _fundus_plan(load: str, rng: np.random.Generator) -> list[tuple[str, float]]
     exudates, haemorrhages, microaneurysms, scale = {
         "none": (0, 0, 0, 1.0),
         "mild": (1, int(rng.integers(1, 3)), int(rng.integers(1, 3)), 0.9),
-        "moderate": (int(rng.integers(1, 3)), int(rng.integers(2, 4)), int(rng.integers(1, 4)), 1.0),
+        "moderate": (int(rng.integers(2, 4)), int(rng.integers(2, 4)), int(rng.integers(1, 4)), 1.0),
         "severe": (int(rng.integers(3, 5)), int(rng.integers(4, 6)), int(rng.integers(3, 6)), 1.15),
     }[load]
-    plan = [("hard_exudate", scale * rng.uniform(0.035, 0.06)) for _ in range(exudates)]
-    plan += [("haemorrhage", scale * rng.uniform(0.018, 0.032)) for _ in range(haemorrhages)]
+    plan = [("hard_exudate", scale * rng.uniform(0.04, 0.065)) for _ in range(exudates)]
+    plan += [("haemorrhage", scale * rng.uniform(0.022, 0.036)) for _ in range(haemorrhages)]
     plan += [("microaneurysm", rng.uniform(0.006, 0.009)) for _ in range(microaneurysms)]
     return plan
 
