@@ -497,6 +497,20 @@ def _curves_from_probs(probs: np.ndarray, problems: list[str | None]) -> np.ndar
     return curves
 
 
+def _default_batch(device: torch.device, input_shape: tuple[int, ...], jobs: int) -> int:
+    """Occluded inputs per forward pass when the caller gives none.
+
+    CUDA: every job at once, capped so that the inputs times a generous activation factor (64 x
+    the input size, enough for ResNet/VGG-sized nets) use at most half the free memory; an
+    out-of-memory error still halves the batch. CPU: 64 (larger batches don't run faster there).
+    """
+    if device.type != "cuda":
+        return min(jobs, 64)
+    free, _ = torch.cuda.mem_get_info(device)
+    per_input = 4 * int(np.prod(input_shape)) * 64
+    return max(1, min(jobs, int(free * 0.5) // per_input))
+
+
 def deletion_curves(
     model: nn.Module,
     images: torch.Tensor,
@@ -520,8 +534,8 @@ def deletion_curves(
         images: (N, 3, H, W) preprocessed model inputs. sals: (N, H, W) maps at input resolution.
         targets: (N,) class indices. patch: cell side in pixels. steps: deletion steps.
         baseline: ``"zero"``, ``"mean"``, ``"blur"``, a number or a tensor (see ``_resolve_baseline``).
-        batch_size: occluded inputs per forward pass; None = all N * (steps + 1) at once on a GPU
-            (halved on out-of-memory until it fits), 64 on a CPU.
+        batch_size: occluded inputs per forward pass; None = as many of the N * (steps + 1) as
+            half the free GPU memory allows (halved again on out-of-memory), 64 on a CPU.
     Returns:
         (N, steps + 1) float64; rows of nan (with a MetricUndefined reason) for constant or
         non-finite maps or a zero intact probability.
@@ -541,7 +555,7 @@ def deletion_curves(
         counts_t = counts_t.to(device)
         target_t = target_t.to(device)
         if batch_size is None:
-            batch_size = len(jobs) if device.type == "cuda" else 64
+            batch_size = _default_batch(device, images.shape[1:], len(jobs))
         batch_size = max(1, int(batch_size))
         with _EvalMode(model), torch.inference_mode():
             start = 0
