@@ -306,7 +306,7 @@ def image_picker(page: str, default_modality: str | None = None):
     upload (imported, de-identified, into cohort ``Uploads``). Returns ``(MedicalImage, record)`` or None."""
     from db import repository
 
-    source = st.segmented_control("Image source", ["Cohort", "Upload"], default="Cohort", key=f"{page}_source",
+    source = st.segmented_control("Image source", ["Cohort", "Upload"], default="Cohort", required=True, key=f"{page}_source",
                                   label_visibility="collapsed")
     if source == "Upload":
         upload = st.file_uploader("Image file (PNG, JPEG, TIFF or DICOM)", key=f"{page}_upload",

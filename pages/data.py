@@ -27,7 +27,9 @@ with st.form("import_images", clear_on_submit=True):
     left, right = st.columns(2)
     with left:
         existing = [row["cohort"] for row in cohorts]
-        cohort = st.selectbox("Cohort", existing + ["(new cohort)"], key="data_cohort")
+        cohort = st.selectbox("Cohort", existing + ["(new cohort)"], key="data_cohort_choice",
+                              index=(existing + ["(new cohort)"]).index(st.session_state.get("data_cohort"))
+                              if st.session_state.get("data_cohort") in existing else 0)
         new_name = st.text_input("New cohort name", key="data_new_cohort",
                                  help="Used when '(new cohort)' is chosen.")
         modality = st.selectbox("Modality", ["auto"] + list(MODALITIES),
@@ -63,6 +65,8 @@ if submitted:
                 status.update(label=f"Imported into {name}: {len(report.accepted)} accepted, "
                                     f"{len(report.rejected)} rejected", state="complete")
                 st.session_state["data_last_report"] = report
+                st.session_state["data_cohort"] = name
+                st.rerun()  # redraw the cohort table with the new images
 
 report = st.session_state.get("data_last_report")
 if report is not None:

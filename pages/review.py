@@ -82,7 +82,7 @@ classes = prediction.classes
 head_left, head_right = st.columns([1, 2])
 with head_left:
     st.metric("Prediction", prediction.predicted_name, f"{prediction.probabilities[prediction.predicted]:.1%}",
-              delta_color="off")
+              delta_color="off", delta_arrow="off")
     if model_info.modality not in (image.modality, "other") and image.modality != "other":
         st.warning(f"The model was trained on {model_info.modality} images; this is a {image.modality} image.")
     if image.flags.get("burned_in_annotation"):
@@ -142,16 +142,18 @@ for row_start in range(0, len(panels), columns_per_row):
     for column, result in zip(columns, panels[row_start:row_start + columns_per_row]):
         with column:
             if result is None:
-                figure = viewer.overlay_figure(pixels, None, title=f"Image · {image.name}", boxes=boxes)
+                figure = viewer.overlay_figure(pixels, None, title=f"Image · {image.name}", boxes=boxes,
+                                               crop=session.crop_box())
                 st.plotly_chart(figure, width="stretch", key="review_fig_image",
                                 config={"displaylogo": False})
                 st.caption(f"{image.width}×{image.height} px · {image.modality}"
+                           + (" · dashed: region the model sees" if session.crop_box() else "")
                            + (f" · {image.spacing[0]:.3f}×{image.spacing[1]:.3f} mm/px" if image.spacing else ""))
                 continue
             figure = viewer.overlay_figure(
                 pixels, result.image_map, title=result.title, signed=result.signed,
                 zmax=shared if result.signed else None, opacity=opacity, boxes=boxes,
-                colorbar_title="evidence" if result.signed else "saliency")
+                colorbar_title="evidence" if result.signed else "saliency", crop=session.crop_box())
             st.plotly_chart(figure, width="stretch", key=f"review_fig_{result.method}_{result.target}",
                             config={"displaylogo": False})
             score = scores.get(result.title)

@@ -371,6 +371,15 @@ class ImageSession:
             return True
         return self.store is not None and self.store.get(key) is not None
 
+    def crop_box(self) -> tuple[float, float, float, float] | None:
+        """The part of the image the model sees ``(x0, y0, x1, y1)`` in image pixels (the fundus crop),
+        or None when the model sees the whole image (letterboxed OCT / CXR)."""
+        g = self.geometry
+        box = (max(0, g.x0), max(0, g.y0), min(g.width, g.x0 + g.side), min(g.height, g.y0 + g.side))
+        if box == (0, 0, g.width, g.height):
+            return None
+        return tuple(float(v) for v in box)
+
     def input_boxes(self, boxes: Sequence[Sequence[float]]) -> np.ndarray:
         """Boxes (N, 4) xyxy in image pixels -> model input pixels (via ``Geometry.boxes_to_input``)."""
         if len(boxes) == 0:
@@ -473,6 +482,7 @@ def overlay_figure(
     boxes: Sequence[Sequence[Any]] = (),
     height: int = 340,
     colorbar_title: str = "",
+    crop: Sequence[float] | None = None,
 ):
     """Interactive plotly figure: the image with a map drawn over it and annotation boxes on top.
 
@@ -484,7 +494,10 @@ def overlay_figure(
         zmax: colour-scale limit (signed: +-zmax; shared across maps when the caller passes one).
         opacity: map opacity 0..1.
         boxes: ``(x0, y0, x1, y1[, label])`` in image pixels; drawn as outlined rectangles.
-    Hover shows image-pixel coordinates and the map value.
+        crop: ``(x0, y0, x1, y1)`` the model saw (fundus crop): drawn dashed; the map is transparent
+            outside it, since nothing there was explained.
+    Hover shows image-pixel coordinates and the map value. Without a map, space for a colour bar is
+    kept so the image lines up with the map panels beside it.
     """
     import plotly.graph_objects as go
 
@@ -499,14 +512,21 @@ def overlay_figure(
     if heat is not None:
         if heat.shape != (height_px, width_px):
             raise ValueError(f"map shape {heat.shape} does not match image shape {(height_px, width_px)}")
-        values = heat[::step, ::step].astype(np.float32)
+        values = heat.astype(np.float32)
+        if crop is not None:
+            outside = np.ones(values.shape, dtype=bool)
+            cx0, cy0, cx1, cy1 = (int(round(v)) for v in crop[:4])
+            outside[cy0:cy1, cx0:cx1] = False
+            values = np.where(outside, np.nan, values)
+        values = values[::step, ::step]
         if signed:
-            limit = zmax if zmax is not None else symmetric_range([values])
+            limit = zmax if zmax is not None else symmetric_range([np.nan_to_num(values)])
             zmin, zmax_ = -limit, limit
             scale = SIGNED_COLORSCALE
         else:
-            zmin = float(np.nanmin(values)) if values.size else 0.0
-            zmax_ = zmax if zmax is not None else float(np.nanmax(values)) if values.size else 1.0
+            finite = values[np.isfinite(values)]
+            zmin = float(finite.min()) if finite.size else 0.0
+            zmax_ = zmax if zmax is not None else float(finite.max()) if finite.size else 1.0
             if zmax_ <= zmin:
                 zmax_ = zmin + 1e-6
             scale = SALIENCY_COLORSCALE
@@ -516,9 +536,13 @@ def overlay_figure(
             colorbar=dict(thickness=10, len=0.9, title=dict(text=colorbar_title, side="right")),
             hovertemplate="x %{x:.0f}, y %{y:.0f}<br>value %{z:.4f}<extra></extra>",
         ))
+    if crop is not None:
+        fig.add_shape(type="rect", x0=crop[0] - 0.5, y0=crop[1] - 0.5, x1=crop[2] - 0.5, y1=crop[3] - 0.5,
+                      line=dict(color="#ffd54f", width=1, dash="dash"), fillcolor="rgba(0,0,0,0)")
+    label_boxes = len(boxes) <= 4  # more labels than that hide the image; they stay in the hover text
     for box in boxes:
         x0, y0, x1, y1 = (float(v) for v in box[:4])
-        label = str(box[4]) if len(box) > 4 and box[4] else ""
+        label = str(box[4]) if len(box) > 4 and box[4] and label_boxes else ""
         fig.add_shape(type="rect", x0=x0 - 0.5, y0=y0 - 0.5, x1=x1 - 0.5, y1=y1 - 0.5,
                       line=dict(color="#00e5ff", width=2), fillcolor="rgba(0,0,0,0)")
         if label:
@@ -529,7 +553,7 @@ def overlay_figure(
     fig.update_yaxes(visible=False, range=[height_px - 0.5, -0.5], scaleanchor="x", constrain="domain")
     fig.update_layout(
         title=dict(text=title, font=dict(size=13), x=0.01, y=0.98, xanchor="left", yanchor="top"),
-        margin=dict(l=0, r=0, t=28 if title else 0, b=0), height=height,
+        margin=dict(l=0, r=0 if heat is not None else 62, t=28 if title else 0, b=0), height=height,
         paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)", showlegend=False,
     )
     return fig

@@ -220,3 +220,12 @@ def test_run_in_background_throttles_but_always_reports_the_last_step_and_failur
                              fail=failed.append, min_interval=60.0).join(5)
     assert reports[-1][:2] == (100, 100) and len(reports) <= 2
     assert finished == [] and failed == ["cohort.csv: disk full"]
+
+
+def test_overlay_makes_the_map_transparent_outside_the_model_crop():
+    pixels = np.zeros((10, 20), dtype=np.uint8)
+    heat = np.ones((10, 20), dtype=np.float32)
+    fig = viewer.overlay_figure(pixels, heat, crop=(5, 0, 15, 10))
+    z = np.asarray(fig.data[1].z, dtype=float)
+    assert np.isnan(z[:, :5]).all() and np.isnan(z[:, 15:]).all() and (z[:, 5:15] == 1).all()
+    assert fig.layout.shapes[0].line.dash == "dash"

@@ -125,3 +125,30 @@ def browser():
                                              args=CHROMIUM_ARGS, headless=True)
         yield browser
         browser.close()
+
+
+def dicom_from_png(png: Path, out: Path, *, patient_name: str = "Doe^Jane", patient_id: str = "PID-0042") -> Path:
+    """A Secondary Capture DICOM (MONOCHROME2, 8-bit) holding a real radiograph PNG's pixels, with patient
+    identifiers in the header (the app must de-identify them). Marked DERIVED / SECONDARY."""
+    import numpy as np
+    import pydicom
+    from PIL import Image
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    pixels = np.asarray(Image.open(png).convert("L"), dtype=np.uint8)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(out), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.ImageType = "OT", ["DERIVED", "SECONDARY"]
+    ds.PatientName, ds.PatientID, ds.BodyPartExamined = patient_name, patient_id, "CHEST"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(out, enforce_file_format=True)
+    return out

@@ -1,0 +1,192 @@
+"""AppTest (streamlit.testing.v1) of every page on a real temporary database, a real synthetic cohort and a
+real tiny SoftCAM model (tests/plugins/app.py: ``app_home``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN = {"id": 1, "name": "admin", "role": "admin"}
+
+
+def open_app(page: str | None = None, user: dict | None = ADMIN, timeout: float = 120) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=timeout)
+    if user is not None:
+        at.session_state["user"] = user
+    at.run()
+    if page is not None:
+        at.switch_page(f"pages/{page}.py")
+        at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(elements) -> list[str]:
+    return [str(e.value) for e in elements]
+
+
+def annotated_image(cohort: str) -> tuple[int, str]:
+    from db import repository
+    from db.session import session_scope
+
+    with session_scope() as s:
+        record = repository.list_images(s, cohort, annotated=True)[0]
+        return record.id, record.original_name
+
+
+def test_sign_in_with_the_first_run_admin_account(app_home):
+    at = open_app(user=None)
+    assert at.title[0].value == "SoftCAM Review"
+    at.text_input(key="sign_in_name").input("admin")
+    at.text_input(key="sign_in_password").input("wrong")
+    at.button[0].click().run()
+    assert "wrong password" in " ".join(texts(at.error))
+    at.text_input(key="sign_in_password").input("softcam-admin")
+    at.button[0].click().run()
+    assert not at.exception
+    assert at.title[0].value == "Review"
+    assert any("admin" in m for m in texts(at.sidebar.markdown))
+
+
+def test_clinician_is_offered_review_and_annotate_only(app_home):
+    from pages.common import pages_for_role
+
+    assert pages_for_role("clinician") == ("review", "annotate")
+    at = open_app(user={"id": None, "name": "dr-a", "role": "clinician"})
+    assert at.title[0].value == "Review"
+
+
+def test_review_shows_prediction_softcam_maps_gradcam_and_activation_precision(app_home):
+    at = open_app("review")
+    assert at.title[0].value == "Review"
+    image_id, name = annotated_image(app_home["cohort"])
+    at.session_state["review_image"] = image_id
+    at.run()
+    assert not at.exception and not at.error, texts(at.error)
+    assert at.metric[0].label == "Prediction" and at.metric[0].value in ("healthy", "diseased")
+    charts = at.get("plotly_chart")
+    # the image, one SoftCAM evidence map per class (2) and Grad-CAM
+    assert len(charts) == 4
+    captions = texts(at.caption)
+    scored = [c for c in captions if "activation precision" in c]
+    assert len(scored) == 3, captions
+    values = [float(c.split("activation precision ")[1]) for c in scored]
+    assert all(0.0 <= v <= 1.0 for v in values)
+    image_select = next(s for s in at.selectbox if s.label.startswith("Image ("))
+    assert image_select.value == image_id and name in image_select.format_func(image_id)
+
+
+def test_review_maps_are_cached_in_the_database(app_home):
+    open_app("review")
+    from sqlalchemy import select
+
+    from db.schema import CachedMap
+    from db.session import session_scope
+
+    with session_scope() as s:
+        rows = list(s.scalars(select(CachedMap)))
+    assert [row.method for row in rows] == ["gradcam"] and rows[0].seconds > 0
+
+
+@pytest.mark.slow
+def test_review_of_a_slow_method_runs_on_request_and_is_cached_in_the_database(app_home):
+    at = open_app("review")
+    at.multiselect(key="review_methods").set_value(["gradcam", "integrated_gradients"]).run()
+    assert len(at.get("plotly_chart")) == 4  # Integrated Gradients waits for the button
+    button = next(b for b in at.button if b.key == "review_run_slow")
+    button.click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    assert len(at.get("plotly_chart")) == 5
+
+    from db import repository
+    from db.session import session_scope
+    from db.schema import CachedMap
+    from sqlalchemy import select
+
+    with session_scope() as s:
+        methods = {row.method for row in s.scalars(select(CachedMap))}
+    assert "integrated_gradients" in methods
+    # a fresh session (page reload) finds it cached: no button, five maps at once
+    again = open_app("review")
+    again.multiselect(key="review_methods").set_value(["gradcam", "integrated_gradients"]).run()
+    assert len(again.get("plotly_chart")) == 5
+    assert any("(cached)" in c for c in texts(again.caption))
+
+
+def test_annotate_lists_saved_boxes_in_image_pixels(app_home):
+    at = open_app("annotate")
+    assert at.title[0].value == "Annotate"
+    image_id, _ = annotated_image(app_home["cohort"])
+    at.selectbox(key="annotate_scope").set_value("all images").run()
+    at.session_state["annotate_image"] = image_id
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    from pages import common
+
+    saved = common.saved_boxes(type("R", (), {"id": image_id})())
+    assert saved and any(f"{len(saved)} saved box(es)" in c for c in texts(at.caption))
+    table = at.dataframe[0].value
+    assert len(table) == len(saved)
+    assert sorted(table["x0"].round(4)) == sorted(round(b[0], 4) for _, b in saved)
+
+
+def test_cohort_metrics_run_as_a_background_job_with_results(app_home):
+    at = open_app("cohort")
+    assert at.title[0].value == "Cohort metrics"
+    at.multiselect[0].set_value(["softcam", "gradcam"])
+    at.multiselect[1].set_value(["activation_precision", "pointing_game"])
+    at.selectbox[2].set_value("all")
+    at.button[0].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    from db import repository
+    from db.session import session_scope
+
+    deadline = time.monotonic() + 90
+    while True:
+        with session_scope() as s:
+            job = repository.list_jobs(s, "evaluate")[0]
+        if job.status in ("done", "failed") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert job.status == "done", job.error
+    at.run()
+    assert not at.exception and not at.error, texts(at.error)
+    assert any(s.value == "Cohort summary" for s in at.subheader)
+    cohort_table = at.dataframe[0].value
+    assert set(cohort_table["method"]) == {"softcam", "gradcam"}
+    assert any(b.label.startswith("per_image") for b in at.get("download_button"))
+
+
+def test_models_page_lists_the_checkpoint_and_sets_a_default(app_home):
+    at = open_app("models")
+    assert at.title[0].value == "Models"
+    table = at.dataframe[0].value
+    assert list(table["name"]) == ["fundus_softcam"] and table["architecture"][0] == "resnet18"
+    from pages import common
+
+    common.set_default_model(str(app_home["model"]), "fundus")
+    at.run()
+    assert bool(at.dataframe[0].value["default"][0]) is True
+
+
+def test_data_page_imports_a_folder_and_reports_rejections(app_home, tmp_path, real_data):
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    fundus = sorted((real_data / "fundus_kaggle_dr").rglob("*.png"))[0]
+    (folder / fundus.name).write_bytes(fundus.read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    at = open_app("data")
+    at.selectbox(key="data_cohort_choice").set_value("(new cohort)")
+    at.text_input(key="data_new_cohort").input("Clinic A")
+    next(t for t in at.text_input if t.label.startswith("…or a folder")).input(str(folder))
+    at.button[0].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, texts(at.error)
+    assert [m.value for m in at.metric] == ["1", "1"]
+    rejected = at.dataframe[-1].value
+    assert rejected["name"][0] == "broken.png" and rejected["reason"][0]
+    assert "Clinic A" in list(at.dataframe[0].value["cohort"])
