@@ -57,7 +57,7 @@ def test_class_order_rule():
 
 
 def test_data_hash_is_stable_and_content_sensitive(synth_cohort, tmp_path):
-    root = synth_cohort("cxr", n=10)
+    root = synth_cohort("cxr")
     copy = tmp_path / "copy"
     shutil.copytree(root, copy)
     digest = CohortFolder(root).data_hash()
@@ -170,7 +170,7 @@ def test_clear_errors_for_bad_folders(tmp_path):
 
 def test_broken_coco_names_the_file_and_the_element(synth_cohort, tmp_path):
     copy = tmp_path / "c"
-    shutil.copytree(synth_cohort("oct", n=12), copy)
+    shutil.copytree(synth_cohort("oct"), copy)
     coco = json.loads((copy / "annotations.json").read_text())
     coco["annotations"][0]["bbox"] = [1, 2, -3, 4]
     (copy / "annotations.json").write_text(json.dumps(coco))

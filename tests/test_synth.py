@@ -101,7 +101,7 @@ def test_layout_labels_csv_and_coco(modality, synth_cohort):
 
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_boxes_line_up_with_masks(modality, synth_cohort):
-    root = synth_cohort(modality, artifact_rate=1.0)
+    root = synth_cohort(modality, n=20, artifact_rate=0.6)
     boxes = _coco_boxes(root)
     meta = json.loads((root / "synth_meta.json").read_text())
     for row in _read_labels(root):
@@ -187,7 +187,7 @@ def test_grades_follow_lesion_load(synth_cohort):
 
 
 def test_cxr_dicom_has_fake_identifiers_and_display_fields(synth_cohort):
-    root = synth_cohort("cxr", n=10, artifact_rate=1.0)
+    root = synth_cohort("cxr", n=20, artifact_rate=0.6)
     meta = json.loads((root / "synth_meta.json").read_text())
     for row in _read_labels(root):
         ds = pydicom.dcmread(root / "images" / row["image"])
@@ -201,16 +201,16 @@ def test_cxr_dicom_has_fake_identifiers_and_display_fields(synth_cohort):
         assert [float(v) for v in ds.PixelSpacing] == pytest.approx([430 / 128] * 2, rel=1e-5)
         has_artifact = meta["images"][row["image"]]["artifact"] is not None
         assert ds.BurnedInAnnotation == ("YES" if has_artifact else "NO")
-        assert has_artifact == (row["label"] == "diseased")
+        assert not has_artifact or row["label"] == "diseased"
         assert ds.pixel_array.shape == (128, 128) and int(ds.pixel_array.max()) <= 4095
     uids = {pydicom.dcmread(p).SOPInstanceUID for p in (root / "images").iterdir()}
-    assert len(uids) == 10
+    assert len(uids) == 20
 
 
 def test_cxr_reads_back_through_the_imaging_loader(synth_cohort):
     from softcam_core.imaging import load_image
 
-    root = synth_cohort("cxr", n=10)
+    root = synth_cohort("cxr")
     image = load_image(root / "images" / "cxr_0000.dcm")
     assert image.modality == "cxr" and image.pixels.shape == (128, 128) and image.pixels.dtype == np.uint8
     assert image.spacing == pytest.approx((430 / 128, 430 / 128), rel=1e-5)
