@@ -352,3 +352,18 @@ def test_rust_decoder_panic_becomes_image_load_error():
     ds.save_as(buf)
     with pytest.raises(ImageLoadError, match=r"^rle\.dcm: cannot decode pixel data \(transfer syntax RLE Lossless"):
         load_image(buf.getvalue(), name="rle.dcm")
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_cxr_presets_follow_displayed_brightness(photometric):
+    raw = np.arange(1000, dtype=np.uint16).reshape(25, 40)
+    img = load_image(make_dicom_bytes(raw, Modality="DX", PhotometricInterpretation=photometric), name="cxr.dcm")
+    presets = {w.name: w for w in img.windows}
+    assert {"lung", "mediastinum", "bone"} <= set(presets)
+    lung = img.rewindow(presets["lung"])
+    bone = img.rewindow(presets["bone"])
+    shown = img.pixels.astype(int)
+    dark, bright = shown <= np.percentile(shown, 20), shown >= np.percentile(shown, 80)
+    # lung window spreads the dark pixels and saturates the bright ones; bone the other way round
+    assert lung[dark].std() > bone[dark].std() and (lung[bright] == 255).all()
+    assert bone[bright].std() > lung[bright].std() and (bone[dark] == 0).all()

@@ -34,6 +34,15 @@ PERCENTILE_PRESETS: tuple[tuple[float, float, str], ...] = (
     (5.0, 95.0, "high contrast"),
 )
 
+# Chest-radiograph presets as percentile ranges of displayed BRIGHTNESS (raw values, negated for
+# MONOCHROME1): lungs are the dark part of a CXR, mediastinum and bone the bright part. Heuristic
+# stand-ins for the HU windows, which do not exist for projection radiographs.
+CXR_PRESETS: tuple[tuple[float, float, str], ...] = (
+    (1.0, 60.0, "lung"),
+    (30.0, 99.5, "mediastinum"),
+    (60.0, 99.9, "bone"),
+)
+
 _PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
@@ -322,6 +331,13 @@ def decode_dicom(data: bytes, name: str, frame: int, max_pixels: int) -> DicomPi
         presets = list(HU_PRESETS)
     else:
         presets = [percentile_window(raw, lo, hi, label, padding) for lo, hi, label in PERCENTILE_PRESETS]
+        if infer_modality(ds) == "cxr":
+            # brightness percentile p is raw percentile 100 - p when MONOCHROME1 inverts the display
+            presets += [
+                percentile_window(raw, 100.0 - hi, 100.0 - lo, label, padding) if invert
+                else percentile_window(raw, lo, hi, label, padding)
+                for lo, hi, label in CXR_PRESETS
+            ]
     names = {w.name for w in windows}
     windows += [p for p in presets if p.name not in names]
 

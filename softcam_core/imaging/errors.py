@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 
 
 def _one_line(text: object, limit: int = 300) -> str:
@@ -25,19 +26,32 @@ class ImageLoadError(ValueError):
         super().__init__(f"{self.filename}: {self.problem}")
 
 
+_quiet_lock = threading.Lock()
+_quiet_depth: dict[str, tuple[int, int]] = {}  # logger name -> (nesting depth, level to restore)
+
+
 @contextlib.contextmanager
 def quiet_logs(*logger_names: str):
     """Silence decoder loggers (pydicom, tifffile log a traceback per failed attempt) inside a load;
-    the caller turns the failure into one ImageLoadError instead."""
-    loggers = [logging.getLogger(n) for n in logger_names]
-    previous = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL + 1)
+    the caller turns the failure into one ImageLoadError instead. Reference-counted, so overlapping
+    loads in several threads (Streamlit) restore the original level only when the last one ends."""
+    with _quiet_lock:
+        for name in logger_names:
+            depth, level = _quiet_depth.get(name, (0, logging.getLogger(name).level))
+            if depth == 0:
+                logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+            _quiet_depth[name] = (depth + 1, level)
     try:
         yield
     finally:
-        for lg, level in zip(loggers, previous):
-            lg.setLevel(level)
+        with _quiet_lock:
+            for name in logger_names:
+                depth, level = _quiet_depth[name]
+                if depth == 1:
+                    logging.getLogger(name).setLevel(level)
+                    del _quiet_depth[name]
+                else:
+                    _quiet_depth[name] = (depth - 1, level)
 
 
 def is_decoder_failure(exc: BaseException) -> bool:

@@ -34,8 +34,11 @@ class MedicalImage:
     spacing_source: ``"PixelSpacing"`` | ``"ImagerPixelSpacing"`` | None.
     metadata: de-identified fields only (safe to show and export).
     raw: float32 (H, W) modality-LUT values (DICOM, 16-bit grey photos) for re-windowing, else None.
-    windows: windows to offer in a viewer; ``windows[0]`` made ``pixels``. Empty for 8-bit/colour data.
-    flags: e.g. ``{"burned_in_annotation": True, "monochrome1": True}``.
+    windows: windows to offer in a viewer (the file's own first, then presets); ``windows[0]`` made
+        ``pixels`` unless ``flags["voi_lut"]`` says a VOI LUT did. Empty for 8-bit/colour data.
+    flags: e.g. ``burned_in_annotation``, ``monochrome1``, ``voi_lut`` (its explanation),
+        ``lossy_compressed``, ``jpeg_scan_header_repaired``, ``grey_stored_as_rgb``,
+        ``exif_orientation_applied``, ``high_bit_depth``, ``alpha_dropped``.
     """
 
     pixels: np.ndarray
