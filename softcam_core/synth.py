@@ -232,13 +232,10 @@ def _polyline(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], widt
             draw.ellipse([x - r, y - r, x + r, y + r], fill=value)
 
 
-# 5 x 7 bitmap glyphs for the burned-in artifact text: drawn here rather than with a font file so
-# the pixels are identical on every machine and Pillow version
+# 5 x 7 bitmap glyphs for the burned-in artifact texts (ARTIFACT_TEXT): drawn here rather than with a
+# font file so the pixels are identical on every machine and Pillow version
 _GLYPHS = {
     "S": (".###.", "#...#", "#....", ".###.", "....#", "#...#", ".###."),
-    "I": (".###.", "..#..", "..#..", "..#..", "..#..", "..#..", ".###."),
-    "T": ("#####", "..#..", "..#..", "..#..", "..#..", "..#..", "..#.."),
-    "E": ("#####", "#....", "#....", "####.", "#....", "#....", "#####"),
     "2": (".###.", "#...#", "....#", "...#.", "..#..", ".#...", "#####"),
     "H": ("#...#", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"),
     "D": ("####.", "#...#", "#...#", "#...#", "#...#", "#...#", "####."),

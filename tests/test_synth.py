@@ -120,6 +120,9 @@ def test_boxes_line_up_with_masks(modality, synth_cohort):
             assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
             covered[y0:y1, x0:x1] = True
         assert not (mask & ~covered).any(), "union of boxes covers the mask"
+        # learnable at a 128 px input: at least two lesions span >= 3 % of the image side
+        sides = sorted(max(x1 - x0, y1 - y0) for _, (x0, y0, x1, y1) in found)
+        assert sides[-2] >= 0.03 * 128
         areas = sorted(lesion["area"] for lesion in meta["images"][row["image"]]["lesions"])
         assert sum(areas) == int(mask.sum()), "lesions do not overlap each other"
 
