@@ -138,6 +138,9 @@ def _blob(
     ``radius`` is the semi-axis in pixels, ``aspect`` the ratio of the second axis to the first,
     ``wobble`` the relative amplitude of the boundary's low harmonics.
     """
+    # at least ~0.8 px on the short axis after the wobble, so the blob covers a pixel centre wherever
+    # it lies: nothing is drawn that the mask misses
+    radius = max(radius, 1.1 / min(aspect, 1.0))
     angle = rng.uniform(0, math.pi)
     harmonics = [(k, rng.uniform(0, wobble) / k, rng.uniform(0, 2 * math.pi)) for k in (2, 3, 4, 5)]
     reach = radius * max(1.0, aspect) * (1.0 + sum(a for _, a, _ in harmonics)) + 2.0

@@ -137,8 +137,10 @@ def test_masks_are_the_pixels_the_lesions_changed(modality):
         diff = np.abs(with_lesions.pixels.astype(np.int32) - without.pixels.astype(np.int32))
         if diff.ndim == 3:
             diff = diff.max(axis=2)
-        # the lesions change nothing outside the mask but their one-pixel anti-aliased rim
-        assert not (diff > 0)[~ndimage.binary_dilation(mask)].any()
+        # the lesions change nothing outside the mask but their one-pixel anti-aliased rim (where an
+        # irregular edge may leave a faint, <= 2 grey level, tail)
+        assert not (diff > 2)[~ndimage.binary_dilation(mask)].any()
+        assert (diff > 0)[~ndimage.binary_dilation(mask)].sum() <= 3
         # and visibly change (nearly) every mask pixel
         threshold = 6 if modality == "fundus" else 20
         assert (diff[mask] >= threshold).mean() > 0.97
