@@ -92,3 +92,51 @@ def hand_built_softcam_with_tripwire(fail_on: int | None = None) -> SoftCAMNet:
     net = hand_built_softcam()
     net.evidence = nn.Sequential(Tripwire(fail_on), net.evidence)
     return net
+
+
+def sanity_features() -> nn.Sequential:
+    """Two hand-set conv layers (3x3) + ReLU + 4x4 average pooling, 8 channels.
+
+    Channel 0 carries the bright-square detector through both layers (``relu(mean_rgb - 1)``);
+    channels 1-7 are fixed random filters (seeded), i.e. texture features the class-0 evidence
+    ignores but class 1 uses. Used for the model-randomisation sanity check (Adebayo et al. 2018).
+    """
+    generator = torch.Generator().manual_seed(7)
+    first, second = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+    with torch.no_grad():
+        first.weight.copy_(0.3 * torch.randn(first.weight.shape, generator=generator))
+        first.bias.zero_()
+        first.weight[0] = 0.0
+        first.weight[0, :, 1, 1] = 1.0 / 3.0
+        first.bias[0] = -1.0
+        second.weight.copy_(0.2 * torch.randn(second.weight.shape, generator=generator))
+        second.bias.zero_()
+        second.weight[0] = 0.0
+        second.weight[0, 0, 1, 1] = 1.0
+        second.weight[1:, 0] = 0.0  # the texture channels do not read the detector
+    return nn.Sequential(first, nn.ReLU(), second, nn.ReLU(), nn.AvgPool2d(POOL))
+
+
+def _sanity_head_weights() -> tuple[torch.Tensor, torch.Tensor]:
+    weight = torch.zeros(2, 8)
+    weight[0, 0] = 4.0
+    weight[1, 1:] = 0.1
+    return weight, torch.tensor([-0.1, -0.3])
+
+
+def sanity_softcam() -> SoftCAMNet:
+    head = nn.Conv2d(8, 2, kernel_size=1)
+    weight, bias = _sanity_head_weights()
+    with torch.no_grad():
+        head.weight.copy_(weight.view(2, 8, 1, 1))
+        head.bias.copy_(bias)
+    return SoftCAMNet(sanity_features(), head, arch="hand-built").eval()
+
+
+def sanity_baseline() -> BaselineNet:
+    fc = nn.Linear(8, 2)
+    weight, bias = _sanity_head_weights()
+    with torch.no_grad():
+        fc.weight.copy_(weight)
+        fc.bias.copy_(bias)
+    return BaselineNet(sanity_features(), fc, arch="hand-built").eval()
