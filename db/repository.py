@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -771,33 +771,54 @@ def import_annotations(session: Session, path: str | Path, fmt: str, cohort: Coh
                                                           Annotation.deleted_at.is_(None))):
             existing.setdefault(_dedupe_key(a.image_id, a.kind, a.label, a.geometry), a.id)
     now = utcnow()
-    mask_id: int | None = None  # the mask the following derived boxes were computed from
-    total = len(report.annotations)
-    for done, parsed in enumerate(report.annotations, start=1):
+    # Plan first: which rows are new, and which mask each derived box came from (by plan index).
+    plan: list[dict[str, Any]] = []
+    derived_from: list[int | None] = []     # plan index of the source mask, for derived rows
+    mask_ref: int | str | None = None        # plan index (new mask) or "id:<n>" (mask already stored)
+    for parsed in report.annotations:
         geometry_json = parsed.geometry.to_json()
         key = _dedupe_key(parsed.image, parsed.geometry.kind, parsed.label, geometry_json)
-        annotation_id = existing.get(key)
-        if annotation_id is not None:
+        known = existing.get(key)
+        if known is not None:
             result.duplicates += 1
-        else:
-            annotation = Annotation(
-                image_id=parsed.image, kind=parsed.geometry.kind, geometry=geometry_json, label=parsed.label,
-                author_id=user_id, updated_by_id=user_id, created_at=now, updated_at=now, version=1,
-                provenance="derived" if parsed.derived else "imported", source_file=path.name,
-                derived_from_id=mask_id if parsed.derived else None,
-            )
-            session.add(annotation)
-            session.flush()
-            _audit(session, annotation, user_id, "create", None, _state(annotation))
-            annotation_id = existing[key] = annotation.id
-            result.added += 1
+            if parsed.geometry.kind == "mask":
+                mask_ref = f"id:{known}"
+            continue
+        existing[key] = -1
         if parsed.geometry.kind == "mask":
-            mask_id = annotation_id
+            mask_ref = len(plan)
+        plan.append(dict(image_id=parsed.image, kind=parsed.geometry.kind, geometry=geometry_json, label=parsed.label,
+                         author_id=user_id, updated_by_id=user_id, created_at=now, updated_at=now, version=1,
+                         provenance="derived" if parsed.derived else "imported", source_file=path.name,
+                         derived_from_id=None))
+        derived_from.append(mask_ref if parsed.derived else None)
+    # Bulk INSERT ... RETURNING in chunks (one round trip per chunk on SQLite and PostgreSQL); a mask
+    # always precedes its derived boxes in the plan, so its id is known by the time they are written.
+    ids: dict[int, int] = {}  # plan index -> new annotation id
+    sources = [i for i, ref in enumerate(derived_from) if ref is None]
+    derived = [i for i, ref in enumerate(derived_from) if ref is not None]
+    chunk = 250
+    batches = [sources[k:k + chunk] for k in range(0, len(sources), chunk)]
+    batches += [derived[k:k + chunk] for k in range(0, len(derived), chunk)]  # after every mask has its id
+    written = 0
+    for indices in batches:
+        rows = [plan[i] for i in indices]
+        for i, row in zip(indices, rows):
+            ref = derived_from[i]
+            if ref is not None:
+                row["derived_from_id"] = int(ref[3:]) if isinstance(ref, str) else ids[ref]
+        new_ids = session.scalars(insert(Annotation).returning(Annotation.id, sort_by_parameter_order=True), rows).all()
+        ids.update(zip(indices, new_ids))
+        session.execute(insert(AnnotationAudit), [
+            dict(annotation_id=new_id, user_id=user_id, at=now, action="create", before=None,
+                 after={"kind": r["kind"], "geometry": r["geometry"], "label": r["label"], "version": 1,
+                        "deleted": False, "provenance": r["provenance"], "source_file": r["source_file"],
+                        "image_id": r["image_id"]})
+            for new_id, r in zip(new_ids, rows)])
+        written += len(rows)
         if progress:
-            progress(done, total)
-    if parsed_labels := {a.label for a in report.annotations if a.label}:
-        for name in sorted(parsed_labels):
-            ensure_label(session, cohort, name)
+            progress(written, len(plan))
+    result.added = len(plan)
     session.flush()
     return result
 
