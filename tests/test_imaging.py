@@ -68,6 +68,9 @@ def test_rgb_file_with_grey_content_becomes_grey():
     img = load_image(_png(np.dstack([grey] * 3)), name="x.png")
     assert img.pixels.shape == (32, 32) and img.flags["grey_stored_as_rgb"]
     np.testing.assert_array_equal(img.pixels, grey)
+    marked = np.dstack([grey] * 3)
+    marked[5:8, 5:8] = (255, 0, 0)  # a small red marker keeps the image in colour
+    assert load_image(_png(marked), name="m.png").pixels.shape == (32, 32, 3)
 
 
 def test_png_16bit_grey_keeps_raw_and_auto_windows():
@@ -261,6 +264,12 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     png = _png(np.zeros((16, 16), np.uint8))
     assert "empty file" in _one_line_error(b"")
     assert "corrupt or truncated PNG" in _one_line_error(png[: len(png) // 2])
+    flipped = bytearray(png)
+    flipped[png.index(b"IDAT") + 8] ^= 0xFF  # CRC no longer matches
+    assert "corrupt or truncated PNG" in _one_line_error(bytes(flipped))
+    jpeg = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(jpeg, format="JPEG")
+    assert "corrupt or truncated JPEG" in _one_line_error(jpeg.getvalue()[:40], name="x.jpg")
     assert "text file" in _one_line_error(b"patient,label\n1,2\n", name="x.png")
     assert "PDF" in _one_line_error(b"%PDF-1.4 ...", name="scan.jpg")
     assert "file not found" in _one_line_error(tmp_path / "missing.png", name="missing.png")

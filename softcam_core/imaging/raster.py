@@ -74,10 +74,11 @@ def _check_size(name: str, width: int, height: int, max_pixels: int) -> None:
 
 def _is_grey_rgb(rgb: np.ndarray) -> bool:
     """True when an RGB image carries grey content (channels equal up to JPEG-level noise)."""
-    step = max(1, int(max(rgb.shape[:2]) // 512))
+    step = max(1, int(max(rgb.shape[:2]) // 1024))
     sample = rgb[::step, ::step].astype(np.int16)
     diff = np.maximum(np.abs(sample[..., 0] - sample[..., 1]), np.abs(sample[..., 1] - sample[..., 2]))
-    return float(np.percentile(diff, 99)) <= 3.0
+    # JPEG noise leaves small channel differences; a coloured marker or overlay (large ones) keeps RGB
+    return float(np.percentile(diff, 99)) <= 3.0 and int(diff.max(initial=0)) <= 24
 
 
 def _grey_from_array(arr: np.ndarray, flags: dict) -> tuple[np.ndarray, np.ndarray | None, list[Window]]:
