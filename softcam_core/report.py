@@ -52,11 +52,11 @@ class ReportConfig:
     arch: str = "resnet18"
     batch_size: int = 16
     lr: float = 1e-2
-    l1: float = 0.05
-    l2: float = 0.05
+    l1: float = 0.01
+    l2: float = 0.01
     modalities: tuple[str, ...] = MODALITIES
     methods: tuple[str, ...] = POSTHOC_METHODS
-    eval_limit: int | None = None
+    eval_limit: int | None = 12
     deletion_steps: int = 10
     topk: tuple[int, ...] = (1, 3, 5, 10, 15, 20)
     resamples: int = E.BOOTSTRAP_RESAMPLES
@@ -347,7 +347,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--l2", type=float, default=defaults.l2, help=f"ridge weight of the ridge variant (default {defaults.l2})")
     parser.add_argument("--modalities", default=",".join(MODALITIES), help="comma-separated subset of fundus,oct,cxr")
     parser.add_argument("--methods", default=",".join(POSTHOC_METHODS), help="post-hoc methods run on the baseline")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N test images per modality")
+    parser.add_argument("--limit", type=int, default=defaults.eval_limit,
+                        help=f"evaluate the first N test images per modality; 0 = all (default {defaults.eval_limit})")
     parser.add_argument("--no-png", action="store_true", help="skip PNG figures (HTML only)")
     parser.set_defaults(func=_cli)
 
@@ -360,7 +361,7 @@ def _cli(args: argparse.Namespace) -> int:
     config = ReportConfig(
         n=args.n, epochs=args.epochs, seed=args.seed, img_size=args.img_size, arch=args.arch, l1=args.l1, l2=args.l2,
         modalities=modalities, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        eval_limit=args.limit, png=not args.no_png,
+        eval_limit=args.limit or None, png=not args.no_png,
     )
     run_report(args.out, config, command=canonical_command(args.out, config))
     return 0
@@ -372,8 +373,7 @@ def canonical_command(out: str | Path, config: ReportConfig) -> str:
              "--seed", str(config.seed), "--img-size", str(config.img_size), "--arch", config.arch,
              "--l1", f"{config.l1:g}", "--l2", f"{config.l2:g}", "--modalities", ",".join(config.modalities),
              "--methods", ",".join(config.methods)]
-    if config.eval_limit:
-        parts += ["--limit", str(config.eval_limit)]
+    parts += ["--limit", str(config.eval_limit or 0)]
     if not config.png:
         parts.append("--no-png")
     return " ".join(shlex.quote(p) for p in parts)
