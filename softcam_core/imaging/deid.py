@@ -368,5 +368,9 @@ def _deidentified_bytes(data: bytes, label: str, kind: str | None, key, keep_pat
     if "SOPInstanceUID" in clean:
         meta.MediaStorageSOPInstanceUID = clean.SOPInstanceUID
     buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, clean, enforce_file_format=False)
+    try:  # a proper Part 10 file (preamble + meta) even when the import lacked them
+        pydicom.dcmwrite(buffer, clean, enforce_file_format=True)
+    except (ValueError, AttributeError, KeyError):
+        buffer = io.BytesIO()
+        pydicom.dcmwrite(buffer, clean, enforce_file_format=False)
     return buffer.getvalue()
