@@ -62,7 +62,8 @@ def _images_import(args: argparse.Namespace) -> int:
     try:
         with session_scope(engine) as session:
             cohort = add_cohort(session, args.cohort, modality=args.modality)
-            result = import_images(session, args.paths, cohort, modality=args.modality, progress=update)
+            result = import_images(session, args.paths, cohort, modality=args.modality, progress=update,
+                                   commit_every=16)
     finally:
         close()
     for item in result.accepted:

@@ -361,8 +361,16 @@ def _write_atomically(target: Path, data: bytes) -> None:
         raise
 
 
+@dataclass
+class _PreparedImage:
+    name: str
+    base: str
+    row: dict[str, Any]
+    keys: dict[str, str]
+
+
 def import_images(session: Session, paths: Iterable[str | Path], cohort: Cohort | str, modality: str | None = None,
-                  *, progress: Progress | None = None) -> ImageImportResult:
+                  *, progress: Progress | None = None, commit_every: int | None = None) -> ImageImportResult:
     """Import image files, folders (recursive) and zips into ``cohort``.
 
     Each file is decoded with :func:`softcam_core.imaging.load_image` (rejected with its reason if
@@ -370,15 +378,48 @@ def import_images(session: Session, paths: Iterable[str | Path], cohort: Cohort 
     ``SOFTCAM_HOME/images/<sha256>.<ext>``. Idempotent: a file already in the cohort (same source or
     stored hash) is accepted again without a new row. DICOM file names are not stored (they often
     carry patient ids); keyed hashes of names and DICOM ids let annotation files still match.
+
+    ``commit_every=N`` (bulk imports, the CLI) commits after every N files and decodes files
+    outside any transaction, so a long import never holds the SQLite write lock for more than one
+    short batch and annotators keep saving meanwhile. Without it everything stays in the caller's
+    transaction.
     """
     from softcam_core.imaging import ImageLoadError, deidentified_bytes, load_image, sniff
     from softcam_core.paths import images_dir, softcam_home
 
     if isinstance(cohort, str):
         cohort = add_cohort(session, cohort, modality=modality)
+    cohort_id = cohort.id
     key = _hmac_key(session)
+    known: dict[str, tuple[int, str]] = {}
+    for image_id, pseudonym, sha, source_sha in session.execute(
+            select(Image.id, Image.pseudonym, Image.sha256, Image.source_sha256).where(Image.cohort_id == cohort_id)):
+        known[sha] = known[source_sha] = (image_id, pseudonym)
+    if commit_every:
+        session.commit()  # decode the first files without holding the write lock
     sources = list(_iter_sources(paths))
     result = ImageImportResult()
+    pending: list[_PreparedImage] = []
+
+    def write_pending() -> None:
+        for item in pending:
+            row = item.row
+            existing = session.scalar(select(Image).where(
+                Image.cohort_id == cohort_id, or_(Image.sha256 == row["sha256"], Image.source_sha256 == row["source_sha256"])))
+            if existing is not None:  # another process imported it meanwhile
+                result.accepted.append(AcceptedImage(item.name, existing.id, existing.pseudonym, False))
+                continue
+            image = Image(cohort_id=cohort_id, **row)
+            session.add(image)
+            session.flush()
+            session.add_all(ImageKey(image_id=image.id, kind=k, digest=d) for k, d in sorted(item.keys.items()))
+            session.flush()
+            known[image.sha256] = known[image.source_sha256] = (image.id, image.pseudonym)
+            result.accepted.append(AcceptedImage(item.name, image.id, image.pseudonym, True))
+        pending.clear()
+        if commit_every:
+            session.commit()
+
     for done, (name, read) in enumerate(sources, start=1):
         try:
             try:
@@ -386,43 +427,40 @@ def import_images(session: Session, paths: Iterable[str | Path], cohort: Cohort 
             except OSError as exc:
                 raise RepositoryError(f"cannot read ({exc.strerror or exc})") from None
             source_sha = hashlib.sha256(data).hexdigest()
-            existing = session.scalar(select(Image).where(Image.cohort_id == cohort.id, Image.source_sha256 == source_sha))
-            if existing is not None:
-                result.accepted.append(AcceptedImage(name, existing.id, existing.pseudonym, False))
+            if source_sha in known:
+                result.accepted.append(AcceptedImage(name, *known[source_sha], False))
                 continue
             base = PurePosixPath(name.split(":")[-1].replace("\\", "/")).name
             image = load_image(data, name=base, modality=modality)
             stored = deidentified_bytes(data, name=base)
             sha = hashlib.sha256(stored).hexdigest()
-            existing = session.scalar(select(Image).where(Image.cohort_id == cohort.id, Image.sha256 == sha))
-            if existing is not None:
-                result.accepted.append(AcceptedImage(name, existing.id, existing.pseudonym, False))
+            if sha in known:
+                result.accepted.append(AcceptedImage(name, *known[sha], False))
                 continue
             kind = sniff(data)
             extension = _EXTENSIONS.get(kind or "", Path(base).suffix.lower() or ".bin")
             target = images_dir() / f"{sha}{extension}"
             _write_atomically(target, stored)
-            row = Image(
-                cohort_id=cohort.id, pseudonym=f"img-{sha[:16]}", sha256=sha, source_sha256=source_sha,
-                modality=image.modality, original_name=None if kind == "dicom" else base, extension=extension,
-                stored_path=str(target.relative_to(softcam_home())), width=image.width, height=image.height,
-                burned_in=bool(image.flags.get("burned_in_annotation")), metadata_json=_jsonable(image.metadata),
-            )
-            session.add(row)
-            session.flush()
-            keys = {(k, _digest(key, k, v)) for k, v in _name_keys(base).items()}
+            names = dict(_name_keys(base))
             if kind == "dicom":
-                keys |= {(k, _digest(key, k, v)) for k, v in _dicom_ids(data).items()}
-            session.add_all(ImageKey(image_id=row.id, kind=k, digest=d) for k, d in sorted(keys))
-            session.flush()
-            result.accepted.append(AcceptedImage(name, row.id, row.pseudonym, True))
+                names.update(_dicom_ids(data))
+            pending.append(_PreparedImage(name, base, dict(
+                pseudonym=f"img-{sha[:16]}", sha256=sha, source_sha256=source_sha, modality=image.modality,
+                original_name=None if kind == "dicom" else base, extension=extension,
+                stored_path=target.relative_to(softcam_home()).as_posix(), width=image.width, height=image.height,
+                burned_in=bool(image.flags.get("burned_in_annotation")), metadata_json=_jsonable(image.metadata),
+            ), {k: _digest(key, k, v) for k, v in names.items()}))
         except (ImageLoadError, RepositoryError) as exc:
             message = str(exc)
             prefix = f"{PurePosixPath(name).name}: "
             result.rejected.append(RejectedImage(name, message[len(prefix):] if message.startswith(prefix) else message))
         finally:
+            if pending and (not commit_every or len(pending) >= commit_every):
+                write_pending()
             if progress:
                 progress(done, len(sources))
+    if pending:
+        write_pending()
     return result
 
 

@@ -425,3 +425,34 @@ def test_cli_commands(db_env, real_data, tmp_path, capsys):
         audit = s.scalars(select(AnnotationAudit)).all()
         assert len(audit) == 8 and {a.action for a in audit} == {"create"}
         assert {a.after["provenance"] for a in audit} == {"imported"}
+
+
+def test_bulk_image_import_leaves_the_write_lock_free_between_batches(sqlite_url, real_data):
+    """With commit_every, another writer gets the SQLite lock at once while files are decoded;
+    without it the import holds the lock (so the CLI uses batches)."""
+    import sqlite3
+
+    engine = get_engine(sqlite_url)
+    upgrade(engine)
+    path = engine.url.database
+    outcomes: list[str] = []
+
+    def other_writer(done: int, total: int) -> None:
+        connection = sqlite3.connect(path, timeout=0.2, isolation_level=None)
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute("ROLLBACK")
+            outcomes.append("free")
+        except sqlite3.OperationalError as exc:
+            outcomes.append(str(exc))
+        finally:
+            connection.close()
+
+    folder = real_data / "cxr_rsna_png" / "images"
+    with session_scope(engine) as s:
+        assert len(repo.import_images(s, [folder], "batched", progress=other_writer, commit_every=1).accepted) == 4
+    assert outcomes == ["free"] * 4
+    outcomes.clear()
+    with session_scope(engine) as s:
+        repo.import_images(s, [folder], "one-transaction", progress=other_writer)
+    assert outcomes == ["database is locked"] * 4
