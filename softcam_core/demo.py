@@ -95,12 +95,14 @@ def prepare_demo(
     home: str | Path | None = None,
     *,
     force: bool = False,
-    settings: DemoSettings = DEMO_SETTINGS,
+    settings: DemoSettings | None = None,
     modalities: tuple[str, ...] = MODALITIES,
     device: str | torch.device | None = None,
     show_progress: bool = True,
 ) -> dict:
     """Make the demo cohorts and models that are missing (all of them with ``force``) and write the report.
+
+    ``settings`` defaults to :data:`DEMO_SETTINGS`; ``modalities`` to all three.
 
     Returns the report dict (also written to ``home/demo_report.json``): per modality the cohort,
     the two checkpoints, their test accuracy and AUC, ``gap`` = SoftCAM - baseline accuracy
@@ -112,6 +114,7 @@ def prepare_demo(
     from softcam_core.synth import make_cohort
     from softcam_core.training import train
 
+    settings = settings or DEMO_SETTINGS
     assets = demo_assets(home)
     device = torch.device(device) if device is not None else default_device()
     started = time.perf_counter()

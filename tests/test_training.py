@@ -246,3 +246,55 @@ def test_torchrun_two_cpu_processes(tmp_path, synth_cohort):
     assert proc.stdout.count("checkpoint:") == 1
     state = torch.load(state_path(out))
     assert state["config"]["world_size"] == 2 and state["epoch"] == 2
+
+
+# -- inference (softcam predict) on a trained checkpoint ----------------------------------------------
+
+
+def test_predict_matches_the_model_on_the_one_preprocessing_path(tiny_checkpoint, synth_cohort):
+    from softcam_core.imaging import load_image, preprocess
+    from softcam_core.inference import load_model, predict
+
+    model, meta = load_model(tiny_checkpoint("fundus", "softcam"))
+    assert not model.training and next(model.parameters()).device.type == "cpu"
+    files = [r.path for r in CohortFolder(synth_cohort("fundus")).split("test")[:3]]
+    results = predict(model, meta, files)
+    assert [r.image for r in results] == [str(f) for f in files]
+    x = torch.stack([preprocess(load_image(f, modality="fundus"), 64, meta["mean"], meta["std"])[0] for f in files])
+    with torch.no_grad():
+        expected = torch.softmax(model(x), dim=1)
+    for result, probs in zip(results, expected):
+        assert result.probs == pytest.approx(probs.tolist(), abs=1e-5)
+        assert sum(result.probs) == pytest.approx(1.0)
+        assert result.pred == meta["classes"][int(probs.argmax())] and result.pred_index == int(probs.argmax())
+
+
+def test_cli_predict_writes_good_rows_and_names_bad_files(tiny_checkpoint, synth_cohort, tmp_path, capsys):
+    checkpoint = tiny_checkpoint("fundus", "softcam")
+    files = [str(r.path) for r in CohortFolder(synth_cohort("fundus")).split("test")[:2]]
+    text_file = tmp_path / "notes.png"
+    text_file.write_text("not an image")
+    out = tmp_path / "pred.csv"
+
+    assert cli_main(["predict", "--model", str(checkpoint), "--images", *files, "--out", str(out)]) == 0
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["image", "pred", "prob_healthy", "prob_diseased"]
+    assert [r["image"] for r in rows] == files
+    assert all(r["pred"] in ("healthy", "diseased") for r in rows)
+    assert all(float(r["prob_healthy"]) + float(r["prob_diseased"]) == pytest.approx(1.0, abs=1e-5) for r in rows)
+    capsys.readouterr()
+
+    code = cli_main(["predict", "--model", str(checkpoint), "--images", files[0], str(text_file),
+                     str(tmp_path / "absent.png"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1
+    errors = [line for line in err.splitlines() if line.startswith("softcam predict: error:")]
+    assert len(errors) == 2 and str(text_file) in errors[0] and "absent.png" in errors[1]
+    with open(out, newline="") as handle:
+        assert [r["image"] for r in csv.DictReader(handle)] == [files[0]]
+
+    (tmp_path / "bad.pt").write_bytes(b"\x00" * 100)
+    code = cli_main(["predict", "--model", str(tmp_path / "bad.pt"), "--images", files[0], "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "bad.pt" in err and "\n" not in err
