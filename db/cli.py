@@ -75,17 +75,19 @@ def _images_import(args: argparse.Namespace) -> int:
 
 
 def _annotations_import(args: argparse.Namespace) -> int:
-    from .repository import AnnotationImportError, get_cohort, get_or_create_user, import_annotations
+    from .repository import AnnotationImportError, get_or_create_user, import_annotations
     from .session import get_engine, session_scope, upgrade
 
     engine = get_engine()
     upgrade(engine)
+    if args.user:
+        with session_scope(engine) as session:
+            get_or_create_user(session, args.user)
     update, close = _progress_bar("importing annotations")
     try:
+        # a fresh session: the file is validated in a read-only transaction, then written at once
         with session_scope(engine) as session:
-            cohort = get_cohort(session, args.cohort)
-            user = get_or_create_user(session, args.user) if args.user else None
-            result = import_annotations(session, args.file, args.format, cohort, user, label=args.label,
+            result = import_annotations(session, args.file, args.format, args.cohort, args.user, label=args.label,
                                         progress=update)
     except AnnotationImportError as exc:
         close()

@@ -794,10 +794,23 @@ def import_annotations(session: Session, path: str | Path, fmt: str, cohort: Coh
     :class:`AnnotationImportError` carrying the per-row report and nothing is written. Rows equal
     to a live annotation of the same image (kind, label, exact coordinates) are skipped, so a
     re-import adds nothing. Boxes derived from a mask point at the mask (``derived_from_id``).
+
+    When ``session`` has not begun a transaction yet, reading and validating the file happens in a
+    separate read-only transaction, so a slow file (thousands of masks) does not hold the SQLite
+    write lock; only the final bulk write does.
     """
-    cohort = get_cohort(session, cohort) if isinstance(cohort, str) else cohort
     path = Path(path)
-    report = read_annotations(path, fmt, CohortResolver(session, cohort), label=label)
+    if session.in_transaction():
+        cohort = get_cohort(session, cohort) if isinstance(cohort, str) else cohort
+        report = read_annotations(path, fmt, CohortResolver(session, cohort), label=label)
+    else:
+        reader = Session(bind=session.get_bind().execution_options(sqlite_begin="DEFERRED"))
+        try:
+            cohort_id = get_cohort(reader, cohort if isinstance(cohort, str) else cohort.id).id
+            report = read_annotations(path, fmt, CohortResolver(reader, get_cohort(reader, cohort_id)), label=label)
+        finally:
+            reader.close()
+        cohort = get_cohort(session, cohort_id)
     if report.errors:
         raise AnnotationImportError(report)
     user_id = _user_id(session, user)
