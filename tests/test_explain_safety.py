@@ -71,7 +71,7 @@ def test_successful_call_leaves_model_as_found(method):
     assert model.training
 
 
-@pytest.mark.parametrize("fail_on", [1, 2, 3])
+@pytest.mark.parametrize("fail_on", [1, 3])
 @pytest.mark.parametrize("method", LIBRARY_METHODS + ["softcam", "cascam:gradcam"])
 def test_failure_mid_method_leaves_model_as_found(method, fail_on):
     """The tripwire raises on the n-th forward through the head: hooks registered, layer swapped, ..."""
@@ -125,7 +125,8 @@ def test_grad_cam_index_error_is_not_swallowed():
 def test_concurrent_calls_give_the_serial_maps():
     model = hand_built_softcam()
     x = _x()
-    methods = ["gradcam", "scorecam", "integrated_gradients", "ablationcam", "guided_backprop", "softcam", "fullgrad"]
+    methods = ["gradcam", "scorecam", "integrated_gradients", "ablationcam", "guided_backprop", "softcam", "fullgrad",
+               "hirescam"]
     serial = {m: explain(model, x, m, target=[0, 1]) for m in methods}
     results: dict[tuple[int, str, int], torch.Tensor] = {}
     errors: list[BaseException] = []

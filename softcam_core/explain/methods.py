@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softcam_core.explain.guard import eval_locked, guarded
+from softcam_core.explain.guard import eval_locked, guarded, model_lock
 from softcam_core.explain.layers import ExplainError, cam_head, model_device, resolve_target_layer
 
 BASE_METHODS = (
@@ -133,9 +133,10 @@ def _softcam(model: nn.Module, x: torch.Tensor, targets: list[int] | None) -> to
 
 def _cam(model: nn.Module, x: torch.Tensor, targets: list[int] | None) -> torch.Tensor:
     """Classic CAM (Zhou et al. 2016): ``sum_k W[c, k] A_k`` on the last feature map, signed, no bias."""
-    layer, linear, relu = cam_head(model)
     captured: list[torch.Tensor] = []
     with guarded(model, freeze=False), torch.no_grad():
+        # resolved under the model's lock: another thread's AblationCAM may have swapped the layer
+        layer, linear, relu = cam_head(model)
         handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
         try:
             logits = model(x)
@@ -153,8 +154,9 @@ def _torchcam(class_name: str, uses_gradients: bool) -> Callable[..., torch.Tens
     def run(model: nn.Module, x: torch.Tensor, targets: list[int] | None, target_layer=None, **kwargs) -> torch.Tensor:
         from torchcam import methods as torchcam_methods
 
-        layer = resolve_target_layer(model, target_layer)
         with guarded(model):
+            # resolved under the model's lock: another thread's AblationCAM may have swapped the layer
+            layer = resolve_target_layer(model, target_layer)
             extractor = getattr(torchcam_methods, class_name)(model, target_layer=layer, **kwargs)
             try:
                 with torch.set_grad_enabled(uses_gradients):
@@ -180,12 +182,13 @@ def _pytorch_grad_cam(class_name: str, uses_gradients: bool) -> Callable[..., to
         from pytorch_grad_cam.ablation_layer import AblationLayer
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        layers = [] if class_name == "FullGrad" else [resolve_target_layer(model, target_layer)]
         if class_name == "AblationCAM":
             kwargs.setdefault("batch_size", ABLATIONCAM_DEFAULT_BATCH)
             # the library's default AblationLayer() is one instance shared by every call: use our own
             kwargs.setdefault("ablation_layer", AblationLayer())
         with guarded(model):
+            # resolved under the model's lock: another thread's AblationCAM may have swapped the layer
+            layers = [] if class_name == "FullGrad" else [resolve_target_layer(model, target_layer)]
             cam = getattr(pytorch_grad_cam, class_name)(model=model, target_layers=layers, **kwargs)
             try:
                 library_targets = None if targets is None else [ClassifierOutputTarget(t) for t in targets]
@@ -299,16 +302,20 @@ def explain(
     if method.startswith(CASCAM_PREFIX):
         from softcam_core.explain.cascam import cascam
 
-        return cascam(model, x, method[len(CASCAM_PREFIX):], target=target, **options).combined
+        with model_lock(model):
+            return cascam(model, x, method[len(CASCAM_PREFIX):], target=target, **options).combined
     implementation = _IMPLEMENTATIONS.get(method)
     if implementation is None:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)} or cascam:<method>")
-    targets = resolve_targets(target, x.shape[0], num_classes_of(model))
-    inputs = x.detach().to(model_device(model), torch.float32)
-    try:
-        maps = implementation(model, inputs, targets, **options)
-    except TypeError as exc:
-        if "unexpected keyword argument" in str(exc):
-            raise ValueError(f"{method}: {exc}") from None
-        raise
+    # the whole call under the model's (re-entrant) lock: reading the model's classes, device and
+    # layers must not interleave with another thread's layer swap (AblationCAM)
+    with model_lock(model):
+        targets = resolve_targets(target, x.shape[0], num_classes_of(model))
+        inputs = x.detach().to(model_device(model), torch.float32)
+        try:
+            maps = implementation(model, inputs, targets, **options)
+        except TypeError as exc:
+            if "unexpected keyword argument" in str(exc):
+                raise ValueError(f"{method}: {exc}") from None
+            raise
     return resize_to(maps.detach().float(), tuple(x.shape[-2:])).to(x.device, torch.float32)
