@@ -21,11 +21,13 @@ Coordinate conventions of the formats (all converted to exclusive-end image pixe
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
 import math
 import re
+import warnings
 import xml.etree.ElementTree as ET
 import zipfile
 from dataclasses import dataclass, field
@@ -714,3 +716,62 @@ def folder_resolver(images: dict[str, tuple[int, int]]) -> Resolver:
 def leading_token(stem: str) -> str:
     """Part of a file stem before the first '-', '_' or '.' (``12-Input`` -> ``12``)."""
     return re.split(r"[-_.]", stem, maxsplit=1)[0]
+
+
+# --- DICOM SEG (highdicom) ---------------------------------------------------------------------
+
+def write_dicom_seg(out: Path, source, masks: Sequence[tuple[str, np.ndarray]]) -> Path:
+    """DICOM Segmentation (binary, one segment per label) referencing ``source``, a pydicom Dataset
+    of the (already de-identified) single-frame image. ``masks``: ``(label, (rows, cols) bool)``;
+    masks sharing a label are merged into one segment. Patient/study attributes come from ``source``.
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    out = Path(out)
+    # highdicom copies the patient / study modules, whose type-2 attributes must exist (empty is
+    # valid); a de-identified source may have dropped them
+    source = copy.deepcopy(source)
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                    "ReferringPhysicianName", "StudyID", "AccessionNumber"):
+        if keyword not in source:
+            setattr(source, keyword, "")
+    rows, cols = int(source.Rows), int(source.Columns)
+    if int(getattr(source, "NumberOfFrames", 1) or 1) != 1:
+        raise AnnotationFormatError(f"{out.name}: DICOM SEG export supports single-frame images only")
+    merged: dict[str, np.ndarray] = {}
+    for label, mask in masks:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != (rows, cols):
+            raise AnnotationFormatError(f"{out.name}: mask {mask.shape} does not match the image ({rows}, {cols})")
+        name = label or "lesion"
+        merged[name] = merged.get(name, np.zeros((rows, cols), bool)) | mask
+    if not merged:
+        raise AnnotationFormatError(f"{out.name}: no masks to write")
+    names = sorted(merged)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=i + 1, segment_label=name[:64],
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=codes.SCT.Lesion,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        )
+        for i, name in enumerate(names)
+    ]
+    pixels = np.stack([merged[n] for n in names], axis=-1)[None].astype(np.uint8)  # (1, rows, cols, segments)
+    with warnings.catch_warnings():
+        # the de-identified PatientName is a one-part pseudonym on purpose
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        seg = _segmentation(hd, source, pixels, descriptions)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(out)
+    return out
+
+
+def _segmentation(hd, source, pixels, descriptions):
+    return hd.seg.Segmentation(
+        source_images=[source], pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=1, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="SoftCAM Review", manufacturer_model_name="SoftCAM Review",
+        software_versions="0.1.0", device_serial_number="none",
+    )

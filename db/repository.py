@@ -36,7 +36,7 @@ from annotations.formats import (
     read_annotations,
     write_annotations,
 )
-from annotations.geometry import Box, Geometry, geometry_from_json
+from annotations.geometry import Box, Geometry, Mask, Polygon, geometry_from_json
 
 from .schema import (
     ANNOTATION_KINDS,
@@ -890,6 +890,32 @@ def export_images(session: Session, cohort: Cohort | str) -> list[ExportImage]:
 def export_annotations(session: Session, fmt: str, cohort: Cohort | str, out: str | Path) -> Path:
     """Write the cohort's live box annotations as ``fmt`` to ``out`` (pseudonymous image ids only)."""
     return write_annotations(Path(out), fmt, export_images(session, cohort))
+
+
+def export_dicom_seg(session: Session, cohort: Cohort | str, out_dir: str | Path) -> list[Path]:
+    """One DICOM SEG (``<out_dir>/<pseudonym>-seg.dcm``) per DICOM image of the cohort that has live
+    mask or polygon annotations, built on the stored de-identified file (so it carries pseudonyms
+    only). Non-DICOM images are skipped. Returns the written paths."""
+    import pydicom
+
+    from annotations.formats import write_dicom_seg
+
+    cohort = get_cohort(session, cohort) if isinstance(cohort, str) else cohort
+    written = []
+    for image in list_images(session, cohort):
+        if image.extension != ".dcm":
+            continue
+        masks = []
+        for annotation in list_annotations(session, image):
+            geometry = annotation_geometry(annotation)
+            if isinstance(geometry, Mask):
+                masks.append((annotation.label, geometry.array))
+            elif isinstance(geometry, Polygon):
+                masks.append((annotation.label, geometry.to_mask(image.height, image.width)))
+        if masks:
+            source = pydicom.dcmread(image_path(image))
+            written.append(write_dicom_seg(Path(out_dir) / f"{image.pseudonym}-seg.dcm", source, masks))
+    return written
 
 
 # --- models ------------------------------------------------------------------------------------

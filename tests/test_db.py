@@ -456,3 +456,26 @@ def test_bulk_image_import_leaves_the_write_lock_free_between_batches(sqlite_url
     with session_scope(engine) as s:
         repo.import_images(s, [folder], "one-transaction", progress=other_writer)
     assert outcomes == ["database is locked"] * 4
+
+
+def test_dicom_seg_export_round_trips_masks_with_pseudonyms_only(session, tmp_path):
+    import highdicom as hd
+    import pydicom
+
+    result = repo.import_images(session, [_identified_dicom(tmp_path)], "seg")
+    image = repo.get_image(session, result.accepted[0].image_id)
+    lesion = np.zeros((image.height, image.width), bool)
+    lesion[10:20, 5:30] = True
+    repo.save_annotation(session, image, Mask(lesion), "lesion", provenance="drawn")
+    repo.save_annotation(session, image, Polygon(((40, 40), (60, 40), (40, 60))), "nodule")
+    [out] = repo.export_dicom_seg(session, "seg", tmp_path / "seg")
+    blob = out.read_bytes()
+    assert SECRET_ID.encode() not in blob and b"Doe" not in blob
+    seg = hd.seg.segread(out)
+    stored = pydicom.dcmread(repo.image_path(image))
+    assert seg.PatientID == stored.PatientID != SECRET_ID
+    numbers = {d.SegmentLabel: int(d.SegmentNumber) for d in seg.SegmentSequence}
+    pixels = seg.get_pixels_by_source_instance([stored.SOPInstanceUID], segment_numbers=[numbers["lesion"], numbers["nodule"]])
+    assert np.array_equal(pixels[0, ..., 0] > 0, lesion)
+    triangle = Polygon(((40, 40), (60, 40), (40, 60))).to_mask(image.height, image.width)
+    assert np.array_equal(pixels[0, ..., 1] > 0, triangle)
