@@ -16,25 +16,15 @@ FAST = dict(split="all", limit=4, deletion_steps=4, topk=(1, 3), resamples=200, 
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    """A 12-image fundus cohort (module-local so the test file runs on its own)."""
-    from softcam_core.synth import make_cohort
-
-    return make_cohort("fundus", 12, 0, tmp_path_factory.mktemp("eval") / "cohort", size=96)
+def cohort(synth_cohort):
+    """The shared 24-image fundus cohort (tests/plugins/cohort.py)."""
+    return synth_cohort("fundus")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A random-weight resnet18 SoftCAM checkpoint at 64 px (the metrics don't need a trained model)."""
-    import torch
-
-    from softcam_core.models import build_model, save_checkpoint
-
-    torch.manual_seed(0)
-    model = build_model("resnet18", 2, "softcam")
-    meta = {"arch": "resnet18", "head": "softcam", "classes": ["healthy", "diseased"], "img_size": 64,
-            "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "modality": "fundus", "l1": 0.0, "l2": 0.0}
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", model, meta)
+def checkpoint(tiny_checkpoint):
+    """The shared barely-trained 64 px ResNet-18 SoftCAM checkpoint (tests/plugins/models.py)."""
+    return tiny_checkpoint("fundus")
 
 
 def _run(checkpoint, cohort, out, **kw):
