@@ -376,3 +376,38 @@ def test_cxr_presets_follow_displayed_brightness(photometric):
     # lung window spreads the dark pixels and saturates the bright ones; bone the other way round
     assert lung[dark].std() > bone[dark].std() and (lung[bright] == 255).all()
     assert bone[bright].std() > lung[bright].std() and (bone[dark] == 0).all()
+
+
+def test_enhanced_multiframe_oct_uses_functional_groups():
+    # an OPT-like enhanced multi-frame object: spacing, rescale and window live in functional groups
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    frames = np.stack([np.full((6, 10), v, np.uint16) for v in (100, 200)])
+    frames[1, 0, 0] = 0
+    ds = pydicom.dcmread(io.BytesIO(make_dicom_bytes(frames[0], Modality="OPT", BodyPartExamined="EYE")))
+    ds.NumberOfFrames = 2
+    ds.PixelData = frames.tobytes()
+    measures, transform, voi = Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing = [0.0039, 0.0114]
+    transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = 2, -10, "US"
+    voi.WindowCenter, voi.WindowWidth, voi.WindowCenterWidthExplanation = 300, 200, "RETINA"
+    shared = Dataset()
+    shared.PixelMeasuresSequence = Sequence([measures])
+    shared.PixelValueTransformationSequence = Sequence([transform])
+    shared.FrameVOILUTSequence = Sequence([voi])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per_frame = [Dataset(), Dataset()]
+    second = Dataset()
+    second.PixelSpacing = [0.005, 0.012]
+    per_frame[1].PixelMeasuresSequence = Sequence([second])  # frame 1 overrides the shared spacing
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    first = load_image(buf.getvalue(), name="oct.dcm", frame=0)
+    assert first.modality == "oct" and first.spacing == (0.0039, 0.0114) and first.spacing_source == "PixelSpacing"
+    assert first.raw[0, 0] == 190.0 and first.windows[0].name == "RETINA"
+    np.testing.assert_array_equal(first.pixels, window(first.raw, 300, 200))
+    other = load_image(buf.getvalue(), name="oct.dcm", frame=1)
+    assert other.spacing == (0.005, 0.012) and other.raw[0, 1] == 390.0 and other.raw[0, 0] == -10.0

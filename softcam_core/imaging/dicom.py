@@ -211,9 +211,27 @@ def _int_attr(ds, keyword: str, name: str, default: int | None = None) -> int:
     return value
 
 
-def _spacing(ds) -> tuple[tuple[float, float] | None, str | None]:
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = ds.get(keyword)
+def functional_group_item(ds, frame: int, macro: str):
+    """The first item of functional-group macro ``macro`` (e.g. "PixelMeasuresSequence") that applies
+    to ``frame`` of an enhanced multi-frame object (per-frame group first, then shared), or None."""
+    for groups_keyword, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        groups = ds.get(groups_keyword)
+        if not groups or index >= len(groups):
+            continue
+        sequence = groups[index].get(macro)
+        if sequence:
+            return sequence[0]
+    return None
+
+
+def _spacing(ds, frame: int = 0) -> tuple[tuple[float, float] | None, str | None]:
+    """(row, col) mm per pixel and the attribute it came from (top level, then enhanced Pixel Measures)."""
+    measures = functional_group_item(ds, frame, "PixelMeasuresSequence")
+    candidates = [(ds, "PixelSpacing"), (ds, "ImagerPixelSpacing")]
+    if measures is not None:
+        candidates.append((measures, "PixelSpacing"))
+    for source, keyword in candidates:
+        value = source.get(keyword)
         try:
             row, col = (float(v) for v in value)
         except (TypeError, ValueError):
@@ -221,6 +239,20 @@ def _spacing(ds) -> tuple[tuple[float, float] | None, str | None]:
         if row > 0 and col > 0 and math.isfinite(row) and math.isfinite(col):
             return (row, col), keyword
     return None, None
+
+
+def _modality_lut(arr: np.ndarray, ds, frame: int) -> np.ndarray:
+    """Stored values -> modality-LUT values (float32), for classic and enhanced multi-frame objects."""
+    from pydicom.pixels import apply_modality_lut
+
+    if "ModalityLUTSequence" in ds or "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        return np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+    transform = functional_group_item(ds, frame, "PixelValueTransformationSequence")
+    if transform is not None and ("RescaleSlope" in transform or "RescaleIntercept" in transform):
+        slope = float(transform.get("RescaleSlope", 1) or 1)
+        intercept = float(transform.get("RescaleIntercept", 0) or 0)
+        return (arr.astype(np.float64) * slope + intercept).astype(np.float32)
+    return arr.astype(np.float32)
 
 
 def _to_uint8_colour(arr: np.ndarray, bits: int) -> np.ndarray:
@@ -237,7 +269,7 @@ def decode_dicom(data: bytes, name: str, frame: int, max_pixels: int) -> DicomPi
     Raises :class:`ImageLoadError` for: no pixel data, bad geometry, too many pixels, frame out of
     range, no decoder for the transfer syntax, and corrupt pixel data (the message names the syntax).
     """
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
+    from pydicom.pixels import apply_color_lut, apply_voi_lut, get_decoder
 
     ds = read_dataset(data, name)
     if not any(k in ds for k in _PIXEL_DATA_KEYWORDS):
@@ -292,7 +324,7 @@ def decode_dicom(data: bytes, name: str, frame: int, max_pixels: int) -> DicomPi
         flags["burned_in_annotation"] = True
     if str(ds.get("LossyImageCompression", "") or "") == "01":
         flags["lossy_compressed"] = True
-    spacing, spacing_source = _spacing(ds)
+    spacing, spacing_source = _spacing(ds, frame)
     bits_stored = int(ds.get("BitsStored", 8) or 8)
 
     if samples == 3 or photometric == "PALETTE COLOR":
@@ -314,7 +346,7 @@ def decode_dicom(data: bytes, name: str, frame: int, max_pixels: int) -> DicomPi
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            raw = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32) if "PixelData" in ds else arr.astype(np.float32)
+            raw = _modality_lut(arr, ds, frame) if "PixelData" in ds else arr.astype(np.float32)
     except Exception as exc:
         raise ImageLoadError(name, f"invalid modality LUT / rescale: {_one_line(exc, 120)}") from None
     if not np.isfinite(raw).all():
@@ -327,6 +359,12 @@ def decode_dicom(data: bytes, name: str, frame: int, max_pixels: int) -> DicomPi
         except (TypeError, ValueError):
             padding = None
     windows = windows_from_dataset(ds)
+    if not windows:  # enhanced multi-frame: Frame VOI LUT macro
+        voi_item = functional_group_item(ds, frame, "FrameVOILUTSequence")
+        if voi_item is not None:
+            windows = windows_from_dataset(voi_item)
+            if windows and "VOILUTFunction" not in voi_item and ds.get("VOILUTFunction"):
+                windows = [Window(w.center, w.width, w.name, str(ds.VOILUTFunction).upper()) for w in windows]
     if is_hounsfield(ds):
         presets = list(HU_PRESETS)
     else:
