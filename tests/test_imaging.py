@@ -411,3 +411,27 @@ def test_enhanced_multiframe_oct_uses_functional_groups():
     np.testing.assert_array_equal(first.pixels, window(first.raw, 300, 200))
     other = load_image(buf.getvalue(), name="oct.dcm", frame=1)
     assert other.spacing == (0.005, 0.012) and other.raw[0, 1] == 390.0 and other.raw[0, 0] == -10.0
+
+
+def test_tiff_variants(tmp_path):
+    import tifffile
+
+    ramp16 = (np.arange(20 * 30).reshape(20, 30) * 100).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "g16.tif", ramp16, photometric="minisblack", compression="zlib")
+    img = load_image(tmp_path / "g16.tif")
+    np.testing.assert_array_equal(img.raw, ramp16)
+    assert img.flags["high_bit_depth"] and img.pixels.max() == 255 and img.pixels.min() == 0
+
+    floats = np.linspace(-1.0, 1.0, 200, dtype=np.float32).reshape(10, 20)
+    tifffile.imwrite(tmp_path / "f.tif", floats)
+    assert load_image(tmp_path / "f.tif").raw.dtype == np.float32
+
+    white_is_zero = np.full((8, 8), 10, np.uint8)
+    tifffile.imwrite(tmp_path / "mw.tif", white_is_zero, photometric="miniswhite")
+    assert load_image(tmp_path / "mw.tif").pixels[0, 0] == 245
+
+    palette = np.zeros((3, 256), np.uint16)
+    palette[0, 1] = 65535  # index 1 -> red
+    indices = np.ones((6, 6), np.uint8)
+    tifffile.imwrite(tmp_path / "pal.tif", indices, photometric="palette", colormap=palette)
+    assert load_image(tmp_path / "pal.tif").pixels[0, 0].tolist() == [255, 0, 0]
