@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from softcam_core.imaging import Geometry, MedicalImage, detect_fundus_circle, preprocess
 from tests.plugins.imaging import synthetic_fundus
@@ -125,3 +127,41 @@ def test_bad_arguments():
         preprocess(image, 8, mean=(0, 0), std=(1, 1))
     with pytest.raises(ValueError):
         preprocess(image, 8, mean=0.5, std=0.0)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(h=st.integers(4, 90), w=st.integers(4, 90), size=st.integers(4, 48), data=st.data())
+def test_property_painted_mask_equals_mapped_mask_and_box(h, w, size, data):
+    modality = data.draw(st.sampled_from(["oct", "cxr", "other"]))
+    x0 = data.draw(st.integers(0, w - 1))
+    y0 = data.draw(st.integers(0, h - 1))
+    x1 = data.draw(st.integers(x0 + 1, w))
+    y1 = data.draw(st.integers(y0 + 1, h))
+    mask = np.zeros((h, w), bool)
+    mask[y0:y1, x0:x1] = True
+    x, geometry = preprocess(_image(mask.astype(np.uint8) * 255, modality), size, **IDENTITY)
+    mapped = geometry.mask_to_input(mask)
+    np.testing.assert_array_equal(x[0].numpy() >= 0.5, mapped)
+    bx0, by0, bx1, by1 = geometry.boxes_to_input([[x0, y0, x1, y1]])[0]
+    lit = np.argwhere(mapped)
+    if lit.size:  # every mapped mask pixel lies within the mapped box (pixel-edge coordinates)
+        assert lit[:, 1].min() >= np.floor(bx0) and lit[:, 1].max() + 1 <= np.ceil(bx1)
+        assert lit[:, 0].min() >= np.floor(by0) and lit[:, 0].max() + 1 <= np.ceil(by1)
+    back = geometry.map_to_image(x[0].numpy())
+    assert back.shape == (h, w)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from PIL import Image
+
+    from softcam_core.imaging import load_image
+
+    photo = np.zeros((20, 40, 3), np.uint8)
+    photo[:, :10] = (255, 0, 0)  # red band on the left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    path = tmp_path / "rot.jpg"
+    Image.fromarray(photo).save(path, exif=exif.tobytes(), quality=95)
+    image = load_image(path, modality="other")
+    assert image.pixels.shape == (40, 20, 3) and image.flags["exif_orientation_applied"] == 6
+    assert image.pixels[:10, :, 0].mean() > 200 and image.pixels[-10:, :, 0].mean() < 50  # left band -> top
