@@ -279,7 +279,8 @@ def _strip_png(data: bytes, name: str) -> bytes:
 
 
 def _strip_jpeg(data: bytes, name: str) -> bytes:
-    """Drop APP1..APP13, APP15 (EXIF, XMP, maker notes, ...) and COM; keep APP0 (JFIF), APP14 (Adobe colour)."""
+    """Drop APP1..APP13, APP15 (EXIF, XMP, maker notes, ...) and COM; keep APP0 (JFIF), APP2 ICC
+    profiles and APP14 (Adobe colour transform), which decoding needs."""
     out, pos = [b"\xff\xd8"], 2
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
@@ -295,7 +296,8 @@ def _strip_jpeg(data: bytes, name: str) -> bytes:
         end = pos + 2 + length
         if length < 2 or end > len(data):
             raise ImageLoadError(name, "truncated JPEG segment")
-        if not (0xE1 <= marker <= 0xED or marker in (0xEF, 0xFE)):
+        icc = marker == 0xE2 and data[pos + 4 : pos + 16] == b"ICC_PROFILE\x00"  # colour, not identity
+        if icc or not (0xE1 <= marker <= 0xED or marker in (0xEF, 0xFE)):
             out.append(data[pos:end])
         pos = end
     raise ImageLoadError(name, "JPEG without image scan")
