@@ -225,3 +225,15 @@ def test_cuda_matches_cpu(method):
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-3)
     # CPU input to a CUDA model comes back on the CPU
     assert explain(gpu_model, x, method, target=0).device.type == "cpu"
+
+
+@pytest.mark.parametrize("method", ["gradcam", "hirescam", "integrated_gradients", "softcam"])
+def test_works_under_no_grad_and_inference_mode(method):
+    net = hand_built_softcam()
+    x = _two_squares()
+    expected = explain(net, x, method, target=0)
+    with torch.no_grad():
+        torch.testing.assert_close(explain(net, x, method, target=0), expected)
+    with torch.inference_mode():
+        inference_x = _two_squares()
+        torch.testing.assert_close(explain(net, inference_x, method, target=0).clone(), expected)

@@ -311,11 +311,15 @@ def explain(
     # layers must not interleave with another thread's layer swap (AblationCAM)
     with model_lock(model):
         targets = resolve_targets(target, x.shape[0], num_classes_of(model))
-        inputs = x.detach().to(model_device(model), torch.float32)
-        try:
-            maps = implementation(model, inputs, targets, **options)
-        except TypeError as exc:
-            if "unexpected keyword argument" in str(exc):
-                raise ValueError(f"{method}: {exc}") from None
-            raise
+        # gradient methods need autograd even when the caller runs under torch.inference_mode()
+        with torch.inference_mode(False):
+            inputs = x.detach().to(model_device(model), torch.float32)
+            if inputs.is_inference():
+                inputs = inputs.clone()
+            try:
+                maps = implementation(model, inputs, targets, **options)
+            except TypeError as exc:
+                if "unexpected keyword argument" in str(exc):
+                    raise ValueError(f"{method}: {exc}") from None
+                raise
     return resize_to(maps.detach().float(), tuple(x.shape[-2:])).to(x.device, torch.float32)
