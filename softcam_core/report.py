@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import json
 import platform
 import shlex
 import time
@@ -44,10 +45,10 @@ LOWER_IS_BETTER = {"audc", "seconds"}
 class ReportConfig:
     """Everything that determines the report's numbers (written into it)."""
 
-    n: int = 120
-    epochs: int = 6
+    n: int = 80
+    epochs: int = 5
     seed: int = 0
-    img_size: int = 96
+    img_size: int = 64
     synth_size: int = 128
     arch: str = "resnet18"
     batch_size: int = 16
@@ -56,7 +57,7 @@ class ReportConfig:
     l2: float = 0.01
     modalities: tuple[str, ...] = MODALITIES
     methods: tuple[str, ...] = POSTHOC_METHODS
-    eval_limit: int | None = 12
+    eval_limit: int | None = 8
     deletion_steps: int = 10
     topk: tuple[int, ...] = (1, 3, 5, 10, 15, 20)
     resamples: int = E.BOOTSTRAP_RESAMPLES
@@ -248,7 +249,8 @@ def render(
     body.append(f"<p>Reproduce:</p><pre>{html.escape(command)}</pre>")
     para(
         f"softcam-review {__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
-        f"device {describe_device()}, total time {elapsed / 60:.1f} min."
+        f"device {describe_device()}; compute time {elapsed / 60:.1f} min (sum of the steps timed below, "
+        "wall clock of this machine at the time, which other jobs shared)."
     )
     section("Settings")
     para(
@@ -301,31 +303,67 @@ def render(
     return md_path, html_path
 
 
+def _fingerprint(config: ReportConfig) -> dict:
+    """The settings that determine one modality's numbers (not which modalities, not PNG output)."""
+    settings = asdict(config)
+    for key in ("modalities", "png"):
+        settings.pop(key)
+    return json.loads(json.dumps(settings))
+
+
+def _load_modality(out: Path, modality: str, config: ReportConfig) -> ModalityResult | None:
+    """A modality's tables from an earlier run with the same settings (so modalities can run as
+    separate processes, or a stopped report continues); None when absent or made otherwise."""
+    marker = out / "tables" / f"{modality}_run.json"
+    if not marker.is_file():
+        return None
+    saved = json.loads(marker.read_text())
+    if saved.get("settings") != _fingerprint(config):
+        return None
+
+    def read(name: str) -> pd.DataFrame:
+        path = out / "tables" / f"{modality}_{name}.csv"
+        return pd.read_csv(path, dtype={"image": str}) if path.is_file() and path.stat().st_size > 1 else pd.DataFrame()
+
+    return ModalityResult(modality, read("per_image"), read("deletion_curves"), read("cohort"), read("paired"),
+                          read("classification"), saved.get("seconds", {}))
+
+
 def run_report(
     out: str | Path, config: ReportConfig | None = None, command: str | None = None, log: Callable[[str], None] = print
 ) -> Path:
-    """Run the whole comparison and write the report into ``out``; returns the report.md path."""
+    """Run the whole comparison and write the report into ``out``; returns the report.md path.
+
+    A modality whose tables an earlier run with identical settings left in ``out/tables`` is not
+    recomputed (its ``<modality>_run.json`` records the settings and step timings).
+    """
     from softcam_core import plots
 
     config = config or ReportConfig()
     out = Path(out)
     work = out / "work"
     (out / "tables").mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
     results, figures = [], {}
     for modality in config.modalities:
-        result = run_modality(modality, config, work, log)
+        result = _load_modality(out, modality, config)
+        if result is None:
+            result = run_modality(modality, config, work, log)
+            for name, table in (("per_image", result.per_image), ("cohort", result.cohort),
+                                ("paired", result.paired), ("classification", result.classification),
+                                ("deletion_curves", result.curves)):
+                table.to_csv(out / "tables" / f"{modality}_{name}.csv", index=False)
+            (out / "tables" / f"{modality}_run.json").write_text(
+                json.dumps({"settings": _fingerprint(config), "seconds": result.seconds}, indent=1))
+        else:
+            log(f"[{modality}] reusing tables from an earlier run with the same settings")
         results.append(result)
-        for name, table in (("per_image", result.per_image), ("cohort", result.cohort), ("paired", result.paired),
-                            ("classification", result.classification), ("deletion_curves", result.curves)):
-            table.to_csv(out / "tables" / f"{modality}_{name}.csv", index=False)
         named = {f"{modality}_{k}": v for k, v in
                  E.cohort_figures(result.per_image, result.curves, group="model_method", title=modality).items()}
         saved = plots.save_figures(named, out / "figures", png=config.png, plotlyjs="cdn")
         figures[modality] = {k[len(modality) + 1:]: v for k, v in saved.items()}
-    elapsed = time.perf_counter() - start
-    md_path, _ = render(results, config, out, command or "softcam report", elapsed, figures)
-    log(f"wrote {md_path} and {out / 'report.html'} in {elapsed / 60:.1f} min")
+    compute = sum(sum(r.seconds.values()) for r in results)
+    md_path, _ = render(results, config, out, command or "softcam report", compute, figures)
+    log(f"wrote {md_path} and {out / 'report.html'} ({compute / 60:.1f} min of compute)")
     return md_path
 
 
