@@ -28,7 +28,8 @@ except Exception as exc:  # unreachable server, bad URL: say so instead of a tra
 
 user = common.current_user()
 if user is None:
-    common.sign_in_page()
+    # only the sign-in page exists until someone signs in; any deep link lands here
+    st.navigation([st.Page(common.sign_in_page, title="Sign in", icon=":material/login:")], position="hidden").run()
     st.stop()
 
 allowed = [PAGES[key] for key in common.pages_for_role(user.role)]

@@ -17,6 +17,9 @@ draw_tab, import_tab = st.tabs(["Draw boxes", "Import annotation file"])
 
 
 def draw_boxes() -> None:
+    message = st.session_state.pop("annotate_saved_message", None)
+    if message:  # shown before the picker: a saved image may have left the queue
+        st.success(message, icon=":material/check_circle:")
     picked = common.cohort_image_picker(page="annotate", queue_for=user)
     if picked is None:
         return
@@ -78,9 +81,6 @@ def draw_boxes() -> None:
                 st.session_state["annotate_generation"] = generation + 1
                 st.session_state["annotate_saved_message"] = f"Saved {edits.summary()} on {image.name}."
                 st.rerun()
-    message = st.session_state.pop("annotate_saved_message", None)
-    if message:
-        st.success(message, icon=":material/check_circle:")
     if edited:
         st.dataframe([{"label": b[4], "x0": b[0], "y0": b[1], "x1": b[2], "y1": b[3]} for b in edited],
                      hide_index=True, width="stretch")

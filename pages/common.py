@@ -289,14 +289,16 @@ def _cohort_select(page: str, default_modality: str | None = None):
     return next(c for c in cohorts if c.name == name)
 
 
-def _step_buttons(page: str, ids: list[int], selected: int) -> int:
+def _step_buttons(page: str, ids: list[int], selected: int, compact: bool = False) -> int:
+    """Previous / next image buttons; ``compact`` shows arrows only (narrow columns)."""
     previous, following = st.columns(2)
     position = ids.index(selected)
-    if previous.button("Previous", key=f"{page}_prev", icon=":material/chevron_left:", disabled=position == 0,
-                       width="stretch"):
+    if previous.button("◀" if compact else "Previous", key=f"{page}_prev", help="Previous image",
+                       icon=None if compact else ":material/chevron_left:", disabled=position == 0, width="stretch"):
         selected = ids[position - 1]
-    if following.button("Next", key=f"{page}_next", icon=":material/chevron_right:",
-                        disabled=position == len(ids) - 1, width="stretch"):
+    if following.button("▶" if compact else "Next", key=f"{page}_next", help="Next image",
+                        icon=None if compact else ":material/chevron_right:", disabled=position == len(ids) - 1,
+                        width="stretch"):
         selected = ids[position + 1]
     return selected
 
@@ -386,7 +388,7 @@ def cohort_image_picker(page: str, queue_for: User | None = None):
     """Annotate's picker: a cohort, the queue of images this user has not annotated, previous/next."""
     from db import repository
 
-    top = st.columns([1.2, 1.2, 2])
+    top = st.columns([1, 1, 2, 1])
     with top[0]:
         cohort = _cohort_select(page)
     if cohort is None:
@@ -407,14 +409,12 @@ def cohort_image_picker(page: str, queue_for: User | None = None):
     selected = st.session_state.get(f"{page}_image")
     if selected not in ids:
         selected = ids[0]
+    with top[3]:
+        st.write("")
+        selected = _step_buttons(page, ids, selected, compact=True)
     with top[2]:
-        pick, step = st.columns([2, 1])
-        with step:
-            st.write("")
-            selected = _step_buttons(page, ids, selected)
-        with pick:
-            chosen = st.selectbox(f"Image ({len(ids)})", ids, index=ids.index(selected), key=f"{page}_image_{selected}",
-                                  format_func=lambda i: record_title(records[ids.index(i)]))
+        chosen = st.selectbox(f"Image ({len(ids)})", ids, index=ids.index(selected), key=f"{page}_image_{selected}",
+                              format_func=lambda i: record_title(records[ids.index(i)]))
     st.session_state[f"{page}_image"] = chosen
     record = records[ids.index(chosen)]
     try:
@@ -745,3 +745,45 @@ def row_of(item) -> dict:
     from dataclasses import asdict
 
     return asdict(item)
+
+
+def start_training_job(params: dict, user: User | None) -> int:
+    """Create a ``train`` job row and run ``softcam_core.training.train`` in a background thread; the
+    step callback stores ``epoch/step`` progress in the job row, so the Models page shows it live."""
+    import re
+
+    from db import repository
+    from softcam_core.paths import models_dir
+    from softcam_core.training import train
+
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", params["name"]).strip("._") or "model"
+    out = models_dir() / f"{name}.pt"
+    if out.exists():
+        raise ValueError(f"{out.name}: a checkpoint with this name exists; choose another name")
+    with session() as s:
+        job = repository.create_job(s, "train", params=dict(params, out=str(out)), user=user.id if user else None,
+                                    total=params["epochs"], message="starting")
+        job_id = job.id
+    report, fail = _job_callbacks(job_id)
+
+    def work(progress):
+        def on_step(epoch: int, step: int, metrics: dict) -> None:
+            steps = int(metrics.get("steps") or 1)
+            epochs = int(metrics.get("epochs") or params["epochs"])
+            # epoch and step count from 0; an epoch row arrives after the epoch's last step
+            done = epoch * steps + step + 1 if metrics.get("phase") == "train" else (epoch + 1) * steps
+            summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+                                if isinstance(v, float) and k not in ("lr", "epoch"))
+            progress(min(done, epochs * steps), epochs * steps, f"epoch {epoch + 1}/{epochs} · {summary}")
+
+        return train(params["data"], out, arch=params["arch"], head=params["head"], l1=params["l1"],
+                     l2=params["l2"], epochs=params["epochs"], img_size=params["img_size"], progress=on_step,
+                     show_progress=False)
+
+    def finish(result) -> None:
+        with session() as s:
+            repository.update_job(s, job_id, status="done", result_path=str(out),
+                                  message=f"saved {out.name}")
+
+    viewer.run_in_background(work, report=report, finish=finish, fail=fail, name=f"train-{job_id}")
+    return job_id

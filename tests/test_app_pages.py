@@ -190,3 +190,28 @@ def test_data_page_imports_a_folder_and_reports_rejections(app_home, tmp_path, r
     rejected = at.dataframe[-1].value
     assert rejected["name"][0] == "broken.png" and rejected["reason"][0]
     assert "Clinic A" in list(at.dataframe[0].value["cohort"])
+
+
+@pytest.mark.slow
+def test_models_page_trains_a_model_in_the_background(app_home):
+    at = open_app("models")
+    next(t for t in at.text_input if t.label == "Checkpoint name").input("tiny_trained")
+    next(n for n in at.number_input if n.label == "Epochs").set_value(1)
+    next(s for s in at.select_slider if s.label == "Input size (px)").set_value(64)
+    next(b for b in at.button if b.label == "Train").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    from db import repository
+    from db.session import session_scope
+
+    deadline = time.monotonic() + 120
+    while True:
+        with session_scope() as s:
+            job = repository.list_jobs(s, "train")[0]
+        if job.status in ("done", "failed") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert job.status == "done", job.error
+    assert job.progress_done == job.progress_total > 0
+    at.run()
+    names = list(at.dataframe[0].value["name"])
+    assert "tiny_trained" in names

@@ -19,7 +19,7 @@ import pytest
 from tests.plugins.app import ADMIN, ROOT, dicom_from_png, prepare_home, run_server
 
 pytestmark = pytest.mark.e2e
-TIMEOUT_MS = 120_000
+TIMEOUT_MS = 180_000
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,13 @@ def maps_on_screen(page, count: int, title: str) -> None:
         arg=[count, title], timeout=TIMEOUT_MS)
 
 
+def choose(page, label: str, option: str) -> None:
+    """Pick ``option`` (first option whose text contains it) in the select box whose label starts with ``label``."""
+    page.locator("[data-testid='stSelectbox']").filter(has_text=label).first.click()
+    page.get_by_role("option").filter(has_text=option).first.click()
+    wait_idle(page)
+
+
 def upload(page, path: Path) -> float:
     """Upload a file on Review; returns seconds from the upload until image + SoftCAM + Grad-CAM are drawn."""
     page.locator("[data-testid='stButtonGroup']").get_by_text("Upload", exact=True).click()
@@ -128,6 +135,7 @@ def test_draw_a_box_save_reload_and_find_it(page, server, tmp_path):
     sign_in(page, server["url"])
     page.get_by_role("link", name="Annotate").click()
     page.wait_for_selector("h1:has-text('Annotate')")
+    choose(page, "Cohort", server["cohort"])
     canvas = page.locator("canvas.upper-canvas")
     canvas.wait_for()
     wait_idle(page)
@@ -159,15 +167,13 @@ def test_draw_a_box_save_reload_and_find_it(page, server, tmp_path):
     # 20 %..60 % of a 128-px image, within the stroke and mouse rounding
     assert geometry["x0"] == pytest.approx(0.2 * width, abs=2) and geometry["x1"] == pytest.approx(0.6 * width, abs=2)
 
-    page.reload()
-    sign_in(page, server["url"], "annotate")
+    page.reload()  # a new browser session: sign in again, then back to Annotate
+    sign_in(page, server["url"])
+    page.get_by_role("link", name="Annotate").click()
     page.wait_for_selector("h1:has-text('Annotate')")
-    page.locator("[data-testid='stSelectbox']").filter(has_text="Show").click()
-    page.get_by_role("option", name="all images").click()
-    wait_idle(page)
-    page.locator("[data-testid='stSelectbox']").filter(has_text="Image (").click()
-    page.get_by_role("option", name=name).first.click()
-    wait_idle(page)
+    choose(page, "Cohort", server["cohort"])
+    choose(page, "Show", "all images")
+    choose(page, "Image (", name)
     page.get_by_text("1 saved box(es)").wait_for()
     assert_no_exception(page)
     shoot(page, tmp_path, "annotate_reloaded")
@@ -178,8 +184,11 @@ def test_cohort_evaluation_runs_and_its_csv_downloads(page, server, tmp_path):
     page.get_by_role("link", name="Cohort metrics").click()
     page.wait_for_selector("h1:has-text('Cohort metrics')")
     wait_idle(page)
+    limit = page.get_by_label("At most this many images (0 = all)")
+    limit.fill("1")
+    limit.press("Enter")
     page.get_by_role("button", name="Run evaluation").click()
-    page.get_by_text("Cohort summary").wait_for(timeout=180_000)
+    page.get_by_text("Cohort summary").wait_for(timeout=300_000)
     wait_idle(page)
     assert_no_exception(page)
     shoot(page, tmp_path, "cohort")
