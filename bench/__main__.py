@@ -2,7 +2,7 @@
 
 CPU always; CUDA too when ``softcam_core.device.default_device()`` is CUDA. Results are also written
 as JSON to ``bench/out/<name>.json``. Exit status: 0 when every line with a target passes (or is
-informational), 1 when any fails, 2 for a bad argument.
+informational), 1 when any fails or a benchmark breaks (the others still run), 2 for a bad argument.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import importlib
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -68,18 +69,26 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     print(f"# bench level={level} cpu={info['cpu']} cores={info['cores']} torch={info['torch']} "
           f"threads={info['torch_threads']} OMP_WAIT_POLICY={info['omp_wait_policy']} cuda={info['cuda']}", flush=True)
-    failed = []
+    failed, errors = [], []
     for name in names:
         start = time.perf_counter()
         print(f"## {name}", flush=True)
-        module = importlib.import_module(f"bench.{name}")
-        results = module.run(config)
+        try:
+            module = importlib.import_module(f"bench.{name}")
+            results = module.run(config)
+        except Exception as exc:  # one broken benchmark must not hide the others' figures
+            traceback.print_exc()
+            errors.append(name)
+            print(f"## {name}: ERROR {exc.__class__.__name__}: {' '.join(str(exc).split())}", flush=True)
+            continue
         path = write_results(config, name, results)
         failed += [r for r in results if r.passed is False]
         print(f"## {name}: {len(results)} lines in {time.perf_counter() - start:.1f} s -> {path}", flush=True)
     if failed:
         print(f"# {len(failed)} line(s) FAIL: " + "; ".join(r.name + " [" + r.device + "]" for r in failed))
-    return 1 if failed else 0
+    if errors:
+        print(f"# {len(errors)} benchmark(s) broke: {', '.join(errors)}")
+    return 1 if failed or errors else 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ are not mistaken for finished work.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -53,19 +54,40 @@ def synchronize(device: torch.device) -> None:
 
 def time_once(fn: Callable[[], Any], device: torch.device) -> float:
     """Wall-clock seconds of one call of ``fn``, including all device work it queued."""
+    return time_once_with_cpu(fn, device)[0]
+
+
+def time_once_with_cpu(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """(wall-clock seconds, this process's CPU seconds: user + system, all threads) of one call."""
     synchronize(device)
+    cpu_start = time.process_time()
     start = time.perf_counter()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 @dataclass
 class Paired:
-    """Per-repeat seconds of two implementations timed side by side."""
+    """Per-repeat seconds of two implementations timed side by side.
+
+    ``*_cpu_s`` hold the process CPU time of the same calls: on a CPU shared with other jobs the
+    wall clock also counts time spent waiting for a core, the CPU time does not, so the CPU-time
+    ratio is the steadier figure there (it does not see parallel speed-ups, only work done).
+    """
 
     ours_s: list[float]
     reference_s: list[float]
+    ours_cpu_s: list[float] = field(default_factory=list)
+    reference_cpu_s: list[float] = field(default_factory=list)
+
+    @property
+    def cpu_time_ratio(self) -> float | None:
+        """Median CPU seconds, ours / reference (None when not recorded)."""
+        if not self.ours_cpu_s or not self.reference_cpu_s:
+            return None
+        reference = statistics.median(self.reference_cpu_s)
+        return statistics.median(self.ours_cpu_s) / reference if reference > 0 else None
 
     @property
     def ours_ms(self) -> float:
@@ -93,9 +115,11 @@ def time_pair(
     gc.collect()
     result = Paired([], [])
     for i in range(repeats):
-        pairs = ((ours, result.ours_s), (reference, result.reference_s))
-        for fn, sink in pairs if i % 2 == 0 else pairs[::-1]:
-            sink.append(time_once(fn, device))
+        pairs = ((ours, result.ours_s, result.ours_cpu_s), (reference, result.reference_s, result.reference_cpu_s))
+        for fn, wall_sink, cpu_sink in pairs if i % 2 == 0 else pairs[::-1]:
+            wall, cpu = time_once_with_cpu(fn, device)
+            wall_sink.append(wall)
+            cpu_sink.append(cpu)
     return result
 
 
@@ -160,16 +184,25 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _cpu_extra(device: torch.device, paired: Paired, invert: bool) -> dict[str, Any]:
+    ratio = paired.cpu_time_ratio
+    if device.type != "cpu" or not ratio:
+        return {}
+    return {"cpu-time ratio": 1.0 / ratio if invert else ratio}
+
+
 def overhead(name: str, device: torch.device, paired: Paired, target: float | None, **extra: Any) -> Result:
-    """Result whose ratio is ``ours / reference`` (lower is better)."""
+    """Result whose ratio is ``ours / reference`` (lower is better); on CPU also the CPU-time ratio."""
     return Result(name, device_label(device), paired.ours_ms, paired.reference_ms,
-                  paired.ours_ms / paired.reference_ms, target, "<=", extra=extra)
+                  paired.ours_ms / paired.reference_ms, target, "<=",
+                  extra={**extra, **_cpu_extra(device, paired, invert=False)})
 
 
 def speedup(name: str, device: torch.device, paired: Paired, target: float | None, **extra: Any) -> Result:
-    """Result whose ratio is ``reference / ours`` (higher is better)."""
+    """Result whose ratio is ``reference / ours`` (higher is better); on CPU also the CPU-time ratio."""
     return Result(name, device_label(device), paired.ours_ms, paired.reference_ms,
-                  paired.reference_ms / paired.ours_ms, target, ">=", extra=extra)
+                  paired.reference_ms / paired.ours_ms, target, ">=",
+                  extra={**extra, **_cpu_extra(device, paired, invert=True)})
 
 
 def device_label(device: torch.device) -> str:
@@ -218,6 +251,25 @@ def write_results(config: Config, name: str, results: list[Result]) -> Path:
     }
     path.write_text(json.dumps(payload, indent=2, default=str))
     return path
+
+
+@contextlib.contextmanager
+def exact_math():
+    """Full-fp32, deterministic kernels for an equality check; the previous settings come back after.
+
+    On CUDA, convolutions use TF32 by default (10-bit mantissa) and cuDNN picks different
+    algorithms for different batch sizes, so a batched and a one-at-a-time computation of the same
+    maths differ around 1e-4..1e-3. Comparing outputs under this context checks the implementation,
+    not the hardware's rounding; timings are still taken with the default settings.
+    """
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.allow_tf32, matmul.allow_tf32, cudnn.deterministic, cudnn.benchmark)
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32, cudnn.deterministic, cudnn.benchmark = saved
 
 
 def max_abs_diff(a: Any, b: Any) -> float:

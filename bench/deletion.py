@@ -4,7 +4,8 @@
 large batched forward passes; ``deletion_curve_reference`` runs the obvious loop, one forward pass
 of one occluded image per step. Both run the same SoftCAM network (eval mode, inference mode) on
 the same images and maps; the curves must agree (max abs diff printed, tolerance 1e-5: batched
-convolutions may sum in another order) and the batched one must be >= 1.5x faster on 2 CPU cores
+convolutions may sum in another order; on CUDA compared with TF32 off, see
+``bench.common.exact_math``) and the batched one must be >= 1.5x faster on 2 CPU cores
 and >= 5x on a GPU.
 
 The maps are the network's own SoftCAM evidence for the predicted class, upsampled to the input,
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.common import Config, Result, device_label, speedup, synchronize, time_pair
+from bench.common import Config, Result, device_label, exact_math, speedup, synchronize, time_pair
 from bench.explain_overhead import quiet
 from softcam_core import metrics
 from softcam_core.models import build_model
@@ -61,9 +62,11 @@ def run(config: Config) -> list[Result]:
     for device in config.devices:
         s = setup(config, device)
         args = (s["model"], s["images"], s["sals"], s["targets"], s["patch"], s["steps"])
-        # the first calls give the curves to compare and serve as warm-up
-        batched = metrics.deletion_curves(*args)
-        reference = metrics.deletion_curve_reference(*args)
+        with exact_math():  # equality checked without TF32 rounding (see exact_math)
+            batched = metrics.deletion_curves(*args)
+            reference = metrics.deletion_curve_reference(*args)
+        metrics.deletion_curves(*args)  # warm-up of both with the default settings that are timed
+        metrics.deletion_curve_reference(*args)
         diff = float(np.nanmax(np.abs(batched - reference)))
         paired = time_pair(
             lambda: metrics.deletion_curves(*args),

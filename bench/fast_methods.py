@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from bench.common import Config, Result, max_abs_diff, speedup, time_pair
+from bench.common import Config, Result, device_label, exact_math, max_abs_diff, speedup, time_pair
 from bench.explain_overhead import quiet
 from bench.references import REFERENCES
 from softcam_core.explain import explain
@@ -71,7 +71,7 @@ def run(config: Config) -> list[Result]:
             def library_default() -> torch.Tensor:
                 return REFERENCES[method](model, x, targets, **base)
 
-            with quiet():
+            with quiet(), exact_math():
                 expected = library_default()
             variants: list[tuple[str, Callable[[], torch.Tensor], float | None]] = [
                 ("ours (explain defaults)", lambda: explain(model, x, method, target=targets, **base), TARGET)
@@ -93,10 +93,23 @@ def run(config: Config) -> list[Result]:
                 variants.append(("candidate channels_last+bf16 autocast", autocast, None))
 
             for label_variant, fn, target in variants:
-                with quiet():
-                    diff = max_abs_diff(fn(), expected)
-                    paired = time_pair(fn, library_default, device, repeats=s["repeats"], warmup=0)
-                result = speedup(f"{method} {label}: {label_variant} vs library default", device, paired,
+                name = f"{method} {label}: {label_variant} vs library default"
+                try:
+                    with quiet():
+                        with exact_math():
+                            diff = max_abs_diff(fn(), expected)
+                        paired = time_pair(fn, library_default, device, repeats=s["repeats"],
+                                           warmup=1 if device.type == "cuda" else 0)
+                except Exception as exc:  # e.g. grad-cam cannot turn bf16 activations into numpy
+                    if target is not None:
+                        raise
+                    message = " ".join(str(exc).split())[:120]
+                    results.append(Result(name, device_label(device), float("nan"), float("nan"), float("nan"),
+                                          None, extra={"not applicable": f"{exc.__class__.__name__}: {message}"}))
+                    print(f"{name}: not applicable ({exc.__class__.__name__}: {message}) [{device_label(device)}]",
+                          flush=True)
+                    continue
+                result = speedup(name, device, paired,
                                  target, **{"maps max abs diff": diff, "same maps": bool(diff <= MAP_TOLERANCE)})
                 if target is not None and not diff <= MAP_TOLERANCE:
                     result.ratio = float("nan")

@@ -38,7 +38,7 @@ def cases(config: Config) -> tuple[list[str], int, list[int]]:
 def repeats(config: Config, device: torch.device) -> int:
     if device.type == "cuda":
         return config.pick(tiny=2, quick=10, full=30)
-    return config.pick(tiny=1, quick=5, full=7)
+    return config.pick(tiny=1, quick=3, full=7)
 
 
 def run(config: Config) -> list[Result]:
