@@ -78,3 +78,18 @@ def test_full_report_one_modality(tmp_path):
     per_image = pd.read_csv(tmp_path / "tables" / "oct_per_image.csv")
     assert set(per_image["model"]) == {"baseline", "dense", "lasso", "ridge"}
     assert (tmp_path / "figures" / "oct_topk_precision.html").is_file()
+
+
+def test_modality_tables_are_reused_only_for_identical_settings(tmp_path):
+    config = R.ReportConfig(n=10, epochs=1, modalities=("oct",))
+    (tmp_path / "tables").mkdir()
+    per_image = _per_image()
+    per_image.to_csv(tmp_path / "tables" / "oct_per_image.csv", index=False)
+    (tmp_path / "tables" / "oct_run.json").write_text(
+        __import__("json").dumps({"settings": R._fingerprint(config), "seconds": {"synth": 2.0}}))
+    loaded = R._load_modality(tmp_path, "oct", config)
+    assert loaded is not None and loaded.seconds == {"synth": 2.0} and len(loaded.per_image) == len(per_image)
+    # another modality list or PNG choice does not matter; any setting that changes numbers does
+    assert R._load_modality(tmp_path, "oct", R.ReportConfig(n=10, epochs=1, modalities=("oct", "cxr"), png=False))
+    assert R._load_modality(tmp_path, "oct", R.ReportConfig(n=10, epochs=2, modalities=("oct",))) is None
+    assert R._load_modality(tmp_path, "cxr", config) is None
