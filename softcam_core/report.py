@@ -45,8 +45,8 @@ LOWER_IS_BETTER = {"audc", "seconds"}
 class ReportConfig:
     """Everything that determines the report's numbers (written into it)."""
 
-    n: int = 80
-    epochs: int = 5
+    n: int = 60
+    epochs: int = 4
     seed: int = 0
     img_size: int = 64
     synth_size: int = 128
@@ -57,8 +57,8 @@ class ReportConfig:
     l2: float = 0.01
     modalities: tuple[str, ...] = MODALITIES
     methods: tuple[str, ...] = POSTHOC_METHODS
-    eval_limit: int | None = 8
-    deletion_steps: int = 10
+    eval_limit: int | None = 6
+    deletion_steps: int = 8
     topk: tuple[int, ...] = (1, 3, 5, 10, 15, 20)
     resamples: int = E.BOOTSTRAP_RESAMPLES
     png: bool = True
