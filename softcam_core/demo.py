@@ -42,8 +42,8 @@ class DemoSettings:
     synth_size: int = 128
     split: tuple[float, float, float] = (0.5, 0.15, 0.35)
     arch: str = "resnet18"
-    img_size: int = 96
-    epochs: int = 8
+    img_size: int = 80
+    epochs: int = 6
     batch_size: int = 16
     lr: float = 1e-2
     min_lr: float = 1e-4
