@@ -124,7 +124,7 @@ def metric_boxplots(
     cols = 2 if len(metrics) > 1 else 1
     rows = max(1, int(np.ceil(len(metrics) / cols)))
     fig = make_subplots(
-        rows=rows, cols=cols,
+        rows=rows, cols=cols, vertical_spacing=min(0.12, 0.5 / rows),
         subplot_titles=[f"{m} ({'lower' if m in LOWER_IS_BETTER else 'higher'} is better)" for m in metrics],
     )
     methods = list(dict.fromkeys(per_image[group]))
@@ -139,8 +139,10 @@ def metric_boxplots(
                        legendgroup=str(method), showlegend=i == 0),
                 row=r + 1, col=c + 1,
             )
+    # the legend names the methods; tick labels under every panel would overlap the next title
+    fig.update_xaxes(showticklabels=False)
     fig.update_layout(title=title or "Per-image metrics by method", template="plotly_white",
-                      height=max(350, 300 * rows), boxmode="group")
+                      height=max(350, 260 * rows), boxmode="group")
     return fig
 
 
@@ -191,7 +193,8 @@ def save_figures(
 
             names = list(figures)
             paths = [out_dir / f"{n}.png" for n in names]
-            pio.write_images([figures[n] for n in names], paths, width=900, height=550)
+            heights = [figures[n].layout.height or 550 for n in names]
+            pio.write_images([figures[n] for n in names], paths, width=[900] * len(names), height=heights)
             for n, path in zip(names, paths):
                 written[n].append(path)
         except Exception as exc:  # no Chrome, sandbox trouble...: HTML only, never fail
