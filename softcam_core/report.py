@@ -266,6 +266,8 @@ def render(
     for result in results:
         section(result.modality.upper() if result.modality != "fundus" else "Fundus")
         section("Classification (test split)", 3)
+        para("Accuracy and AUC of the best-on-validation checkpoint on the whole test split, as train() "
+             "recorded them; the explanation metrics below use the first --limit test images.")
         table(result.classification)
         section("Explanation metrics (test split)", 3)
         table(headline_table(result.cohort))
