@@ -61,7 +61,7 @@ def _messy(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [*METHODS, "cascam:ablationcam"])
 def test_successful_call_leaves_model_as_found(method):
     model = _messy(hand_built_baseline() if method == "cam" else hand_built_softcam())
     before = _snapshot(model)
