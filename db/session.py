@@ -130,8 +130,20 @@ def upgrade(engine_or_url: Engine | str | None = None, revision: str = "head") -
 
     engine = engine_or_url if isinstance(engine_or_url, Engine) else get_engine(engine_or_url)
     with engine.begin() as connection:
+        _serialise_migrations(connection)
         command.upgrade(alembic_config(connection), revision)
     return current_revision(engine)
+
+
+MIGRATION_LOCK_ID = 0x50F7CA4  # PostgreSQL advisory lock key taken while migrating
+
+
+def _serialise_migrations(connection) -> None:
+    """Only one process migrates at a time: SQLite already holds the write lock (BEGIN IMMEDIATE);
+    PostgreSQL takes a transaction-scoped advisory lock, so app instances starting together wait
+    for the first one instead of racing to create the same tables."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
 
 
 def downgrade(engine_or_url: Engine | str | None, revision: str) -> str | None:
@@ -140,6 +152,7 @@ def downgrade(engine_or_url: Engine | str | None, revision: str) -> str | None:
 
     engine = engine_or_url if isinstance(engine_or_url, Engine) else get_engine(engine_or_url)
     with engine.begin() as connection:
+        _serialise_migrations(connection)
         command.downgrade(alembic_config(connection), revision)
     return current_revision(engine)
 

@@ -186,3 +186,17 @@ def test_process_killed_mid_import_leaves_database_unchanged(engine, tmp_path):
     # the database is usable at once: the same import now runs to the end
     with session_scope(engine) as s:
         assert repo.import_annotations(s, big, "csv", "c", "alice").added == 1500
+
+
+def test_app_instances_upgrading_together(db_url):
+    """Several app processes starting at once each call upgrade(); all succeed, one schema results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from db.session import get_engine, head_revision, upgrade
+
+    engine = get_engine(db_url)
+    with ThreadPoolExecutor(4) as pool:
+        revisions = list(pool.map(lambda _: upgrade(engine), range(4)))
+    assert revisions == [head_revision()] * 4
+    with session_scope(engine, readonly=True) as s:
+        assert s.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
