@@ -157,7 +157,8 @@ def _check_box(report: ImportReport, box: Box, image, location: str) -> bool:
     width, height = image.width, image.height
     if not width or not height:
         return True
-    if box.x0 >= width or box.y0 >= height or box.x1 <= 0 or box.y1 <= 0:
+    # outside = not even touching the closed image rectangle (zero-size boxes on an edge are valid)
+    if box.x0 > width or box.y0 > height or box.x1 < 0 or box.y1 < 0:
         report.error(location, f"box {box.to_json()} lies outside the {width}x{height} image")
         return False
     if not box.inside(width, height):
@@ -335,8 +336,8 @@ def read_voc(path: Path, resolve: Resolver) -> ImportReport:
                 xmin, ymin, xmax, ymax = (
                     _number((bnd.findtext(tag) or "").strip(), f"<{tag}>") for tag in ("xmin", "ymin", "xmax", "ymax")
                 )
-                if xmax < xmin or ymax < ymin:
-                    raise ValueError(f"xmax/ymax ({xmax}, {ymax}) below xmin/ymin ({xmin}, {ymin})")
+                if xmax < xmin - 1 or ymax < ymin - 1:  # xmax = xmin - 1 is an empty (zero-width) box
+                    raise ValueError(f"xmax/ymax ({xmax:g}, {ymax:g}) below xmin/ymin ({xmin:g}, {ymin:g})")
                 box = Box(xmin - 1, ymin - 1, xmax, ymax)
             except ValueError as exc:
                 report.error(location, str(exc))

@@ -250,3 +250,29 @@ def test_export_yolo_needs_sizes(tmp_path):
     with pytest.raises(AnnotationFormatError, match="no stored width/height"):
         write_annotations(tmp_path / "y", "yolo", [ExportImage("img-1", ".png", None, None,
                                                                [ExportAnnotation(Box(0, 0, 1, 1), "x")])])
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_coord = st.floats(0, 4000, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(_coord, _coord, _coord, _coord, st.sampled_from(["a", "b c", "d,e"])), min_size=1, max_size=6),
+       st.sampled_from(["coco", "voc", "rsna", "yolo", "csv"]))
+def test_every_export_format_reads_back_identically(tmp_path_factory, boxes, fmt):
+    images = {"p.png": (4001, 3001), "q.png": (4001, 3001)}
+    export = [ExportImage("p", ".png", 4001, 3001), ExportImage("q", ".png", 4001, 3001)]
+    for k, (a, b, c, d, label) in enumerate(boxes):
+        box = Box(min(a, c), min(b, d) * 0.75, max(a, c), max(b, d) * 0.75)
+        if fmt == "rsna" and (box.width == 0 or box.height == 0):
+            continue  # RSNA boxes must have a positive size
+        export[k % 2].annotations.append(ExportAnnotation(box, "Lung Opacity" if fmt == "rsna" else label))
+    out_dir = tmp_path_factory.mktemp(fmt)
+    out = write_annotations(out_dir / {"coco": "x.json", "rsna": "x.csv", "csv": "x.csv"}.get(fmt, "x.zip"), fmt, export)
+    report = read_annotations(out, fmt, folder_resolver(images))
+    assert report.ok, report.summary()
+    written = sorted((img.file_name, *a.geometry.to_json().values(), a.label) for img in export for a in img.boxes())
+    read = sorted((a.image, *a.geometry.to_json().values(), a.label) for a in report.annotations)
+    assert read == written
