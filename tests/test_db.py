@@ -479,3 +479,13 @@ def test_dicom_seg_export_round_trips_masks_with_pseudonyms_only(session, tmp_pa
     assert np.array_equal(pixels[0, ..., 0] > 0, lesion)
     triangle = Polygon(((40, 40), (60, 40), (40, 60))).to_mask(image.height, image.width)
     assert np.array_equal(pixels[0, ..., 1] > 0, triangle)
+
+
+def test_postgres_params_skip_with_a_reason_when_no_server(monkeypatch):
+    from tests.plugins import db as db_plugin
+
+    monkeypatch.setattr(db_plugin, "_pg_state", {})
+    monkeypatch.setenv("SOFTCAM_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:1/test")
+    reason = db_plugin.pg_unavailable_reason()
+    assert reason.startswith("no PostgreSQL server at postgresql+psycopg://postgres@127.0.0.1:1/test: ")
+    assert db_plugin.pg_unavailable_reason() is reason  # checked once per session
