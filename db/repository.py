@@ -966,13 +966,12 @@ def get_model(session: Session, ref: int | str) -> Model:
 def set_default_model(session: Session, model: Model | int | str) -> Model:
     """Make ``model`` the one default of its modality (others of that modality lose the flag)."""
     model = model if isinstance(model, Model) else get_model(session, model)
-    session.execute(update(Model).where(Model.modality.is_(None) if model.modality is None
-                                        else Model.modality == model.modality, Model.id != model.id)
-                    .values(is_default=False).execution_options(synchronize_session=False))
+    same_modality = Model.modality.is_(None) if model.modality is None else Model.modality == model.modality
+    # ORM-enabled UPDATE: loaded Model objects in this session are updated in place as well
+    session.execute(update(Model).where(same_modality, Model.id != model.id).values(is_default=False))
     model.is_default = True
     session.flush()
-    session.expire_all()
-    return session.get(Model, model.id)
+    return model
 
 
 def get_default_model(session: Session, modality: str | None) -> Model | None:
