@@ -81,7 +81,8 @@ def run(config: Config) -> list[Result]:
             with quiet():
                 with exact_math():  # maps compared without TF32 / nondeterministic kernels
                     diff = max_abs_diff(ours(), direct())
-                ours(), direct()  # warm-up with the default settings that are timed
+                if device.type == "cuda":  # warm-up under the default (TF32) settings that are timed
+                    ours(), direct()
                 paired = time_pair(ours, direct, device, repeats=s["heavy_repeats"] if heavy else s["repeats"],
                                    warmup=0)
             result = overhead(f"explain {method} {s['arch']} {size}px batch {s['batch']}", device, paired, TARGET,
