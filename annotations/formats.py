@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from .geometry import Box, Geometry, Mask, Point, Polygon, mask_to_boxes
+from .geometry import Box, Geometry, Mask, mask_to_boxes
 
 IMPORT_FORMATS = ("coco", "voc", "rsna", "yolo", "csv", "mask")
 EXPORT_FORMATS = ("coco", "voc", "rsna", "yolo", "csv")

@@ -19,7 +19,6 @@ import secrets
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -36,7 +35,7 @@ from annotations.formats import (
     read_annotations,
     write_annotations,
 )
-from annotations.geometry import Box, Geometry, Mask, Polygon, geometry_from_json
+from annotations.geometry import Geometry, Mask, Polygon, geometry_from_json
 
 from .schema import (
     ANNOTATION_KINDS,
