@@ -97,6 +97,21 @@ def job_progress(job_id: int) -> None:
         st.rerun()  # the job just finished: redraw the whole page with its results
 
 
+def compact_summary(cohort: pd.DataFrame) -> pd.DataFrame:
+    """One column per metric: ``mean [95 % CI]  (n)``; the full table is in the downloads."""
+    metrics = [c[:-5] for c in cohort.columns if c.endswith("_mean")]
+    rows = []
+    for _, row in cohort.iterrows():
+        out = {"method": viewer.method_title(str(row["method"]))}
+        for metric in metrics:
+            mean, low, high, n = (row.get(f"{metric}_{k}") for k in ("mean", "ci_low", "ci_high", "n"))
+            out[metric] = ("undefined" if pd.isna(mean) else
+                           f"{mean:.3f} [{low:.3f}, {high:.3f}]" if not pd.isna(low) else f"{mean:.3f}")
+            out[metric] += f"  (n={int(n)})" if not pd.isna(n) else ""
+        rows.append(out)
+    return pd.DataFrame(rows)
+
+
 job = common.get_job(job_id)
 job_progress(job_id)
 if job.status == "failed":
@@ -112,7 +127,7 @@ if result is None:
 
 st.subheader("Cohort summary")
 st.caption("Mean, standard deviation and 95 % bootstrap interval over the images where the metric is defined.")
-st.dataframe(result.cohort, hide_index=True, width="stretch")
+st.dataframe(compact_summary(result.cohort), hide_index=True, width="stretch")
 tabs = st.tabs(["Figures", "Per image", "Paired tests", "Downloads"])
 with tabs[0]:
     from softcam_core.evaluate import cohort_figures

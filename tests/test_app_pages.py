@@ -140,6 +140,7 @@ def test_cohort_metrics_run_as_a_background_job_with_results(app_home):
     at.multiselect[0].set_value(["softcam", "gradcam"])
     at.multiselect[1].set_value(["activation_precision", "pointing_game"])
     at.selectbox[2].set_value("all")
+    at.number_input[0].set_value(3)  # the first three images: a healthy one, a diseased one and one more
     at.button[0].click().run()
     assert not at.exception, [e.value for e in at.exception]
     from db import repository
@@ -157,7 +158,8 @@ def test_cohort_metrics_run_as_a_background_job_with_results(app_home):
     assert not at.exception and not at.error, texts(at.error)
     assert any(s.value == "Cohort summary" for s in at.subheader)
     cohort_table = at.dataframe[0].value
-    assert set(cohort_table["method"]) == {"softcam", "gradcam"}
+    assert set(cohort_table["method"]) == {"SoftCAM", "Grad-CAM"}
+    assert {"activation_precision", "pointing_game"} <= set(cohort_table.columns)
     assert any(b.label.startswith("per_image") for b in at.get("download_button"))
 
 

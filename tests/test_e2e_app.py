@@ -44,6 +44,7 @@ def page(browser, server, tmp_path):
 def shoot(page, tmp_path: Path, name: str) -> Path:
     """Full-page screenshot into the test's tmp dir (and docs/screenshots when asked to update them)."""
     path = tmp_path / f"{name}.png"
+    page.wait_for_timeout(1500)  # let data grids and charts finish drawing
     page.screenshot(path=str(path), full_page=True)
     if os.environ.get("SOFTCAM_UPDATE_SCREENSHOTS") == "1":
         target = ROOT / "docs" / "screenshots"
@@ -190,7 +191,7 @@ def test_cohort_evaluation_runs_and_its_csv_downloads(page, server, tmp_path):
     page.wait_for_selector("h1:has-text('Cohort metrics')")
     wait_idle(page)
     limit = page.get_by_label("At most this many images (0 = all)")
-    limit.fill("1")
+    limit.fill("2")
     limit.press("Enter")
     page.get_by_role("button", name="Run evaluation").click()
     page.get_by_text("Cohort summary").wait_for(timeout=300_000)
