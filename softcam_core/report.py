@@ -153,7 +153,8 @@ def run_modality(
 def _fmt(value: float, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "–"
-    return f"{value:.{digits}f}"
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
 
 
 def headline_table(cohort: pd.DataFrame, group: str = "model_method") -> pd.DataFrame:
