@@ -188,15 +188,33 @@ def save_figures(
         fig.write_html(html, include_plotlyjs=plotlyjs, full_html=True)
         written[name] = [html]
     if png and figures:
-        try:
-            import plotly.io as pio
-
-            names = list(figures)
-            paths = [out_dir / f"{n}.png" for n in names]
-            heights = [figures[n].layout.height or 550 for n in names]
-            pio.write_images([figures[n] for n in names], paths, width=[900] * len(names), height=heights)
+        names = list(figures)
+        paths = [out_dir / f"{n}.png" for n in names]
+        if _write_pngs([figures[n] for n in names], paths):
             for n, path in zip(names, paths):
                 written[n].append(path)
-        except Exception as exc:  # no Chrome, sandbox trouble...: HTML only, never fail
-            log.warning("PNG export skipped (%s: %s)", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
     return written
+
+
+def _write_pngs(figures: list[go.Figure], paths: list[Path]) -> bool:
+    """PNG export through kaleido; retried with Debian's chromium when kaleido finds no Chrome itself."""
+    import os
+    import shutil
+
+    import plotly.io as pio
+
+    heights = [fig.layout.height or 550 for fig in figures]
+    attempts = [None]
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium and not os.environ.get("BROWSER_PATH"):
+        attempts.append(chromium)
+    for browser in attempts:
+        try:
+            if browser:  # kaleido 1.x (choreographer) reads the browser to drive from BROWSER_PATH
+                os.environ["BROWSER_PATH"] = browser
+            pio.write_images(figures, paths, width=[900] * len(figures), height=heights)
+            return True
+        except Exception as exc:  # no Chrome, sandbox trouble...: HTML only, never fail
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    log.warning("PNG export skipped (%s)", reason)
+    return False

@@ -104,3 +104,13 @@ def test_figures_build(tmp_path):
     written = plots.save_figures(figures, tmp_path, png=False)
     assert all(p.exists() for paths in written.values() for p in paths)
     assert (tmp_path / "plotly.min.js").exists()
+
+
+def test_png_export_never_fails(tmp_path):
+    import plotly.graph_objects as go
+
+    written = plots.save_figures({"tiny": go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))}, tmp_path, png=True)
+    suffixes = [p.suffix for p in written["tiny"]]
+    assert suffixes[0] == ".html"
+    if ".png" in suffixes:  # a Chrome/Chromium was found: a real PNG
+        assert (tmp_path / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
