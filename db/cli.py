@@ -11,6 +11,8 @@ import sys
 
 from annotations.formats import EXPORT_FORMATS, IMPORT_FORMATS
 
+from .schema import ROLES
+
 
 def _progress_bar(desc: str):
     """(callback, close) for a tqdm bar on stderr, created on the first progress call."""
@@ -120,8 +122,59 @@ def _annotations_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_password(args: argparse.Namespace) -> str:
+    """Password from --password-stdin (one line) or an interactive prompt; never from argv."""
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        import getpass
+
+        password = getpass.getpass(f"password for {args.username}: ")
+    if len(password) < 8:
+        raise ValueError(f"password for {args.username!r} must have at least 8 characters")
+    return password
+
+
+def _users_add(args: argparse.Namespace) -> int:
+    from .repository import create_user
+    from .session import get_engine, session_scope, upgrade
+
+    password = _read_password(args)
+    engine = get_engine()
+    upgrade(engine)
+    with session_scope(engine) as session:
+        create_user(session, args.username, args.role, password, display_name=args.name)
+    print(f"user {args.username} ({args.role}) created")
+    return 0
+
+
+def _users_password(args: argparse.Namespace) -> int:
+    from .repository import set_password
+    from .session import get_engine, session_scope, upgrade
+
+    password = _read_password(args)
+    engine = get_engine()
+    upgrade(engine)
+    with session_scope(engine) as session:
+        set_password(session, args.username, password)
+    print(f"password of {args.username} changed")
+    return 0
+
+
+def _users_list(args: argparse.Namespace) -> int:
+    from .repository import list_users
+    from .session import get_engine, session_scope, upgrade
+
+    engine = get_engine()
+    upgrade(engine)
+    with session_scope(engine, readonly=True) as session:
+        for user in list_users(session):
+            print(f"{user.username}\t{user.role}\t{'active' if user.active else 'inactive'}")
+    return 0
+
+
 def register_cli(subparsers) -> None:
-    """Add the ``db``, ``images`` and ``annotations`` command groups."""
+    """Add the ``db``, ``users``, ``images`` and ``annotations`` command groups."""
     db = subparsers.add_parser("db", help="create or migrate the database (SOFTCAM_DB_URL)")
     db_sub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
     up = db_sub.add_parser("upgrade", help="create the database or migrate it to the newest revision")
@@ -130,6 +183,21 @@ def register_cli(subparsers) -> None:
     cur = db_sub.add_parser("current", help="show the database revision (exit 1 if not the newest)")
     cur.add_argument("--url", help="SQLAlchemy URL (default: SOFTCAM_DB_URL or SQLite in SOFTCAM_HOME)")
     cur.set_defaults(func=_db_current)
+
+    users = subparsers.add_parser("users", help="manage app accounts (local sign-in with hashed passwords)")
+    users_sub = users.add_subparsers(dest="users_command", metavar="ACTION", required=True)
+    uadd = users_sub.add_parser("add", help="create an account (password prompted, or read from stdin)")
+    uadd.add_argument("username")
+    uadd.add_argument("--role", required=True, choices=ROLES)
+    uadd.add_argument("--name", help="display name")
+    uadd.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    uadd.set_defaults(func=_users_add)
+    upw = users_sub.add_parser("password", help="set a new password")
+    upw.add_argument("username")
+    upw.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    upw.set_defaults(func=_users_password)
+    ulist = users_sub.add_parser("list", help="list accounts and roles")
+    ulist.set_defaults(func=_users_list)
 
     images = subparsers.add_parser("images", help="import image files into a cohort (de-identified)")
     images_sub = images.add_subparsers(dest="images_command", metavar="ACTION", required=True)
