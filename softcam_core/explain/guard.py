@@ -24,6 +24,7 @@ different models run in parallel.
 
 from __future__ import annotations
 
+import operator
 import threading
 import weakref
 from collections.abc import Iterator
@@ -41,61 +42,125 @@ HOOK_DICTS = (
     "_backward_pre_hooks",
 )
 
-_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
-_LOCKS_LOCK = threading.Lock()
+
+class _ModelState:
+    """Per-model lock and the cached module tree the guard snapshots (built once, revalidated per call).
+
+    The root model itself is never stored here (only its submodules): the state lives in a
+    ``WeakKeyDictionary`` keyed by the model, and a value that referenced its key would keep the
+    model alive forever.
+    """
+
+    __slots__ = ("lock", "submodules", "children", "hook_dicts")
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.submodules: list[nn.Module] | None = None  # every module below the root, in modules() order
+        self.children: list[dict] = []  # copies of each module's ``_modules`` (root first)
+        self.hook_dicts: list[dict] = []  # the submodules' hook dictionaries, flattened
+
+    def modules(self, model: nn.Module) -> list[nn.Module]:
+        """``list(model.modules())``, rebuilt only when some module's children changed since last time."""
+        if self.submodules is not None:
+            modules = [model, *self.submodules]
+            # dict == compares values with identity first, so this is a per-module pointer check
+            if all(m._modules == saved for m, saved in zip(modules, self.children)):
+                return modules
+        modules = list(model.modules())
+        self.submodules = modules[1:]
+        self.children = [dict(m._modules) for m in modules]
+        self.hook_dicts = _hook_dicts(self.submodules)
+        return modules
+
+
+def _hook_dicts(modules: list[nn.Module]) -> list[dict]:
+    return [d for m in modules for name in HOOK_DICTS if (d := getattr(m, name, None)) is not None]
+
+
+_GRAD = operator.attrgetter("grad")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+_TRAINING = operator.attrgetter("training")
+
+_STATES: "weakref.WeakKeyDictionary[nn.Module, _ModelState]" = weakref.WeakKeyDictionary()
+_STATES_LOCK = threading.Lock()
+
+
+def _state(model: nn.Module) -> _ModelState:
+    with _STATES_LOCK:
+        state = _STATES.get(model)
+        if state is None:
+            state = _STATES[model] = _ModelState()
+        return state
 
 
 def model_lock(model: nn.Module) -> threading.RLock:
     """The per-model re-entrant lock that serialises explanations of ``model``."""
-    with _LOCKS_LOCK:
-        lock = _LOCKS.get(model)
-        if lock is None:
-            lock = _LOCKS[model] = threading.RLock()
-        return lock
+    return _state(model).lock
+
+
+def _restore_children(modules: list[nn.Module], saved_children: list[dict]) -> None:
+    for module, saved in zip(modules, saved_children):
+        if module._modules != saved:
+            module._modules.clear()
+            module._modules.update(saved)
+
+
+def _restore_training(modules: list[nn.Module], modes: list[bool]) -> None:
+    for module, training in zip(modules, modes):
+        if module.training is not training:
+            module.training = training
 
 
 @contextmanager
 def guarded(model: nn.Module, freeze: bool = True) -> Iterator[None]:
     """Hold ``model``'s lock, run in eval mode, and restore structure, hooks, modes and gradients after.
 
+    Cost: flat passes over the cached module and hook-dictionary lists (copying only non-empty
+    hook dictionaries) instead of walking the module tree; ``model.eval()`` and the mode restore
+    are skipped when no module is training.
+
     Args:
         model: the (possibly shared) model.
         freeze: set ``requires_grad=False`` on every parameter while inside (restored after).
     """
-    with model_lock(model):
-        modules = list(model.modules())
-        children = [(m, dict(m._modules)) for m in modules]
-        hooks = {
-            (id(m), name): dict(getattr(m, name)) for m in modules for name in HOOK_DICTS if getattr(m, name, None)
-        }
-        modes = [(m, m.training) for m in modules]
+    state = _state(model)
+    with state.lock:
+        modules = state.modules(model)
+        children = state.children
+        # the root's own dictionaries are looked up per call, not cached: a user hook on the model
+        # that refers to the model would otherwise keep it alive through the weak-keyed cache
+        hook_dicts = _hook_dicts([model]) + state.hook_dicts
+        # most hook dictionaries are empty: keep every length, and a copy only of the non-empty ones
+        lengths = list(map(len, hook_dicts))
+        hooks = [(d, dict(d)) for d, n in zip(hook_dicts, lengths) if n]
+        modes = list(map(_TRAINING, modules))
+        training = any(modes)
         parameters = [p for m in modules for p in m._parameters.values() if p is not None]
-        grads = [(p, p.requires_grad, p.grad) for p in parameters]
+        grads = list(map(_GRAD, parameters))
+        flags = list(map(_REQUIRES_GRAD, parameters))
         try:
             if freeze:
-                for p in parameters:
-                    p.requires_grad_(False)
-            model.eval()
+                for p, requires_grad in zip(parameters, flags):
+                    if requires_grad:
+                        p.requires_grad_(False)
+            if training:
+                model.eval()
             yield
         finally:
-            for module, saved in children:
-                if module._modules != saved:
-                    module._modules.clear()
-                    module._modules.update(saved)
-            for module in modules:
-                for name in HOOK_DICTS:
-                    current = getattr(module, name, None)
-                    saved = hooks.get((id(module), name))
-                    if saved is None:
-                        if current:
-                            current.clear()
-                    elif current.keys() != saved.keys():
-                        current.clear()
-                        current.update(saved)
-            for module, training in modes:
-                module.training = training
-            for p, requires_grad, grad in grads:
-                p.requires_grad_(requires_grad)
+            _restore_children(modules, children)
+            if list(map(len, hook_dicts)) != lengths:
+                for current, n in zip(hook_dicts, lengths):
+                    if len(current) != n:
+                        current.clear()  # refilled below when it held hooks before
+            for current, saved in hooks:
+                if current.keys() != saved.keys():
+                    current.clear()
+                    current.update(saved)
+            if training or any(m.training for m in modules):
+                _restore_training(modules, modes)
+            for p, requires_grad, grad in zip(parameters, flags, grads):
+                if p.requires_grad is not requires_grad:
+                    p.requires_grad_(requires_grad)
                 if p.grad is not grad:
                     p.grad = grad
 
@@ -103,11 +168,15 @@ def guarded(model: nn.Module, freeze: bool = True) -> Iterator[None]:
 @contextmanager
 def eval_locked(model: nn.Module) -> Iterator[None]:
     """Light guard for methods that add no hooks and need no gradient: the lock and eval mode only."""
-    with model_lock(model):
-        modes = [(m, m.training) for m in model.modules()]
+    state = _state(model)
+    with state.lock:
+        modules = state.modules(model)
+        modes = list(map(_TRAINING, modules))
+        training = any(modes)
         try:
-            model.eval()
+            if training:
+                model.eval()
             yield
         finally:
-            for module, training in modes:
-                module.training = training
+            if training or any(m.training for m in modules):
+                _restore_training(modules, modes)
