@@ -407,8 +407,10 @@ def train(
         init: local weights file to start from (never downloads); random weights without it.
         lr, momentum, weight_decay, min_lr: SGD-Nesterov and clipped cosine schedule settings.
         batch_size: images per step and process. balanced: class-balanced sampling with replacement.
-        seed: seeds weights, sample order and augmentation. resume: continue from ``OUT.last.pt``.
-        workers: DataLoader worker processes (0 = load in this process; decoded images are cached).
+        seed: seeds weights, sample order and augmentation (it re-seeds Python's, NumPy's and
+            torch's global generators). resume: continue from ``OUT.last.pt``.
+        workers: DataLoader worker processes (0 = load in this process). Decoded inputs are cached
+            in memory (each worker keeps its own cache).
         device: default :func:`softcam_core.device.default_device`. AMP (float16) is used on CUDA
             only, when ``amp``.
         modality: fundus / oct / cxr / other, for loading and augmentation (default: the folder's).

@@ -80,7 +80,7 @@ def test_torchvision_vgg_to_softcam_matches_build_model():
 
 
 @pytest.mark.parametrize(
-    "arch, size, feat_hw", [("densenet121", 64, 2), ("efficientnet_b0", 64, 2), ("convnext_tiny", 64, 2)]
+    "arch, size, feat_hw", [("densenet121", 64, 2), ("efficientnet_b0", 64, 2), ("convnext_tiny", 32, 1)]
 )
 def test_other_families_to_softcam(arch, size, feat_hw):
     torch.manual_seed(0)
@@ -88,9 +88,10 @@ def test_other_families_to_softcam(arch, size, feat_hw):
     assert isinstance(net.evidence, nn.Conv2d)
     _assert_unit_stride_1x1(net.evidence)
     _check_forward(net, size, 2, feat_hw)
-    baseline = build_model(arch, 2, "baseline")
-    assert isinstance(baseline, BaselineNet) and baseline.num_classes == 2
-    assert baseline.eval()(torch.randn(1, 3, size, size)).shape == (1, 2)
+    if arch.startswith("efficientnet"):  # the baseline builder, once for a non-ResNet family
+        baseline = build_model(arch, 2, "baseline")
+        assert isinstance(baseline, BaselineNet) and baseline.num_classes == 2
+        assert baseline.eval()(torch.randn(1, 3, size, size)).shape == (1, 2)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vgg11"])
@@ -115,7 +116,7 @@ def _trained_like(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "efficientnet_b0", "densenet121"])
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b0"])
 def test_converting_a_trained_gap_fc_net_keeps_logits(arch):
     original = _trained_like(torchvision.models.get_model(arch, weights=None, num_classes=3))
     converted = to_softcam(original, 3).eval()
@@ -181,18 +182,19 @@ def test_checkpoint_roundtrip(tmp_path):
 
 
 def test_bad_checkpoints_fail_naming_the_file(tmp_path):
-    net = build_model("resnet18", 2, "softcam")
-    good = save_checkpoint(tmp_path / "good.pt", net, META)
+    # small weights under a resnet18 / resnet34 / unknown header: the recorded arch does not fit them
+    small = SoftCAMNet(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1))
+    good = save_checkpoint(tmp_path / "good.pt", small, META)
 
     random_bytes = tmp_path / "random.pt"
     random_bytes.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
     plain = tmp_path / "plain.pt"
-    torch.save(net.state_dict(), plain)
+    torch.save(small.state_dict(), plain)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    mismatched = save_checkpoint(tmp_path / "mismatched.pt", net, dict(META, arch="resnet34"))
-    wrong_head = save_checkpoint(tmp_path / "wronghead.pt", net, dict(META, head="baseline"))
-    unknown_arch = save_checkpoint(tmp_path / "unknown.pt", net, dict(META, arch="lenet"))
+    mismatched = save_checkpoint(tmp_path / "mismatched.pt", small, dict(META, arch="resnet34"))
+    wrong_head = save_checkpoint(tmp_path / "wronghead.pt", small, dict(META, head="baseline"))
+    unknown_arch = save_checkpoint(tmp_path / "unknown.pt", small, dict(META, arch="lenet"))
 
     cases = {
         random_bytes: "not a readable checkpoint",
@@ -220,11 +222,11 @@ def test_init_from_local_weights_never_downloads(tmp_path):
     assert net.evidence.out_channels == 2  # the 1000-class head is not forced in
 
     # a SoftCAM checkpoint (e.g. the demo model) initialises the whole net, head included
-    trained = _trained_like(build_model("vgg11", 2, "softcam"))
-    save_checkpoint(tmp_path / "vgg.pt", trained, dict(META, arch="vgg11"))
-    warm = build_model("vgg11", 2, "softcam", init=tmp_path / "vgg.pt")
-    torch.testing.assert_close(warm.evidence[-1].weight, trained.evidence[-1].weight)
-    torch.testing.assert_close(warm.features[0].weight, trained.features[0].weight)
+    trained = _trained_like(build_model("resnet18", 2, "softcam"))
+    save_checkpoint(tmp_path / "soft.pt", trained, META)
+    warm = build_model("resnet18", 2, "softcam", init=tmp_path / "soft.pt")
+    torch.testing.assert_close(warm.evidence.weight, trained.evidence.weight)
+    torch.testing.assert_close(warm.features[1].running_mean, trained.features[1].running_mean)
 
     with pytest.raises(CheckpointError, match="no tensor matches"):
         build_model("densenet121", 2, init=tmp_path / "resnet18-imagenet.pth")
