@@ -177,22 +177,27 @@ st.caption(f"Maps ready in {st.session_state['review_seconds_to_maps']:.2f} s on
 # ---------------------------------------------------------------------------------------------- CasCAM
 if cascam_base != "(none)":
     st.subheader(f"CasCAM stages · {viewer.method_title(cascam_base)}")
-    cached = session.is_cached(f"cascam:{cascam_base}", target)
-    if cached or st.button("Run CasCAM cascade", key="review_run_cascam", icon=":material/layers:"):
+    stages_key = f"cascam_{session.model_id}_{session.image_id}_{cascam_base}_{target}"
+    if stages_key not in st.session_state and st.button("Run CasCAM cascade", key="review_run_cascam",
+                                                        icon=":material/layers:"):
         with st.status("Running the CasCAM cascade…", expanded=False) as status:
             try:
-                stages = session.cascam_stages(cascam_base, target)
+                st.session_state[stages_key] = session.cascam_stages(cascam_base, target)
+                status.update(label="CasCAM cascade done; its combined map is cached", state="complete")
             except Exception as exc:
-                stages = None
+                status.update(label="CasCAM failed", state="error")
                 st.error(f"CasCAM: {common.one_line(exc)}")
-            status.update(label="CasCAM cascade done", state="complete")
-        if stages:
-            strip = st.columns(len(stages))
-            for index, (column, stage) in enumerate(zip(strip, stages)):
-                with column:
-                    st.image(stage.masked_input, caption=f"Stage {index + 1} input", width="stretch")
-                    st.image(viewer.map_png(stage.input_pixels, stage.heat, signed=False, opacity=opacity),
-                             caption=f"Stage {index + 1} map · weight {stage.weight:.2f}", width="stretch")
+    stages = st.session_state.get(stages_key)
+    if stages:
+        strip = st.columns(len(stages))
+        for index, (column, stage) in enumerate(zip(strip, stages)):
+            with column:
+                st.image(stage.masked_input, caption=f"Stage {index + 1}: input", width="stretch")
+                st.image(viewer.map_png(stage.input_pixels, stage.heat, signed=False, opacity=opacity),
+                         caption=f"Stage {index + 1}: map · weight {stage.weight:.2f}", width="stretch")
+    else:
+        st.caption("Each stage masks what the previous stage found and explains the rest; the combined map joins "
+                   "the grid above once computed.")
 
 # ---------------------------------------------------------------------------------------------- export
 st.divider()

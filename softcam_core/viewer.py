@@ -223,6 +223,19 @@ class Prediction:
         return [{"class": self.classes[i], "probability": float(self.probabilities[i])} for i in order]
 
 
+@dataclass
+class CascadeStage:
+    """One CasCAM stage at the model input resolution: the (masked) input it saw and its map in [0, 1]."""
+
+    masked_input: np.ndarray  # (S, S, 3) uint8
+    heat: np.ndarray          # (S, S) float32
+    weight: float
+
+    @property
+    def input_pixels(self) -> np.ndarray:
+        return self.masked_input
+
+
 class MapStore:
     """Where computed maps persist between sessions (the database map cache); ``None`` = memory only.
 
@@ -370,6 +383,32 @@ class ImageSession:
         if _memory_get(key) is not None:
             return True
         return self.store is not None and self.store.get(key) is not None
+
+    def cascam_stages(self, base: str, target: int | None = None, **options) -> list["CascadeStage"]:
+        """CasCAM cascade over ``base`` for one image: every stage's masked input and normalised map.
+
+        Also stores the combined map as ``cascam:<base>`` in the caches, so the grid shows it at once.
+        """
+        from softcam_core.explain.cascam import cascam
+
+        if target is None:
+            target = self.predict().predicted
+        start = time.perf_counter()
+        result = cascam(self.model, self.x, base, target=int(target), **options)
+        seconds = time.perf_counter() - start
+        combined = result.combined[0].detach().float().cpu().numpy().astype(np.float32)
+        key = map_key(self.model_id, self.image_id, f"cascam:{base}", int(target))
+        _memory_put(key, combined, seconds)
+        if self.store is not None:
+            self.store.put(key, combined, seconds)
+        mean = np.asarray(self.meta["mean"], dtype=np.float32)[:, None, None]
+        std = np.asarray(self.meta["std"], dtype=np.float32)[:, None, None]
+        stages = []
+        for stage_input, stage_map, weight in zip(result.stage_inputs, result.stage_maps, result.weights):
+            shown = stage_input[0].detach().float().cpu().numpy() * std + mean  # undo the normalisation
+            pixels = (np.clip(shown, 0.0, 1.0) * 255).round().astype(np.uint8).transpose(1, 2, 0)
+            stages.append(CascadeStage(pixels, stage_map[0].detach().float().cpu().numpy(), float(weight)))
+        return stages
 
     def crop_box(self) -> tuple[float, float, float, float] | None:
         """The part of the image the model sees ``(x0, y0, x1, y1)`` in image pixels (the fundus crop),

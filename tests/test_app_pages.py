@@ -217,3 +217,15 @@ def test_models_page_trains_a_model_in_the_background(app_home):
     at.run()
     names = list(at.dataframe[0].value["name"])
     assert "tiny_trained" in names
+
+
+def test_review_cascam_stage_strip(app_home):
+    at = open_app("review")
+    at.selectbox(key="review_cascam").set_value("gradcam").run()
+    next(b for b in at.button if b.key == "review_run_cascam").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    stages = next(at.session_state[k] for k in at.session_state.keys() if k.startswith("cascam_"))
+    assert len(stages) >= 2 and abs(sum(stage.weight for stage in stages) - 1) < 1e-6
+    images = at.get("imgs")
+    assert len(images) == 2 * len(stages)  # each stage: its masked input and its map
+    assert len(at.get("plotly_chart")) == 4  # the combined CasCAM map is cached, not added unasked

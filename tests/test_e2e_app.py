@@ -196,6 +196,7 @@ def test_cohort_evaluation_runs_and_its_csv_downloads(page, server, tmp_path):
     page.get_by_role("button", name="Run evaluation").click()
     page.get_by_text("Cohort summary").wait_for(timeout=300_000)
     wait_idle(page)
+    page.locator(".js-plotly-plot").first.wait_for()  # the figures of the finished evaluation
     assert_no_exception(page)
     shoot(page, tmp_path, "cohort")
     page.get_by_role("tab", name="Downloads").click()
