@@ -30,6 +30,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 HOOK_DICTS = (
@@ -109,6 +110,35 @@ def _restore_training(modules: list[nn.Module], modes: list[bool]) -> None:
     for module, training in zip(modules, modes):
         if module.training is not training:
             module.training = training
+
+
+@contextmanager
+def channels_last_weights(model: nn.Module) -> Iterator[None]:
+    """Hold ``model``'s 4-D parameters and buffers (conv weights) in channels-last while inside.
+
+    Each tensor's ``.data`` is swapped for a channels-last copy and the original tensor object is
+    put back in ``finally``, so the model leaves with its original storage, memory format and
+    values (no copy back); ``Parameter`` objects, ``.grad`` and ``requires_grad`` are untouched.
+    On CPU, oneDNN runs a convolution channels-last when its weight is, so every forward pass
+    inside runs channels-last (1.2-1.3x for ResNets) with the same results up to rounding (~1e-6).
+    Costs one copy of the conv weights per call: use it around methods that run many forwards.
+    Call it under the model's lock (inside :func:`guarded`).
+    """
+    swapped: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        for module in _state(model).modules(model):
+            for tensors in (module._parameters, module._buffers):
+                for tensor in tensors.values():
+                    if tensor is not None and tensor.dim() == 4 and not tensor.is_contiguous(
+                        memory_format=torch.channels_last
+                    ):
+                        original = tensor.data
+                        swapped.append((tensor, original))
+                        tensor.data = original.contiguous(memory_format=torch.channels_last)
+        yield
+    finally:
+        for tensor, original in reversed(swapped):
+            tensor.data = original
 
 
 @contextmanager
