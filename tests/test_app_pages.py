@@ -226,6 +226,6 @@ def test_review_cascam_stage_strip(app_home):
     assert not at.exception and not at.error, texts(at.error)
     stages = next(at.session_state[k] for k in at.session_state.keys() if k.startswith("cascam_"))
     assert len(stages) >= 2 and abs(sum(stage.weight for stage in stages) - 1) < 1e-6
-    images = at.get("imgs")
+    images = at.get("image")
     assert len(images) == 2 * len(stages)  # each stage: its masked input and its map
     assert len(at.get("plotly_chart")) == 4  # the combined CasCAM map is cached, not added unasked
