@@ -151,6 +151,25 @@ def sign_in_page() -> None:
         st.caption(f"Database: {masked_db_url()}")
 
 
+def change_password_form(user: User) -> None:
+    """Change the signed-in user's password (the first-run admin password is in the README)."""
+    from db import repository
+
+    with st.form("change_password", clear_on_submit=True):
+        current = st.text_input("Current password", type="password")
+        new = st.text_input("New password", type="password")
+        again = st.text_input("New password again", type="password")
+        if st.form_submit_button("Change password"):
+            with session() as s:
+                if repository.verify_password(s, user.name, current) is None:
+                    st.error("The current password is wrong.")
+                elif len(new) < 8 or new != again:
+                    st.error("The new password must have at least 8 characters and match its repetition.")
+                else:
+                    repository.set_password(s, user.name, new)
+                    st.success("Password changed.")
+
+
 def sign_out() -> None:
     st.session_state.pop("user", None)
     if _oidc_configured():
@@ -165,7 +184,11 @@ def sign_out() -> None:
 def sidebar(user: User) -> None:
     with st.sidebar:
         st.markdown(f"**{user.name}** · {user.role}")
-        st.button("Sign out", on_click=sign_out, key="sign_out", type="tertiary")
+        left, right = st.columns(2)
+        left.button("Sign out", on_click=sign_out, key="sign_out", type="tertiary")
+        if user.id is not None and not _oidc_configured():
+            with right.popover("Password", type="tertiary"):
+                change_password_form(user)
         model_selector()
         st.divider()
         st.caption(f"Compute: {device_text()}")
@@ -204,13 +227,18 @@ def model_selector() -> viewer.CheckpointInfo | None:
         return None
     paths = [str(info.path) for info in found]
     current = st.session_state.get("model_path")
-    if current not in paths:
-        current = paths[0]
-    index = paths.index(current)
-    chosen = st.selectbox("Model", paths, index=index, format_func=lambda p: found[paths.index(p)].label(),
-                          key="model_choice")
-    st.session_state["model_path"] = chosen
-    return found[paths.index(chosen)]
+    if current not in paths:  # start with a default model chosen on the Models page, else the newest
+        defaults = [p for p in default_models().values() if p in paths]
+        current = defaults[0] if defaults else paths[0]
+    st.session_state["model_path"] = current
+    st.session_state["model_choice"] = current  # pages may switch the model (e.g. Review's modality hint)
+
+    def chosen() -> None:
+        st.session_state["model_path"] = st.session_state["model_choice"]
+
+    st.selectbox("Model", paths, format_func=lambda p: found[paths.index(p)].label(), key="model_choice",
+                 on_change=chosen)
+    return found[paths.index(current)]
 
 
 def current_model() -> viewer.CheckpointInfo | None:

@@ -85,6 +85,11 @@ with head_left:
               delta_color="off", delta_arrow="off")
     if model_info.modality not in (image.modality, "other") and image.modality != "other":
         st.warning(f"The model was trained on {model_info.modality} images; this is a {image.modality} image.")
+        better = common.default_models().get(image.modality)
+        if better and better != str(model_info.path):
+            if st.button(f"Use the default {image.modality} model", key="review_switch_model"):
+                st.session_state["model_path"] = better
+                st.rerun()
     if image.flags.get("burned_in_annotation"):
         st.warning("This DICOM file declares burned-in annotation: text in the pixels may identify the patient.")
 with head_right:

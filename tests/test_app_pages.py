@@ -229,3 +229,15 @@ def test_review_cascam_stage_strip(app_home):
     images = at.get("image")
     assert len(images) == 2 * len(stages)  # each stage: its masked input and its map
     assert len(at.get("plotly_chart")) == 4  # the combined CasCAM map is cached, not added unasked
+
+
+def test_switching_to_a_black_box_baseline_shows_post_hoc_maps_only(app_home):
+    from tests.plugins.app import make_tiny_checkpoint
+
+    baseline = make_tiny_checkpoint(app_home["model"].parent / "fundus_baseline.pt", head="baseline")
+    at = open_app()  # Review is the start page; the sidebar (app.py) holds the model choice
+    at.sidebar.selectbox(key="model_choice").set_value(str(baseline)).run()
+    assert not at.exception and not at.error, texts(at.error)
+    assert at.session_state["model_path"] == str(baseline)
+    assert len(at.get("plotly_chart")) == 2  # the image and Grad-CAM; a black box has no evidence maps
+    assert any("black-box baseline" in c for c in texts(at.caption))
