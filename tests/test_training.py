@@ -151,13 +151,10 @@ def test_train_writes_checkpoint_with_metadata_and_log(tiny_checkpoint, synth_co
     assert maps.shape == (2, 2, 2, 2)
 
 
-def test_seeded_and_resumable(tmp_path, synth_cohort, tiny_checkpoint):
+def test_same_seed_same_weights_and_resume(tmp_path, synth_cohort, tiny_checkpoint):
     data = synth_cohort("fundus")
     first = tiny_checkpoint("fundus", "softcam")  # resnet18, 64 px, 2 epochs, batch 8, seed 0, l1 0.01
-    again = train(data, tmp_path / "b.pt", seed=0, l1=0.01, **TINY)
     weights_a = torch.load(state_path(first))["model"]
-    weights_b = torch.load(state_path(again.checkpoint))["model"]
-    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
     class Interrupt(Exception):
         pass
@@ -171,6 +168,7 @@ def test_seeded_and_resumable(tmp_path, synth_cohort, tiny_checkpoint):
     assert torch.load(state_path(tmp_path / "c.pt"))["epoch"] == 1
     resumed = train(data, tmp_path / "c.pt", seed=0, l1=0.01, resume=True, **TINY)
     weights_c = torch.load(state_path(resumed.checkpoint))["model"]
+    # a second run with the same seed, interrupted and resumed, ends with bit-identical weights
     assert all(torch.equal(weights_a[k], weights_c[k]) for k in weights_a)
     with open(log_path(resumed.checkpoint), newline="") as handle:
         assert [r["epoch"] for r in csv.DictReader(handle)] == ["1", "2"]
@@ -184,9 +182,9 @@ def test_seeded_and_resumable(tmp_path, synth_cohort, tiny_checkpoint):
 
 def test_progress_callback_balanced_baseline(tmp_path, synth_cohort):
     calls = []
-    result = train(synth_cohort("oct"), tmp_path / "oct.pt", head="baseline", balanced=True, epochs=1,
+    result = train(synth_cohort("oct"), tmp_path / "oct.pt", head="baseline", balanced=True,
                    progress=lambda e, s, m: calls.append((e, s, m["phase"])),
-                   **{k: v for k, v in TINY.items() if k != "epochs"})
+                   **dict(TINY, epochs=1, img_size=48))
     steps = [c for c in calls if c[2] == "train"]
     assert steps and steps[0][:2] == (0, 0)
     assert calls[-1] == (0, len(steps), "epoch")
@@ -197,7 +195,7 @@ def test_progress_callback_balanced_baseline(tmp_path, synth_cohort):
 def test_cli_train_and_errors(tmp_path, synth_cohort, capsys):
     data = synth_cohort("cxr")
     code = cli_main(["train", "--data", str(data), "--arch", "resnet18", "--head", "softcam", "--l1", "0.001",
-                     "--l2", "0.001", "--epochs", "1", "--img-size", "64", "--batch-size", "8",
+                     "--l2", "0.001", "--epochs", "1", "--img-size", "48", "--batch-size", "8",
                      "--out", str(tmp_path / "cxr.pt")])
     assert code == 0
     out = capsys.readouterr().out
@@ -233,8 +231,8 @@ def test_torchrun_two_cpu_processes(tmp_path, synth_cohort):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "softcam_core", "train",
-         "--data", str(data), "--arch", "resnet18", "--head", "softcam", "--l1", "0.01", "--epochs", "2",
-         "--img-size", "64", "--batch-size", "4", "--out", str(out), "--device", "cpu"],
+         "--data", str(data), "--arch", "resnet18", "--head", "softcam", "--l1", "0.01", "--epochs", "1",
+         "--img-size", "48", "--batch-size", "4", "--out", str(out), "--device", "cpu"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -242,10 +240,10 @@ def test_torchrun_two_cpu_processes(tmp_path, synth_cohort):
     assert meta["world_size"] == 2 and meta["training"]["world_size"] == 2
     with open(log_path(out), newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [r["epoch"] for r in rows] == ["1", "2"]  # only rank 0 writes
+    assert [r["epoch"] for r in rows] == ["1"]  # only rank 0 writes
     assert proc.stdout.count("checkpoint:") == 1
     state = torch.load(state_path(out))
-    assert state["config"]["world_size"] == 2 and state["epoch"] == 2
+    assert state["config"]["world_size"] == 2 and state["epoch"] == 1
 
 
 # -- inference (softcam predict) on a trained checkpoint ----------------------------------------------
