@@ -155,6 +155,8 @@ def list_checkpoints(directory: str | Path | None = None) -> tuple[list[Checkpoi
     directory = Path(directory) if directory is not None else models_dir()
     found, problems = [], []
     for path in sorted(directory.rglob("*.pt")):
+        if path.name.endswith(".last.pt"):  # training's resumable state beside a checkpoint, not a model
+            continue
         try:
             found.append(checkpoint_info(path))
         except Exception as exc:  # one bad file must not hide the others

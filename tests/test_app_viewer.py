@@ -229,3 +229,16 @@ def test_overlay_makes_the_map_transparent_outside_the_model_crop():
     z = np.asarray(fig.data[1].z, dtype=float)
     assert np.isnan(z[:, :5]).all() and np.isnan(z[:, 15:]).all() and (z[:, 5:15] == 1).all()
     assert fig.layout.shapes[0].line.dash == "dash"
+
+
+def test_list_checkpoints_reads_metadata_skips_training_state_and_reports_bad_files(tmp_path):
+    from tests.plugins.app import make_tiny_checkpoint
+
+    good = make_tiny_checkpoint(tmp_path / "a_softcam.pt", modality="oct")
+    (tmp_path / "a_softcam.last.pt").write_bytes(good.read_bytes())  # resumable state: not listed
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    found, problems = viewer.list_checkpoints(tmp_path)
+    assert [info.name for info in found] == ["a_softcam"]
+    assert found[0].modality == "oct" and found[0].meta["classes"] == ["healthy", "disease"]
+    assert "a_softcam — resnet18/softcam, oct, 2 classes" == found[0].label()
+    assert len(problems) == 1 and problems[0].startswith("broken.pt:")

@@ -41,12 +41,12 @@ def page(browser, server, tmp_path):
     context.close()
 
 
-def shoot(page, tmp_path: Path, name: str) -> Path:
+def shoot(page, tmp_path: Path, name: str, publish: bool = True) -> Path:
     """Full-page screenshot into the test's tmp dir (and docs/screenshots when asked to update them)."""
     path = tmp_path / f"{name}.png"
     page.wait_for_timeout(1500)  # let data grids and charts finish drawing
     page.screenshot(path=str(path), full_page=True)
-    if os.environ.get("SOFTCAM_UPDATE_SCREENSHOTS") == "1":
+    if publish and os.environ.get("SOFTCAM_UPDATE_SCREENSHOTS") == "1":
         target = ROOT / "docs" / "screenshots"
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, target / path.name)
@@ -182,7 +182,7 @@ def test_draw_a_box_save_reload_and_find_it(page, server, tmp_path):
     choose(page, "Image (", name)
     page.get_by_text("1 saved box(es)").wait_for()
     assert_no_exception(page)
-    shoot(page, tmp_path, "annotate_reloaded")
+    shoot(page, tmp_path, "annotate_reloaded", publish=False)
 
 
 def test_cohort_evaluation_runs_and_its_csv_downloads(page, server, tmp_path):
