@@ -60,6 +60,48 @@ def test_render_writes_markdown_and_html(tmp_path):
     assert html.startswith("<!doctype html>") and "<table" in html and "SoftCAM dense" in html
 
 
+def test_accuracy_column_names_the_explained_model():
+    per_image = _per_image()
+    classification = pd.DataFrame([{"model": "baseline", "test_accuracy": 0.95},
+                                   {"model": "dense", "test_accuracy": 0.5}, {"model": "lasso", "test_accuracy": 0.9}])
+    accuracy = R.accuracy_by_label(per_image, classification)
+    # post-hoc rows carry the baseline's accuracy, SoftCAM rows their own net's
+    assert accuracy == {"gradcam": 0.95, "SoftCAM dense": 0.5, "SoftCAM lasso": 0.9}
+    table = R.headline_table(E.summarise(per_image, group="model_method", resamples=50), accuracy=accuracy)
+    assert list(table.columns[:2]) == ["method", "model test acc"]
+    assert table.set_index("method").loc["SoftCAM dense", "model test acc"] == "0.500"
+    assert R.accuracy_by_label(per_image, pd.DataFrame()) == {}
+
+
+def test_default_recipe_is_the_demo_recipe_with_4x4_maps():
+    from softcam_core.demo import DEMO_SETTINGS
+    from softcam_core.models import build_model
+
+    config = R.ReportConfig()
+    for key in ("n", "epochs", "synth_size", "split", "arch", "batch_size", "lr", "min_lr", "l1", "seed"):
+        assert getattr(config, key) == getattr(DEMO_SETTINGS, key), key
+    assert config.eval_limit is None  # the whole test split
+    model = build_model(config.arch, 2, "softcam")
+    assert R.feature_map_size(model, config.img_size) == "4x4"
+    assert R.feature_map_size(model, 64) == "2x2"  # why the old 64 px default scored CAMs at 0
+
+
+def test_cli_options_quick_preset_and_overrides():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    R.register_cli(parser.add_subparsers())
+    default = R.config_from_args(parser.parse_args(["report", "--out", "x"]))
+    assert default == R.ReportConfig()
+    quick = R.config_from_args(parser.parse_args(["report", "--out", "x", "--quick", "--epochs", "2"]))
+    assert (quick.n, quick.epochs, quick.img_size, quick.eval_limit) == (R.QUICK["n"], 2, R.QUICK["img_size"],
+                                                                          R.QUICK["eval_limit"])
+    assert R.config_from_args(parser.parse_args(["report", "--out", "x", "--limit", "0"])).eval_limit is None
+    # the canonical command reproduces the configuration it was made from
+    command = R.canonical_command("x", quick).split()[1:]
+    assert R.config_from_args(parser.parse_args(command)) == quick
+
+
 def test_cli_rejects_unknown_modality(capsys, tmp_path):
     from softcam_core.cli import main
 
