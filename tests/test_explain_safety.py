@@ -36,11 +36,13 @@ def _snapshot(model: torch.nn.Module) -> dict:
         "grad_ids": [(name, id(p.grad) if p.grad is not None else None) for name, p in model.named_parameters()],
         "grads": {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None},
         "state": {k: v.clone() for k, v in model.state_dict().items()},
+        # channels-last runs must hand back the original storage and memory format
+        "layout": [(name, t.data_ptr(), t.stride()) for name, t in [*model.named_parameters(), *model.named_buffers()]],
     }
 
 
 def _assert_same(before: dict, after: dict) -> None:
-    for key in ("modules", "hooks", "hook_keys", "training", "requires_grad", "grad_ids"):
+    for key in ("modules", "hooks", "hook_keys", "training", "requires_grad", "grad_ids", "layout"):
         assert after[key] == before[key], key
     assert before["grads"].keys() == after["grads"].keys()
     for name, grad in before["grads"].items():
@@ -151,3 +153,44 @@ def test_concurrent_calls_give_the_serial_maps():
     for (index, method, repeat), maps in results.items():
         torch.testing.assert_close(maps, serial[method], rtol=0, atol=0, msg=f"{method} thread {index}")
     assert sum(len(getattr(m, d, {}) or {}) for m in model.modules() for d in HOOK_DICTS) == 0
+
+
+def test_a_module_replaced_between_calls_is_kept():
+    """The guard caches the module tree per model; a structure change must rebuild it, not be undone."""
+    import copy
+
+    model = _messy(hand_built_softcam())
+    explain(model, _x(), "gradcam", target=0)
+    replacement = copy.deepcopy(model.features)
+    model.features = replacement
+    replacement.register_forward_hook(lambda *_: None)
+    before = _snapshot(model)
+    explain(model, _x(), "scorecam", target=0)
+    assert model.features is replacement
+    _assert_same(before, _snapshot(model))
+
+
+@pytest.mark.parametrize("activations", ["relu", "signed"])
+def test_one_minimum_ablation_layer_writes_the_library_values(activations):
+    """Our Ablation-CAM layer computes the minimum once per batch; the values must equal the library's."""
+    from pytorch_grad_cam.ablation_layer import AblationLayer
+
+    from softcam_core.explain.methods import _ablation_layer
+
+    generator = torch.Generator().manual_seed(0)
+    saved = torch.randn(2, 6, 3, 3, generator=generator)
+    if activations == "relu":
+        saved = saved.clamp(min=0)  # minimum 0: ablated channels become 0
+    outputs = []
+    for layer in (AblationLayer(), _ablation_layer()):
+        layer.set_next_batch(input_batch_index=1, activations=saved, num_channels_to_ablate=4)
+        layer.indices = [3, 0, 5, 2]
+        outputs.append(layer(None).clone())
+    assert torch.equal(outputs[0], outputs[1])
+    ablated = outputs[1][torch.arange(4), torch.tensor([3, 0, 5, 2])]
+    if activations == "relu":
+        assert torch.all(ablated == 0)
+    else:  # the library's cumulative -1e7 steps below the batch minimum
+        minimum = saved[1].min()
+        expected = torch.stack([minimum - 1e7 * (i + 1) for i in range(4)])
+        torch.testing.assert_close(ablated.amax((1, 2)), expected, rtol=1e-6, atol=0)
