@@ -55,7 +55,7 @@ class ReportConfig:
     n = 300 images at 128 px split 0.5/0.15/0.35, ResNet-18 from scratch, lr 1e-2 -> 1e-4, batch 16,
     6 epochs), which reaches test accuracy >= 0.9 on all three modalities, except the input side:
     112 px instead of 80 so ResNet-18's last feature map (the CAM resolution) is 4x4, not 3x3.
-    ``eval_limit=None`` evaluates the whole test split (105 images, about half of them diseased).
+    ``eval_limit=None`` evaluates the whole test split (104 images, half of them diseased).
     """
 
     n: int = DEMO_SETTINGS.n
@@ -237,6 +237,64 @@ def softcam_vs_posthoc(paired: pd.DataFrame, metrics: Sequence[str] = ("activati
     return pd.DataFrame(rows)
 
 
+# metrics the findings rank rows by: (column, reader's name, higher is better)
+FINDING_METRICS = (
+    ("activation_precision", "activation precision", True),
+    ("topk_precision_k5", "top-5 localization precision", True),
+    ("average_precision", "pixel average precision", True),
+    ("audc", "AUDC (deletion; lower = more faithful)", False),
+)
+ACCURACY_FLOOR = 0.9  # below this a model's maps are flagged as coming from a model that does not work
+
+
+def findings(result: ModalityResult, alpha: float = 0.05) -> list[str]:
+    """Plain-language sentences computed from one modality's tables (nothing hand-written): model
+    accuracies (flagging any below :data:`ACCURACY_FLOOR`), the ranking of all rows on each
+    :data:`FINDING_METRICS` metric, and sparse (lasso) vs dense SoftCAM with its Holm-corrected p."""
+    lines: list[str] = []
+    cls = result.classification
+    if not cls.empty and "test_accuracy" in cls.columns:
+        parts = [f"{r['model']} {_fmt(r['test_accuracy'])}" for _, r in cls.iterrows()]
+        test_n = int(cls["test_n"].iloc[0]) if "test_n" in cls.columns and pd.notna(cls["test_n"].iloc[0]) else None
+        line = f"Test accuracy{f' ({test_n} images)' if test_n else ''}: " + ", ".join(parts) + "."
+        weak = [str(r["model"]) for _, r in cls.iterrows()
+                if not (pd.notna(r["test_accuracy"]) and r["test_accuracy"] >= ACCURACY_FLOOR)]
+        if weak:
+            line += (f" Below {ACCURACY_FLOOR:g}: {', '.join(weak)} — the maps of "
+                     f"{'that model' if len(weak) == 1 else 'those models'} explain a classifier that does not work.")
+        lines.append(line)
+    cohort = result.cohort
+    for column, name, higher in FINDING_METRICS:
+        mean = f"{column}_mean"
+        if cohort.empty or mean not in cohort.columns:
+            continue
+        ranked = cohort[["model_method", mean, f"{column}_n"]].dropna(subset=[mean])
+        ranked = ranked.sort_values(mean, ascending=not higher)
+        if ranked.empty:
+            continue
+        order = ", ".join(f"{r['model_method']} {_fmt(r[mean])}" for _, r in ranked.iterrows())
+        lines.append(f"{name[0].upper() + name[1:]}, best first (n = {int(ranked[f'{column}_n'].max())}): {order}.")
+    paired = result.paired
+    if not paired.empty:
+        for column, name, higher in FINDING_METRICS:
+            rows = paired[(paired["metric"] == column)
+                          & paired["model_method_a"].isin(["SoftCAM lasso", "SoftCAM dense"])
+                          & paired["model_method_b"].isin(["SoftCAM lasso", "SoftCAM dense"])]
+            if rows.empty:
+                continue
+            r = rows.iloc[0]
+            diff = r["mean_diff"] if r["model_method_a"] == "SoftCAM lasso" else -r["mean_diff"]
+            if not np.isfinite(diff):
+                continue
+            better = (diff > 0) == higher
+            significant = pd.notna(r["p_holm"]) and r["p_holm"] < alpha
+            verdict = (("better" if better else "worse") + (" (significant" if significant else " (not significant")
+                       + f" at {alpha:g} after Holm, p = {_fmt(r['p_holm'], 4)})") if abs(diff) >= 5e-4 else "equal to 3 decimals"
+            lines.append(f"Sparse vs dense SoftCAM on {name}: lasso − dense = {_fmt(diff)} over {int(r['n'])} "
+                         f"paired images: lasso {verdict}.")
+    return lines
+
+
 def _md_table(df: pd.DataFrame) -> str:
     if df.empty:
         return "_(empty)_\n"
@@ -295,6 +353,14 @@ def render(
         "localization is scored against ground truth. Metric definitions: docs/metrics.md. The numbers "
         "are what this run produced, on small cohorts and short trainings; they are not the paper's."
     )
+    para(
+        "Caveats: the cohorts are synthetic (lesions drawn by softcam_core.synth, so the task is easier and "
+        "the masks exact, unlike real data); each model is one training run from random weights with one "
+        "seed, so differences between SoftCAM variants include seed-to-seed variation that this report does "
+        "not measure; CAM-type maps have the last feature map's resolution (the feature_map column), which "
+        "caps how precisely they can localise small lesions; intervals and tests are over the images of one "
+        "test split. The 'What the numbers show' lists are computed from the tables, not written by hand."
+    )
     md.append(f"Reproduce:\n\n```\n{command}\n```\n")
     body.append(f"<p>Reproduce:</p><pre>{html.escape(command)}</pre>")
     para(
@@ -315,6 +381,11 @@ def render(
 
     for result in results:
         section(result.modality.upper() if result.modality != "fundus" else "Fundus")
+        section("What the numbers show", 3)
+        for line in findings(result):
+            md.append(f"- {line}")
+            body.append(f"<p>• {html.escape(line)}</p>")
+        md.append("")
         section("Classification (test split)", 3)
         para("Accuracy and AUC of the best-on-validation checkpoint on the whole test split, as train() "
              "recorded them; the explanation metrics below use the first --limit test images.")

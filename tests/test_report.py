@@ -73,6 +73,27 @@ def test_accuracy_column_names_the_explained_model():
     assert R.accuracy_by_label(per_image, pd.DataFrame()) == {}
 
 
+def test_findings_rank_rows_and_compare_lasso_with_dense():
+    per_image = _per_image()
+    result = R.ModalityResult(
+        "oct", per_image, pd.DataFrame(), E.summarise(per_image, group="model_method", resamples=50),
+        E.paired_tests(per_image, group="model_method"),
+        pd.DataFrame([{"model": "baseline", "test_accuracy": 0.95, "test_n": 12},
+                      {"model": "dense", "test_accuracy": 0.6, "test_n": 12}]), {},
+    )
+    lines = R.findings(result)
+    assert lines[0].startswith("Test accuracy (12 images): baseline 0.950, dense 0.600.")
+    assert "Below 0.9: dense" in lines[0]
+    ranking = next(line for line in lines if line.startswith("Top-5 localization precision"))
+    # topk is 0.3 / 0.6 / 0.7 per row by construction: lasso first, gradcam last
+    assert ranking == ("Top-5 localization precision, best first (n = 12): SoftCAM lasso 0.700, "
+                       "SoftCAM dense 0.600, gradcam 0.300.")
+    audc = next(line for line in lines if line.startswith("AUDC"))
+    assert audc.index("SoftCAM lasso") < audc.index("gradcam")  # lower AUDC ranks first
+    versus = next(line for line in lines if line.startswith("Sparse vs dense SoftCAM on top-5"))
+    assert "lasso − dense = 0.100 over 12 paired images: lasso better" in versus
+
+
 def test_default_recipe_is_the_demo_recipe_with_4x4_maps():
     from softcam_core.demo import DEMO_SETTINGS
     from softcam_core.models import build_model
