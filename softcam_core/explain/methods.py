@@ -46,8 +46,12 @@ SIGNED_METHODS = frozenset({"softcam", "cam", "integrated_gradients", "guided_ba
 warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU activations")
 
 IG_DEFAULT_STEPS = 50
-# masked / ablated inputs per forward pass (the libraries' default is 32 for both); docs/explain.md
-SCORECAM_DEFAULT_BATCH = {"cpu": 32, "cuda": 128}
+# masked / ablated inputs per forward pass (the libraries' default is 32 for both); docs/explain.md.
+# Score-CAM: 128 masked inputs of up to 224 x 224 px per pass (fewer, larger passes: faster on CPU
+# and CUDA), fewer for larger inputs so a pass holds at most 128 x 224^2 input pixels, never
+# below the library's 32
+SCORECAM_BATCH_PIXELS = 128 * 224 * 224
+SCORECAM_MIN_BATCH = 32
 ABLATIONCAM_DEFAULT_BATCH = 32
 # integrated gradients: at most this many input pixels (steps x images x H x W) per internal batch,
 # i.e. all 50 steps of one 224 px image at once (fastest: fewer, larger passes) while a 512 px
@@ -55,8 +59,9 @@ ABLATIONCAM_DEFAULT_BATCH = 32
 IG_PIXELS_PER_BATCH = 50 * 224 * 224
 
 
-def _default_batch(defaults: dict[str, int], device: torch.device) -> int:
-    return defaults.get(device.type, defaults["cpu"])
+def _scorecam_batch(x: torch.Tensor) -> int:
+    """Masked inputs per Score-CAM forward for input ``x`` (B, 3, H, W); see SCORECAM_BATCH_PIXELS."""
+    return max(SCORECAM_MIN_BATCH, SCORECAM_BATCH_PIXELS // (x.shape[-2] * x.shape[-1]))
 
 
 @contextlib.contextmanager
@@ -182,7 +187,7 @@ def _torchcam(class_name: str, uses_gradients: bool) -> Callable[..., torch.Tens
 
         many_passes = class_name == "ScoreCAM"
         if many_passes:
-            kwargs.setdefault("batch_size", _default_batch(SCORECAM_DEFAULT_BATCH, x.device))
+            kwargs.setdefault("batch_size", _scorecam_batch(x))
         with guarded(model), (_fast_layout(x, model) if many_passes else contextlib.nullcontext(x)) as x:
             # resolved under the model's lock: another thread's AblationCAM may have swapped the layer
             layer = resolve_target_layer(model, target_layer)
