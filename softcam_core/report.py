@@ -351,7 +351,8 @@ def render(
         "fundus, OCT and chest X-ray cohorts of `softcam synth`: a black-box ResNet explained post hoc "
         "against SoftCAM nets (dense, lasso, ridge) that explain themselves. Lesion masks are exact, so "
         "localization is scored against ground truth. Metric definitions: docs/metrics.md. The numbers "
-        "are what this run produced, on small cohorts and short trainings; they are not the paper's."
+        f"are what this run produced — synthetic cohorts of {config.n} images per modality, {config.epochs}-epoch "
+        f"trainings from random weights at {config.img_size} px, one seed — not the paper's."
     )
     para(
         "Caveats: the cohorts are synthetic (lesions drawn by softcam_core.synth, so the task is easier and "
@@ -388,7 +389,9 @@ def render(
         md.append("")
         section("Classification (test split)", 3)
         para("Accuracy and AUC of the best-on-validation checkpoint on the whole test split, as train() "
-             "recorded them; the explanation metrics below use the first --limit test images.")
+             "recorded them; feature_map is the last feature map's size (the resolution of the CAM-type and "
+             "SoftCAM maps). The explanation metrics below use "
+             + ("every test image." if not config.eval_limit else f"the first {config.eval_limit} test images."))
         table(result.classification)
         section("Explanation metrics (test split)", 3)
         table(headline_table(result.cohort, accuracy=accuracy_by_label(result.per_image, result.classification)))
