@@ -16,6 +16,7 @@ def _per_image():
     for i in range(12):
         for model, method, ap in (("baseline", "gradcam", 0.3), ("dense", "softcam", 0.6), ("lasso", "softcam", 0.7)):
             rows.append({"model": model, "model_method": R._label(model, method), "image": f"im{i}",
+                         "label": "healthy" if i % 4 == 0 else "diseased",
                          "method": method, "seconds": 0.1, "activation_precision": ap + 0.05 * rng.normal(),
                          "audc": 0.5 - ap / 2 + 0.02 * rng.normal(), "topk_precision_k5": ap})
     return pd.DataFrame(rows)
@@ -88,8 +89,18 @@ def test_findings_rank_rows_and_compare_lasso_with_dense():
     # topk is 0.3 / 0.6 / 0.7 per row by construction: lasso first, gradcam last
     assert ranking == ("Top-5 localization precision, best first (n = 12): SoftCAM lasso 0.700, "
                        "SoftCAM dense 0.600, gradcam 0.300.")
-    audc = next(line for line in lines if line.startswith("AUDC"))
+    assert not any(line.startswith("AUDC") for line in lines)  # no audc_diseased column yet
+    derived = R.with_diseased_audc(result, R.ReportConfig(resamples=50))
+    column = derived.per_image["audc_diseased"]
+    # healthy images (every 4th) are left out of the diseased-only AUDC, the others copied
+    assert column.isna().sum() == 9 and (column.dropna() == derived.per_image.loc[column.notna(), "audc"]).all()
+    assert int(derived.cohort.set_index("model_method").loc["gradcam", "audc_diseased_n"]) == 9
+    audc = next(line for line in R.findings(derived) if line.startswith("AUDC on diseased"))
     assert audc.index("SoftCAM lasso") < audc.index("gradcam")  # lower AUDC ranks first
+    curves = pd.DataFrame({"image": ["im0", "im1", "im2"], "method": "gradcam", "s0": 1.0, "s1": [9.0, 0.2, 0.4]})
+    ended = R.ModalityResult("oct", per_image, curves, derived.cohort, derived.paired, derived.classification, {})
+    assert R.deletion_endpoint(ended) == pytest.approx(0.3)  # im0 is healthy: not counted
+    assert any(line.startswith("Deletion: with every cell occluded") and "0.300" in line for line in R.findings(ended))
     versus = next(line for line in lines if line.startswith("Sparse vs dense SoftCAM on top-5"))
     assert "lasso − dense = 0.100 over 12 paired images: lasso better" in versus
 
