@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,13 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SOFTCAM_HOME", str(home))
     monkeypatch.delenv("SOFTCAM_DB_URL", raising=False)
     yield home
+
+
+@pytest.fixture(autouse=True)
+def _restore_main_module():
+    """Streamlit's AppTest runs the page script as ``__main__`` and leaves it there; a later test that
+    spawns processes (multiprocessing re-imports ``__main__`` in the child) would then run app.py."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main
