@@ -153,10 +153,12 @@ def test_draw_a_box_save_reload_and_find_it(page, server, tmp_path):
     page.get_by_role("link", name="Annotate").click()
     page.wait_for_selector("h1:has-text('Annotate')")
     choose(page, "Cohort", server["cohort"])
-    canvas = page.locator("canvas.upper-canvas")
-    canvas.wait_for()
     wait_idle(page)
     page.wait_for_timeout(1000)  # the canvas mounts its Fabric.js layers after the script run
+    # after the cohort switch the page can hold the previous run's canvas beside the new one: take
+    # the visible one the last script run rendered
+    canvas = page.locator("canvas.upper-canvas:visible").last
+    canvas.wait_for()
     box = canvas.bounding_box()
     # drag from 20 % to 60 % of the canvas: the box must come back in image pixels
     x0, y0 = box["x"] + 0.2 * box["width"], box["y"] + 0.2 * box["height"]
