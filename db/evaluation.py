@@ -1,0 +1,289 @@
+"""A database cohort as the cohort source of :func:`softcam_core.evaluate.evaluate_cohort`.
+
+``evaluate_cohort(model, meta, folder, ...)`` reads its ``folder`` argument through four names:
+``folder.split(name)`` (records with ``path``, ``label_index`` and ``split``), ``folder.mask(stem)``
+(bool (H, W) in original image pixels, or None), ``folder.classes`` (class names, index =
+``label_index``) and ``folder.root`` (only in messages). :class:`DatabaseCohort` provides them for a
+cohort stored in the database, so the metrics are computed against the boxes annotators **drew or
+imported** instead of a folder's ``masks/``:
+
+* images: the cohort's images in import order, read from their stored (de-identified) files;
+  labels and splits from the ``images`` rows; class order from the cohort's class labels
+  (``set_class_labels``: model output order).
+* ground truth of an image: the union of its live (not deleted) box annotations, optionally of
+  one label only, rasterised in image pixels by :func:`annotations.geometry.boxes_to_mask`. An image
+  without boxes gets an all-false mask, so its localisation metrics are undefined with the reason
+  "empty annotation mask" (as for a folder image without a mask file).
+* unlabeled images (``images.label`` empty, e.g. imported with ``softcam images import``): the
+  class only matters for the ``label`` target, for activation consistency and for the ``disease``
+  target of a model with more than two classes (:func:`label_needed`). When it does, they are left
+  out and counted (``unlabeled_left_out``); otherwise they are scored under an extra, last class ``(unlabeled)``.
+
+The database is read once, when the source is made (:func:`load_database_cohort`): a long job
+scores the boxes as they were when it started, and no transaction stays open while it runs.
+softcam_core never imports this module; the pages and the CLI pass the object in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from annotations.geometry import Box, boxes_to_mask, geometry_from_json
+
+from .schema import Annotation, Cohort, Image
+
+UNLABELED = "(unlabeled)"  # the class name unlabeled images are scored under
+STANDARD_SPLITS = ("train", "val", "test")
+GROUND_TRUTHS = {
+    "database": "Boxes in the database (drawn or imported)",
+    "folder": "Lesion masks of the cohort folder",
+}
+
+
+@dataclass(frozen=True)
+class DatabaseRecord:
+    """One image of a database cohort, shaped like :class:`softcam_core.data.Record`.
+
+    ``path``: the stored file (``SOFTCAM_HOME/images/<sha256>.<ext>``); ``stem``: its stem (the
+    sha256), which is what ``evaluate_cohort`` writes in the ``image`` column and passes to
+    :meth:`DatabaseCohort.mask`; ``label_index`` into :attr:`DatabaseCohort.classes`; ``split``:
+    ``train``/``val``/``test`` or ``""``; ``width``/``height``: pixels of the stored image.
+    """
+
+    path: Path
+    stem: str
+    label_index: int
+    label: str
+    split: str
+    image_id: int
+    pseudonym: str
+    width: int | None
+    height: int | None
+    unlabeled: bool = False
+
+
+@dataclass
+class DatabaseCohort:
+    """A snapshot of a database cohort that ``evaluate_cohort`` accepts as its ``folder``.
+
+    Attributes: ``name``, ``root`` (text naming the cohort, for messages), ``classes``,
+    ``records`` (images evaluated, import order), ``box_label`` (None = boxes of every label),
+    ``unlabeled_left_out`` (image rows without a label that were left out, per split).
+    """
+
+    name: str
+    classes: list[str]
+    records: list[DatabaseRecord]
+    boxes_by_image: dict[int, list[Box]]
+    box_label: str | None = None
+    unlabeled_left_out: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root = f"database cohort {self.name!r}"
+        self._by_stem = {r.stem: r for r in self.records} | {r.pseudonym: r for r in self.records}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:
+        return f"DatabaseCohort({self.name!r}, {len(self.records)} images, classes={self.classes})"
+
+    @property
+    def splits(self) -> list[str]:
+        present = {r.split for r in self.records if r.split}
+        return [s for s in STANDARD_SPLITS if s in present] + sorted(present - set(STANDARD_SPLITS))
+
+    def split(self, name: str) -> list[DatabaseRecord]:
+        """Records of split ``name`` in import order; ``"all"`` gives every record (images without a
+        split too). A standard split with no image gives ``[]``; another unknown name raises."""
+        if name == "all":
+            return list(self.records)
+        chosen = [r for r in self.records if r.split == name]
+        if not chosen and name not in STANDARD_SPLITS:
+            raise ValueError(f"{self.root}: no split named {name!r} (splits: {', '.join(self.splits) or 'none'})")
+        return chosen
+
+    def record(self, stem: str) -> DatabaseRecord:
+        """The record of an image by stem (sha256 of the stored file) or pseudonym."""
+        try:
+            return self._by_stem[stem]
+        except KeyError:
+            raise ValueError(f"{self.root}: no image {stem!r}") from None
+
+    def boxes(self, stem: str) -> list[Box]:
+        """Live boxes of an image (of :attr:`box_label` when set), image pixels, oldest first."""
+        return list(self.boxes_by_image.get(self.record(stem).image_id, []))
+
+    def mask(self, stem: str) -> np.ndarray | None:
+        """Ground truth of an image: bool (height, width) in image pixels, the union of its boxes
+        (all false without boxes); None only when the image row has no size (never for imports)."""
+        record = self.record(stem)
+        if not record.height or not record.width:
+            return None
+        return boxes_to_mask(self.boxes(stem), int(record.height), int(record.width))
+
+    def summary(self, split: str = "all", limit: int | None = None) -> dict[str, Any]:
+        """What an evaluation of ``split`` (its first ``limit`` images) scores: ``images``,
+        ``with_boxes`` (images with at least one box), ``boxes``, ``unlabeled`` (scored without a
+        class) and ``unlabeled_left_out`` (images of the split left out for want of a label)."""
+        records = self.split(split)
+        if limit:
+            records = records[:limit]
+        counts = [len(self.boxes_by_image.get(r.image_id, [])) for r in records]
+        left_out = sum(self.unlabeled_left_out.values()) if split == "all" else self.unlabeled_left_out.get(split, 0)
+        return {"images": len(records), "with_boxes": sum(1 for c in counts if c), "boxes": sum(counts),
+                "unlabeled": sum(1 for r in records if r.unlabeled), "unlabeled_left_out": left_out}
+
+
+def label_needed(target: str, metrics: Sequence[str] | None, n_model_classes: int) -> bool:
+    """True when scoring an image needs its true class: the ``label`` target, activation consistency
+    (healthy and diseased images score different signs), or the ``disease`` target of a model with
+    more than two classes (it explains the true class of a diseased image)."""
+    if target == "label":
+        return True
+    if metrics is None or "activation_consistency" in metrics:
+        return True
+    return target == "disease" and n_model_classes > 2
+
+
+def load_database_cohort(session: Session, cohort: Cohort | str, *, box_label: str | None = None,
+                         include_unlabeled: bool = False) -> DatabaseCohort:
+    """Read a cohort's images and live boxes (two queries) into a :class:`DatabaseCohort`.
+
+    ``box_label``: use only boxes with this label. ``include_unlabeled``: score images without a
+    label under the extra, last class ``(unlabeled)`` (only valid when :func:`label_needed` is False);
+    otherwise they are left out and counted per split.
+    """
+    from .repository import get_cohort, image_path
+
+    cohort = get_cohort(session, cohort) if isinstance(cohort, str) else cohort
+    classes = [label.name for label in sorted(cohort.labels, key=lambda c: c.position)]
+    images = list(session.scalars(select(Image).where(Image.cohort_id == cohort.id).order_by(Image.id)))
+    for image in images:  # a label missing from the class list (set outside set_image_label) goes last
+        if image.label and image.label not in classes:
+            classes.append(image.label)
+    if include_unlabeled and any(not image.label for image in images):
+        classes.append(UNLABELED)
+    index = {name: i for i, name in enumerate(classes)}
+    records, left_out = [], {}
+    for image in images:
+        if not image.label and not include_unlabeled:
+            key = image.split or ""
+            left_out[key] = left_out.get(key, 0) + 1
+            continue
+        label = image.label or UNLABELED
+        path = image_path(image)
+        records.append(DatabaseRecord(path=path, stem=path.stem, label_index=index[label], label=label,
+                                      split=image.split or "", image_id=image.id, pseudonym=image.pseudonym,
+                                      width=image.width, height=image.height, unlabeled=not image.label))
+    query = (select(Annotation.image_id, Annotation.geometry, Annotation.label)
+             .join(Image, Image.id == Annotation.image_id)
+             .where(Image.cohort_id == cohort.id, Annotation.kind == "box", Annotation.deleted_at.is_(None))
+             .order_by(Annotation.image_id, Annotation.id))
+    if box_label is not None:
+        query = query.where(Annotation.label == box_label)
+    boxes: dict[int, list[Box]] = {}
+    for image_id, geometry, _ in session.execute(query):
+        boxes.setdefault(image_id, []).append(geometry_from_json("box", geometry))
+    return DatabaseCohort(cohort.name, classes, records, boxes, box_label, left_out)
+
+
+# --- what the Cohort metrics page and the CLI need around it -----------------------------------
+
+def box_labels(session: Session, cohort: Cohort | str) -> list[str]:
+    """Distinct labels of the live boxes of a cohort, sorted (unlabelled boxes are not listed)."""
+    from .repository import get_cohort
+
+    cohort = get_cohort(session, cohort) if isinstance(cohort, str) else cohort
+    query = (select(Annotation.label).distinct().join(Image, Image.id == Annotation.image_id)
+             .where(Image.cohort_id == cohort.id, Annotation.kind == "box", Annotation.deleted_at.is_(None),
+                    Annotation.label.is_not(None)))
+    return sorted(label for label in session.scalars(query) if label)
+
+
+def evaluation_cohorts(session: Session, folders: dict[str, Path]) -> list[dict[str, Any]]:
+    """Cohorts an evaluation can run on: every database cohort (with or without a folder) and every
+    cohort folder not (yet) in the database. One dict each: ``name``, ``folder`` (Path or None),
+    ``in_database``, ``images`` and ``with_boxes`` (database counts; None for a folder-only cohort)."""
+    from sqlalchemy import func
+
+    counts = dict(session.execute(select(Image.cohort_id, func.count()).group_by(Image.cohort_id)).all())
+    boxed = dict(session.execute(
+        select(Image.cohort_id, func.count(func.distinct(Image.id))).join(Annotation, Annotation.image_id == Image.id)
+        .where(Annotation.kind == "box", Annotation.deleted_at.is_(None)).group_by(Image.cohort_id)).all())
+    out = []
+    for cohort in session.scalars(select(Cohort).order_by(Cohort.name)):
+        out.append({"name": cohort.name, "folder": folders.get(cohort.name), "in_database": True,
+                    "images": int(counts.get(cohort.id, 0)), "with_boxes": int(boxed.get(cohort.id, 0))})
+    known = {row["name"] for row in out}
+    for name, folder in sorted(folders.items()):
+        if name not in known:
+            out.append({"name": name, "folder": Path(folder), "in_database": False, "images": None, "with_boxes": None})
+    return out
+
+
+def evaluation_source(session: Session, params: dict[str, Any], n_model_classes: int) -> tuple[Any, dict[str, Any]]:
+    """The cohort source of an evaluation job and a summary of what it will score.
+
+    ``params``: the job parameters of the Cohort metrics page: ``cohort``, ``ground_truth``
+    (``"database"`` or ``"folder"``; missing = ``"folder"``, the jobs made before the choice existed),
+    ``folder``, ``box_label``, ``split``, ``limit``, ``target``, ``metrics``. Returns
+    ``(source, summary)``: a :class:`DatabaseCohort` or a :class:`softcam_core.data.CohortFolder`, and
+    ``{"images", "with_boxes" | "with_masks", ...}`` for the chosen split. Raises ValueError with one
+    line when there is nothing to score (e.g. no image in the split, every image unlabeled).
+    """
+    split, limit = params.get("split", "test"), params.get("limit")
+    ground_truth = params.get("ground_truth") or "folder"
+    if ground_truth == "folder":
+        from annotations.formats import MASK_SUFFIXES
+        from softcam_core.data import CohortFolder
+
+        if not params.get("folder"):
+            raise ValueError(f"cohort {params.get('cohort')!r} has no cohort folder; use the boxes in the database")
+        folder = CohortFolder(params["folder"])
+        records = folder.split(split)[: limit or None]
+        if not records:
+            raise ValueError(f"{folder.root}: no image in split {split!r}")
+        with_masks = sum(1 for r in records if any((folder.root / "masks" / f"{r.stem}{s}").is_file() for s in MASK_SUFFIXES))
+        return folder, {"images": len(records), "with_masks": with_masks}
+    if ground_truth != "database":
+        raise ValueError(f"unknown ground truth {ground_truth!r}; choose {' or '.join(GROUND_TRUTHS)}")
+    include = not label_needed(params.get("target", "disease"), params.get("metrics"), n_model_classes)
+    source = load_database_cohort(session, params["cohort"], box_label=params.get("box_label"),
+                                  include_unlabeled=include)
+    summary = source.summary(split, limit)
+    if not summary["images"]:
+        total = len(source.split("all")) + sum(source.unlabeled_left_out.values())
+        if summary["unlabeled_left_out"]:
+            why = (f"its {summary['unlabeled_left_out']} image(s) have no class label, which the chosen target or "
+                   "activation consistency needs")
+        elif total and not source.splits:
+            why = "its images have no split; choose 'all'"
+        else:
+            why = f"{total} image(s) in all"
+        raise ValueError(f"{source.root}: no image to score in split {split!r} ({why})")
+    return source, summary
+
+
+def ground_truth_text(params: dict[str, Any]) -> str:
+    """One line for job lists: which ground truth an evaluation used and how much of it there was."""
+    summary = params.get("ground_truth_summary") or {}
+    if (params.get("ground_truth") or "folder") == "folder":
+        text = "folder masks"
+        if summary:
+            text += f" ({summary.get('with_masks', 0)} of {summary.get('images', 0)} images with a mask)"
+        return text
+    text = "database boxes" + (f" labelled {params['box_label']!r}" if params.get("box_label") else "")
+    if summary:
+        text += f" ({summary.get('with_boxes', 0)} of {summary.get('images', 0)} images with boxes"
+        if summary.get("unlabeled_left_out"):
+            text += f"; {summary['unlabeled_left_out']} unlabeled left out"
+        text += ")"
+    return text
