@@ -73,7 +73,8 @@ boxes = common.image_boxes(record) if show_boxes else []
 store = common.map_store(model_info, record)
 try:
     session = viewer.ImageSession(model, meta, image, viewer.model_identity(model_info.path), store=store)
-    prediction = session.predict()
+    # the fast gradient CAMs of the predicted class come out of the prediction's own forward pass
+    prediction = session.predict(with_methods=[m for m in methods if not viewer.is_slow_method(m)])
 except Exception as exc:
     st.error(f"{image.name}: cannot run {model_info.name}: {common.one_line(exc)}")
     st.stop()
@@ -168,11 +169,13 @@ for row_start in range(0, len(panels), columns_per_row):
             st.caption(caption)
             stem = f"{image.name.rsplit('.', 1)[0]}_{result.method.replace(':', '-')}_{result.target_name}"
             png, npy = st.columns(2)
-            png.download_button("PNG", viewer.map_png(pixels, result.image_map, signed=result.signed, opacity=opacity,
-                                                      zmax=shared if result.signed else None),
+            # rendered on click only: encoding every map's PNG up front cost ~0.1 s per map per rerun
+            png.download_button("PNG", lambda result=result: viewer.map_png(
+                                    pixels, result.image_map, signed=result.signed, opacity=opacity,
+                                    zmax=shared if result.signed else None),
                                 file_name=f"{stem}.png", mime="image/png", key=f"dl_png_{stem}",
                                 icon=":material/image:", width="stretch")
-            npy.download_button("NPY", viewer.map_npy(result), file_name=f"{stem}.npy",
+            npy.download_button("NPY", lambda result=result: viewer.map_npy(result), file_name=f"{stem}.npy",
                                 mime="application/octet-stream", key=f"dl_npy_{stem}",
                                 icon=":material/data_array:", width="stretch")
 

@@ -98,8 +98,12 @@ def _file_key(path: Path) -> tuple:
 def load_model(path: str | Path) -> tuple[Any, dict]:
     """``(model in eval mode on the default device, meta)`` for a checkpoint, cached by path and mtime.
 
+    On CPU the convolution weights are stored channels-last (same numbers to ~1e-4, faster).
+
     A rewritten checkpoint (new mtime or size) is loaded afresh. Raises ``CheckpointError``.
     """
+    import torch
+
     from softcam_core.device import default_device
     from softcam_core.models import CheckpointError, load_checkpoint
 
@@ -112,7 +116,12 @@ def load_model(path: str | Path) -> tuple[Any, dict]:
             _MODEL_CACHE.move_to_end(key)
             return _MODEL_CACHE[key]
     model, meta = load_checkpoint(path, map_location="cpu")
-    model = model.to(default_device()).eval()
+    device = default_device()
+    model = model.to(device).eval()
+    if device.type == "cpu":
+        # oneDNN's channels-last convolutions: a 512 px ResNet-50 forward 0.53 s instead of 0.63 s on
+        # 2 cores (docs/performance.md); on CUDA fp32 channels-last was slower, so only on CPU
+        model = model.to(memory_format=torch.channels_last)
     with _MODEL_LOCK:
         _MODEL_CACHE[key] = (model, meta)
         while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
@@ -259,6 +268,10 @@ def map_key(model_id: str, image_id: str, method: str, target: int) -> str:
 
 _MAP_CACHE: OrderedDict[str, tuple[np.ndarray, float]] = OrderedDict()
 _MAP_CACHE_SIZE = 256
+# cache entries of the forward pass itself (one per model x image): the logits (C,) and the SoftCAM
+# evidence maps at feature resolution (C, h, w), stored like maps so a reopened image needs no pass
+FORWARD_LOGITS = "forward:logits"
+FORWARD_EVIDENCE = "forward:evidence"
 _MAP_LOCK = threading.Lock()
 
 
@@ -305,33 +318,75 @@ class ImageSession:
         self._prediction: Prediction | None = None
         self._evidence: np.ndarray | None = None  # (C, S, S) SoftCAM evidence at input resolution
         self._evidence_seconds = 0.0
+        self._cached_forward = False
+        self._computed: set[tuple[str, int]] = set()  # (method, target) made by this session's forward pass
 
     @property
     def is_softcam(self) -> bool:
         return hasattr(self.model, "forward_with_maps")
 
-    def predict(self) -> Prediction:
-        """Class probabilities; for a SoftCAM net the same forward pass also yields the evidence maps."""
+    def _lookup(self, method: str, target: int) -> tuple[np.ndarray, float] | None:
+        """A cached array from memory, else from the persistent store (copied into memory)."""
+        key = map_key(self.model_id, self.image_id, method, target)
+        hit = _memory_get(key)
+        if hit is None and self.store is not None:
+            hit = self.store.get(key)
+            if hit is not None:
+                _memory_put(key, *hit)
+        return hit
+
+    def _keep(self, method: str, target: int, array: np.ndarray, seconds: float) -> None:
+        """Cache an array in memory and in the persistent store."""
+        key = map_key(self.model_id, self.image_id, method, target)
+        _memory_put(key, array, seconds)
+        if self.store is not None:
+            self.store.put(key, array, seconds)
+
+    def predict(self, with_methods: Sequence[str] = ()) -> Prediction:
+        """Class probabilities; for a SoftCAM net the same forward pass also yields the evidence maps.
+
+        ``with_methods``: gradient-CAM methods (:data:`softcam_core.explain.fused.FUSABLE_METHODS`;
+        others are ignored here) computed for the predicted class in the same forward pass and
+        cached, so the page's default Grad-CAM costs no second pass. The logits and evidence maps
+        are cached too (memory and store): reopening an image runs no forward pass at all.
+        """
         if self._prediction is not None:
             return self._prediction
-        torch = self._torch
-        start = time.perf_counter()
-        with torch.no_grad():
-            if self.is_softcam:
-                from softcam_core.explain.methods import resize_to
+        from softcam_core.explain.fused import FUSABLE_METHODS, forward_with_cams
+        from softcam_core.explain.methods import resize_to
 
-                # one forward pass gives the logits and every class's evidence map (the SoftCAM point);
-                # explain's own resize keeps the upsampling identical to explain(..., "softcam")
-                logits, maps = self.model.forward_with_maps(self.x)
-                evidence = resize_to(maps[0].float(), tuple(self.x.shape[-2:]))
-                self._evidence = evidence.cpu().numpy().astype(np.float32)
-            else:
-                logits = self.model(self.x)
-        probabilities = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
-        seconds = time.perf_counter() - start
+        torch = self._torch
+        logits_hit = self._lookup(FORWARD_LOGITS, 0)
+        evidence_hit = self._lookup(FORWARD_EVIDENCE, 0) if self.is_softcam else None
+        if logits_hit is not None and (evidence_hit is not None or not self.is_softcam):
+            logits, seconds = torch.from_numpy(np.asarray(logits_hit[0], dtype=np.float32)), logits_hit[1]
+            native = None if evidence_hit is None else torch.from_numpy(np.asarray(evidence_hit[0], dtype=np.float32))
+            self._cached_forward = True
+        else:
+            fused = [m for m in dict.fromkeys(with_methods) if m in FUSABLE_METHODS]
+            start = time.perf_counter()
+            result = forward_with_cams(self.model, self.x, fused)
+            seconds = time.perf_counter() - start
+            logits = result.logits[0].cpu()
+            native = None if result.maps is None else result.maps[0].cpu()
+            self._keep(FORWARD_LOGITS, 0, logits.numpy(), seconds)
+            if native is not None:
+                self._keep(FORWARD_EVIDENCE, 0, native.numpy(), seconds)
+            for method, cam in result.cams.items():  # one pass made them all: each is credited its time
+                self._keep(method, result.targets[0], cam[0].cpu().numpy().astype(np.float32), seconds)
+                self._computed.add((method, int(result.targets[0])))
+        if native is not None:
+            # (C, h, w) -> (C, S, S) with explain's own resize: identical to explain(..., "softcam")
+            self._evidence = resize_to(native.float(), tuple(self.x.shape[-2:])).numpy().astype(np.float32)
+        probabilities = torch.softmax(logits.float()[None], dim=1)[0].numpy()
         self._evidence_seconds = seconds
         self._prediction = Prediction(self.classes, probabilities, seconds)
         return self._prediction
+
+    @property
+    def forward_was_cached(self) -> bool:
+        """True when :meth:`predict` found the logits and evidence maps cached (no forward pass ran)."""
+        return self._cached_forward
 
     def _finish(self, method: str, target: int, input_map: np.ndarray, seconds: float, cached: bool) -> MapResult:
         input_map = np.asarray(input_map, dtype=np.float32)
@@ -344,7 +399,7 @@ class ImageSession:
             return []
         self.predict()
         assert self._evidence is not None
-        return [self._finish("softcam", c, self._evidence[c], self._evidence_seconds, False)
+        return [self._finish("softcam", c, self._evidence[c], self._evidence_seconds, self._cached_forward)
                 for c in range(len(self.classes))]
 
     def explain(self, method: str, target: int | None = None) -> MapResult:
@@ -358,23 +413,16 @@ class ImageSession:
             if not self.is_softcam:
                 raise ValueError("SoftCAM maps need a SoftCAM model; this checkpoint is a black-box baseline")
             return self.evidence_maps()[target]
-        key = map_key(self.model_id, self.image_id, method, target)
-        hit = _memory_get(key)
-        if hit is None and self.store is not None:
-            hit = self.store.get(key)
-            if hit is not None:
-                _memory_put(key, *hit)
-        if hit is not None:
-            return self._finish(method, target, hit[0], hit[1], True)
+        hit = self._lookup(method, target)
+        if hit is not None:  # made by this session's own forward pass (predict) = not a cache hit
+            return self._finish(method, target, hit[0], hit[1], (method, int(target)) not in self._computed)
         from softcam_core.explain import explain
 
         start = time.perf_counter()
         result = explain(self.model, self.x, method, target=int(target))
         array = result[0].detach().float().cpu().numpy().astype(np.float32)
         seconds = time.perf_counter() - start
-        _memory_put(key, array, seconds)
-        if self.store is not None:
-            self.store.put(key, array, seconds)
+        self._keep(method, target, array, seconds)
         return self._finish(method, target, array, seconds, False)
 
     def is_cached(self, method: str, target: int | None = None) -> bool:

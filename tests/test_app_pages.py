@@ -76,6 +76,7 @@ def test_review_shows_prediction_softcam_maps_gradcam_and_activation_precision(a
     assert len(scored) == 3, captions
     values = [float(c.split("activation precision ")[1]) for c in scored]
     assert all(0.0 <= v <= 1.0 for v in values)
+    assert not any("(cached)" in c for c in captions)  # Grad-CAM came from the prediction's own pass
     image_select = next(s for s in at.selectbox if s.label.startswith("Image ("))
     assert image_select.value == image_id and name in image_select.format_func(image_id)
 
@@ -89,7 +90,16 @@ def test_review_maps_are_cached_in_the_database(app_home):
 
     with session_scope() as s:
         rows = list(s.scalars(select(CachedMap)))
-    assert [row.method for row in rows] == ["gradcam"] and rows[0].seconds > 0
+    # the prediction's forward pass (logits, SoftCAM evidence) and the Grad-CAM it computed alongside
+    assert sorted(row.method for row in rows) == ["forward:evidence", "forward:logits", "gradcam"]
+    assert all(row.seconds > 0 for row in rows)
+    # a reopened image (fresh session, empty memory cache: as after a restart) runs no forward pass
+    from softcam_core import viewer
+
+    viewer._MAP_CACHE.clear()
+    again = open_app("review")
+    assert len(again.get("plotly_chart")) == 4
+    assert sum("(cached)" in c for c in texts(again.caption)) == 3  # two SoftCAM maps and Grad-CAM
 
 
 @pytest.mark.slow

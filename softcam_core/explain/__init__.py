@@ -5,6 +5,7 @@
 """
 
 from softcam_core.explain.cascam import THRESHOLDS, CascadeResult, cascam
+from softcam_core.explain.fused import FUSABLE_METHODS, FusedForward, forward_with_cams
 from softcam_core.explain.guard import model_lock
 from softcam_core.explain.layers import ExplainError, resolve_target_layer
 from softcam_core.explain.methods import (
@@ -26,8 +27,11 @@ __all__ = [
     "THRESHOLDS",
     "CascadeResult",
     "ExplainError",
+    "FUSABLE_METHODS",
+    "FusedForward",
     "cascam",
     "explain",
+    "forward_with_cams",
     "file_safe_name",
     "is_method",
     "model_lock",
