@@ -24,11 +24,38 @@ METRIC_TITLES = {
 }
 
 checkpoints = common.checkpoints()
-cohorts = common.cohort_folders()
-if not checkpoints or not cohorts:
-    st.info("A cohort metric needs a model and a cohort folder with lesion masks (e.g. the demo cohorts made by "
-            "`make run`, or `softcam synth`).", icon=":material/info:")
+with common.session() as _s:
+    from db import evaluation
+
+    choices = {c["name"]: c for c in evaluation.evaluation_cohorts(_s, common.cohort_folders())}
+if not checkpoints or not choices:
+    st.info("A cohort metric needs a model and a cohort: images in the database (Data page, `softcam images "
+            "import`) with boxes drawn or imported on the Annotate page, or a cohort folder with lesion masks "
+            "(e.g. the demo cohorts made by `make run`, or `softcam synth`).", icon=":material/info:")
     st.stop()
+
+
+def cohort_title(name: str) -> str:
+    choice = choices[name]
+    if not choice["in_database"]:
+        return f"{name} — folder {choice['folder']}"
+    where = f" · folder {choice['folder'].name}" if choice["folder"] else ""
+    return f"{name} — {choice['images']} images, {choice['with_boxes']} with boxes{where}"
+
+
+# Cohort and ground truth sit outside the form: the ground truths and box labels offered depend on the cohort.
+top_left, top_right = st.columns(2)
+with top_left:
+    cohort_names = list(choices)
+    cohort_name = st.selectbox("Cohort", cohort_names, format_func=cohort_title, key="cohort_name")
+choice = choices[cohort_name]
+truths = [t for t in evaluation.GROUND_TRUTHS
+          if (t == "database" and choice["in_database"]) or (t == "folder" and choice["folder"])]
+with top_right:
+    ground_truth = st.radio("Ground truth", truths, format_func=evaluation.GROUND_TRUTHS.get, key="cohort_truth",
+                            help="Database boxes: the union of each image's current boxes (drawn on the Annotate "
+                                 "page or imported), read when the job starts. Folder masks: the cohort folder's "
+                                 "masks/<image>.png.")
 
 with st.form("cohort_run"):
     left, right = st.columns(2)
@@ -37,10 +64,14 @@ with st.form("cohort_run"):
         current = st.session_state.get("model_path")
         model_path = st.selectbox("Model", paths, index=paths.index(current) if current in paths else 0,
                                   format_func=lambda p: checkpoints[paths.index(p)].label())
-        cohort_names = list(cohorts)
-        cohort_name = st.selectbox("Cohort", cohort_names, format_func=lambda n: f"{n} — {cohorts[n]}")
         split = st.selectbox("Images", ["test", "val", "train", "all"], help="Which split of the cohort to score.")
         limit = st.number_input("At most this many images (0 = all)", 0, 100000, 0, step=10)
+        box_label = None
+        if ground_truth == "database":
+            with common.session() as _s:
+                labels = evaluation.box_labels(_s, cohort_name)
+            box_label = st.selectbox("Boxes", [None, *labels], key="cohort_box_label",
+                                     format_func=lambda v: "every label" if v is None else f"labelled {v}")
     with right:
         methods = st.multiselect("Methods", list(METHODS), default=["softcam", "gradcam"],
                                  format_func=viewer.method_title)
@@ -51,12 +82,18 @@ with st.form("cohort_run"):
                               format_func={"disease": "Disease class", "label": "True label",
                                            "pred": "Predicted class"}.get)
     submitted = st.form_submit_button("Run evaluation", type="primary", icon=":material/play_arrow:")
+if ground_truth == "database":
+    st.caption("Images without a class label are scored under '(unlabeled)' when nothing needs their class; with "
+               "the true-label target, activation consistency or a multi-class disease target they are left out "
+               "(the job summary counts them).")
 
 if submitted:
     if not methods or not metrics:
         st.error("Choose at least one method and one metric.")
     else:
-        params = {"model": model_path, "cohort": cohort_name, "folder": str(cohorts[cohort_name]),
+        folder = choice["folder"]
+        params = {"model": model_path, "cohort": cohort_name, "ground_truth": ground_truth,
+                  "folder": str(folder) if folder else None, "box_label": box_label,
                   "methods": methods, "metrics": metrics, "split": split, "limit": int(limit) or None,
                   "target": target}
         try:
@@ -113,6 +150,7 @@ def compact_summary(cohort: pd.DataFrame) -> pd.DataFrame:
 
 
 job = common.get_job(job_id)
+st.caption(f"Ground truth: {evaluation.ground_truth_text(job.params or {})}")
 job_progress(job_id)
 if job.status == "failed":
     st.error(f"Evaluation failed: {job.error}")

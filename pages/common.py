@@ -657,7 +657,12 @@ def job_label(job) -> str:
     when = job.created_at.strftime("%Y-%m-%d %H:%M") if job.created_at else ""
     what = params.get("cohort") or params.get("name") or ""
     model = Path(params["model"]).stem if params.get("model") else ""
-    parts = [f"#{job.id}", what, model, ", ".join(params.get("methods", [])), job.status, when]
+    truth = ""
+    if job.kind == "evaluate":
+        from db.evaluation import ground_truth_text
+
+        truth = ground_truth_text(params)
+    parts = [f"#{job.id}", what, model, ", ".join(params.get("methods", [])), truth, job.status, when]
     return " · ".join(p for p in parts if p)
 
 
@@ -676,13 +681,21 @@ def _job_callbacks(job_id: int):
 
 
 def start_evaluation_job(params: dict, user: User | None) -> int:
-    """Create an ``evaluate`` job row and run ``evaluate_cohort`` in a background thread."""
-    from pathlib import Path
+    """Create an ``evaluate`` job row and run ``evaluate_cohort`` in a background thread.
 
+    ``params["ground_truth"]``: ``"database"`` scores against the cohort's boxes in the database
+    (read once, now: :func:`db.evaluation.evaluation_source`), ``"folder"`` against the cohort
+    folder's ``masks/``. The job row records the choice and a summary (images, how many with boxes)."""
     from db import repository
+    from db.evaluation import evaluation_source
+    from db.session import session_scope
     from softcam_core.evaluate import EvalSettings, evaluate_cohort
     from softcam_core.paths import softcam_home
 
+    classes = viewer.checkpoint_info(params["model"]).meta.get("classes", [])
+    with session_scope(engine(), readonly=True) as s:
+        source, summary = evaluation_source(s, params, len(classes))
+    params = dict(params, ground_truth=params.get("ground_truth") or "folder", ground_truth_summary=summary)
     with session() as s:
         job = repository.create_job(s, "evaluate", params=params, user=user.id if user else None,
                                     message="queued")
@@ -694,7 +707,7 @@ def start_evaluation_job(params: dict, user: User | None) -> int:
         model, meta = viewer.load_model(params["model"])
         settings = EvalSettings(split=params["split"], limit=params.get("limit"), target=params["target"],
                                 png=False)
-        result = evaluate_cohort(model, meta, Path(params["folder"]), params["methods"], params["metrics"],
+        result = evaluate_cohort(model, meta, source, params["methods"], params["metrics"],
                                  out_dir, progress=progress, settings=settings)
         return result
 
