@@ -321,13 +321,17 @@ def _step_buttons(page: str, ids: list[int], selected: int, compact: bool = Fals
     """Previous / next image buttons; ``compact`` shows arrows only (narrow columns)."""
     previous, following = st.columns(2)
     position = ids.index(selected)
-    if previous.button("◀" if compact else "Previous", key=f"{page}_prev", help="Previous image",
-                       icon=None if compact else ":material/chevron_left:", disabled=position == 0, width="stretch"):
-        selected = ids[position - 1]
-    if following.button("▶" if compact else "Next", key=f"{page}_next", help="Next image",
-                        icon=None if compact else ":material/chevron_right:", disabled=position == len(ids) - 1,
-                        width="stretch"):
-        selected = ids[position + 1]
+
+    def go(offset: int) -> None:
+        # a callback runs before the rerun, so this run already draws the buttons for the new image
+        # (returning the new id from the click instead left Previous disabled one image too long)
+        st.session_state[f"{page}_image"] = ids[position + offset]
+
+    previous.button("◀" if compact else "Previous", key=f"{page}_prev", help="Previous image", on_click=go, args=(-1,),
+                    icon=None if compact else ":material/chevron_left:", disabled=position == 0, width="stretch")
+    following.button("▶" if compact else "Next", key=f"{page}_next", help="Next image", on_click=go, args=(1,),
+                     icon=None if compact else ":material/chevron_right:", disabled=position == len(ids) - 1,
+                     width="stretch")
     return selected
 
 
@@ -516,6 +520,11 @@ def annotation_import_form(user: User | None) -> None:
     if not cohorts:
         st.info("Import images first (Data page).")
         return
+    done = st.session_state.pop("annotation_import_report", None)
+    if done is not None:
+        st.success(done[0])
+        for warning in done[1]:
+            st.warning(warning)
     with st.form("annotation_import"):
         left, right = st.columns(2)
         cohort = left.selectbox("Cohort", cohorts, key="import_cohort")
@@ -544,10 +553,12 @@ def annotation_import_form(user: User | None) -> None:
         except Exception as exc:
             st.error(f"{upload.name}: {one_line(exc)}")
             return
-    st.success(f"{upload.name}: {result.added} annotation(s) added on {result.images} image(s); "
-               f"{result.duplicates} already present.")
-    for warning in result.report.warnings:
-        st.warning(f"{warning.location}: {warning.problem}")
+    # rerun so the Draw tab (drawn earlier in this run) shows the imported boxes; the report survives it
+    st.session_state["annotation_import_report"] = (
+        f"{upload.name}: {result.added} annotation(s) added on {result.images} image(s); "
+        f"{result.duplicates} already present.",
+        [f"{w.location}: {w.problem}" for w in result.report.warnings])
+    st.rerun()
 
 
 # --------------------------------------------------------------------------------------------------
