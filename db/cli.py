@@ -223,3 +223,11 @@ def register_cli(subparsers) -> None:
     aexp.add_argument("--out", required=True, metavar="FILE",
                       help="output file (VOC and YOLO: a folder, or a zip when FILE ends with .zip)")
     aexp.set_defaults(func=_annotations_export)
+
+    # `softcam evaluate` (softcam_core.evaluate, registered before this module) reads database cohorts
+    # through this default, so softcam_core never imports db: see db.evaluation.open_database_cohort
+    evaluate = subparsers.choices.get("evaluate")
+    if evaluate is not None:
+        from .evaluation import open_database_cohort
+
+        evaluate.set_defaults(open_database_cohort=open_database_cohort)

@@ -287,3 +287,23 @@ def ground_truth_text(params: dict[str, Any]) -> str:
             text += f"; {summary['unlabeled_left_out']} unlabeled left out"
         text += ")"
     return text
+
+
+def open_database_cohort(name: str, meta: dict, settings: Any, box_label: str | None = None,
+                         url: str | None = None) -> tuple[DatabaseCohort, dict[str, Any]]:
+    """``softcam evaluate --cohort NAME``: the cohort of the database at ``url`` (default
+    ``SOFTCAM_DB_URL``) as a source for ``evaluate_cohort``, and its summary for ``settings.split``.
+
+    ``meta``: the checkpoint metadata (its class count decides whether unlabeled images can be
+    scored, :func:`label_needed`); ``settings``: the :class:`softcam_core.evaluate.EvalSettings`
+    of the run (split, limit, target, metrics). db/cli.py hands this function to the ``evaluate``
+    command as the argparse default ``open_database_cohort``, so softcam_core never imports db.
+    """
+    from .session import get_engine, session_scope, upgrade
+
+    engine = get_engine(url)
+    upgrade(engine)
+    params = {"cohort": name, "ground_truth": "database", "box_label": box_label, "split": settings.split,
+              "limit": settings.limit, "target": settings.target, "metrics": list(settings.metrics)}
+    with session_scope(engine, readonly=True) as session:
+        return evaluation_source(session, params, len(meta.get("classes", [])))

@@ -169,3 +169,21 @@ def test_evaluate_cohort_scores_maps_against_database_boxes(ward, db_env, tiny_c
     assert 0 < expected < 1
     assert rows.loc[partial.stem, "activation_precision"] == pytest.approx(expected, rel=1e-4)
     assert rows.loc[partial.stem, "label"] in ("healthy", "diseased")
+
+
+def test_the_evaluate_command_is_handed_the_database_cohort_opener(ward, db_env):
+    """db/cli.py gives `softcam evaluate` the opener of database cohorts (for `--cohort NAME`), which reads
+    SOFTCAM_DB_URL; softcam_core itself never imports db."""
+    from db.evaluation import DatabaseCohort, open_database_cohort
+    from softcam_core.cli import build_parser
+    from softcam_core.evaluate import EvalSettings
+
+    args = build_parser().parse_args(["evaluate", "--model", "m.pt", "--data", "d", "--methods", "softcam",
+                                      "--out", "o"])
+    assert args.open_database_cohort is open_database_cohort
+    source, summary = args.open_database_cohort(COHORT, {"classes": ["healthy", "diseased"]},
+                                                EvalSettings(split="test", limit=3, metrics=("topk",)))
+    assert isinstance(source, DatabaseCohort) and source.name == COHORT
+    assert summary["images"] == 3 and summary["with_boxes"] == sum(1 for r in source.split("test")[:3] if source.boxes(r.stem))
+    with pytest.raises(ValueError, match="database cohort 'ward': no split named 'holdout'"):
+        open_database_cohort(COHORT, {"classes": ["healthy", "diseased"]}, EvalSettings(split="holdout"))
