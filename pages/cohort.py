@@ -15,6 +15,7 @@ user = common.current_user()
 
 from softcam_core.evaluate import METRIC_CHOICES, EvalSettings  # noqa: E402
 from softcam_core.explain import METHODS  # noqa: E402
+from db import evaluation  # noqa: E402
 
 METRIC_TITLES = {
     "topk": "Top-k localization precision", "activation_precision": "Activation precision",
@@ -25,8 +26,6 @@ METRIC_TITLES = {
 
 checkpoints = common.checkpoints()
 with common.session() as _s:
-    from db import evaluation
-
     choices = {c["name"]: c for c in evaluation.evaluation_cohorts(_s, common.cohort_folders())}
 if not checkpoints or not choices:
     st.info("A cohort metric needs a model and a cohort: images in the database (Data page, `softcam images "

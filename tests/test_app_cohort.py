@@ -91,3 +91,27 @@ def test_a_split_with_no_image_is_refused_with_one_line(app_home):
                                "split 'test' (its images have no split; choose 'all')"]
     with session_scope() as s:
         assert repository.list_jobs(s, "evaluate") == []
+
+
+def test_folder_cohort_can_still_be_scored_against_its_lesion_masks(app_home):
+    from softcam_core.data import CohortFolder
+
+    folder = CohortFolder(app_home["cohort_dir"])
+    with_masks = sum(1 for r in folder.split("all")[:3] if folder.mask(r.stem) is not None)
+    at = open_app("cohort")
+    at.selectbox(key="cohort_name").set_value("demo-fundus").run()
+    at.radio(key="cohort_truth").set_value("folder").run()
+    at.multiselect[0].set_value(["softcam"])
+    at.multiselect[1].set_value(["activation_precision"])
+    at.selectbox[2].set_value("all")
+    at.number_input[0].set_value(3)
+    at.button[0].click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    job = _wait_for_job()
+    assert job.status == "done", job.error
+    assert job.params["ground_truth"] == "folder" and job.params["folder"] == str(app_home["cohort_dir"])
+    assert job.params["ground_truth_summary"] == {"images": 3, "with_masks": with_masks}
+    at.run()
+    assert any(f"Ground truth: folder masks ({with_masks} of 3 images with a mask)" in c for c in texts(at.caption))
+    per_image = next(d.value for d in at.dataframe if "image" in d.value.columns)
+    assert list(per_image["image"]) == [r.stem for r in folder.split("all")[:3]]  # folder stems, not hashes
