@@ -10,6 +10,7 @@ import streamlit as st
 from pages import common
 from softcam_core import viewer
 
+started = time.perf_counter()  # the page's own time to maps counts from the start of its run
 st.title("Review")
 
 model_info = common.current_model()
@@ -28,7 +29,6 @@ loaded = common.image_picker(page="review", default_modality=model_info.modality
 if loaded is None:
     st.stop()
 image, record = loaded
-opened_at = time.perf_counter()
 
 # ---------------------------------------------------------------------------------------------- controls
 from softcam_core.explain import METHODS  # noqa: E402  (after the model so import errors show late)
@@ -159,7 +159,8 @@ for row_start in range(0, len(panels), columns_per_row):
             figure = viewer.overlay_figure(
                 pixels, result.image_map, title=result.title, signed=result.signed,
                 zmax=shared if result.signed else None, opacity=opacity, boxes=boxes,
-                colorbar_title="evidence" if result.signed else "saliency", crop=session.crop_box())
+                colorbar_title="evidence" if result.signed else "saliency", crop=session.crop_box(),
+                heat_max_side=viewer.map_display_side(result.method))
             st.plotly_chart(figure, width="stretch", key=f"review_fig_{result.method}_{result.target}",
                             config={"displaylogo": False})
             score = scores.get(result.title)
@@ -179,8 +180,9 @@ for row_start in range(0, len(panels), columns_per_row):
                                 mime="application/octet-stream", key=f"dl_npy_{stem}",
                                 icon=":material/data_array:", width="stretch")
 
-st.session_state["review_seconds_to_maps"] = time.perf_counter() - opened_at
-st.caption(f"Maps ready in {st.session_state['review_seconds_to_maps']:.2f} s on {common.device_text()}.")
+st.session_state["review_seconds_to_maps"] = time.perf_counter() - started
+st.caption(f"Maps of {image.name} ready in {st.session_state['review_seconds_to_maps']:.2f} s on "
+           f"{common.device_text()}.")
 
 # ---------------------------------------------------------------------------------------------- CasCAM
 if cascam_base != "(none)":

@@ -33,6 +33,17 @@ SALIENCY_COLORSCALE = "Inferno"
 
 # Longest side (pixels) of what the browser receives for one map; hover still reports image pixels.
 DISPLAY_MAX_SIDE = 384
+# CAM-type maps are upsampled from the last feature map (16 x 16 for a 512 px ResNet input): 128
+# samples per side show all they hold, at a ninth of the data a 384-sample heatmap sends and draws
+# (the Review page's time to maps, docs/performance.md). Pixel-level attributions keep the full side.
+COARSE_MAP_MAX_SIDE = 128
+PIXEL_LEVEL_METHODS = frozenset({"integrated_gradients", "guided_backprop", "fullgrad"})
+
+
+def map_display_side(method: str) -> int:
+    """Longest side of the heatmap sent to the browser for ``method`` (see COARSE_MAP_MAX_SIDE)."""
+    return DISPLAY_MAX_SIDE if method in PIXEL_LEVEL_METHODS else COARSE_MAP_MAX_SIDE
+
 
 def is_slow_method(method: str) -> bool:
     """True for methods the Review page runs in the background with progress (see :data:`SLOW_METHODS`)."""
@@ -544,14 +555,29 @@ def _display_step(height: int, width: int, max_side: int = DISPLAY_MAX_SIDE) -> 
     return max(1, int(np.ceil(max(height, width) / max_side)))
 
 
+_PNG_URIS: OrderedDict[str, str] = OrderedDict()
+
+
 def _png_data_uri(pixels: np.ndarray) -> str:
+    """PNG data URI of a display array; the last few are kept, since every panel of a page draws the
+    same image (encoding a 384 px PNG costs ~25 ms, hashing it ~1 ms)."""
     import base64
 
     from PIL import Image
 
+    key = image_fingerprint(pixels)
+    with _MAP_LOCK:
+        if key in _PNG_URIS:
+            _PNG_URIS.move_to_end(key)
+            return _PNG_URIS[key]
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    with _MAP_LOCK:
+        _PNG_URIS[key] = uri
+        while len(_PNG_URIS) > 8:
+            _PNG_URIS.popitem(last=False)
+    return uri
 
 
 def symmetric_range(maps: Iterable[np.ndarray]) -> float:
@@ -572,6 +598,7 @@ def overlay_figure(
     height: int = 340,
     colorbar_title: str = "",
     crop: Sequence[float] | None = None,
+    heat_max_side: int = DISPLAY_MAX_SIDE,
 ):
     """Interactive plotly figure: the image with a map drawn over it and annotation boxes on top.
 
@@ -585,6 +612,8 @@ def overlay_figure(
         boxes: ``(x0, y0, x1, y1[, label])`` in image pixels; drawn as outlined rectangles.
         crop: ``(x0, y0, x1, y1)`` the model saw (fundus crop): drawn dashed; the map is transparent
             outside it, since nothing there was explained.
+        heat_max_side: longest side of the heatmap sent (at most the image's display side); see
+            :func:`map_display_side`.
     Hover shows image-pixel coordinates and the map value. Without a map, space for a colour bar is
     kept so the image lines up with the map panels beside it.
     """
@@ -607,7 +636,8 @@ def overlay_figure(
             cx0, cy0, cx1, cy1 = (int(round(v)) for v in crop[:4])
             outside[cy0:cy1, cx0:cx1] = False
             values = np.where(outside, np.nan, values)
-        values = values[::step, ::step]
+        heat_step = max(step, _display_step(height_px, width_px, heat_max_side))
+        values = values[::heat_step, ::heat_step]
         if signed:
             limit = zmax if zmax is not None else symmetric_range([np.nan_to_num(values)])
             zmin, zmax_ = -limit, limit
@@ -620,7 +650,7 @@ def overlay_figure(
                 zmax_ = zmin + 1e-6
             scale = SALIENCY_COLORSCALE
         fig.add_trace(go.Heatmap(
-            z=np.round(values, 5), x0=step / 2 - 0.5, dx=step, y0=step / 2 - 0.5, dy=step,
+            z=np.round(values, 5), x0=heat_step / 2 - 0.5, dx=heat_step, y0=heat_step / 2 - 0.5, dy=heat_step,
             zmin=zmin, zmax=zmax_, colorscale=scale, opacity=float(opacity), name="map",
             colorbar=dict(thickness=10, len=0.9, title=dict(text=colorbar_title, side="right")),
             hovertemplate="x %{x:.0f}, y %{y:.0f}<br>value %{z:.4f}<extra></extra>",

@@ -125,6 +125,22 @@ def test_overlay_figure_subsamples_large_images_but_keeps_image_coordinates():
     assert tuple(fig.layout.xaxis.range) == (-0.5, 1999.5)
 
 
+def test_cam_maps_are_sent_coarser_than_pixel_level_attributions():
+    pixels = np.zeros((512, 512), dtype=np.uint8)
+    heat = np.arange(512 * 512, dtype=np.float32).reshape(512, 512)
+    assert viewer.map_display_side("gradcam") == viewer.COARSE_MAP_MAX_SIDE == 128
+    assert viewer.map_display_side("integrated_gradients") == viewer.DISPLAY_MAX_SIDE
+    coarse = viewer.overlay_figure(pixels, heat, heat_max_side=viewer.map_display_side("softcam"))
+    image_trace, heatmap = coarse.data
+    assert image_trace.dx == 2 and heatmap.dx == 4 and np.asarray(heatmap.z).shape == (128, 128)
+    # sample (i, j) covers image pixels 4i..4i+3: its centre is 4i + 1.5 and it holds pixel (4i, 4j)
+    assert heatmap.x0 == heatmap.y0 == 1.5 and np.asarray(heatmap.z)[1, 2] == heat[4, 8]
+    fine = viewer.overlay_figure(pixels, heat, heat_max_side=viewer.map_display_side("guided_backprop"))
+    assert np.asarray(fine.data[1].z).shape == (256, 256)
+    # the image is encoded once for every panel of the page
+    assert coarse.data[0].source == fine.data[0].source
+
+
 def test_overlay_rejects_a_map_of_the_wrong_shape():
     with pytest.raises(ValueError, match="does not match"):
         viewer.overlay_figure(np.zeros((10, 10), np.uint8), np.zeros((5, 5), np.float32))

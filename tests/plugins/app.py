@@ -43,10 +43,12 @@ def make_tiny_checkpoint(path: Path, classes=("healthy", "disease"), modality: s
     return save_checkpoint(path, model, meta)
 
 
-def prepare_home(home: Path, *, n_images: int = 6, modality: str = "fundus") -> dict:
+def prepare_home(home: Path, *, n_images: int = 6, modality: str = "fundus", image_size: int = 128,
+                 arch: str = "resnet18", img_size: int = 64) -> dict:
     """Fill ``home`` like a small demo: one synthetic cohort imported into the database and one model.
 
-    Returns ``{"cohort": name, "cohort_dir": Path, "model": Path}``.
+    ``image_size``: side of the synthetic images (px); ``arch`` / ``img_size``: the (untrained,
+    seeded) SoftCAM model and its input side. Returns ``{"cohort": name, "cohort_dir": Path, "model": Path}``.
     """
     from softcam_core.synth import make_cohort
 
@@ -54,8 +56,9 @@ def prepare_home(home: Path, *, n_images: int = 6, modality: str = "fundus") -> 
     old = os.environ.get("SOFTCAM_HOME")
     os.environ["SOFTCAM_HOME"] = str(home)
     try:
-        cohort_dir = make_cohort(modality, n_images, 0, home / "demo" / modality, size=128)
-        model = make_tiny_checkpoint(home / "models" / f"{modality}_softcam.pt", modality=modality)
+        cohort_dir = make_cohort(modality, n_images, 0, home / "demo" / modality, size=image_size)
+        model = make_tiny_checkpoint(home / "models" / f"{modality}_softcam.pt", modality=modality,
+                                     arch=arch, img_size=img_size)
         from db.session import get_engine, session_scope, upgrade
         from softcam_core.viewer import register_cohort_folder
 
