@@ -51,10 +51,11 @@ GROUND_TRUTHS = {
 class DatabaseRecord:
     """One image of a database cohort, shaped like :class:`softcam_core.data.Record`.
 
-    ``path``: the stored file (``SOFTCAM_HOME/images/<sha256>.<ext>``); ``stem``: its stem (the
-    sha256), which is what ``evaluate_cohort`` writes in the ``image`` column and passes to
-    :meth:`DatabaseCohort.mask`; ``label_index`` into :attr:`DatabaseCohort.classes`; ``split``:
-    ``train``/``val``/``test`` or ``""``; ``width``/``height``: pixels of the stored image.
+    ``path``: the stored file (``SOFTCAM_HOME/images/<sha256>.<ext>``); ``stem``: the image's
+    pseudonym. ``evaluate_cohort`` keys rows (the ``image`` column) and masks by ``path.stem``,
+    the sha256, today; :meth:`DatabaseCohort.mask` accepts either, so the tables show pseudonyms as
+    soon as it honours ``record.stem``. ``label_index`` into :attr:`DatabaseCohort.classes`;
+    ``split``: ``train``/``val``/``test`` or ``""``; ``width``/``height``: pixels of the stored image.
     """
 
     path: Path
@@ -87,7 +88,7 @@ class DatabaseCohort:
 
     def __post_init__(self) -> None:
         self.root = f"database cohort {self.name!r}"
-        self._by_stem = {r.stem: r for r in self.records} | {r.pseudonym: r for r in self.records}
+        self._by_stem = {r.path.stem: r for r in self.records} | {r.pseudonym: r for r in self.records}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -111,7 +112,7 @@ class DatabaseCohort:
         return chosen
 
     def record(self, stem: str) -> DatabaseRecord:
-        """The record of an image by stem (sha256 of the stored file) or pseudonym."""
+        """The record of an image by pseudonym or stored-file stem (its sha256)."""
         try:
             return self._by_stem[stem]
         except KeyError:
@@ -180,7 +181,7 @@ def load_database_cohort(session: Session, cohort: Cohort | str, *, box_label: s
             continue
         label = image.label or UNLABELED
         path = image_path(image)
-        records.append(DatabaseRecord(path=path, stem=path.stem, label_index=index[label], label=label,
+        records.append(DatabaseRecord(path=path, stem=image.pseudonym, label_index=index[label], label=label,
                                       split=image.split or "", image_id=image.id, pseudonym=image.pseudonym,
                                       width=image.width, height=image.height, unlabeled=not image.label))
     query = (select(Annotation.image_id, Annotation.geometry, Annotation.label)

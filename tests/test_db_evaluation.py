@@ -66,7 +66,7 @@ def test_boxes_in_the_database_are_the_ground_truth(ward, db_env):
     expected = boxes_to_mask([Box(*b) for b in folder.boxes(original.stem)], height, width)
     assert expected.any()
     assert np.array_equal(source.mask(record.stem), expected)
-    assert np.array_equal(source.mask(record.pseudonym), expected)  # the pseudonym names the same image
+    assert np.array_equal(source.mask(record.path.stem), expected)  # the stored file's stem names it too
 
     # delete every imported box, draw one: the mask is exactly the drawn box; deleted boxes are gone
     drawn = Box(10, 20, 50, 40)
@@ -153,7 +153,9 @@ def test_evaluate_cohort_scores_maps_against_database_boxes(ward, db_env, tiny_c
     settings = EvalSettings(metrics=("activation_precision",), split="all", limit=3, figures=False, png=False,
                             resamples=50)
     result = evaluate_cohort(model, meta, _source(db_env), ["gradcam"], None, tmp_path / "out", settings=settings)
-    rows = result.per_image.set_index("image")
+    # rows are keyed by the stored file's stem (today) or the pseudonym: both name the record
+    source = _source(db_env)
+    rows = result.per_image.set_index(result.per_image["image"].map(lambda i: source.record(i).stem))
     assert list(rows.index) == [full.stem, empty.stem, partial.stem]
     assert rows.loc[full.stem, "activation_precision"] == pytest.approx(1.0, abs=1e-6)
     assert math.isnan(rows.loc[empty.stem, "activation_precision"])
