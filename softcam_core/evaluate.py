@@ -1,9 +1,11 @@
 """Cohort evaluation: any model x explanation methods x metrics, streamed, resumable.
 
-``evaluate_cohort`` walks a synth-style cohort folder one image at a time: preprocess, classify,
-explain with every method, score every metric against the annotation mask mapped to the model
-input, and append the rows to ``per_image.csv`` at once (memory does not grow with the cohort; a
-killed run resumes where it stopped). At the end it writes the cohort summary (mean, std, 95%
+``evaluate_cohort`` walks a synth-style cohort folder in batches of images: preprocess (the next
+batch decoded in a worker thread), classify (one forward), explain with every method (one call
+per method per batch), score every metric against the annotation mask mapped to the model input,
+deletion curves of every (image, method) pair of the batch in one call, and append the batch's
+rows to ``per_image.csv`` at once (memory is bounded by the batch, not the cohort; a killed run
+resumes where it stopped). At the end it writes the cohort summary (mean, std, 95%
 bootstrap interval, n per metric), paired Wilcoxon signed-rank tests between methods with Holm
 correction, Parquet copies of each table and plotly figures. ``softcam evaluate`` is its CLI.
 
@@ -27,6 +29,7 @@ import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +59,13 @@ BOOTSTRAP_SEED = 0
 ID_COLUMNS = ("image", "split", "label", "pred", "target", "p_target", "method", "seconds")
 
 Progress = Callable[[int, int, str], None]
+
+# images per batch (EvalSettings.batch_size = None). CUDA: one forward / explain / deletion call
+# for 32 images keeps the GPU busy (docs/performance.md, finding 5). CPU: measured with
+# `python -m bench --only deletion` (softcam, gradcam): 8 is as fast as larger batches and keeps
+# a batch's inputs and maps small.
+EVAL_BATCH_CUDA = 32
+EVAL_BATCH_CPU = 8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,6 +217,16 @@ class EvalSettings:
     target: ``"disease"`` (class 1 of a binary model; for more classes the true class if diseased,
     else the most probable disease class), ``"label"`` or ``"pred"``.
     pointing_tolerance: pixels. split: cohort split (``"all"`` for every image). limit: first N images.
+    batch_size: images per batch (one forward, one ``explain`` call per method, one deletion call);
+    None: :data:`EVAL_BATCH_CUDA` on CUDA, :data:`EVAL_BATCH_CPU` on CPU. It changes no value
+    (beyond float rounding of batched kernels, ~1e-6), so it is not part of the resume check.
+    batch_explain: one ``explain`` call per method for the whole batch (True) or one per image
+    (False); None: True on CUDA, False on CPU. Batched kernels round differently (maps ~1e-6
+    apart), and the cell rankings of top-k precision and deletion flip at cells whose means are
+    that close (seen with a barely trained 64 px model: AUDC 2.6e-3 apart), so on CPU, where a
+    batched map costs about what B single maps cost at >= 128 px, the default keeps the maps of
+    the one-image-at-a-time run; on CUDA the batched call is the throughput (finding 5 of
+    docs/performance.md) and its rounding differs from any other batch size anyway.
     """
 
     metrics: tuple[str, ...] = METRIC_CHOICES
@@ -223,6 +243,8 @@ class EvalSettings:
     seed: int = BOOTSTRAP_SEED
     figures: bool = True
     png: bool = True
+    batch_size: int | None = None
+    batch_explain: bool | None = None
 
     def validate(self) -> None:
         unknown = [m for m in self.metrics if m not in METRIC_CHOICES]
@@ -236,6 +258,8 @@ class EvalSettings:
             raise ValueError(f"top fraction must be in (0, 1], got {self.top_fraction}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.batch_size is not None and (int(self.batch_size) != self.batch_size or self.batch_size < 1):
+            raise ValueError(f"--batch-size must be a positive integer, got {self.batch_size}")
 
     def columns(self) -> list[str]:
         """Metric columns of per_image.csv, in order."""
@@ -440,6 +464,44 @@ def _settings_fingerprint(meta: dict, settings: EvalSettings, patch: int, annota
 # the evaluation
 
 
+def _chunks(values: list, size: int) -> list[list]:
+    return [values[i : i + size] for i in range(0, len(values), size)]
+
+
+def _explain_batch(
+    explain: Callable[..., torch.Tensor],
+    model: torch.nn.Module,
+    xs: torch.Tensor,
+    rows: list[int],
+    method: str,
+    targets: list[int],
+    per_image_method: set[str],
+) -> tuple[list[np.ndarray], list[float]]:
+    """Maps (H, W) of ``method`` for images ``xs[rows]`` and the seconds charged to each.
+
+    One ``explain`` call for all of them; each image is charged the call's time / number of
+    images (its share of the batch). A method whose batched call raises is retried one image at
+    a time, then and for the rest of the run (``per_image_method``); an error that also happens
+    for one image is raised as it is.
+    """
+    if method not in per_image_method and len(rows) > 1:
+        start = time.perf_counter()
+        try:
+            maps = explain(model, xs[rows], method, target=targets)
+        except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError):
+            per_image_method.add(method)
+        else:
+            seconds = (time.perf_counter() - start) / len(rows)
+            return list(maps.detach().float().cpu().numpy()), [seconds] * len(rows)
+    maps, seconds = [], []
+    for row, target in zip(rows, targets):
+        start = time.perf_counter()
+        sal = explain(model, xs[row : row + 1], method, target=[target])
+        maps.append(sal.detach().float().cpu().numpy()[0])
+        seconds.append(time.perf_counter() - start)
+    return maps, seconds
+
+
 @dataclass
 class EvaluationResult:
     """Where the outputs went and the tables themselves (small: one row per image x method)."""
@@ -475,13 +537,23 @@ def evaluate_cohort(
         methods: explanation method names (``softcam_core.explain.METHODS``, ``cascam:<base>``).
         metrics: subset of :data:`METRIC_CHOICES` (None = all; overrides ``settings.metrics``).
         out_dir: output folder (created). progress: ``progress(done, total, message)`` called
-            after every image x method (no Streamlit here; the page passes its own callback).
+            once per image x method, after its batch's rows are written (no Streamlit here; the
+            page passes its own callback).
         resume: keep rows already in per_image.csv and compute only the missing image x method
             pairs; without it, earlier outputs in ``out_dir`` are replaced.
         annotations: COCO file whose boxes replace the folder's ``masks/`` as ground truth.
-        settings: :class:`EvalSettings`. device: default :func:`softcam_core.device.default_device`.
+        settings: :class:`EvalSettings` (``batch_size``: images per batch). device: default
+            :func:`softcam_core.device.default_device`.
     Returns:
         :class:`EvaluationResult`.
+
+    Batching: a batch's images share one forward pass (probabilities, target choice), one
+    ``explain`` call per method (a method whose batched call fails runs one image at a time) and
+    one :func:`softcam_core.metrics.deletion_curves` call (the intact probabilities of that
+    forward are its step 0). The ``seconds`` column is then the method's batch time divided by
+    the batch's images. Values equal the one-image-at-a-time run (``batch_size=1``) up to the
+    float rounding of batched kernels (tests: 1e-5). ``folder`` is used from the calling thread
+    only (``split``, ``mask``, ``classes``, ``root``); the worker thread reads image files.
     """
     from tqdm.auto import tqdm
 
@@ -545,67 +617,105 @@ def evaluate_cohort(
     if progress:
         progress(finished, total, "resuming" if finished else "starting")
 
-    for item in items:
-        pending = [m for m in methods if (item.stem, m) not in done]
-        if not pending:
-            continue
-        image = load_image(item.path)
-        x, geometry = preprocess(image, img_size, mean, std)
-        x = x.unsqueeze(0).to(device)
-        if boxes is not None:
-            from annotations.geometry import boxes_to_mask
+    batch_size = settings.batch_size or (EVAL_BATCH_CUDA if device.type == "cuda" else EVAL_BATCH_CPU)
+    todo = [(item, [m for m in methods if (item.stem, m) not in done]) for item in items]
+    batches = _chunks([(item, pending) for item, pending in todo if pending], batch_size)
 
-            height, width = image.pixels.shape[:2]
-            original_mask = boxes_to_mask(boxes.get(item.stem, []), height, width)
-        else:
-            original_mask = folder.mask(item.stem)
-            if original_mask is None:
-                original_mask = np.zeros(image.pixels.shape[:2], dtype=bool)
-        mask = np.asarray(geometry.mask_to_input(np.asarray(original_mask) > 0), dtype=bool)
-        with torch.inference_mode():
-            probs = torch.softmax(model(x).float(), dim=1)[0].cpu().numpy()
-        pred = int(np.argmax(probs))
-        target = choose_target(settings.target, probs, item.label_index)
+    def decode(batch: list[tuple[_Item, list[str]]]) -> list[tuple[tuple[int, int], torch.Tensor, Any]]:
+        """File reads, decoding and preprocessing of a batch: (original (H, W), input, geometry)."""
+        decoded = []
+        for item, _ in batch:
+            image = load_image(item.path)
+            x, geometry = preprocess(image, img_size, mean, std)
+            decoded.append((tuple(image.pixels.shape[:2]), x, geometry))
+        return decoded
 
-        sals, rows = [], []
-        for method in pending:
-            start = time.perf_counter()
-            sal = explain(model, x, method, target=[target])
-            sal = sal.detach().float().cpu().numpy()[0]
-            seconds = time.perf_counter() - start
-            if sal.shape != mask.shape:
-                raise ValueError(f"{method}: map shape {sal.shape} differs from the model input {mask.shape}")
-            values, reasons = score_map(sal, mask, item.label_index, settings, patch)
-            sals.append(sal)
-            rows.append({
-                "image": item.stem, "split": item.split,
-                "label": folder_classes[item.label_index] if item.label_index < len(folder_classes) else item.label_index,
-                "pred": classes[pred], "target": classes[target], "p_target": float(probs[target]),
-                "method": method, "seconds": round(seconds, 6), **values, "_reasons": reasons,
-            })
-        if "deletion" in settings.metrics:
-            curves = M.deletion_curves(
-                model, x.expand(len(pending), -1, -1, -1), np.stack(sals), [target] * len(pending),
-                patch, settings.deletion_steps, settings.deletion_baseline,
-            )
-            curve_rows = []
-            for row, method, curve in zip(rows, pending, curves):
-                value, reason = M.metric_or_reason(M.audc, curve)
-                row["audc"] = value
-                if reason:
-                    row["_reasons"]["audc"] = reason
-                curve_rows.append({"image": item.stem, "method": method,
-                                   **{f"s{s}": float(v) for s, v in enumerate(curve)}})
-            _append_rows(curves_path, curve_header, curve_rows)
-        for row in rows:
-            row["notes"] = _notes(row.pop("_reasons"))
-        _append_rows(per_image_path, header, rows)
-        for method in pending:
-            done.add((item.stem, method))
-            finished += 1
-            bar.update(1)
-            if progress:
-                progress(finished, total, f"{item.stem} · {method}")
+    # the next batch is read and decoded in a worker thread while this one is explained (file I/O
+    # and the image codecs release the GIL); the cohort source itself (split, mask) is only used
+    # from this thread, so a source bound to its creating thread (a database connection) works
+    batch_explain = device.type == "cuda" if settings.batch_explain is None else bool(settings.batch_explain)
+    # methods explained one image at a time: all of them without batch_explain, else those whose
+    # batched call failed
+    per_image_method: set[str] = set() if batch_explain else set(methods)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate-decode") as pool:
+        upcoming = pool.submit(decode, batches[0]) if batches else None
+        for index, batch in enumerate(batches):
+            decoded = upcoming.result()
+            upcoming = pool.submit(decode, batches[index + 1]) if index + 1 < len(batches) else None
+            masks = []
+            for (item, _), (shape, _, geometry) in zip(batch, decoded):
+                if boxes is not None:
+                    from annotations.geometry import boxes_to_mask
+
+                    original_mask = boxes_to_mask(boxes.get(item.stem, []), *shape)
+                else:
+                    original_mask = folder.mask(item.stem)
+                    if original_mask is None:
+                        original_mask = np.zeros(shape, dtype=bool)
+                masks.append(np.asarray(geometry.mask_to_input(np.asarray(original_mask) > 0), dtype=bool))
+            xs = torch.stack([x for _, x, _ in decoded]).to(device)
+            del decoded
+            with torch.inference_mode():
+                logits = model(xs)
+                probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
+            targets = [choose_target(settings.target, p, item.label_index) for p, (item, _) in zip(probs, batch)]
+            with torch.inference_mode():
+                intact = M.target_probability(logits, torch.tensor(targets, device=logits.device)).double().cpu().numpy()
+
+            # maps: one explain call per method over the images of the batch that still need it
+            found: dict[tuple[int, str], tuple[np.ndarray, float]] = {}
+            for method in methods:
+                rows_of = [k for k, (_, pending) in enumerate(batch) if method in pending]
+                if not rows_of:
+                    continue
+                maps, seconds = _explain_batch(explain, model, xs, rows_of, method, [targets[k] for k in rows_of],
+                                               per_image_method)
+                for k, sal, sec in zip(rows_of, maps, seconds):
+                    if sal.shape != masks[k].shape:
+                        raise ValueError(f"{method}: map shape {sal.shape} differs from the model input {masks[k].shape}")
+                    found[(k, method)] = (sal, sec)
+
+            order = [(k, m) for k, (_, pending) in enumerate(batch) for m in pending]  # image, then method
+            rows = []
+            for k, method in order:
+                item = batch[k][0]
+                sal, seconds = found[(k, method)]
+                values, reasons = score_map(sal, masks[k], item.label_index, settings, patch)
+                pred = int(np.argmax(probs[k]))
+                rows.append({
+                    "image": item.stem, "split": item.split,
+                    "label": folder_classes[item.label_index] if item.label_index < len(folder_classes) else item.label_index,
+                    "pred": classes[pred], "target": classes[targets[k]], "p_target": float(probs[k][targets[k]]),
+                    "method": method, "seconds": round(seconds, 6), **values, "_reasons": reasons,
+                })
+            if "deletion" in settings.metrics:
+                # every (image, method) pair of the batch in one call: step 0 is the probability
+                # computed above, and inputs shared between maps are forwarded once (see deletion_curves)
+                image_rows = torch.tensor([k for k, _ in order], device=xs.device)
+                curves = M.deletion_curves(
+                    model, xs[image_rows], np.stack([found[pair][0] for pair in order]),
+                    [targets[k] for k, _ in order], patch, settings.deletion_steps, settings.deletion_baseline,
+                    intact_probs=intact[[k for k, _ in order]],
+                )
+                curve_rows = []
+                for row, (k, method), curve in zip(rows, order, curves):
+                    value, reason = M.metric_or_reason(M.audc, curve)
+                    row["audc"] = value
+                    if reason:
+                        row["_reasons"]["audc"] = reason
+                    curve_rows.append({"image": batch[k][0].stem, "method": method,
+                                       **{f"s{s}": float(v) for s, v in enumerate(curve)}})
+                _append_rows(curves_path, curve_header, curve_rows)
+            for row in rows:
+                row["notes"] = _notes(row.pop("_reasons"))
+            _append_rows(per_image_path, header, rows)
+            del xs, logits, found
+            for k, method in order:
+                done.add((batch[k][0].stem, method))
+                finished += 1
+                bar.update(1)
+                if progress:
+                    progress(finished, total, f"{batch[k][0].stem} · {method}")
     bar.close()
     return finalise(out_dir, settings, methods=methods, items={it.stem for it in items})
 
@@ -709,6 +819,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES, help="bootstrap resamples (default 2000)")
     parser.add_argument("--seed", type=int, default=BOOTSTRAP_SEED, help="bootstrap seed (default 0)")
     parser.add_argument("--no-figures", action="store_true", help="skip the plotly figures")
+    parser.add_argument("--batch-size", type=int,
+                        help=f"images per batch (default {EVAL_BATCH_CUDA} on CUDA, {EVAL_BATCH_CPU} on CPU)")
     parser.set_defaults(func=_cli)
 
 
@@ -729,7 +841,7 @@ def _cli(args: argparse.Namespace) -> int:
         patch=args.patch, topk=tuple(args.topk), top_fraction=args.top_fraction,
         deletion_steps=args.steps, deletion_baseline=baseline, target=args.target,
         pointing_tolerance=args.tolerance, split=args.split, limit=args.limit,
-        resamples=args.bootstrap, seed=args.seed, figures=not args.no_figures,
+        resamples=args.bootstrap, seed=args.seed, figures=not args.no_figures, batch_size=args.batch_size,
     )
     result = evaluate_cohort(
         model, meta, data, args.methods.split(","), None, args.out, resume=args.resume,

@@ -160,3 +160,27 @@ def test_ideal_map_scores_perfectly_through_the_geometry(cohort):
     assert values["activation_precision"] == 1.0 and values["pointing_game"] == 1.0
     assert values["topk_precision_k1"] == 1.0 and values["average_precision"] == 1.0
     assert math.isclose(values["activation_consistency"], 1.0)
+
+
+def test_batched_run_equals_one_image_at_a_time(checkpoint, cohort, tmp_path):
+    """Batches of 4 (one forward, one explain call per method, one deletion call) give the values of
+    the one-image-at-a-time path; only the seconds column (a share of the batch time) differs."""
+    settings = {"limit": 5, "figures": False}  # 5 images: a full batch of 4 and a partial one
+    single = _run(checkpoint, cohort, tmp_path / "b1", settings={**settings, "batch_size": 1})
+    batched = _run(checkpoint, cohort, tmp_path / "b4", settings={**settings, "batch_size": 4})
+    a, b = _comparable(single.per_image), _comparable(batched.per_image)
+    assert len(a) == 5 * len(METHODS)
+    numeric = [c for c in a.columns if pd.api.types.is_numeric_dtype(a[c])]
+    pd.testing.assert_frame_equal(a.drop(columns=numeric), b.drop(columns=numeric))
+    np.testing.assert_allclose(b[numeric].to_numpy(float), a[numeric].to_numpy(float), rtol=1e-5, atol=1e-5)
+    curves = [pd.read_csv(tmp_path / name / "deletion_curves.csv").sort_values(["image", "method"]) for name in ("b1", "b4")]
+    np.testing.assert_allclose(curves[1].iloc[:, 2:].to_numpy(float), curves[0].iloc[:, 2:].to_numpy(float),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="batch-size"):
+        _run(checkpoint, cohort, tmp_path / "b0", settings={**settings, "batch_size": 0})
+    # maps explained in one call per batch: the same up to rounding, so every metric that does not
+    # rank cells (a ranking can flip at near-tied cells) agrees to 1e-5
+    together = _comparable(_run(checkpoint, cohort, tmp_path / "be",
+                                settings={**settings, "batch_size": 4, "batch_explain": True}).per_image)
+    smooth = ["p_target", "activation_precision", "activation_sensitivity", "activation_consistency", "energy_top15"]
+    np.testing.assert_allclose(together[smooth].to_numpy(float), a[smooth].to_numpy(float), rtol=1e-5, atol=1e-5)

@@ -290,6 +290,56 @@ def test_batched_deletion_equals_loop(baseline):
     assert np.allclose(ref[[0, 2], 0], 1.0)
 
 
+@pytest.mark.filterwarnings("ignore::softcam_core.metrics.MetricUndefined")
+@pytest.mark.parametrize("baseline", ["zero", "mean"])
+def test_deletion_forwards_each_distinct_input_once(baseline):
+    """Several maps per image (repeated image rows), fewer cells than steps, a known step 0: the
+    curves still equal the plain loop, and the model sees each distinct occluded input once."""
+    torch.manual_seed(3)
+    model = _tiny_cnn()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    pictures = torch.randn(2, 3, 14, 14)
+    images = pictures[[0, 0, 0, 1, 1]]  # image 0 with three maps, image 1 with two
+    rng = np.random.default_rng(4)
+    sals = rng.normal(size=(5, 14, 14))
+    sals[1] = sals[0] * 2.0  # same cell ranking as map 0: every step shares its input
+    sals[2] = 0.5  # constant map: nan row, nothing forwarded
+    targets = [0, 1, 2, 2, 0]
+    steps = 6  # 4 cells (patch 7) and 6 steps: counts 0, 0, 1, 2, 2, 3, 4 -> repeated steps
+    ref = M.deletion_curve_reference(model, images, sals, targets, patch=7, steps=steps, baseline=baseline)
+    seen.clear()
+    got = M.deletion_curves(model, images, sals, targets, patch=7, steps=steps, baseline=baseline, batch_size=3)
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+    # distinct inputs: intact per image (2); occluded sets with 1, 2, 3 cells: map 0 (= map 1) 3,
+    # maps 3 and 4 up to 6 (fewer when they rank the first cells alike); all occluded: 1 when the
+    # baseline is constant, else 1 per image
+    sets = {(img, tuple(np.argsort(-M._cell_means(sals[m], 7).ravel(), kind="stable")[:n]))
+            for m, img in ((0, 0), (3, 1), (4, 1)) for n in (1, 2, 3)}
+    full = 1 if baseline == "zero" else 2
+    assert sum(seen) == 2 + len({(img, frozenset(c)) for img, c in sets}) + full
+    assert max(seen) <= 3
+    # step 0 given: the intact images are not forwarded and p0 is the value given
+    with torch.inference_mode():
+        p0 = M.target_probability(model.eval()(images), torch.tensor(targets)).numpy()
+    seen.clear()
+    known = M.deletion_curves(model, images, sals, targets, patch=7, steps=steps, baseline=baseline, intact_probs=p0)
+    np.testing.assert_allclose(known, ref, atol=1e-5, rtol=0)
+    assert sum(seen) == len({(img, frozenset(c)) for img, c in sets}) + full
+    with pytest.raises(ValueError, match="intact probabilities"):
+        M.deletion_curves(model, images, sals, targets, patch=7, steps=steps, intact_probs=p0[:2])
+
+
+def test_deletion_keeps_the_model_weights_as_they_were():
+    """Channels-last on CPU is temporary: the same weight tensors, memory format and values after."""
+    model = _tiny_cnn()
+    before = {name: (p, p.data_ptr(), p.detach().clone()) for name, p in model.named_parameters()}
+    M.deletion_curves(model, torch.randn(2, 3, 14, 14), np.random.default_rng(0).normal(size=(2, 14, 14)), [0, 1], 7, 4)
+    for name, p in model.named_parameters():
+        tensor, pointer, values = before[name]
+        assert p is tensor and p.data_ptr() == pointer and p.is_contiguous() and torch.equal(p, values)
+
+
 def test_deletion_shape_errors():
     model = _tiny_cnn()
     with pytest.raises(ValueError, match="does not match"):
