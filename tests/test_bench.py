@@ -104,10 +104,12 @@ def test_fast_methods_tiny(tmp_path, capsys):
 
 def test_deletion_tiny_curves_identical(tmp_path, capsys):
     out, payload = run_bench("deletion", tmp_path, capsys)
-    curves, rate = payload["results"]
+    curves, computed, rate = payload["results"]
     assert curves["extra"]["identical"] is True and curves["direction"] == ">=" and curves["target"] == 1.5
-    assert rate["unit"] == "images/s" and rate["ours"] > 0
-    assert "cohort evaluate throughput softcam" in out and LINE.search(out)
+    assert curves["name"].endswith("(step 0 given)") and computed["name"].endswith("(step 0 computed)")
+    assert computed["extra"]["identical"] is True and computed["target"] is None
+    assert rate["unit"] == "images/s" and rate["ours"] > 0 and rate["reference"] > 0  # batched and one at a time
+    assert "cohort evaluate throughput softcam" in out and "batched / one-at-a-time" in out and LINE.search(out)
 
 
 @pytest.mark.slow
