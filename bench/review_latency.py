@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Config, Result
+from bench.common import Config, Result, device_label
 
 NAME = "review_latency"
 OPEN_BUDGET_S = 2.0
@@ -124,8 +124,12 @@ def launch_browser(playwright):
     return playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
 
 
-def results_from(times: dict[str, list[float]], options: dict, device: str = "cpu (browser + server)") -> list[Result]:
-    """Two lines: median open and reopen seconds against their budgets."""
+def results_from(times: dict[str, list[float]], options: dict) -> list[Result]:
+    """Two lines: median open and reopen seconds against their budgets (server, database and browser
+    on this machine's CPU; the label gives the server's torch threads)."""
+    import torch
+
+    device = device_label(torch.device("cpu"))
     described = f"{options['arch']} {options['img_size']} px"
     lines = []
     for key, budget in (("open", OPEN_BUDGET_S), ("reopen", REOPEN_BUDGET_S)):
