@@ -6,9 +6,11 @@ import threading
 
 import pytest
 import torch
+from torch import nn
 
 from softcam_core.explain import METHODS, explain
 from softcam_core.explain.guard import HOOK_DICTS
+from softcam_core.models import SoftCAMNet
 from tests.plugins.explain import (
     Tripwire,
     hand_built_baseline,
@@ -194,3 +196,102 @@ def test_one_minimum_ablation_layer_writes_the_library_values(activations):
         minimum = saved[1].min()
         expected = torch.stack([minimum - 1e7 * (i + 1) for i in range(4)])
         torch.testing.assert_close(ablated.amax((1, 2)), expected, rtol=1e-6, atol=0)
+
+
+class _SkipBlock(nn.Module):
+    """A convolution whose output feeds its batch norm *and* a skip connection: must not be folded."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return torch.relu(self.bn(y)) + y
+
+
+def batchnorm_softcam(fail_on: int | None = None) -> SoftCAMNet:
+    """Small SoftCAM net with conv + batch-norm pairs (random running statistics, one affine=False)
+    and one non-foldable pair; a :class:`Tripwire` in front of the head."""
+    generator = torch.Generator().manual_seed(3)
+    features = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        _SkipBlock(4),
+        nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4, affine=False), nn.ReLU(),
+        nn.AvgPool2d(4),
+    )
+    with torch.no_grad():
+        for module in features.modules():
+            if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)) and module.weight is not None:
+                module.weight.copy_(0.5 * torch.randn(module.weight.shape, generator=generator) + 0.5)
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.copy_(0.3 * torch.randn(4, generator=generator))
+                module.running_var.copy_(0.5 + torch.rand(4, generator=generator))
+                if module.bias is not None:
+                    module.bias.copy_(0.2 * torch.randn(4, generator=generator))
+    return SoftCAMNet(features, nn.Sequential(Tripwire(fail_on), nn.Conv2d(4, 2, 1)), arch="hand-built").eval()
+
+
+def test_batchnorm_fold_pairs_only_a_convolution_output_nothing_else_reads():
+    from softcam_core.explain.guard import conv_bn_pairs
+
+    model = batchnorm_softcam()
+    assert conv_bn_pairs(model, _x()) == (("features.0", "features.1"), ("features.4", "features.5"))
+    assert sum(len(getattr(m, d, {}) or {}) for m in model.modules() for d in HOOK_DICTS) == 0
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "scorecam"])
+def test_batchnorm_fold_and_channels_last_leave_model_as_found(method):
+    model = _messy(batchnorm_softcam())
+    before = _snapshot(model)
+    explain(model, _x(), method, target=[0, 1], **({"n_steps": 8} if method == "integrated_gradients" else {}))
+    _assert_same(before, _snapshot(model))
+    assert model.training
+
+
+@pytest.mark.parametrize("fail_on", [1, 2])
+def test_failure_inside_batchnorm_fold_leaves_model_as_found(fail_on):
+    """Call 1 is the fold's probe pass (nothing swapped yet), call 2 the first integration pass."""
+    model = _messy(batchnorm_softcam())
+    before = _snapshot(model)
+    tripwire = model.evidence[0]
+    tripwire.fail_on, tripwire.calls = fail_on, 0
+    with pytest.raises(RuntimeError, match="tripwire"):
+        explain(model, _x(), "integrated_gradients", target=0, n_steps=4)
+    tripwire.fail_on = None
+    _assert_same(before, _snapshot(model))
+    assert all(isinstance(model.features[i], nn.BatchNorm2d) for i in (1, 5))
+
+
+def test_guard_removes_hooks_added_inside_and_puts_back_removed_ones():
+    """Hook dictionaries are keyed by PyTorch's global handle counter: ids >= the entry value are new."""
+    from softcam_core.explain.guard import guarded
+
+    model = _messy(hand_built_softcam())
+    before = _snapshot(model)
+    for parameters in (True, False):
+        with guarded(model, parameters=parameters):
+            model.features[0].register_forward_hook(lambda *_: None)
+            model.register_forward_hook(lambda *_: None, with_kwargs=True, always_call=True)
+            model.evidence.register_full_backward_hook(lambda *_: None)
+            model.features._forward_hooks.clear()  # a misbehaving library drops the user's hook
+            torch.ones(1, requires_grad=True).register_hook(lambda g: g)  # a tensor hook moves the counter too
+        _assert_same(before, _snapshot(model))
+
+
+def test_folded_integrated_gradients_match_captum_called_directly():
+    """Folding batch norms (CPU default) changes float rounding only: same maps as captum on the model as is."""
+    from captum.attr import IntegratedGradients
+
+    from softcam_core.explain.guard import _state
+
+    model = batchnorm_softcam()
+    x = _x()
+    direct = IntegratedGradients(model).attribute(x, target=[0, 1], n_steps=16).sum(1)
+    folded = explain(model, x, "integrated_gradients", target=[0, 1], n_steps=16)
+    assert _state(model).conv_bn == (("features.0", "features.1"), ("features.4", "features.5"))
+    unfolded = explain(model, x, "integrated_gradients", target=[0, 1], n_steps=16, fold_batchnorm=False)
+    assert direct.abs().max() > 1e-2  # not a trivially zero map
+    torch.testing.assert_close(folded, direct, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(unfolded, direct, rtol=1e-5, atol=1e-6)

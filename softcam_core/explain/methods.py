@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softcam_core.explain.guard import channels_last_weights, eval_locked, guarded, model_lock
+from softcam_core.explain.guard import eval_locked, guarded, inference_weights, model_lock
 from softcam_core.explain.layers import ExplainError, cam_head, model_device, resolve_target_layer
 
 BASE_METHODS = (
@@ -65,19 +65,21 @@ def _scorecam_batch(x: torch.Tensor) -> int:
 
 
 @contextlib.contextmanager
-def _fast_layout(x: torch.Tensor, model: nn.Module) -> Iterator[torch.Tensor]:
+def _fast_layout(x: torch.Tensor, model: nn.Module, fold_batchnorm: bool = False) -> Iterator[torch.Tensor]:
     """On CPU, run ``model`` with channels-last conv weights and input while inside (put back after).
 
-    For the methods with tens to hundreds of forward passes per map (Score-CAM, Ablation-CAM,
-    integrated gradients): oneDNN's channels-last convolutions are 1.2-1.3x faster on CPU, and
-    the one weight copy per call is small beside those passes. On CUDA, fp32 channels-last was
-    slower (0.92x), so nothing changes there. Yields the input to use.
+    For the methods with tens to hundreds of forward passes per map (Score-CAM, integrated
+    gradients): oneDNN's channels-last convolutions are 1.2-1.3x faster on CPU, and the one weight
+    copy per call is small beside those passes. On CUDA, fp32 channels-last was slower (0.92x), so
+    the layout stays there. ``fold_batchnorm``: also fold each eval-mode batch norm into the
+    convolution before it (``guard.inference_weights``). Yields the input to use.
     """
-    if x.device.type != "cpu":
+    cpu = x.device.type == "cpu"
+    if not cpu and not fold_batchnorm:
         yield x
         return
-    with channels_last_weights(model):
-        yield x.contiguous(memory_format=torch.channels_last)
+    with inference_weights(model, channels_last=cpu, fold_probe=x if fold_batchnorm else None):
+        yield x.contiguous(memory_format=torch.channels_last) if cpu else x
 
 
 def is_method(name: str) -> bool:
@@ -165,7 +167,7 @@ def _softcam(model: nn.Module, x: torch.Tensor, targets: list[int] | None) -> to
 def _cam(model: nn.Module, x: torch.Tensor, targets: list[int] | None) -> torch.Tensor:
     """Classic CAM (Zhou et al. 2016): ``sum_k W[c, k] A_k`` on the last feature map, signed, no bias."""
     captured: list[torch.Tensor] = []
-    with guarded(model, freeze=False), torch.no_grad():
+    with guarded(model, parameters=False), torch.no_grad():
         # resolved under the model's lock: another thread's AblationCAM may have swapped the layer
         layer, linear, relu = cam_head(model)
         handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
@@ -188,7 +190,11 @@ def _torchcam(class_name: str, uses_gradients: bool) -> Callable[..., torch.Tens
         many_passes = class_name == "ScoreCAM"
         if many_passes:
             kwargs.setdefault("batch_size", _scorecam_batch(x))
-        with guarded(model), (_fast_layout(x, model) if many_passes else contextlib.nullcontext(x)) as x:
+        # torchcam differentiates with torch.autograd.grad w.r.t. the hooked activations: no weight
+        # gradient is computed or written, so the guard leaves the parameters alone (cheaper)
+        with guarded(model, parameters=False), (
+            _fast_layout(x, model) if many_passes else contextlib.nullcontext(x)
+        ) as x:
             # resolved under the model's lock: another thread's AblationCAM may have swapped the layer
             layer = resolve_target_layer(model, target_layer)
             extractor = getattr(torchcam_methods, class_name)(model, target_layer=layer, **kwargs)
@@ -221,7 +227,10 @@ def _pytorch_grad_cam(class_name: str, uses_gradients: bool) -> Callable[..., to
             kwargs.setdefault("batch_size", ABLATIONCAM_DEFAULT_BATCH)
             # the library's default AblationLayer() is one instance shared by every call: use our own
             kwargs.setdefault("ablation_layer", _ablation_layer())
-        with guarded(model):
+        # grad-cam's gradient methods call model.zero_grad() and loss.backward(): parameters are
+        # frozen and their .grad restored; the gradient-free ones run under inference mode, where
+        # no gradient can be computed or written, so the guard leaves the parameters alone
+        with guarded(model, parameters=uses_gradients):
             # resolved under the model's lock: another thread's AblationCAM may have swapped the layer
             layers = [] if class_name == "FullGrad" else [resolve_target_layer(model, target_layer)]
             cam = getattr(pytorch_grad_cam, class_name)(model=model, target_layers=layers, **kwargs)
@@ -279,8 +288,14 @@ def _integrated_gradients(
     baseline: float | torch.Tensor = 0.0,
     internal_batch_size: int | None = None,
     integration: str = "gausslegendre",
+    fold_batchnorm: bool | None = None,
 ) -> torch.Tensor:
-    """captum IntegratedGradients; map = sum over colour channels of the attributions (signed)."""
+    """captum IntegratedGradients; map = sum over colour channels of the attributions (signed).
+
+    ``fold_batchnorm`` (default: on CPU only, where it was measured): run captum's passes with
+    each eval-mode batch norm folded into the convolution before it (same function, see
+    ``guard.inference_weights``).
+    """
     from captum.attr import IntegratedGradients
 
     if internal_batch_size is None:
@@ -289,16 +304,20 @@ def _integrated_gradients(
         # None = every step in one pass (captum's default); else whole steps x images per pass
         if steps_per_batch < n_steps:
             internal_batch_size = steps_per_batch * x.shape[0]
-    with guarded(model), _fast_layout(x, model) as x:
-        if targets is None:
+    if fold_batchnorm is None:
+        fold_batchnorm = x.device.type == "cpu"
+    # parameters frozen: no weight-gradient bookkeeping in the 50-step pass (the cost is per call)
+    with guarded(model):
+        if targets is None:  # decided by the model as it is, before any folding
             targets = _predicted(model, x)
-        if isinstance(baseline, torch.Tensor):
-            baseline = baseline.to(x.device, x.dtype)
-        with torch.enable_grad():
-            attributions = IntegratedGradients(model).attribute(
-                x, baselines=baseline, target=targets, n_steps=n_steps,
-                internal_batch_size=internal_batch_size, method=integration,
-            )
+        with _fast_layout(x, model, fold_batchnorm=fold_batchnorm) as x:
+            if isinstance(baseline, torch.Tensor):
+                baseline = baseline.to(x.device, x.dtype)
+            with torch.enable_grad():
+                attributions = IntegratedGradients(model).attribute(
+                    x, baselines=baseline, target=targets, n_steps=n_steps,
+                    internal_batch_size=internal_batch_size, method=integration,
+                )
     return attributions.sum(1)
 
 
@@ -306,7 +325,8 @@ def _guided_backprop(model: nn.Module, x: torch.Tensor, targets: list[int] | Non
     """captum GuidedBackprop; map = sum over colour channels of the input gradients (signed)."""
     from captum.attr import GuidedBackprop
 
-    with guarded(model):
+    # captum differentiates with torch.autograd.grad w.r.t. the input: parameters are never touched
+    with guarded(model, parameters=False):
         if targets is None:
             targets = _predicted(model, x)
         with torch.enable_grad():
