@@ -22,20 +22,21 @@ import torch
 from torch import nn
 
 from softcam_core.device import default_device
-from softcam_core.models import load_checkpoint
+from softcam_core.models import inference_layout, load_checkpoint
 
 PHOTO_MODALITIES = ("fundus", "oct", "cxr")
 
 
 def load_model(path: str | Path, device: str | torch.device | None = None) -> tuple[nn.Module, dict]:
-    """Load a checkpoint for inference: ``(model in eval mode on device, meta)``.
+    """Load a checkpoint for inference: ``(model in eval mode on device, meta)``, laid out by
+    :func:`softcam_core.models.inference_layout` (channels-last on CPU).
 
     ``device`` defaults to :func:`softcam_core.device.default_device`. Raises
     :class:`softcam_core.models.CheckpointError` naming the file when it is missing, corrupt or not ours.
     """
     device = torch.device(device) if device is not None else default_device()
     model, meta = load_checkpoint(path, map_location="cpu")
-    return model.to(device).eval(), meta
+    return inference_layout(model, device), meta
 
 
 def model_input(image, meta: dict):

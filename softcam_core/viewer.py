@@ -109,14 +109,12 @@ def _file_key(path: Path) -> tuple:
 def load_model(path: str | Path) -> tuple[Any, dict]:
     """``(model in eval mode on the default device, meta)`` for a checkpoint, cached by path and mtime.
 
-    On CPU the convolution weights are stored channels-last (same numbers to ~1e-4, faster).
+    Loaded by :func:`softcam_core.inference.load_model` (channels-last weights on CPU: faster).
 
     A rewritten checkpoint (new mtime or size) is loaded afresh. Raises ``CheckpointError``.
     """
-    import torch
-
-    from softcam_core.device import default_device
-    from softcam_core.models import CheckpointError, load_checkpoint
+    from softcam_core import inference
+    from softcam_core.models import CheckpointError
 
     path = Path(path)
     if not path.is_file():
@@ -126,13 +124,7 @@ def load_model(path: str | Path) -> tuple[Any, dict]:
         if key in _MODEL_CACHE:
             _MODEL_CACHE.move_to_end(key)
             return _MODEL_CACHE[key]
-    model, meta = load_checkpoint(path, map_location="cpu")
-    device = default_device()
-    model = model.to(device).eval()
-    if device.type == "cpu":
-        # oneDNN's channels-last convolutions: a 512 px ResNet-50 forward 0.53 s instead of 0.63 s on
-        # 2 cores (docs/performance.md); on CUDA fp32 channels-last was slower, so only on CPU
-        model = model.to(memory_format=torch.channels_last)
+    model, meta = inference.load_model(path)
     with _MODEL_LOCK:
         _MODEL_CACHE[key] = (model, meta)
         while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
