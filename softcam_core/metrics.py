@@ -27,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import threading
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -498,10 +500,12 @@ def _curves_from_probs(probs: np.ndarray, problems: list[str | None]) -> np.ndar
     return curves
 
 
-# Occluded inputs per CPU forward pass. Measured for ResNet-18 at 224 px channels-last on the 2-core
-# development machine (docs/performance.md, finding 4): batches of 4-16 run at the same speed within
-# noise, 8 best; 40+ is slower again (activations fall out of the caches).
-CPU_DELETION_BATCH = 8
+# Occluded input pixels per CPU forward pass: 16 inputs of 224 x 224 (fewer for larger inputs, at
+# most 64). Measured for ResNet-18 at 224 px, channels-last, on the 2-core development machine
+# (docs/performance.md, finding 4): CPU-time speed-up 1.57-1.78 at batch 16, 1.47-1.69 at 8,
+# 1.51 at 32 (same runs, load 4-7); larger batches only grow the activations.
+CPU_DELETION_PIXELS = 16 * 224 * 224
+CPU_DELETION_MAX_BATCH = 64
 
 
 def _default_batch(device: torch.device, input_shape: tuple[int, ...], jobs: int) -> int:
@@ -509,13 +513,69 @@ def _default_batch(device: torch.device, input_shape: tuple[int, ...], jobs: int
 
     CUDA: every job at once, capped so that the inputs times a generous activation factor (64 x
     the input size, enough for ResNet/VGG-sized nets) use at most half the free memory; an
-    out-of-memory error still halves the batch. CPU: :data:`CPU_DELETION_BATCH`.
+    out-of-memory error still halves the batch. CPU: :data:`CPU_DELETION_PIXELS` input pixels
+    (16 inputs at 224 px), at most :data:`CPU_DELETION_MAX_BATCH`.
     """
     if device.type != "cuda":
-        return max(1, min(jobs, CPU_DELETION_BATCH))
+        per_input = int(np.prod(input_shape[-2:]))
+        return max(1, min(jobs, CPU_DELETION_MAX_BATCH, CPU_DELETION_PIXELS // per_input))
     free, _ = torch.cuda.mem_get_info(device)
     per_input = 4 * int(np.prod(input_shape)) * 64
     return max(1, min(jobs, int(free * 0.5) // per_input))
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+# model -> (weights key, its BatchNorm-folded channels-last copy or None); see _folded_copy
+_FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FOLDED_LOCK = threading.Lock()
+
+
+def _weights_key(modules: list[nn.Module]) -> tuple:
+    """Identity, storage and in-place version of every parameter and buffer: any change of a
+    weight (optimizer step, ``load_state_dict``, ``.data`` swap) gives another key."""
+    return tuple(
+        (id(t), t.data_ptr(), t._version, t.dtype, tuple(t.shape))
+        for m in modules for d in (m._parameters, m._buffers) for t in d.values() if t is not None
+    )
+
+
+def _folded_copy(model: nn.Module) -> nn.Module | None:
+    """An inference copy of ``model`` (in eval mode) with each BatchNorm folded into the
+    convolution before it, held channels-last; None when there is nothing to fold or it can't be.
+
+    Eval-mode BatchNorm is an affine map per channel, so ``bn(conv(x)) = conv'(x)`` with
+    ``w' = w * g / sqrt(v + eps)`` and ``b' = (b - m) * g / sqrt(v + eps) + beta`` (torch.fx's
+    ``fuse``): the same function, one pass over the activations less per convolution; the
+    products round differently (logits ~1e-6 apart for ResNets). Built once per model (~0.4 s for
+    ResNet-18: trace and copy) and cached while its weights are unchanged (weakly keyed: the copy
+    goes with the model); rebuilt when any weight changes. Models with hooks are left alone (a
+    hook may read or change activations the folded copy would not produce), and so are models
+    torch.fx cannot trace (data-dependent Python control flow). Call under the model's lock.
+    """
+    modules = list(model.modules())
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules):
+        return None
+    if any(getattr(m, name, None) for m in modules for name in _HOOK_DICTS):
+        return None
+    key = _weights_key(modules)
+    with _FOLDED_LOCK:
+        cached = _FOLDED.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        folded = fuse(model).eval().to(memory_format=torch.channels_last)
+        folded.requires_grad_(False)
+        if sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules()) == sum(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules
+        ):
+            folded = None  # no BatchNorm follows a convolution: the original does as well
+    except Exception:  # not traceable (or not copyable): run the model as it is
+        folded = None
+    with _FOLDED_LOCK:
+        _FOLDED[model] = (key, folded)
+    return folded
 
 
 def _identical_groups(tensors: torch.Tensor) -> list[int]:
@@ -574,7 +634,12 @@ def deletion_curves(
     image (several methods) are passed as repeated image rows.
 
     Equal to :func:`deletion_curve_reference` (one forward of one occluded image per step) up to
-    float rounding (tests: 1e-5); faster because it does less arithmetic, never an approximation:
+    float rounding (tests and benchmark: 1e-5); faster because it does less arithmetic, never an
+    approximation. Rounding: batched, channels-last and folded convolutions sum in another order,
+    so probabilities differ relatively by ~1e-7..1e-5 (deeper nets, larger activations); curves
+    near 1 agree to ~1e-7, but ``p_s / p_0`` for a target the model rules out (``p_0`` ~ 1e-9)
+    carries that relative difference onto values of 100+ (seen: ResNet-50 with random BatchNorm
+    statistics, curve values up to 186, 8e-6 apart unfolded, 2.9e-3 apart folded). The tricks:
 
     * **One forward per distinct occluded input.** Every (map, step) pair is keyed by what its
       input *is*: the intact image (step 0), the baseline (last step: every cell occluded), or
@@ -588,11 +653,15 @@ def deletion_curves(
     * **Known step 0.** ``intact_probs`` (what an evaluation computed anyway to pick the target)
       is ``p_0`` itself: the intact images are then not forwarded at all.
     * **Batching**: distinct inputs go through the model ``batch_size`` at a time.
-    * **Channels-last on CPU**: the conv weights (via
-      :func:`softcam_core.explain.guard.channels_last_weights`, under the model's lock; the
-      original tensors are put back after) and each input batch are held channels-last, which
-      oneDNN runs 1.2-1.5x faster for ResNets; same sums in another order (~1e-6 relative).
-      Not on CUDA, where fp32 channels-last was slower.
+    * **Channels-last on CPU**: the conv weights and each input batch are held channels-last,
+      which oneDNN runs 1.2-1.3x faster for ResNets; same sums in another order (~1e-6
+      relative). Not on CUDA, where fp32 channels-last was slower.
+    * **BatchNorm folded into the convolutions on CPU** (:func:`_folded_copy`: a cached
+      channels-last copy of the model with ``bn(conv(x))`` computed as one convolution, the same
+      affine map; ~1.2x more on ResNet-18). Models without BatchNorm, with hooks, or that
+      torch.fx cannot trace run as they are, channels-last via
+      :func:`softcam_core.explain.guard.channels_last_weights` (under the model's lock; the
+      original tensors are put back after).
     * ``torch.inference_mode`` (no autograd bookkeeping) and the occluded inputs of a batch built
       in one vectorised ``where`` (no per-step Python work beyond the keys).
 
@@ -603,7 +672,7 @@ def deletion_curves(
         targets: (N,) class indices. patch: cell side in pixels. steps: deletion steps.
         baseline: ``"zero"``, ``"mean"``, ``"blur"``, a number or a tensor (see ``_resolve_baseline``).
         batch_size: distinct occluded inputs per forward pass; None = as many as half the free
-            GPU memory allows (halved again on out-of-memory), :data:`CPU_DELETION_BATCH` on a CPU.
+            GPU memory allows (halved again on out-of-memory), 16 at 224 px on a CPU.
         intact_probs: optional (N,) target-class probability of each intact image (softmax of
             the logits; sigmoid for one logit), e.g. from the forward pass that chose the target.
             It becomes ``p_0`` and step 0 is not recomputed; pass only values of this model on
@@ -668,13 +737,18 @@ def deletion_curves(
             batch_size = _default_batch(device, images.shape[1:], len(representatives))
         batch_size = max(1, int(batch_size))
         cpu = device.type == "cpu"
+        runner = model
         with contextlib.ExitStack() as stack:
             stack.enter_context(_EvalMode(model))
             if cpu:
                 from softcam_core.explain.guard import channels_last_weights, model_lock
 
                 stack.enter_context(model_lock(model))
-                stack.enter_context(channels_last_weights(model))  # outside inference mode: .data swap
+                folded = _folded_copy(model)
+                if folded is not None:
+                    runner = folded  # already channels-last
+                else:
+                    stack.enter_context(channels_last_weights(model))  # outside inference mode: .data swap
             stack.enter_context(torch.inference_mode())
             start = 0
             while start < len(representatives):
@@ -686,7 +760,7 @@ def deletion_curves(
                 if cpu:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 try:
-                    out = _class_probabilities(model(inputs))
+                    out = _class_probabilities(runner(inputs))
                 except torch.cuda.OutOfMemoryError:
                     if batch_size == 1:
                         raise

@@ -330,14 +330,24 @@ def test_deletion_forwards_each_distinct_input_once(baseline):
         M.deletion_curves(model, images, sals, targets, patch=7, steps=steps, intact_probs=p0[:2])
 
 
-def test_deletion_keeps_the_model_weights_as_they_were():
-    """Channels-last on CPU is temporary: the same weight tensors, memory format and values after."""
-    model = _tiny_cnn()
+def test_deletion_keeps_the_model_as_it_was_and_follows_weight_changes():
+    """The CPU speed-ups (channels-last, BatchNorm folded into a cached copy) leave the model's
+    tensors as they were, and a changed weight is used at the next call (the copy is rebuilt)."""
+    model = _tiny_cnn().eval()
+    images, sals = torch.randn(2, 3, 14, 14), np.random.default_rng(0).normal(size=(2, 14, 14))
     before = {name: (p, p.data_ptr(), p.detach().clone()) for name, p in model.named_parameters()}
-    M.deletion_curves(model, torch.randn(2, 3, 14, 14), np.random.default_rng(0).normal(size=(2, 14, 14)), [0, 1], 7, 4)
+    first = M.deletion_curves(model, images, sals, [0, 1], 7, 4)
     for name, p in model.named_parameters():
         tensor, pointer, values = before[name]
         assert p is tensor and p.data_ptr() == pointer and p.is_contiguous() and torch.equal(p, values)
+    folded = M._folded_copy(model)
+    assert folded is not None and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():  # an in-place update, as an optimizer step makes
+        model[0].weight.mul_(-3.0)
+        model[1].running_mean.add_(1.0)
+    changed = M.deletion_curves(model, images, sals, [0, 1], 7, 4)
+    np.testing.assert_allclose(changed, M.deletion_curve_reference(model, images, sals, [0, 1], 7, 4), atol=1e-5, rtol=0)
+    assert np.abs(changed - first).max() > 1e-3 and M._folded_copy(model) is not folded
 
 
 def test_deletion_shape_errors():
