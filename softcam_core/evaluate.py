@@ -61,9 +61,11 @@ ID_COLUMNS = ("image", "split", "label", "pred", "target", "p_target", "method",
 Progress = Callable[[int, int, str], None]
 
 # images per batch (EvalSettings.batch_size = None). CUDA: one forward / explain / deletion call
-# for 32 images keeps the GPU busy (docs/performance.md, finding 5). CPU: measured with
-# `python -m bench --only deletion` (softcam, gradcam): 8 is as fast as larger batches and keeps
-# a batch's inputs and maps small.
+# for 32 images keeps the GPU busy (docs/performance.md, finding 5). CPU: at 224 px the forwards
+# are compute-bound and the batch changes little (softcam + gradcam, 8 images, 2 shared cores:
+# 0.60-0.63 images per CPU second at batch 1, 0.65-0.66 at 4, 0.60-0.61 at 8, 0.67-0.69 at 8 with
+# batch_explain); at 64 px batch 8 is 1.08x (softcam) / 1.31x (gradcam) one image at a time
+# (bench --quick). 8 keeps a batch's inputs and maps small.
 EVAL_BATCH_CUDA = 32
 EVAL_BATCH_CPU = 8
 
