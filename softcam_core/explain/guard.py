@@ -64,7 +64,7 @@ class _ModelState:
     model alive forever.
     """
 
-    __slots__ = ("lock", "submodules", "children", "hook_dicts", "conv_bn")
+    __slots__ = ("lock", "submodules", "children", "hook_dicts", "conv_bn", "scratch", "scratch_busy")
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
@@ -73,6 +73,10 @@ class _ModelState:
         self.hook_dicts: list[dict] = []  # the submodules' hook dictionaries, flattened
         # (conv name, batch-norm name) pairs that can be folded (see conv_bn_pairs); None = not probed
         self.conv_bn: tuple[tuple[str, str], ...] | None = None
+        # parameter / buffer -> the tensor its faster copy is written into on each call (see
+        # inference_weights): reusing the memory avoids fresh pages for tens of MB per call
+        self.scratch: dict[torch.Tensor, torch.Tensor] = {}
+        self.scratch_busy = False
 
     def modules(self, model: nn.Module) -> list[nn.Module]:
         """``list(model.modules())``, rebuilt only when some module's children changed since last time."""
@@ -86,6 +90,7 @@ class _ModelState:
         self.children = [dict(m._modules) for m in modules]
         self.hook_dicts = _hook_dicts(self.submodules)
         self.conv_bn = None
+        self.scratch = {}
         return modules
 
 
@@ -225,7 +230,8 @@ def _global_hooks() -> bool:
 
 @contextmanager
 def inference_weights(
-    model: nn.Module, channels_last: bool = False, fold_probe: torch.Tensor | None = None
+    model: nn.Module, channels_last: bool = False, fold_probe: torch.Tensor | None = None,
+    keep: nn.Module | None = None,
 ) -> Iterator[int]:
     """Faster weights while inside, the model's own tensors and modules put back after; yields the folds.
 
@@ -236,7 +242,8 @@ def inference_weights(
       ``(b - m) * g / sqrt(v + eps) + beta``; the convolution's weight ``.data`` (and bias) are
       swapped for the folded ones and the batch norm for an ``nn.Identity`` in its parent. Same
       function up to float rounding (~1e-7 relative per layer), one elementwise pass fewer forward
-      and backward per batch norm. Pairs with hooks on either module are left alone.
+      and backward per batch norm. Pairs with hooks on either module, or with ``keep`` (a layer a
+      method is about to hook), are left alone.
     * ``channels_last``: every other 4-D parameter and buffer's ``.data`` is swapped for a
       channels-last copy (folded weights are written channels-last directly).
 
@@ -255,8 +262,23 @@ def inference_weights(
             parent_name, _, child = norm_name.rpartition(".")
             conv, parent = model.get_submodule(conv_name), model.get_submodule(parent_name)
             norm = parent._modules.get(child)
-            if norm is not None and _foldable(conv, norm):
+            if norm is not None and keep is not conv and keep is not norm and _foldable(conv, norm):
                 pairs.append((conv, norm, parent, child))
+    # a nested call (the lock is re-entrant) must not write into the buffers the outer call uses
+    reuse = not state.scratch_busy
+    scratch = state.scratch if reuse else {}
+    state.scratch_busy = True
+
+    used: dict[torch.Tensor, torch.Tensor] = {}
+
+    def buffer_for(tensor: torch.Tensor) -> torch.Tensor:
+        buffer = scratch.get(tensor)
+        if (buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype
+                or buffer.device != tensor.device or not buffer.is_contiguous(memory_format=layout)):
+            buffer = torch.empty_like(tensor, memory_format=layout)
+        used[tensor] = buffer
+        return buffer
+
     swapped: list[tuple[torch.Tensor, torch.Tensor]] = []
     biases: list[tuple[nn.Module, torch.Tensor | None]] = []
     unplugged: list[tuple[nn.Module, str, nn.Module]] = []
@@ -265,7 +287,7 @@ def inference_weights(
             for conv, norm, _, _ in pairs:
                 rsqrt = torch.rsqrt(norm.running_var + norm.eps)
                 scale = rsqrt if norm.weight is None else norm.weight * rsqrt
-                weight = torch.empty_like(conv.weight, memory_format=layout)
+                weight = buffer_for(conv.weight)
                 torch.mul(conv.weight, scale.reshape(-1, 1, 1, 1), out=weight)
                 bias = -norm.running_mean if conv.bias is None else conv.bias - norm.running_mean
                 bias = bias * rsqrt
@@ -289,8 +311,10 @@ def inference_weights(
                             memory_format=torch.channels_last
                         ):
                             original = tensor.data
+                            copy = buffer_for(tensor)
+                            copy.copy_(original)
                             swapped.append((tensor, original))
-                            tensor.data = original.contiguous(memory_format=torch.channels_last)
+                            tensor.data = copy
         for _, norm, parent, child in pairs:  # last: the tree is unchanged while the cache is read
             unplugged.append((parent, child, norm))
             parent._modules[child] = nn.Identity()
@@ -302,6 +326,9 @@ def inference_weights(
             conv._parameters["bias"] = bias
         for tensor, original in reversed(swapped):
             tensor.data = original
+        if reuse:  # keep only this call's buffers (a replaced parameter's buffer is dropped)
+            state.scratch = used
+            state.scratch_busy = False
 
 
 @contextmanager

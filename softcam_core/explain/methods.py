@@ -65,20 +65,23 @@ def _scorecam_batch(x: torch.Tensor) -> int:
 
 
 @contextlib.contextmanager
-def _fast_layout(x: torch.Tensor, model: nn.Module, fold_batchnorm: bool = False) -> Iterator[torch.Tensor]:
+def _fast_layout(
+    x: torch.Tensor, model: nn.Module, fold_batchnorm: bool = False, keep: nn.Module | None = None
+) -> Iterator[torch.Tensor]:
     """On CPU, run ``model`` with channels-last conv weights and input while inside (put back after).
 
     For the methods with tens to hundreds of forward passes per map (Score-CAM, integrated
     gradients): oneDNN's channels-last convolutions are 1.2-1.3x faster on CPU, and the one weight
     copy per call is small beside those passes. On CUDA, fp32 channels-last was slower (0.92x), so
     the layout stays there. ``fold_batchnorm``: also fold each eval-mode batch norm into the
-    convolution before it (``guard.inference_weights``). Yields the input to use.
+    convolution before it (``guard.inference_weights``), except a pair with ``keep`` (a hooked target
+    layer: its output must stay the unfolded one). Yields the input to use.
     """
     cpu = x.device.type == "cpu"
     if not cpu and not fold_batchnorm:
         yield x
         return
-    with inference_weights(model, channels_last=cpu, fold_probe=x if fold_batchnorm else None):
+    with inference_weights(model, channels_last=cpu, fold_probe=x if fold_batchnorm else None, keep=keep):
         yield x.contiguous(memory_format=torch.channels_last) if cpu else x
 
 
@@ -185,36 +188,45 @@ def _cam(model: nn.Module, x: torch.Tensor, targets: list[int] | None) -> torch.
 # ---------------------------------------------------------------------------------------- torchcam
 def _torchcam(class_name: str, uses_gradients: bool) -> Callable[..., torch.Tensor]:
     def run(model: nn.Module, x: torch.Tensor, targets: list[int] | None, target_layer=None, **kwargs) -> torch.Tensor:
-        from torchcam import methods as torchcam_methods
-
         many_passes = class_name == "ScoreCAM"
+        fold_batchnorm = kwargs.pop("fold_batchnorm", None) if many_passes else False
         if many_passes:
             kwargs.setdefault("batch_size", _scorecam_batch(x))
+            if fold_batchnorm is None:
+                fold_batchnorm = x.device.type == "cpu"
         # torchcam differentiates with torch.autograd.grad w.r.t. the hooked activations: no weight
         # gradient is computed or written, so the guard leaves the parameters alone (cheaper)
-        with guarded(model, parameters=False), (
-            _fast_layout(x, model) if many_passes else contextlib.nullcontext(x)
-        ) as x:
+        with guarded(model, parameters=False):
             # resolved under the model's lock: another thread's AblationCAM may have swapped the layer
             layer = resolve_target_layer(model, target_layer)
-            extractor = getattr(torchcam_methods, class_name)(model, target_layer=layer, **kwargs)
-            try:
-                # gradient-free methods run under inference mode (torchcam's documented usage):
-                # no autograd bookkeeping for any of their forward passes
-                with torch.set_grad_enabled(uses_gradients) if uses_gradients else torch.inference_mode():
-                    # parameters are frozen by the guard: gradients flow from the input only
-                    scores = model(x.detach().requires_grad_(uses_gradients))
-                    class_idx = targets if targets is not None else scores.argmax(1).tolist()
-                    if uses_gradients:
-                        cams = extractor(class_idx=class_idx, scores=scores, normalized=False)
-                    else:
-                        cams = extractor(class_idx=class_idx, normalized=False)
-            finally:
-                extractor.remove_hooks()
+            layout = (_fast_layout(x, model, fold_batchnorm=fold_batchnorm, keep=layer) if many_passes
+                      else contextlib.nullcontext(x))
+            with layout as x:
+                cams = _torchcam_maps(class_name, uses_gradients, model, x, targets, layer, kwargs)
         return cams[0]
 
     run.__name__ = f"torchcam_{class_name}"
     return run
+
+
+def _torchcam_maps(class_name: str, uses_gradients: bool, model: nn.Module, x: torch.Tensor,
+                   targets: list[int] | None, layer: nn.Module, kwargs: dict) -> list[torch.Tensor]:
+    """torchcam's documented usage: one forward with the extractor's hooks, then the extractor."""
+    from torchcam import methods as torchcam_methods
+
+    extractor = getattr(torchcam_methods, class_name)(model, target_layer=layer, **kwargs)
+    try:
+        # gradient-free methods run under inference mode (torchcam's documented usage):
+        # no autograd bookkeeping for any of their forward passes
+        with torch.set_grad_enabled(uses_gradients) if uses_gradients else torch.inference_mode():
+            # the input requires grad so the graph exists even when the user froze the model
+            scores = model(x.detach().requires_grad_(uses_gradients))
+            class_idx = targets if targets is not None else scores.argmax(1).tolist()
+            if uses_gradients:
+                return extractor(class_idx=class_idx, scores=scores, normalized=False)
+            return extractor(class_idx=class_idx, normalized=False)
+    finally:
+        extractor.remove_hooks()
 
 
 # ---------------------------------------------------------------------------------------- grad-cam
@@ -378,7 +390,7 @@ def explain(
             per image (length B exactly).
         **options: method options: ``target_layer`` (module or name) for the CAM-style methods;
             ``batch_size`` (scorecam, ablationcam); ``n_steps``, ``baseline``,
-            ``internal_batch_size`` (integrated_gradients); CasCAM's ``stages``, ``theta``,
+            ``internal_batch_size``, ``integration``, ``fold_batchnorm`` (integrated_gradients); CasCAM's ``stages``, ``theta``,
             ``lam``, ``threshold``, ``topk_percent``, ``ebayes_a`` plus its base method's options.
     Returns:
         float32 tensor (B, H, W) on ``x``'s device: higher = more evidence for the target class;
