@@ -75,7 +75,7 @@ def run(config: Config) -> list[Result]:
             metrics._FOLDED.pop(s["model"], None)
             fold_start = time.process_time()
             metrics._folded_copy(s["model"])
-            fold = {"BN fold once per model, CPU ms": 1e3 * (time.process_time() - fold_start)}
+            fold = {"one-off BN fold CPU ms": 1e3 * (time.process_time() - fold_start)}
         with exact_math():  # equality checked without TF32 rounding (see exact_math)
             batched = metrics.deletion_curves(*args, **known)
             unknown = metrics.deletion_curves(*args)
