@@ -82,6 +82,7 @@ def run(config: Config) -> list[Result]:
             reference = metrics.deletion_curve_reference(*args)
         if device.type == "cuda":  # warm-up under the default (TF32) settings that are timed
             metrics.deletion_curves(*args, **known)
+            metrics.deletion_curves(*args)
             metrics.deletion_curve_reference(*args)
         n = s["images"].shape[0]
         repeats = config.pick(tiny=1, quick=2, full=3 if device.type == "cpu" else 10)
