@@ -557,7 +557,10 @@ def _folded_copy(model: nn.Module) -> nn.Module | None:
         return None
     if any(getattr(m, name, None) for m in modules for name in _HOOK_DICTS):
         return None
-    key = _weights_key(modules)
+    try:
+        key = _weights_key(modules)
+    except RuntimeError:  # inference tensors (made under inference_mode) have no version counter
+        return None
     with _FOLDED_LOCK:
         cached = _FOLDED.get(model)
     if cached is not None and cached[0] == key:

@@ -348,6 +348,11 @@ def test_deletion_keeps_the_model_as_it_was_and_follows_weight_changes():
     changed = M.deletion_curves(model, images, sals, [0, 1], 7, 4)
     np.testing.assert_allclose(changed, M.deletion_curve_reference(model, images, sals, [0, 1], 7, 4), atol=1e-5, rtol=0)
     assert np.abs(changed - first).max() > 1e-3 and M._folded_copy(model) is not folded
+    with torch.inference_mode():  # weights without a version counter: run as they are, still exact
+        frozen = _tiny_cnn().eval()
+    assert M._folded_copy(frozen) is None
+    np.testing.assert_allclose(M.deletion_curves(frozen, images, sals, [0, 1], 7, 4),
+                               M.deletion_curve_reference(frozen, images, sals, [0, 1], 7, 4), atol=1e-5, rtol=0)
 
 
 def test_deletion_shape_errors():
