@@ -237,3 +237,29 @@ def test_works_under_no_grad_and_inference_mode(method):
     with torch.inference_mode():
         inference_x = _two_squares()
         torch.testing.assert_close(explain(net, inference_x, method, target=0).clone(), expected)
+
+
+@pytest.mark.parametrize(
+    "arch",
+    ["resnet18"] + [pytest.param(a, marks=pytest.mark.slow) for a in ("densenet121", "efficientnet_b0", "vgg11_bn")],
+)
+def test_folded_batchnorm_gives_the_unfolded_maps_on_built_backbones(arch):
+    """IG folds every eval-mode batch norm that alone reads a convolution (CPU default): same maps, weights intact."""
+    from softcam_core.explain.guard import _state
+    from softcam_core.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model(arch, 3, "softcam").eval()
+    with torch.no_grad():  # trained-like statistics, so the fold is not the identity
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.3)
+                module.running_var.uniform_(0.5, 2.0)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(1, 3, 32, 32)
+    folded = explain(net, x, "integrated_gradients", target=1, n_steps=4)
+    assert len(_state(net).conv_bn) > 0
+    unfolded = explain(net, x, "integrated_gradients", target=1, n_steps=4, fold_batchnorm=False)
+    scale = float(unfolded.abs().max())
+    torch.testing.assert_close(folded, unfolded, rtol=1e-4, atol=1e-5 * scale)
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
