@@ -263,3 +263,15 @@ def test_folded_batchnorm_gives_the_unfolded_maps_on_built_backbones(arch):
     scale = float(unfolded.abs().max())
     torch.testing.assert_close(folded, unfolded, rtol=1e-4, atol=1e-5 * scale)
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+
+
+def test_weights_made_under_inference_mode():
+    """Gradient methods cannot run on inference-tensor weights: a one-line error; gradient-free ones still run."""
+    x = _two_squares()
+    expected = explain(hand_built_softcam(), x, "scorecam", target=0)
+    with torch.inference_mode():
+        net = hand_built_softcam()
+    assert next(net.parameters()).is_inference()
+    with pytest.raises(ExplainError, match="inference_mode"):
+        explain(net, x, "gradcam", target=0)
+    torch.testing.assert_close(explain(net, x, "scorecam", target=0), expected)

@@ -167,8 +167,8 @@ def conv_bn_pairs(model: nn.Module, probe: torch.Tensor) -> tuple[tuple[str, str
         names.setdefault(module, name)
     convs = [m for m in names if type(m) is nn.Conv2d]
     norms = [m for m in names if type(m) is nn.BatchNorm2d]
-    if not convs or not norms:
-        return ()
+    if not convs or not norms or any(t.is_inference() for m in (*convs, *norms) for t in _tensors(m)):
+        return ()  # weights made under inference_mode cannot enter the probe's autograd graph
     calls: dict[nn.Module, int] = dict.fromkeys([*convs, *norms], 0)
     produced: dict[int, tuple[nn.Module, torch.Tensor, object]] = {}
     consumed: list[tuple[nn.Module, torch.Tensor, object]] = []
@@ -209,6 +209,11 @@ def conv_bn_pairs(model: nn.Module, probe: torch.Tensor) -> tuple[tuple[str, str
                 and calls[conv] == 1 and calls[norm] == 1 and consumers.get(conv_fn) == 1):
             pairs.append((names[conv], names[norm]))
     return tuple(pairs)
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The module's own parameters and buffers (not its children's)."""
+    return [t for d in (module._parameters, module._buffers) for t in d.values() if t is not None]
 
 
 def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
@@ -307,8 +312,9 @@ def inference_weights(
             for module in modules:
                 for tensors in (module._parameters, module._buffers):
                     for tensor in tensors.values():
-                        if tensor is not None and tensor.dim() == 4 and not tensor.is_contiguous(
-                            memory_format=torch.channels_last
+                        # (inference tensors, made under inference_mode, cannot take a .data swap)
+                        if tensor is not None and tensor.dim() == 4 and not tensor.is_inference() and not (
+                            tensor.is_contiguous(memory_format=torch.channels_last)
                         ):
                             original = tensor.data
                             copy = buffer_for(tensor)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from softcam_core.explain.guard import eval_locked, guarded, inference_weights, model_lock
-from softcam_core.explain.layers import ExplainError, cam_head, model_device, resolve_target_layer
+from softcam_core.explain.layers import ExplainError, cam_head, resolve_target_layer
 
 BASE_METHODS = (
     "softcam",
@@ -41,6 +41,9 @@ BASE_METHODS = (
 METHODS = BASE_METHODS  # the contract names; "cascam:<base>" wraps any of them (CASCAM_PREFIX)
 CASCAM_PREFIX = "cascam:"
 SIGNED_METHODS = frozenset({"softcam", "cam", "integrated_gradients", "guided_backprop"})
+# methods that differentiate through the model (autograd cannot use weights made under inference_mode)
+GRADIENT_METHODS = frozenset({"gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "fullgrad",
+                              "integrated_gradients", "guided_backprop"})
 
 # captum announces, on every call, that it hooks the ReLUs (and removes the hooks): not news here
 warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU activations")
@@ -415,7 +418,13 @@ def explain(
         targets = resolve_targets(target, x.shape[0], num_classes_of(model))
         # gradient methods need autograd even when the caller runs under torch.inference_mode()
         with torch.inference_mode(False):
-            inputs = x.detach().to(model_device(model), torch.float32)
+            weight = next(model.parameters(), None)
+            if method in GRADIENT_METHODS and weight is not None and weight.is_inference():
+                raise ExplainError(
+                    f"{method!r} differentiates through the model, whose weights were created under "
+                    "torch.inference_mode(); load the model outside inference mode"
+                )
+            inputs = x.detach().to(torch.device("cpu") if weight is None else weight.device, torch.float32)
             if inputs.is_inference():
                 inputs = inputs.clone()
             try:
