@@ -95,7 +95,8 @@ def forward_with_cams(
         raise ValueError(f"x must be a (B, 3, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
     from torchcam import methods as torchcam_methods
 
-    with model_lock(model), torch.inference_mode(False), guarded(model):
+    # torchcam differentiates activations only (autograd.grad): no parameter snapshot needed
+    with model_lock(model), torch.inference_mode(False), guarded(model, parameters=False):
         inputs = x.detach().to(model_device(model), torch.float32)
         if inputs.is_inference():
             inputs = inputs.clone()
