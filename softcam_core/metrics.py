@@ -27,9 +27,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import threading
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -500,12 +498,14 @@ def _curves_from_probs(probs: np.ndarray, problems: list[str | None]) -> np.ndar
     return curves
 
 
-# Occluded input pixels per CPU forward pass: 16 inputs of 224 x 224 (fewer for larger inputs, at
-# most 64). Measured for ResNet-18 at 224 px, channels-last, on the 2-core development machine
-# (docs/performance.md, finding 4): CPU-time speed-up 1.57-1.78 at batch 16, 1.47-1.69 at 8,
-# 1.51 at 32 (same runs, load 4-7); larger batches only grow the activations.
+# Occluded inputs per CPU forward pass: 16 (fewer for inputs larger than 224 x 224, so a pass
+# holds at most 16 x 224^2 input pixels). Measured for ResNet-18 at 224 px, channels-last, on the
+# 2-core development machine (docs/performance.md, finding 4): CPU-time speed-up 1.57-1.78 at
+# batch 16, 1.47-1.69 at 8, 1.51 at 32 (same runs, load 4-7); larger batches only grow the
+# activations (at 64 px, 64 per pass reached the higher of two peak-RSS levels of benchmark 6,
+# ~1 385 vs ~1 270 MiB, in 3 of 4 runs; 16 in 1 of 2).
 CPU_DELETION_PIXELS = 16 * 224 * 224
-CPU_DELETION_MAX_BATCH = 64
+CPU_DELETION_MAX_BATCH = 16
 
 
 def _default_batch(device: torch.device, input_shape: tuple[int, ...], jobs: int) -> int:
@@ -522,63 +522,6 @@ def _default_batch(device: torch.device, input_shape: tuple[int, ...], jobs: int
     free, _ = torch.cuda.mem_get_info(device)
     per_input = 4 * int(np.prod(input_shape)) * 64
     return max(1, min(jobs, int(free * 0.5) // per_input))
-
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-# model -> (weights key, its BatchNorm-folded channels-last copy or None); see _folded_copy
-_FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_FOLDED_LOCK = threading.Lock()
-
-
-def _weights_key(modules: list[nn.Module]) -> tuple:
-    """Identity, storage and in-place version of every parameter and buffer: any change of a
-    weight (optimizer step, ``load_state_dict``, ``.data`` swap) gives another key."""
-    return tuple(
-        (id(t), t.data_ptr(), t._version, t.dtype, tuple(t.shape))
-        for m in modules for d in (m._parameters, m._buffers) for t in d.values() if t is not None
-    )
-
-
-def _folded_copy(model: nn.Module) -> nn.Module | None:
-    """An inference copy of ``model`` (in eval mode) with each BatchNorm folded into the
-    convolution before it, held channels-last; None when there is nothing to fold or it can't be.
-
-    Eval-mode BatchNorm is an affine map per channel, so ``bn(conv(x)) = conv'(x)`` with
-    ``w' = w * g / sqrt(v + eps)`` and ``b' = (b - m) * g / sqrt(v + eps) + beta`` (torch.fx's
-    ``fuse``): the same function, one pass over the activations less per convolution; the
-    products round differently (logits ~1e-6 apart for ResNets). Built once per model (~0.4 s for
-    ResNet-18: trace and copy) and cached while its weights are unchanged (weakly keyed: the copy
-    goes with the model); rebuilt when any weight changes. Models with hooks are left alone (a
-    hook may read or change activations the folded copy would not produce), and so are models
-    torch.fx cannot trace (data-dependent Python control flow). Call under the model's lock.
-    """
-    modules = list(model.modules())
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules):
-        return None
-    if any(getattr(m, name, None) for m in modules for name in _HOOK_DICTS):
-        return None
-    try:
-        key = _weights_key(modules)
-    except RuntimeError:  # inference tensors (made under inference_mode) have no version counter
-        return None
-    with _FOLDED_LOCK:
-        cached = _FOLDED.get(model)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    try:
-        from torch.fx.experimental.optimization import fuse
-
-        folded = fuse(model).eval().to(memory_format=torch.channels_last)
-        folded.requires_grad_(False)
-        if sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules()) == sum(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules
-        ):
-            folded = None  # no BatchNorm follows a convolution: the original does as well
-    except Exception:  # not traceable (or not copyable): run the model as it is
-        folded = None
-    with _FOLDED_LOCK:
-        _FOLDED[model] = (key, folded)
-    return folded
 
 
 def _identical_groups(tensors: torch.Tensor) -> list[int]:
@@ -659,12 +602,12 @@ def deletion_curves(
     * **Channels-last on CPU**: the conv weights and each input batch are held channels-last,
       which oneDNN runs 1.2-1.3x faster for ResNets; same sums in another order (~1e-6
       relative). Not on CUDA, where fp32 channels-last was slower.
-    * **BatchNorm folded into the convolutions on CPU** (:func:`_folded_copy`: a cached
-      channels-last copy of the model with ``bn(conv(x))`` computed as one convolution, the same
-      affine map; ~1.2x more on ResNet-18). Models without BatchNorm, with hooks, or that
-      torch.fx cannot trace run as they are, channels-last via
-      :func:`softcam_core.explain.guard.channels_last_weights` (under the model's lock; the
-      original tensors are put back after).
+    * **BatchNorm folded into the convolutions on CPU**: eval-mode ``bn(conv(x))`` is one affine
+      map per channel, so it runs as one convolution with ``w * g / sqrt(v + eps)`` and bias
+      ``(b - m) * g / sqrt(v + eps) + beta`` (~1.2x more on ResNet-18). Both through
+      :func:`softcam_core.explain.guard.inference_weights`, the one implementation explain uses
+      too: under the model's lock, the model's own tensors and modules put back on exit; pairs
+      with hooks are left alone.
     * ``torch.inference_mode`` (no autograd bookkeeping) and the occluded inputs of a batch built
       in one vectorised ``where`` (no per-step Python work beyond the keys).
 
@@ -740,18 +683,18 @@ def deletion_curves(
             batch_size = _default_batch(device, images.shape[1:], len(representatives))
         batch_size = max(1, int(batch_size))
         cpu = device.type == "cpu"
-        runner = model
         with contextlib.ExitStack() as stack:
             stack.enter_context(_EvalMode(model))
             if cpu:
-                from softcam_core.explain.guard import channels_last_weights, model_lock
+                from softcam_core.explain.guard import inference_weights, model_lock
 
                 stack.enter_context(model_lock(model))
-                folded = _folded_copy(model)
-                if folded is not None:
-                    runner = folded  # already channels-last
-                else:
-                    stack.enter_context(channels_last_weights(model))  # outside inference mode: .data swap
+                # channels-last weights with every foldable BatchNorm folded into its convolution,
+                # put back on exit; outside inference mode (the .data swaps). Finding the pairs
+                # takes one autograd forward, impossible with weights made under inference mode:
+                # those run channels-last only
+                probe = None if any(p.is_inference() for p in model.parameters()) else images[:1]
+                stack.enter_context(inference_weights(model, channels_last=True, fold_probe=probe))
             stack.enter_context(torch.inference_mode())
             start = 0
             while start < len(representatives):
@@ -763,7 +706,7 @@ def deletion_curves(
                 if cpu:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 try:
-                    out = _class_probabilities(runner(inputs))
+                    out = _class_probabilities(model(inputs))
                 except torch.cuda.OutOfMemoryError:
                     if batch_size == 1:
                         raise
