@@ -1,8 +1,9 @@
 """Cohort evaluation: any model x explanation methods x metrics, streamed, resumable.
 
-``evaluate_cohort`` walks a synth-style cohort folder in batches of images: preprocess (the next
-batch decoded in a worker thread), classify (one forward), explain with every method (one call
-per method per batch), score every metric against the annotation mask mapped to the model input,
+``evaluate_cohort`` walks a synth-style cohort folder in batches of images: preprocess (on CUDA
+the next batch decoded in a worker thread), classify (one forward), explain with every method
+(one call per method per batch on CUDA, per image on CPU), score every metric against the
+annotation mask mapped to the model input,
 deletion curves of every (image, method) pair of the batch in one call, and append the batch's
 rows to ``per_image.csv`` at once (memory is bounded by the batch, not the cohort; a killed run
 resumes where it stopped). At the end it writes the cohort summary (mean, std, 95%
@@ -555,7 +556,8 @@ def evaluate_cohort(
     forward are its step 0). The ``seconds`` column is then the method's batch time divided by
     the batch's images. Values equal the one-image-at-a-time run (``batch_size=1``) up to the
     float rounding of batched kernels (tests: 1e-5). ``folder`` is used from the calling thread
-    only (``split``, ``mask``, ``classes``, ``root``); the worker thread reads image files.
+    only (``split``, ``mask``, ``classes``, ``root``); on CUDA a worker thread reads and decodes
+    the next batch's image files.
     """
     from tqdm.auto import tqdm
 
