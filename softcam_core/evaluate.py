@@ -355,7 +355,9 @@ def _record_item(record: Any) -> _Item:
         label = next(getattr(record, a) for a in ("label_index", "label") if hasattr(record, a))
         split = getattr(record, "split", "")
     path = Path(path)
-    return _Item(path=path, stem=path.stem, label_index=int(label), split=str(split))
+    # a database record names its image by pseudonym (the stored file is named by its hash)
+    stem = getattr(record, "stem", None) or path.stem
+    return _Item(path=path, stem=str(stem), label_index=int(label), split=str(split))
 
 
 def _open_folder(folder: Any):
@@ -815,7 +817,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "annotations. Streams rows to DIR2/per_image.csv; --resume continues a stopped run.",
     )
     parser.add_argument("--model", required=True, help="checkpoint (.pt) written by `softcam train`")
-    parser.add_argument("--data", required=True, help="cohort folder laid out like `softcam synth` output")
+    parser.add_argument("--data", help="cohort folder laid out like `softcam synth` output (or --cohort)")
+    parser.add_argument("--cohort", help="database cohort (SOFTCAM_DB_URL), scored against the boxes drawn or "
+                                         "imported into the database (instead of --data)")
+    parser.add_argument("--box-label", help="with --cohort: only boxes with this label are ground truth")
     parser.add_argument("--methods", required=True, help="comma-separated method names, e.g. softcam,gradcam,cascam:gradcam")
     parser.add_argument("--out", required=True, help="output folder DIR2")
     parser.add_argument("--annotations", help="COCO JSON with boxes to use instead of the folder's masks/")
@@ -842,9 +847,14 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 def _cli(args: argparse.Namespace) -> int:
     from softcam_core.models import load_checkpoint
 
-    data = Path(args.data)
-    if not data.is_dir():
-        raise ValueError(f"{data}: cohort folder not found")
+    if (args.data is None) == (args.cohort is None):
+        raise ValueError("give either --data DIR (a cohort folder) or --cohort NAME (a database cohort)")
+    if args.cohort and args.annotations:
+        raise ValueError("--annotations replaces a folder's masks; with --cohort the boxes come from the database")
+    if args.box_label and not args.cohort:
+        raise ValueError("--box-label selects database boxes: use it with --cohort")
+    if args.data is not None and not Path(args.data).is_dir():
+        raise ValueError(f"{args.data}: cohort folder not found")
     model, meta = load_checkpoint(args.model)
     baseline: Any = args.baseline
     try:
@@ -858,6 +868,15 @@ def _cli(args: argparse.Namespace) -> int:
         pointing_tolerance=args.tolerance, split=args.split, limit=args.limit,
         resamples=args.bootstrap, seed=args.seed, figures=not args.no_figures, batch_size=args.batch_size,
     )
+    if args.cohort:
+        opener = getattr(args, "open_database_cohort", None)  # set by db/cli.py: softcam_core never imports db
+        if opener is None:
+            raise ValueError("--cohort needs the database package (db)")
+        data, summary = opener(args.cohort, meta, settings, box_label=args.box_label)
+        print(f"cohort {args.cohort}: {summary['images']} images, {summary['with_boxes']} with boxes, "
+              f"{summary['unlabeled_left_out']} unlabeled left out")
+    else:
+        data = Path(args.data)
     result = evaluate_cohort(
         model, meta, data, args.methods.split(","), None, args.out, resume=args.resume,
         annotations=args.annotations, settings=settings,

@@ -189,3 +189,40 @@ def test_the_evaluate_command_is_handed_the_database_cohort_opener(ward, db_env)
     assert summary["images"] == 3 and summary["with_boxes"] == sum(1 for r in source.split("test")[:3] if source.boxes(r.stem))
     with pytest.raises(ValueError, match="database cohort 'ward': no split named 'holdout'"):
         open_database_cohort(COHORT, {"classes": ["healthy", "diseased"]}, EvalSettings(split="holdout"))
+
+
+def test_softcam_evaluate_cohort_scores_a_database_cohort_from_the_command_line(ward, db_env, tiny_checkpoint,
+                                                                                 tmp_path, capsys):
+    """`softcam evaluate --cohort NAME`: rows named by pseudonym, a full-image box gives precision 1; bad
+    combinations of --data / --cohort / --annotations / --box-label exit non-zero with one line."""
+    import pandas as pd
+
+    from db import repository
+    from db.session import session_scope
+    from softcam_core.cli import main
+
+    first = _source(db_env).split("all")[0]
+    with session_scope(db_env) as s:
+        for annotation_id, version, _ in _live_boxes(db_env, first.image_id):
+            repository.delete_annotation(s, annotation_id, None, expected_version=version)
+        repository.save_annotation(s, first.image_id, Box(0, 0, first.width, first.height), "lesion", None)
+        pseudonym = repository.get_image(s, first.image_id).pseudonym
+    checkpoint = str(tiny_checkpoint("fundus"))
+    out = tmp_path / "out"
+    status = main(["evaluate", "--model", checkpoint, "--cohort", COHORT, "--methods", "gradcam", "--out", str(out),
+                   "--split", "all", "--limit", "2", "--metrics", "activation_precision", "--no-figures",
+                   "--bootstrap", "50", "--box-label", "lesion"])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert f"cohort {COHORT}: 2 images, 1 with boxes" in printed
+    rows = pd.read_csv(out / "per_image.csv", dtype={"image": str}).set_index("image")
+    assert rows.loc[pseudonym, "activation_precision"] == pytest.approx(1.0, abs=1e-6)
+
+    for extra, message in ((["--data", str(ward)], "either --data DIR"),
+                           (["--annotations", str(ward / "annotations.json")], "--annotations replaces")):
+        assert main(["evaluate", "--model", checkpoint, "--cohort", COHORT, "--methods", "gradcam",
+                     "--out", str(tmp_path / "bad"), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["evaluate", "--model", checkpoint, "--data", str(ward), "--methods", "gradcam",
+                 "--out", str(tmp_path / "bad"), "--box-label", "lesion"]) == 2
+    assert "use it with --cohort" in capsys.readouterr().err
