@@ -8,6 +8,7 @@ come from ``python -m bench`` (docs/performance.md).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import re
 import sys
 
@@ -124,5 +125,22 @@ def test_cli_rejects_unknown_benchmark(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--only", "nope"])
     assert exc.value.code == 2 and "unknown benchmark nope" in capsys.readouterr().err
-    assert set(BENCHMARKS) == {"forward", "explain_overhead", "fast_methods", "deletion", "evaluate_memory"}
+    assert set(BENCHMARKS) == {"forward", "explain_overhead", "fast_methods", "deletion", "evaluate_memory",
+                               "review_latency"}
     assert Config(level="quick").pick(1, 2, 3) == 2
+
+
+@pytest.mark.e2e
+def test_review_latency_tiny_measures_open_and_reopen_in_the_browser(tmp_path, capsys):
+    import shutil
+
+    from tests.plugins.app import CHROMIUM
+
+    if not (Path(CHROMIUM).is_file() or shutil.which("chromium")):
+        pytest.skip(f"no Chromium at {CHROMIUM} (install Debian's chromium: `make chromium`)")
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    out, payload = run_bench("review_latency", tmp_path, capsys)
+    opened, reopened = payload["results"]
+    assert opened["unit"] == "ms" and opened["reference"] == 2000 and reopened["reference"] == 500
+    assert opened["extra"]["images"] == reopened["extra"]["images"] == 2 and opened["ours"] > 0
+    assert "review open to SoftCAM + Grad-CAM on screen" in out and LINE.search(out)
