@@ -276,6 +276,8 @@ _MAP_CACHE_SIZE = 256
 FORWARD_LOGITS = "forward:logits"
 FORWARD_EVIDENCE = "forward:evidence"
 _MAP_LOCK = threading.Lock()
+# model inputs of recently opened images: (image fingerprint, size, mean, std) -> (tensor, Geometry)
+_PREPARED: OrderedDict[tuple, tuple[Any, Any]] = OrderedDict()
 
 
 def _memory_get(key: str) -> tuple[np.ndarray, float] | None:
@@ -314,7 +316,18 @@ class ImageSession:
         self.model_id = model_id
         self.image_id = image_fingerprint(image.pixels)
         self.store = store
-        tensor, self.geometry = preprocess(image, int(meta["img_size"]), meta["mean"], meta["std"])
+        # a page rerun (display control, reopened image) rebuilds the session: the model input is kept
+        # (the fundus crop search and resampling cost 20-60 ms per run)
+        prepared_key = (self.image_id, int(meta["img_size"]), tuple(meta["mean"]), tuple(meta["std"]))
+        with _MAP_LOCK:
+            prepared = _PREPARED.get(prepared_key)
+        if prepared is None:
+            prepared = preprocess(image, int(meta["img_size"]), meta["mean"], meta["std"])
+            with _MAP_LOCK:
+                _PREPARED[prepared_key] = prepared
+                while len(_PREPARED) > 16:
+                    _PREPARED.popitem(last=False)
+        tensor, self.geometry = prepared
         device = next(model.parameters()).device
         self.x = tensor.unsqueeze(0).to(device)
         self._torch = torch
