@@ -17,14 +17,13 @@ share the pass: :data:`FUSABLE_METHODS`. Everything else goes through ``explain`
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from softcam_core.explain.guard import guarded, model_lock
+from softcam_core.explain.guard import autograd_from, guarded, model_lock
 from softcam_core.explain.layers import model_device, resolve_target_layer
 from softcam_core.explain.methods import resize_to, resolve_targets
 
@@ -45,29 +44,6 @@ class FusedForward:
     maps: torch.Tensor | None
     targets: list[int]
     cams: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-@contextmanager
-def _autograd_from(layer: nn.Module) -> Iterator[None]:
-    """Inside: the model runs without autograd up to ``layer``; its output starts a fresh graph.
-
-    A forward hook (first in line, so torchcam's hooks store the new tensor) detaches the output,
-    marks it as requiring grad and switches grad mode on for the rest of the forward pass; grad
-    mode is put back on exit (it is thread-local, so other threads are not affected).
-    """
-    previous = torch.is_grad_enabled()
-
-    def start_graph(_module, _inputs, output):
-        torch.set_grad_enabled(True)
-        return output.detach().requires_grad_(True)
-
-    handle = layer.register_forward_hook(start_graph, prepend=True)
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        handle.remove()
-        torch.set_grad_enabled(previous)
 
 
 def forward_with_cams(
@@ -101,7 +77,7 @@ def forward_with_cams(
         if inputs.is_inference():
             inputs = inputs.clone()
         layer = resolve_target_layer(model, None)
-        with _autograd_from(layer):
+        with autograd_from(layer):
             extractors = {m: getattr(torchcam_methods, FUSABLE_METHODS[m])(model, target_layer=layer)
                           for m in dict.fromkeys(methods)}
             try:

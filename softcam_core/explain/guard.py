@@ -422,3 +422,29 @@ def eval_locked(model: nn.Module) -> Iterator[None]:
                 _restore_training(modules, modes)
             elif any(map(_TRAINING, modules)):
                 _restore_training(modules, [False] * len(modules))
+
+
+@contextmanager
+def autograd_from(layer: nn.Module) -> Iterator[None]:
+    """Inside: the model runs without autograd up to ``layer``; its output starts a fresh graph.
+
+    A forward hook (first in line, so torchcam's hooks store the new tensor) detaches the output,
+    marks it as requiring grad and switches grad mode on for the rest of the forward pass; grad
+    mode is put back on exit (it is thread-local, so other threads are not affected). For the
+    methods that need gradients at ``layer`` only (Grad-CAM family): the backbone's forward pass
+    records no graph and nothing is back-propagated through it, and the gradient at ``layer`` is
+    the same as with a full graph.
+    """
+    previous = torch.is_grad_enabled()
+
+    def start_graph(_module, _inputs, output):
+        torch.set_grad_enabled(True)
+        return output.detach().requires_grad_(True)
+
+    handle = layer.register_forward_hook(start_graph, prepend=True)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        handle.remove()
+        torch.set_grad_enabled(previous)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softcam_core.explain.guard import eval_locked, guarded, inference_weights, model_lock
+from softcam_core.explain.guard import autograd_from, eval_locked, guarded, inference_weights, model_lock
 from softcam_core.explain.layers import ExplainError, cam_head, resolve_target_layer
 
 BASE_METHODS = (
@@ -219,11 +219,11 @@ def _torchcam_maps(class_name: str, uses_gradients: bool, model: nn.Module, x: t
 
     extractor = getattr(torchcam_methods, class_name)(model, target_layer=layer, **kwargs)
     try:
-        # gradient-free methods run under inference mode (torchcam's documented usage):
-        # no autograd bookkeeping for any of their forward passes
-        with torch.set_grad_enabled(uses_gradients) if uses_gradients else torch.inference_mode():
-            # the input requires grad so the graph exists even when the user froze the model
-            scores = model(x.detach().requires_grad_(uses_gradients))
+        # gradient-free methods run under inference mode (torchcam's documented usage): no
+        # autograd bookkeeping for any of their forward passes; the gradient methods need the
+        # gradient at the hooked layer only, so the graph starts there (guard.autograd_from)
+        with autograd_from(layer) if uses_gradients else torch.inference_mode():
+            scores = model(x.detach())
             class_idx = targets if targets is not None else scores.argmax(1).tolist()
             if uses_gradients:
                 return extractor(class_idx=class_idx, scores=scores, normalized=False)
