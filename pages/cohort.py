@@ -46,7 +46,9 @@ def cohort_title(name: str) -> str:
 top_left, top_right = st.columns(2)
 with top_left:
     cohort_names = list(choices)
-    cohort_name = st.selectbox("Cohort", cohort_names, format_func=cohort_title, key="cohort_name")
+    # first offer a cohort with a folder (labelled, split: the demo cohorts) over e.g. the unlabelled uploads
+    default = next((i for i, n in enumerate(cohort_names) if choices[n]["folder"]), 0)
+    cohort_name = st.selectbox("Cohort", cohort_names, index=default, format_func=cohort_title, key="cohort_name")
 choice = choices[cohort_name]
 truths = [t for t in evaluation.GROUND_TRUTHS
           if (t == "database" and choice["in_database"]) or (t == "folder" and choice["folder"])]
