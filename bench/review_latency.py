@@ -62,7 +62,7 @@ def sign_in(page, url: str) -> None:
 
 def wait_for_maps(page, name: str, count: int = 4) -> None:
     """Until image ``name``'s maps are all sent (the page's closing caption) and ``count`` figures drawn."""
-    page.wait_for_function(_MAPS_DRAWN, arg=[count, name], timeout=TIMEOUT_MS, polling=50)
+    page.wait_for_function(_MAPS_DRAWN, arg=[count, name], timeout=TIMEOUT_MS, polling="raf")
 
 
 def step(page, button: str, name: str) -> float:

@@ -251,9 +251,24 @@ def current_model() -> viewer.CheckpointInfo | None:
     return None
 
 
+_FROZEN_MODELS: set[int] = set()
+
+
 def load_model(path):
-    """``(model, meta)`` from ``softcam_core.viewer.load_model`` (cached across sessions by path and mtime)."""
-    return viewer.load_model(path)
+    """``(model, meta)`` from ``softcam_core.viewer.load_model`` (cached across sessions by path and mtime).
+
+    After a model is first loaded, the process's long-lived objects (libraries, the model) are moved
+    out of the garbage collector's reach (``gc.freeze``): a full collection then scans only what page
+    runs allocate instead of ~0.3 s of torch and plotly objects, which otherwise lands in a page run
+    now and then (docs/performance.md, finding 7).
+    """
+    import gc
+
+    model, meta = viewer.load_model(path)
+    if id(model) not in _FROZEN_MODELS:
+        _FROZEN_MODELS.add(id(model))
+        gc.freeze()
+    return model, meta
 
 
 # --------------------------------------------------------------------------------------------------
