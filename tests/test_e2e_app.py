@@ -212,9 +212,10 @@ def test_cohort_evaluation_runs_and_its_csv_downloads(page, server, tmp_path):
     wait_idle(page)
     limit = page.get_by_label("At most this many images (0 = all)")
     limit.fill("2")
-    limit.press("Enter")
+    limit.press("Tab")  # commits the value; Enter would submit the form and start a second job
     page.get_by_role("button", name="Run evaluation").click()
     page.get_by_text("Cohort summary").wait_for(timeout=300_000)
+    assert page.get_by_text("Evaluation job 2 started").count() == 0  # one click, one job
     wait_idle(page)
     page.locator(".js-plotly-plot").first.wait_for()  # the figures of the finished evaluation
     assert_no_exception(page)
