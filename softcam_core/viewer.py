@@ -276,7 +276,7 @@ _MAP_CACHE_SIZE = 256
 FORWARD_LOGITS = "forward:logits"
 FORWARD_EVIDENCE = "forward:evidence"
 _MAP_LOCK = threading.Lock()
-# model inputs of recently opened images: (image fingerprint, size, mean, std) -> (tensor, Geometry)
+# model inputs of recently opened images: (image fingerprint, modality, size, mean, std) -> (tensor, Geometry)
 _PREPARED: OrderedDict[tuple, tuple[Any, Any]] = OrderedDict()
 
 
@@ -318,7 +318,8 @@ class ImageSession:
         self.store = store
         # a page rerun (display control, reopened image) rebuilds the session: the model input is kept
         # (the fundus crop search and resampling cost 20-60 ms per run)
-        prepared_key = (self.image_id, int(meta["img_size"]), tuple(meta["mean"]), tuple(meta["std"]))
+        prepared_key = (self.image_id, getattr(image, "modality", None), int(meta["img_size"]),
+                        tuple(meta["mean"]), tuple(meta["std"]))  # the modality picks crop vs letterbox
         with _MAP_LOCK:
             prepared = _PREPARED.get(prepared_key)
         if prepared is None:

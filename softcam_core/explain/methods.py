@@ -163,7 +163,9 @@ def _softcam(model: nn.Module, x: torch.Tensor, targets: list[int] | None) -> to
             f"'softcam' needs a SoftCAM net (forward_with_maps); {type(model).__name__} is a black box: "
             "use a post-hoc method"
         )
-    with eval_locked(model), torch.no_grad():
+    # inference mode, as torchcam's gradient-free methods run: no autograd bookkeeping at all
+    # (explain() clones the inference tensor it returns)
+    with eval_locked(model), torch.inference_mode():
         logits, maps = model.forward_with_maps(x)
         if targets is None:
             targets = logits.argmax(1).tolist()
@@ -173,7 +175,7 @@ def _softcam(model: nn.Module, x: torch.Tensor, targets: list[int] | None) -> to
 def _cam(model: nn.Module, x: torch.Tensor, targets: list[int] | None) -> torch.Tensor:
     """Classic CAM (Zhou et al. 2016): ``sum_k W[c, k] A_k`` on the last feature map, signed, no bias."""
     captured: list[torch.Tensor] = []
-    with guarded(model, parameters=False), torch.no_grad():
+    with guarded(model, parameters=False), torch.inference_mode():
         # resolved under the model's lock: another thread's AblationCAM may have swapped the layer
         layer, linear, relu = cam_head(model)
         handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
