@@ -30,7 +30,6 @@ NAME = "review_latency"
 OPEN_BUDGET_S = 2.0
 REOPEN_BUDGET_S = 0.5
 TIMEOUT_MS = 300_000
-ADMIN = ("admin", "softcam-admin")
 
 # the page has sent its 'Maps of <image> ready' caption (written after the last map of that image),
 # and at least ``count`` plotly figures carry a drawn heatmap or image layer
@@ -50,14 +49,6 @@ def settings(config: Config) -> dict:
         quick=dict(n_images=4, arch="resnet50", img_size=512, image_size=512),
         full=dict(n_images=6, arch="resnet50", img_size=512, image_size=512),
     )
-
-
-def sign_in(page, url: str) -> None:
-    page.goto(url)
-    page.get_by_label("User name").fill(ADMIN[0])
-    page.get_by_role("textbox", name="Password").fill(ADMIN[1])
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_selector("[data-testid='stSidebarNav']")
 
 
 def wait_for_maps(page, name: str, count: int = 4) -> None:
@@ -92,6 +83,8 @@ def measure(url: str, names: list[str], browser) -> dict[str, list[float]]:
     page.set_default_timeout(TIMEOUT_MS)
     out: dict[str, list[float]] = {"open": [], "reopen": [], "server_open": [], "server_reopen": []}
     try:
+        from tests.plugins.app import sign_in
+
         sign_in(page, url)
         wait_for_maps(page, names[0])  # model load and warm-up
         for name in names[1:]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from tests.plugins.app import ADMIN, ROOT, dicom_from_png, prepare_home, run_server
+from tests.plugins.app import ROOT, dicom_from_png, prepare_home, run_server, sign_in
 
 pytestmark = pytest.mark.e2e
 TIMEOUT_MS = 180_000
@@ -64,14 +64,6 @@ def wait_idle(page) -> None:
     page.wait_for_timeout(600)
     page.wait_for_function(
         "!document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=TIMEOUT_MS)
-
-
-def sign_in(page, url: str, path: str = "") -> None:
-    page.goto(f"{url}/{path}")
-    page.get_by_label("User name").fill(ADMIN[0])
-    page.get_by_role("textbox", name="Password").fill(ADMIN[1])
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_selector("[data-testid='stSidebarNav']")
 
 
 def maps_on_screen(page, count: int, title: str) -> None:

@@ -117,6 +117,15 @@ def run_server(home: Path, log_path: Path, timeout: float = 90.0):
         log.close()
 
 
+def sign_in(page, url: str, path: str = "") -> None:
+    """Sign in as the first-run admin on the server at ``url`` (Playwright page), then open ``path``."""
+    page.goto(f"{url}/{path}")
+    page.get_by_label("User name").fill(ADMIN[0])
+    page.get_by_role("textbox", name="Password").fill(ADMIN[1])
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_selector("[data-testid='stSidebarNav']")
+
+
 @pytest.fixture(scope="module")
 def browser():
     """Headless Debian Chromium through Playwright; skips with the reason when either is missing."""
