@@ -36,11 +36,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from annotations.geometry import Box, boxes_to_mask, geometry_from_json
+from softcam_core.data import SplitRecords
 
 from .schema import Annotation, Cohort, Image
 
 UNLABELED = "(unlabeled)"  # the class name unlabeled images are scored under
-STANDARD_SPLITS = ("train", "val", "test")
 GROUND_TRUTHS = {
     "database": "Boxes in the database (drawn or imported)",
     "folder": "Lesion masks of the cohort folder",
@@ -71,7 +71,7 @@ class DatabaseRecord:
 
 
 @dataclass
-class DatabaseCohort:
+class DatabaseCohort(SplitRecords):
     """A snapshot of a database cohort that ``evaluate_cohort`` accepts as its ``folder``.
 
     Attributes: ``name``, ``root`` (text naming the cohort, for messages), ``classes``,
@@ -90,33 +90,12 @@ class DatabaseCohort:
         self.root = f"database cohort {self.name!r}"
         self._by_stem = {r.path.stem: r for r in self.records} | {r.pseudonym: r for r in self.records}
 
-    def __len__(self) -> int:
-        return len(self.records)
+    @property
+    def _where(self) -> str:
+        return self.root
 
     def __repr__(self) -> str:
         return f"DatabaseCohort({self.name!r}, {len(self.records)} images, classes={self.classes})"
-
-    @property
-    def splits(self) -> list[str]:
-        present = {r.split for r in self.records if r.split}
-        return [s for s in STANDARD_SPLITS if s in present] + sorted(present - set(STANDARD_SPLITS))
-
-    def split(self, name: str) -> list[DatabaseRecord]:
-        """Records of split ``name`` in import order; ``"all"`` gives every record (images without a
-        split too). A standard split with no image gives ``[]``; another unknown name raises."""
-        if name == "all":
-            return list(self.records)
-        chosen = [r for r in self.records if r.split == name]
-        if not chosen and name not in STANDARD_SPLITS:
-            raise ValueError(f"{self.root}: no split named {name!r} (splits: {', '.join(self.splits) or 'none'})")
-        return chosen
-
-    def record(self, stem: str) -> DatabaseRecord:
-        """The record of an image by pseudonym or stored-file stem (its sha256)."""
-        try:
-            return self._by_stem[stem]
-        except KeyError:
-            raise ValueError(f"{self.root}: no image {stem!r}") from None
 
     def boxes(self, stem: str) -> list[Box]:
         """Live boxes of an image (of :attr:`box_label` when set), image pixels, oldest first."""

@@ -64,7 +64,48 @@ def order_classes(names: Sequence[str]) -> list[str]:
     return ordered
 
 
-class CohortFolder:
+class SplitRecords:
+    """Split selection and image lookup shared by the cohort sources ``evaluate_cohort`` reads (a
+    :class:`CohortFolder`, or a database cohort in ``db/evaluation.py``).
+
+    Subclasses provide ``records`` (each with ``.split``), ``_by_stem`` (image key -> record) and
+    ``_where`` (what bad-input messages name).
+    """
+
+    records: list
+    _by_stem: dict
+    _where: object
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def splits(self) -> list[str]:
+        """Split names present, standard ones first (train, val, test)."""
+        present = {r.split for r in self.records if r.split}
+        return [s for s in STANDARD_SPLITS if s in present] + sorted(present - set(STANDARD_SPLITS))
+
+    def split(self, name: str) -> list:
+        """Records of split ``name`` in source order; ``"all"`` gives every record (images without a
+        split too). A standard split (train/val/test) with no image gives ``[]``; any other unknown
+        name raises :class:`CohortError`."""
+        if name == "all":
+            return list(self.records)
+        chosen = [r for r in self.records if r.split == name]
+        if not chosen and name not in STANDARD_SPLITS:
+            raise CohortError(f"{self._where}: no split named {name!r} (splits: {', '.join(self.splits) or 'none'})")
+        return chosen
+
+    def record(self, stem: str):
+        """The record of image ``stem`` (file name without suffix; a database cohort also takes the
+        pseudonym)."""
+        try:
+            return self._by_stem[stem]
+        except KeyError:
+            raise CohortError(f"{self._where}: no image with stem {stem!r}") from None
+
+
+class CohortFolder(SplitRecords):
     """A cohort folder read from disk (see module doc); checks labels.csv and that every image exists.
 
     Attributes: ``root`` (Path), ``classes`` (class names; index = label_index), ``records``
@@ -165,34 +206,12 @@ class CohortFolder:
 
     # -- access ---------------------------------------------------------------------------------
 
-    def __len__(self) -> int:
-        return len(self.records)
+    @property
+    def _where(self) -> Path:
+        return self.labels_path
 
     def __repr__(self) -> str:
         return f"CohortFolder({str(self.root)!r}, {len(self.records)} images, classes={self.classes})"
-
-    @property
-    def splits(self) -> list[str]:
-        """Split names present, standard ones first (train, val, test)."""
-        present = {r.split for r in self.records}
-        return [s for s in STANDARD_SPLITS if s in present] + sorted(present - set(STANDARD_SPLITS))
-
-    def split(self, name: str) -> list[Record]:
-        """Records of split ``name`` in labels.csv order; ``"all"`` gives every record. A standard
-        split (train/val/test) the file lacks gives an empty list; any other unknown name raises."""
-        if name == "all":
-            return list(self.records)
-        chosen = [r for r in self.records if r.split == name]
-        if not chosen and name not in STANDARD_SPLITS:
-            raise CohortError(f"{self.labels_path}: no split named {name!r} (splits: {', '.join(self.splits) or 'none'})")
-        return chosen
-
-    def record(self, stem: str) -> Record:
-        """The record of image ``stem`` (file name without suffix)."""
-        try:
-            return self._by_stem[stem]
-        except KeyError:
-            raise CohortError(f"{self.labels_path}: no image with stem {stem!r}") from None
 
     def mask(self, stem: str) -> np.ndarray | None:
         """Lesion mask of image ``stem``: bool (H, W) in original image pixels, or None when the folder
