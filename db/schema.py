@@ -34,6 +34,7 @@ ANNOTATION_KINDS = ("box", "point", "polygon", "mask")
 PROVENANCES = ("drawn", "imported", "derived")
 AUDIT_ACTIONS = ("create", "update", "delete", "restore")
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+FINISHED_JOB_STATUSES = ("done", "failed", "cancelled")  # final: nothing moves a job out of these
 
 # constraint names fixed so migrations on SQLite (batch mode) and PostgreSQL agree
 NAMING = {
@@ -261,3 +262,6 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     result_path: Mapped[str | None] = mapped_column(String(1000))
     error: Mapped[str | None] = mapped_column(Text)
+    # "host:pid:start" of the process whose thread runs the job, so a restarted app can tell the
+    # jobs its dead predecessor left "running" from those another live server process is running
+    worker: Mapped[str | None] = mapped_column(String(200))

@@ -120,19 +120,28 @@ st.session_state["cohort_job"] = job_id
 
 
 @st.fragment(run_every=1.0)
-def job_progress(job_id: int) -> None:
-    """Polls the job row: progress survives reloads because it lives in the database, not the session."""
+def job_progress(job_id: int, drawn_status: str) -> None:
+    """Polls the job row: progress survives reloads because it lives in the database, not the session.
+
+    ``drawn_status`` is the status the rest of the page was drawn for; when the row has moved on
+    (queued -> running -> done or failed) the whole page is redrawn, so the job's label, its
+    progress and its results always describe the same moment.
+    """
     job = common.get_job(job_id)
     if job is None:
         return
-    if job.status in ("queued", "running"):
-        total = job.progress_total or 0
-        fraction = (job.progress_done / total) if total else 0.0
-        st.progress(min(fraction, 1.0), text=f"{job.status.capitalize()}: {job.progress_done}/{total or '?'} "
-                                                f"image × method · {job.message or ''}")
-        st.session_state["cohort_job_running"] = True
-    elif st.session_state.pop("cohort_job_running", False):
-        st.rerun()  # the job just finished: redraw the whole page with its results
+    if job.status != drawn_status:
+        st.rerun()
+    total = job.progress_total or 0
+    fraction = (job.progress_done / total) if total else 0.0
+    st.progress(min(fraction, 1.0), text=f"{job.status.capitalize()}: {job.progress_done}/{total or '?'} "
+                                            f"image × method · {job.message or ''}")
+    if st.button("Cancel evaluation", key=f"cohort_cancel_{job_id}", icon=":material/cancel:",
+                 help="Stops the job after the image × method in progress."):
+        problem = common.cancel_job(job_id, user)
+        if problem:
+            st.toast(problem)  # it had finished meanwhile; the rerun shows how
+        st.rerun()
 
 
 def compact_summary(cohort: pd.DataFrame) -> pd.DataFrame:
@@ -150,11 +159,16 @@ def compact_summary(cohort: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-job = common.get_job(job_id)
+job = next(j for j in jobs if j.id == job_id)  # the snapshot the selector's label was drawn from
 st.caption(f"Ground truth: {evaluation.ground_truth_text(job.params or {})}")
-job_progress(job_id)
+if job.status in ("queued", "running"):
+    job_progress(job_id, job.status)
 if job.status == "failed":
     st.error(f"Evaluation failed: {job.error}")
+    st.stop()
+if job.status == "cancelled":
+    st.info(f"Evaluation {job.message or 'cancelled'} after {job.progress_done}/{job.progress_total or '?'} "
+            "image × method.")
     st.stop()
 if job.status != "done" or not job.result_path:
     st.stop()

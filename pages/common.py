@@ -81,6 +81,8 @@ def _start_database(url: str) -> bool:
         if not repository.list_users(session):
             password = os.environ.get("SOFTCAM_ADMIN_PASSWORD") or DEFAULT_ADMIN_PASSWORD
             repository.create_user(session, DEFAULT_ADMIN, "admin", password, display_name="Administrator")
+        # jobs a stopped app process left "running" would otherwise show progress forever
+        repository.close_interrupted_jobs(session)
     register_demo_cohorts()
     return True
 
@@ -693,17 +695,40 @@ def job_label(job) -> str:
 
 
 def _job_callbacks(job_id: int):
+    """``(report, finish_with, fail)`` writing to the job row; each raises ``viewer.JobCancelled``
+    once the row is finished elsewhere (cancelled on a page), which stops the worker."""
     from db import repository
 
+    def update(**fields) -> None:
+        try:
+            with session() as s:
+                repository.update_job(s, job_id, **fields)
+        except repository.JobFinishedError as exc:
+            raise viewer.JobCancelled(str(exc)) from None
+
     def report(done: int, total: int, message: str) -> None:
-        with session() as s:
-            repository.update_job(s, job_id, done=done, total=total, message=message, status="running")
+        update(done=done, total=total, message=message, status="running")
+
+    def finish_with(fields_of):
+        """The ``finish`` callback: marks the job done with ``fields_of(result)`` (a dict)."""
+        return lambda result: update(status="done", **fields_of(result))
 
     def fail(message: str) -> None:
-        with session() as s:
-            repository.update_job(s, job_id, status="failed", error=message)
+        update(status="failed", error=message)
 
-    return report, fail
+    return report, finish_with, fail
+
+
+def cancel_job(job_id: int, user: User | None) -> str | None:
+    """Cancel a queued or running job; ``None``, or why it could not be (it had finished)."""
+    from db import repository
+
+    try:
+        with session() as s:
+            repository.cancel_job(s, job_id, user.id if user else None)
+    except repository.RepositoryError as exc:
+        return one_line(exc)
+    return None
 
 
 def start_evaluation_job(params: dict, user: User | None) -> int:
@@ -724,10 +749,10 @@ def start_evaluation_job(params: dict, user: User | None) -> int:
     params = dict(params, ground_truth=params.get("ground_truth") or "folder", ground_truth_summary=summary)
     with session() as s:
         job = repository.create_job(s, "evaluate", params=params, user=user.id if user else None,
-                                    message="queued")
+                                    message="queued", worker=repository.this_worker())
         job_id = job.id
     out_dir = softcam_home() / "evaluations" / f"job-{job_id}"
-    report, fail = _job_callbacks(job_id)
+    report, finish_with, fail = _job_callbacks(job_id)
 
     def work(progress):
         model, meta = viewer.load_model(params["model"])
@@ -737,11 +762,8 @@ def start_evaluation_job(params: dict, user: User | None) -> int:
                                  out_dir, progress=progress, settings=settings)
         return result
 
-    def finish(result) -> None:
-        with session() as s:
-            repository.update_job(s, job_id, status="done", result_path=str(out_dir),
-                                  message=f"{len(result.per_image)} image × method rows")
-
+    finish = finish_with(lambda result: {"result_path": str(out_dir),
+                                         "message": f"{len(result.per_image)} image × method rows"})
     viewer.run_in_background(work, report=report, finish=finish, fail=fail, name=f"evaluate-{job_id}")
     return job_id
 
@@ -829,9 +851,9 @@ def start_training_job(params: dict, user: User | None) -> int:
         raise ValueError(f"{out.name}: a checkpoint with this name exists; choose another name")
     with session() as s:
         job = repository.create_job(s, "train", params=dict(params, out=str(out)), user=user.id if user else None,
-                                    total=params["epochs"], message="starting")
+                                    total=params["epochs"], message="starting", worker=repository.this_worker())
         job_id = job.id
-    report, fail = _job_callbacks(job_id)
+    report, finish_with, fail = _job_callbacks(job_id)
 
     def work(progress):
         def on_step(epoch: int, step: int, metrics: dict) -> None:
@@ -847,10 +869,6 @@ def start_training_job(params: dict, user: User | None) -> int:
                      l2=params["l2"], epochs=params["epochs"], img_size=params["img_size"], progress=on_step,
                      show_progress=False)
 
-    def finish(result) -> None:
-        with session() as s:
-            repository.update_job(s, job_id, status="done", result_path=str(out),
-                                  message=f"saved {out.name}")
-
+    finish = finish_with(lambda result: {"result_path": str(out), "message": f"saved {out.name}"})
     viewer.run_in_background(work, report=report, finish=finish, fail=fail, name=f"train-{job_id}")
     return job_id

@@ -94,8 +94,17 @@ if jobs:
                 st.progress(min(job.progress_done / total, 1.0) if total else 0.0,
                             text=f"{label} · {job.message or ''}")
                 st.session_state["train_running"] = True
+                if st.button("Cancel training", key=f"train_cancel_{job.id}", icon=":material/cancel:",
+                             help="Stops after the current step. Once an epoch has finished, its best-on-validation "
+                                  "checkpoint so far stays in the model list."):
+                    problem = common.cancel_job(job.id, user)
+                    if problem:
+                        st.toast(problem)  # it had finished meanwhile; the rerun shows how
+                    st.rerun()
             elif job.status == "failed":
                 st.error(f"{label}: {job.error}")
+            elif job.status == "cancelled":
+                st.info(f"{label}: {job.message or 'cancelled'}")
             else:
                 st.success(f"{label}: {job.message or 'done'}")
         if st.session_state.get("train_running") and not any(j.status in ("queued", "running")

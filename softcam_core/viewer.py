@@ -983,6 +983,10 @@ def diff_boxes(saved: Sequence[tuple[Any, Sequence[Any]]], edited: Sequence[Sequ
 ProgressReport = Callable[[int, int, str], None]  # (done, total, message)
 
 
+class JobCancelled(Exception):
+    """Raised by a job's ``report`` callback when the job was cancelled: the worker stops there."""
+
+
 def run_in_background(
     work: Callable[[ProgressReport], Any],
     *,
@@ -996,8 +1000,10 @@ def run_in_background(
 
     ``report`` (e.g. a database update of the job row) is called at most every ``min_interval``
     seconds, plus always for the last step, so a fast loop does not hammer the database.
-    ``finish(result)`` runs on success; ``fail(message)`` with a one-line message on any exception.
-    The page polls the job row, so the work survives page reloads and browser disconnects.
+    ``finish(result)`` runs on success; ``fail(message)`` with a one-line message on any exception
+    (``finish`` raising included). A callback raising :class:`JobCancelled` ends the work quietly:
+    the job was cancelled, so there is nothing to record. The page polls the job row, so the work
+    survives page reloads and browser disconnects.
     """
     last = [0.0]
 
@@ -1009,11 +1015,14 @@ def run_in_background(
 
     def target() -> None:
         try:
-            result = work(progress)
-        except BaseException as exc:  # the thread must always leave the job in a final state
-            fail(" ".join(str(exc).split()) or exc.__class__.__name__)
+            finish(work(progress))
+        except JobCancelled:
             return
-        finish(result)
+        except BaseException as exc:  # the thread must always leave the job in a final state
+            try:
+                fail(" ".join(str(exc).split()) or exc.__class__.__name__)
+            except JobCancelled:
+                return
 
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()

@@ -238,6 +238,26 @@ def test_run_in_background_throttles_but_always_reports_the_last_step_and_failur
     assert finished == [] and failed == ["cohort.csv: disk full"]
 
 
+def test_run_in_background_stops_quietly_when_the_job_is_cancelled():
+    """A report raising JobCancelled (the job row was cancelled) ends the work: no more steps, and
+    neither finish nor fail is called, since either would overwrite the cancellation."""
+    steps, finished, failed = [], [], []
+
+    def report(done, total, message):
+        if done == 3:
+            raise viewer.JobCancelled("job 1 is cancelled")
+
+    def work(progress):
+        for i in range(1, 11):
+            steps.append(i)
+            progress(i, 10, "")
+        return "result"
+
+    viewer.run_in_background(work, report=report, finish=finished.append, fail=failed.append,
+                             min_interval=0.0).join(5)
+    assert steps == [1, 2, 3] and finished == [] and failed == []
+
+
 def test_overlay_makes_the_map_transparent_outside_the_model_crop():
     pixels = np.zeros((10, 20), dtype=np.uint8)
     heat = np.ones((10, 20), dtype=np.float32)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import sys
 import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +24,7 @@ from db.schema import Annotation, AnnotationAudit, Image
 from db.session import current_revision, get_engine, head_revision, session_scope, upgrade
 
 FIRST_REVISION = "0001_initial"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- migrations --------------------------------------------------------------------------------
@@ -32,7 +35,7 @@ def test_migrated_database_matches_the_models(engine):
 
     from db.schema import Base
 
-    assert current_revision(engine) == head_revision() == "0002_jobs_metrics"
+    assert current_revision(engine) == head_revision() == "0003_job_worker"
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     assert upgrade(engine) == head_revision()  # idempotent: the app calls it on every start
@@ -214,6 +217,55 @@ def test_models_maps_metrics_jobs(session, tmp_path):
     assert repo.list_metric_results(session, first, per_image=False)[0].value is None
     with pytest.raises(repo.RepositoryError, match="job status"):
         repo.update_job(session, job.id, status="weird")
+
+
+def test_finished_jobs_never_change_and_cancelling_stops_at_the_next_report(session):
+    admin = repo.create_user(session, "ada", "researcher", "pw-ada-1234")
+    job = repo.create_job(session, "evaluate", total=10)
+    repo.update_job(session, job.id, status="running", done=3)
+    cancelled = repo.cancel_job(session, job.id, admin)
+    assert (cancelled.status, cancelled.message, cancelled.progress_done) == ("cancelled", "cancelled by ada", 3)
+    assert cancelled.finished_at is not None
+    # the worker's next progress report, its "done" and its "failed" are all refused, unchanged row
+    for fields in ({"done": 4, "status": "running"}, {"status": "done"}, {"status": "failed", "error": "x"}):
+        with pytest.raises(repo.JobFinishedError, match=f"job {job.id} is cancelled: cancelled by ada"):
+            repo.update_job(session, job.id, **fields)
+    assert repo.get_job(session, job.id).progress_done == 3
+    finished = repo.create_job(session, "train")
+    repo.update_job(session, finished.id, status="done")
+    with pytest.raises(repo.JobFinishedError, match="is done"):
+        repo.cancel_job(session, finished.id)
+
+
+def test_jobs_left_running_by_a_stopped_process_are_closed_as_interrupted(session):
+    """The worker string of a process that has exited (a real child process), of this live process, of
+    another host (cannot be checked: left alone) and of this pid with another start time (pid reuse)."""
+    import subprocess
+
+    dead = subprocess.run([sys.executable, "-c", "from db.repository import this_worker; print(this_worker())"],
+                          capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
+    alive = repo.this_worker()
+    host, pid, start = alive.split(":")
+    assert pid == str(os.getpid()) and (start.isdigit() or start == "")
+    assert repo.worker_alive(alive) and not repo.worker_alive(dead)
+    reused = f"{host}:{pid}:{int(start) + 1}" if start else None
+    jobs = {name: repo.create_job(session, "evaluate", total=8, worker=worker)
+            for name, worker in [("dead", dead), ("alive", alive), ("other host", "elsewhere:1:1"),
+                                 ("unknown", None), ("reused", reused)]}
+    repo.update_job(session, jobs["dead"].id, status="running", done=5)
+    finished = repo.create_job(session, "evaluate", worker=dead)
+    repo.update_job(session, finished.id, status="done")
+
+    closed = repo.close_interrupted_jobs(session)
+    expected = {"dead"} | ({"reused"} if reused else set())
+    assert {name for name, job in jobs.items() if job.id in {c.id for c in closed}} == expected
+    row = repo.get_job(session, jobs["dead"].id)
+    assert row.status == "failed" and row.finished_at is not None
+    assert row.error.startswith(f"interrupted: the app process that ran it ({dead}) stopped before it "
+                                f"finished (5/8 done)")
+    assert {repo.get_job(session, jobs[n].id).status for n in ("alive", "other host", "unknown")} == {"queued"}
+    assert repo.get_job(session, finished.id).status == "done"
+    assert repo.close_interrupted_jobs(session) == []  # idempotent
 
 
 # --- image import ------------------------------------------------------------------------------
@@ -398,7 +450,7 @@ def test_cli_commands(db_env, real_data, tmp_path, capsys):
 
     folder = real_data / "cxr_rsna_png"
     assert main(["db", "upgrade"]) == 0
-    assert "0002_jobs_metrics" in capsys.readouterr().out
+    assert "0003_job_worker" in capsys.readouterr().out
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"")
     assert main(["images", "import", str(folder / "images"), str(junk), "--cohort", "rsna", "--modality", "cxr"]) == 1

@@ -1,0 +1,103 @@
+"""Background jobs in the app (AppTest, real temporary database): a running evaluation or training is
+cancelled from its page and its worker thread stops at its next progress report; a job left
+"running" by an app process that stopped is closed as interrupted when the app starts again."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.test_app_pages import open_app, texts
+
+
+def _start_gated_job(kind: str, params: dict, gate: threading.Event, steps: list[int]):
+    """A job row run by the app's own job machinery (``pages.common._job_callbacks`` and
+    ``viewer.run_in_background``) whose work reports 10 steps and waits at step 2 until ``gate`` opens,
+    so the page sees it running for as long as the test needs."""
+    from db import repository
+    from db.session import session_scope
+    from pages import common
+    from softcam_core import viewer
+
+    with session_scope() as s:
+        job_id = repository.create_job(s, kind, total=10, params=params, worker=repository.this_worker()).id
+    report, finish_with, fail = common._job_callbacks(job_id)
+
+    def work(progress):
+        for step in range(1, 11):
+            progress(step, 10, f"step {step}")
+            steps.append(step)
+            if step == 2:
+                gate.wait(60)
+        return "finished"
+
+    thread = viewer.run_in_background(work, report=report, finish=finish_with(lambda result: {"message": result}),
+                                      fail=fail, min_interval=0.0)
+    deadline = time.monotonic() + 30
+    while steps != [1, 2] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert steps == [1, 2]
+    return job_id, thread
+
+
+@pytest.mark.parametrize("page, kind, button", [("cohort", "evaluate", "cohort_cancel_{}"),
+                                                ("models", "train", "train_cancel_{}")])
+def test_a_running_job_is_cancelled_from_its_page_and_its_worker_stops(app_home, page, kind, button):
+    from db import repository
+    from db.session import session_scope
+
+    params = {"model": str(app_home["model"]), "cohort": app_home["cohort"], "methods": ["scorecam"],
+              "metrics": ["deletion_auc"], "ground_truth": "folder", "name": "cancel-me"}
+    gate, steps = threading.Event(), []
+    job_id, thread = _start_gated_job(kind, params, gate, steps)
+    try:
+        at = open_app(page)
+        assert any("Running: 2/10" in p.text or "step 2" in p.text for p in at.get("progress")), \
+            [p.text for p in at.get("progress")]
+        at.button(key=button.format(job_id)).click().run()
+        assert not at.exception, [e.value for e in at.exception]
+    finally:
+        gate.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert steps == [1, 2]  # step 3's report found the job cancelled: the work stopped there
+    with session_scope() as s:
+        job = repository.get_job(s, job_id)
+    assert (job.status, job.message, job.progress_done, job.error) == ("cancelled", "cancelled by admin", 2, None)
+    assert job.finished_at is not None
+
+    at.run()
+    assert not at.exception and not at.error, texts(at.error)
+    shown = texts(at.info)
+    if page == "cohort":
+        assert "Evaluation cancelled by admin after 2/10 image × method." in shown
+        assert not at.get("progress") and not any(s.value == "Cohort summary" for s in at.subheader)
+    else:
+        assert any(f"#{job_id}" in t and t.endswith("cancelled by admin") for t in shown), shown
+    with pytest.raises(KeyError):
+        at.button(key=button.format(job_id))  # nothing left to cancel
+
+
+def test_a_job_left_running_by_a_stopped_app_process_is_closed_when_the_app_starts(app_home):
+    """The worker recorded is that of a real process that has exited, as after a server restart."""
+    from db import repository
+    from db.session import session_scope
+
+    dead = subprocess.run([sys.executable, "-c", "from db.repository import this_worker; print(this_worker())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    params = {"model": str(app_home["model"]), "cohort": app_home["cohort"], "methods": ["gradcam"],
+              "metrics": ["pointing_game"], "ground_truth": "folder"}
+    with session_scope() as s:
+        job_id = repository.create_job(s, "evaluate", total=12, params=params, worker=dead).id
+        repository.update_job(s, job_id, status="running", done=7)
+
+    at = open_app("cohort")
+    assert not at.get("progress")
+    errors = texts(at.error)
+    assert len(errors) == 1 and errors[0].startswith(f"Evaluation failed: interrupted: the app process that ran "
+                                                     f"it ({dead}) stopped before it finished (7/12 done)"), errors
+    assert "failed" in at.selectbox(key="cohort_job_choice").format_func(job_id)
