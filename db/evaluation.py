@@ -26,6 +26,8 @@ softcam_core never imports this module; the pages and the CLI pass the object in
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +122,16 @@ class DatabaseCohort(SplitRecords):
         left_out = sum(self.unlabeled_left_out.values()) if split == "all" else self.unlabeled_left_out.get(split, 0)
         return {"images": len(records), "with_boxes": sum(1 for c in counts if c), "boxes": sum(counts),
                 "unlabeled": sum(1 for r in records if r.unlabeled), "unlabeled_left_out": left_out}
+
+
+    def digest(self, split: str = "all", limit: int | None = None) -> str:
+        """A fingerprint (16 hex) of what an evaluation of ``split`` scores against: each image's
+        pseudonym, class label and boxes. Equal digests = the same ground truth; a resumed evaluation
+        checks it so it never mixes rows scored against different boxes."""
+        records = self.split(split)[: limit or None]
+        content = [[r.pseudonym, r.label, [[b.x0, b.y0, b.x1, b.y1] for b in self.boxes_by_image.get(r.image_id, [])]]
+                   for r in records]
+        return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
 
 
 def label_needed(target: str, metrics: Sequence[str] | None, n_model_classes: int) -> bool:

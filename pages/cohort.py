@@ -102,7 +102,7 @@ if submitted:
         except Exception as exc:
             st.error(f"Could not start the evaluation: {common.one_line(exc)}")
         else:
-            st.session_state["cohort_job"] = job_id
+            st.session_state["cohort_job_started"] = job_id
             st.toast(f"Evaluation job {job_id} started.")
 
 jobs = common.list_jobs("evaluate")
@@ -111,6 +111,9 @@ if not jobs:
     st.stop()
 
 job_ids = [job.id for job in jobs]
+if st.session_state.get("cohort_job_started") in job_ids:  # a job just started or resumed: show it
+    st.session_state["cohort_job"] = st.session_state.pop("cohort_job_started")
+    st.session_state.pop("cohort_job_choice", None)  # so the selector opens on it, not on its last value
 selected = st.session_state.get("cohort_job", job_ids[0])
 if selected not in job_ids:
     selected = job_ids[0]
@@ -163,12 +166,22 @@ job = next(j for j in jobs if j.id == job_id)  # the snapshot the selector's lab
 st.caption(f"Ground truth: {evaluation.ground_truth_text(job.params or {})}")
 if job.status in ("queued", "running"):
     job_progress(job_id, job.status)
-if job.status == "failed":
-    st.error(f"Evaluation failed: {job.error}")
-    st.stop()
-if job.status == "cancelled":
-    st.info(f"Evaluation {job.message or 'cancelled'} after {job.progress_done}/{job.progress_total or '?'} "
-            "image × method.")
+if job.status in ("failed", "cancelled"):
+    if job.status == "failed":
+        st.error(f"Evaluation failed: {job.error}")
+    else:
+        st.info(f"Evaluation {job.message or 'cancelled'} after {job.progress_done}/{job.progress_total or '?'} "
+                "image × method.")
+    if common.resumable(job, jobs) and st.button(
+            "Resume", key=f"cohort_resume_{job.id}", icon=":material/play_arrow:",
+            help="A new job with the same settings continues in this evaluation's folder: the image × method "
+                 "pairs already computed are kept, the rest are computed."):
+        try:
+            st.session_state["cohort_job_started"] = common.start_evaluation_job(None, user, resume=job.id)
+        except Exception as exc:
+            st.error(f"Could not resume: {common.one_line(exc)}")
+        else:
+            st.rerun()
     st.stop()
 if job.status != "done" or not job.result_path:
     st.stop()

@@ -690,7 +690,8 @@ def job_label(job) -> str:
         from db.evaluation import ground_truth_text
 
         truth = ground_truth_text(params)
-    parts = [f"#{job.id}", what, model, ", ".join(params.get("methods", [])), truth, job.status, when]
+    resumed = f"resumes #{params['resumed_from']}" if params.get("resumed_from") else ""
+    parts = [f"#{job.id}", what, model, ", ".join(params.get("methods", [])), truth, resumed, job.status, when]
     return " · ".join(p for p in parts if p)
 
 
@@ -731,36 +732,75 @@ def cancel_job(job_id: int, user: User | None) -> str | None:
     return None
 
 
-def start_evaluation_job(params: dict, user: User | None) -> int:
+def evaluation_folder(job) -> Path:
+    """Where an ``evaluate`` job writes its tables: its own folder, or the one of the job it resumes."""
+    from softcam_core.paths import softcam_home
+
+    return Path((job.params or {}).get("out_dir") or softcam_home() / "evaluations" / f"job-{job.id}")
+
+
+def resumable(job, jobs: list) -> bool:
+    """Whether ``job`` (one of ``jobs``) is a cancelled or failed evaluation that no queued, running
+    or finished job has continued yet."""
+    if job.kind != "evaluate" or job.status not in ("cancelled", "failed"):
+        return False
+    folder = evaluation_folder(job)
+    return not any(other.id != job.id and other.status in ("queued", "running", "done")
+                   and evaluation_folder(other) == folder for other in jobs)
+
+
+def start_evaluation_job(params: dict | None, user: User | None, *, resume: int | None = None) -> int:
     """Create an ``evaluate`` job row and run ``evaluate_cohort`` in a background thread.
 
     ``params["ground_truth"]``: ``"database"`` scores against the cohort's boxes in the database
     (read once, now: :func:`db.evaluation.evaluation_source`), ``"folder"`` against the cohort
-    folder's ``masks/``. The job row records the choice and a summary (images, how many with boxes)."""
+    folder's ``masks/``. The job row records the choice and a summary (images, how many with boxes).
+
+    ``resume``: the id of a cancelled or failed evaluation to continue instead (``params`` unused):
+    same parameters, same folder, and the image × method pairs it finished are kept
+    (``evaluate_cohort(resume=True)``). Refused with ValueError when another job already continues
+    it, or when the cohort's labels or boxes changed since it started (the rows would mix two
+    ground truths)."""
     from db import repository
     from db.evaluation import evaluation_source
     from db.session import session_scope
     from softcam_core.evaluate import EvalSettings, evaluate_cohort
-    from softcam_core.paths import softcam_home
 
+    previous = None
+    if resume is not None:
+        jobs = list_jobs("evaluate")
+        previous = next((job for job in jobs if job.id == resume), None)
+        if previous is None or not resumable(previous, jobs):
+            raise ValueError(f"evaluation #{resume} cannot be resumed: only a cancelled or failed evaluation "
+                             "that no other job has continued can be")
+        params = dict(previous.params, resumed_from=resume, out_dir=str(evaluation_folder(previous)))
     classes = viewer.checkpoint_info(params["model"]).meta.get("classes", [])
     with session_scope(engine(), readonly=True) as s:
         source, summary = evaluation_source(s, params, len(classes))
-    params = dict(params, ground_truth=params.get("ground_truth") or "folder", ground_truth_summary=summary)
+    digest = source.digest(params.get("split", "test"), params.get("limit")) if hasattr(source, "digest") else None
+    if previous is not None and digest is not None:
+        recorded = previous.params.get("ground_truth_digest")
+        if recorded is None:
+            raise ValueError(f"evaluation #{resume} did not record the boxes it was scored against; "
+                             "start a new evaluation")
+        if digest != recorded:
+            raise ValueError(f"the labels or boxes of cohort {params.get('cohort')!r} changed since evaluation "
+                             f"#{resume} started; start a new evaluation")
+    params = dict(params, ground_truth=params.get("ground_truth") or "folder", ground_truth_summary=summary,
+                  ground_truth_digest=digest)
     with session() as s:
         job = repository.create_job(s, "evaluate", params=params, user=user.id if user else None,
                                     message="queued", worker=repository.this_worker())
+        out_dir = evaluation_folder(job)
         job_id = job.id
-    out_dir = softcam_home() / "evaluations" / f"job-{job_id}"
     report, finish_with, fail = _job_callbacks(job_id)
 
     def work(progress):
         model, meta = viewer.load_model(params["model"])
         settings = EvalSettings(split=params["split"], limit=params.get("limit"), target=params["target"],
                                 png=False)
-        result = evaluate_cohort(model, meta, source, params["methods"], params["metrics"],
-                                 out_dir, progress=progress, settings=settings)
-        return result
+        return evaluate_cohort(model, meta, source, params["methods"], params["metrics"], out_dir,
+                               progress=progress, resume=previous is not None, settings=settings)
 
     finish = finish_with(lambda result: {"result_path": str(out_dir),
                                          "message": f"{len(result.per_image)} image × method rows"})

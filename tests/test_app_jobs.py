@@ -101,3 +101,102 @@ def test_a_job_left_running_by_a_stopped_app_process_is_closed_when_the_app_star
     assert len(errors) == 1 and errors[0].startswith(f"Evaluation failed: interrupted: the app process that ran "
                                                      f"it ({dead}) stopped before it finished (7/12 done)"), errors
     assert "failed" in at.selectbox(key="cohort_job_choice").format_func(job_id)
+
+
+def _cancelled_evaluation(app_home, ground_truth: str, done_methods: list[str]) -> tuple[int, dict]:
+    """An evaluation job over the demo cohort (softcam + gradcam, every split) as a cancel leaves it:
+    the real ``evaluate_cohort`` ran ``done_methods`` into the job's folder, then the job was cancelled."""
+    from db import repository
+    from db.evaluation import evaluation_source
+    from db.session import session_scope
+    from pages import common
+    from softcam_core import viewer
+    from softcam_core.evaluate import EvalSettings, evaluate_cohort
+
+    params = {"model": str(app_home["model"]), "cohort": app_home["cohort"], "ground_truth": ground_truth,
+              "folder": str(app_home["cohort_dir"]), "box_label": None, "methods": ["softcam", "gradcam"],
+              "metrics": ["activation_precision", "pointing_game"], "split": "all", "limit": None,
+              "target": "disease"}
+    with session_scope(readonly=True) as s:
+        source, summary = evaluation_source(s, params, 2)
+    digest = source.digest("all") if ground_truth == "database" else None
+    with session_scope() as s:
+        job = repository.create_job(s, "evaluate", total=12, worker=repository.this_worker(),
+                                    params=dict(params, ground_truth_summary=summary, ground_truth_digest=digest))
+        job_id = job.id
+        folder = common.evaluation_folder(job)
+    if done_methods:
+        model, meta = viewer.load_model(params["model"])
+        evaluate_cohort(model, meta, source, done_methods, params["metrics"], folder,
+                        progress=lambda *a: None, settings=EvalSettings(split="all", target="disease", png=False))
+    with session_scope() as s:
+        repository.update_job(s, job_id, status="running", done=6)
+        repository.cancel_job(s, job_id)
+    return job_id, params
+
+
+def _wait_done(job_id: int, timeout: float = 120.0):
+    from db import repository
+    from db.session import session_scope
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with session_scope() as s:
+            job = repository.get_job(s, job_id)
+        if job.status in ("done", "failed", "cancelled") or time.monotonic() > deadline:
+            return job
+        time.sleep(0.3)
+
+
+def test_a_cancelled_evaluation_resumes_in_its_folder_keeping_the_rows_it_finished(app_home):
+    import pandas as pd
+
+    from pages import common
+
+    old_id, _ = _cancelled_evaluation(app_home, "folder", ["softcam"])
+    folder = app_home["cohort_dir"].parents[1] / "evaluations" / f"job-{old_id}"
+    before = pd.read_csv(folder / "per_image.csv")
+    assert sorted(before["method"].unique()) == ["softcam"] and len(before) == 6
+
+    at = open_app("cohort")
+    assert "Evaluation cancelled after 6/12 image × method." in texts(at.info)
+    at.button(key=f"cohort_resume_{old_id}").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    new_id = at.session_state["cohort_job"]
+    assert new_id != old_id
+    job = _wait_done(new_id)
+    assert job.status == "done", job.error
+    assert job.params["resumed_from"] == old_id and job.result_path == str(folder)
+
+    after = pd.read_csv(folder / "per_image.csv")
+    assert sorted(after.groupby("method").size().items()) == [("gradcam", 6), ("softcam", 6)]
+    # the softcam rows are the ones the cancelled job wrote, not recomputed (their timings would differ)
+    kept = after[after["method"] == "softcam"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept[before.columns], before, check_dtype=False)
+
+    at.run()
+    assert any(s.value == "Cohort summary" for s in at.subheader)
+    assert f"resumes #{old_id}" in at.selectbox(key="cohort_job_choice").format_func(new_id)
+    at.selectbox(key="cohort_job_choice").set_value(old_id).run()
+    with pytest.raises(KeyError):
+        at.button(key=f"cohort_resume_{old_id}")  # continued already: no second resume into the folder
+    with pytest.raises(ValueError, match=f"evaluation #{old_id} cannot be resumed"):
+        common.start_evaluation_job(None, None, resume=old_id)
+
+
+def test_resuming_is_refused_when_the_boxes_changed_since_the_evaluation_started(app_home):
+    from annotations.geometry import Box
+    from db import repository
+    from db.session import session_scope
+
+    old_id, _ = _cancelled_evaluation(app_home, "database", [])
+    with session_scope() as s:
+        image = repository.list_images(s, app_home["cohort"])[0]
+        repository.save_annotation(s, image, Box(1, 1, 9, 9), "lesion", None)
+
+    at = open_app("cohort")
+    at.button(key=f"cohort_resume_{old_id}").click().run()
+    assert texts(at.error) == [f"Could not resume: the labels or boxes of cohort {app_home['cohort']!r} changed "
+                               f"since evaluation #{old_id} started; start a new evaluation"]
+    with session_scope() as s:
+        assert [j.id for j in repository.list_jobs(s, "evaluate")] == [old_id]  # nothing started
