@@ -111,14 +111,16 @@ if not jobs:
     st.stop()
 
 job_ids = [job.id for job in jobs]
-if st.session_state.get("cohort_job_started") in job_ids:  # a job just started or resumed: show it
-    st.session_state["cohort_job"] = st.session_state.pop("cohort_job_started")
-    st.session_state.pop("cohort_job_choice", None)  # so the selector opens on it, not on its last value
-selected = st.session_state.get("cohort_job", job_ids[0])
-if selected not in job_ids:
-    selected = job_ids[0]
-job_id = st.selectbox("Evaluation", job_ids, index=job_ids.index(selected), key="cohort_job_choice",
-                      format_func=lambda i: common.job_label(next(j for j in jobs if j.id == i)))
+# The selector's value is set through its key: a job just started or resumed is shown at once, and
+# the choice survives a visit to another page (which drops the widget's own state).
+started = st.session_state.pop("cohort_job_started", None)
+if started in job_ids:
+    st.session_state["cohort_job_choice"] = started
+elif st.session_state.get("cohort_job_choice") not in job_ids:
+    remembered = st.session_state.get("cohort_job")
+    st.session_state["cohort_job_choice"] = remembered if remembered in job_ids else job_ids[0]
+job_id = st.selectbox("Evaluation", job_ids, key="cohort_job_choice",
+                      format_func=lambda i: common.job_label(next(j for j in jobs if j.id == i), status=False))
 st.session_state["cohort_job"] = job_id
 
 
@@ -140,7 +142,8 @@ def job_progress(job_id: int, drawn_status: str) -> None:
     st.progress(min(fraction, 1.0), text=f"{job.status.capitalize()}: {job.progress_done}/{total or '?'} "
                                             f"image × method · {job.message or ''}")
     if st.button("Cancel evaluation", key=f"cohort_cancel_{job_id}", icon=":material/cancel:",
-                 help="Stops the job after the image × method in progress."):
+                 help="Stops at its next step (one method's maps for a batch of images, or their deletion curves). "
+                      "Rows already written are kept: Resume continues from them."):
         problem = common.cancel_job(job_id, user)
         if problem:
             st.toast(problem)  # it had finished meanwhile; the rerun shows how
@@ -163,7 +166,8 @@ def compact_summary(cohort: pd.DataFrame) -> pd.DataFrame:
 
 
 job = next(j for j in jobs if j.id == job_id)  # the snapshot the selector's label was drawn from
-st.caption(f"Ground truth: {evaluation.ground_truth_text(job.params or {})}")
+finished = f" {job.finished_at:%Y-%m-%d %H:%M} UTC" if job.finished_at else ""
+st.caption(f"Status: **{job.status}**{finished} · Ground truth: {evaluation.ground_truth_text(job.params or {})}")
 if job.status in ("queued", "running"):
     job_progress(job_id, job.status)
 if job.status in ("failed", "cancelled"):

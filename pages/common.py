@@ -680,7 +680,11 @@ def get_job(job_id: int):
             return None
 
 
-def job_label(job) -> str:
+def job_label(job, *, status: bool = True) -> str:
+    """One line naming a job: ``#id · cohort · model · methods · ground truth · status · created``.
+
+    ``status=False`` for a select box: Streamlit keeps showing the label a select box's chosen
+    option had when it was picked, so a status in it would go stale while the job runs."""
     params = job.params or {}
     when = job.created_at.strftime("%Y-%m-%d %H:%M") if job.created_at else ""
     what = params.get("cohort") or params.get("name") or ""
@@ -691,7 +695,8 @@ def job_label(job) -> str:
 
         truth = ground_truth_text(params)
     resumed = f"resumes #{params['resumed_from']}" if params.get("resumed_from") else ""
-    parts = [f"#{job.id}", what, model, ", ".join(params.get("methods", [])), truth, resumed, job.status, when]
+    parts = [f"#{job.id}", what, model, ", ".join(params.get("methods", [])), truth, resumed,
+             job.status if status else "", when]
     return " · ".join(p for p in parts if p)
 
 

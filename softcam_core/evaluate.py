@@ -542,8 +542,10 @@ def evaluate_cohort(
         methods: explanation method names (``softcam_core.explain.METHODS``, ``cascam:<base>``).
         metrics: subset of :data:`METRIC_CHOICES` (None = all; overrides ``settings.metrics``).
         out_dir: output folder (created). progress: ``progress(done, total, message)`` called
-            once per image x method, after its batch's rows are written (no Streamlit here; the
-            page passes its own callback).
+            once per image x method, after its batch's rows are written, and with ``done``
+            unchanged before each method's maps and the deletion curves of a batch, so a long batch
+            says what it computes and a job cancelled through the callback (it raises) stops
+            there (no Streamlit here; the page passes its own callback).
         resume: keep rows already in per_image.csv and compute only the missing image x method
             pairs; without it, earlier outputs in ``out_dir`` are replaced.
         annotations: COCO file whose boxes replace the folder's ``masks/`` as ground truth.
@@ -682,6 +684,8 @@ def evaluate_cohort(
                 rows_of = [k for k, (_, pending) in enumerate(batch) if method in pending]
                 if not rows_of:
                     continue
+                if progress:
+                    progress(finished, total, f"{method} maps of {len(rows_of)} image(s)")
                 maps, seconds = _explain_batch(explain, model, xs, rows_of, method, [targets[k] for k in rows_of],
                                                per_image_method)
                 for k, sal, sec in zip(rows_of, maps, seconds):
@@ -705,6 +709,8 @@ def evaluate_cohort(
             if "deletion" in settings.metrics:
                 # every (image, method) pair of the batch in one call: step 0 is the probability
                 # computed above, and inputs shared between maps are forwarded once (see deletion_curves)
+                if progress:
+                    progress(finished, total, f"deletion curves of {len(order)} map(s)")
                 image_rows = torch.tensor([k for k, _ in order], device=xs.device)
                 curves = M.deletion_curves(
                     model, xs[image_rows], np.stack([found[pair][0] for pair in order]),

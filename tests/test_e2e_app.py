@@ -222,6 +222,40 @@ def test_cohort_evaluation_runs_and_its_csv_downloads(page, server, tmp_path):
     assert all("activation_precision" in r for r in rows)
 
 
+def test_cohort_evaluation_is_cancelled_and_resumed_in_the_browser(page, server, tmp_path):
+    """Score-CAM + Integrated Gradients over every image: long enough to click Cancel while it runs
+    (the button lives in the polling fragment, whose click reruns only the fragment, then the page)."""
+    sign_in(page, server["url"])
+    page.get_by_role("link", name="Cohort metrics").click()
+    page.wait_for_selector("h1:has-text('Cohort metrics')")
+    wait_idle(page)
+    choose(page, "Images", "all")
+    methods = page.locator("[data-testid='stMultiSelect']").filter(has_text="Methods").first
+    for title in ("Score-CAM", "Integrated Gradients"):  # typed: the filtered list has one option
+        methods.locator("input").fill(title)
+        page.get_by_role("option").filter(has_text=title).first.wait_for()
+        methods.locator("input").press("Enter")
+        page.keyboard.press("Escape")
+    expect(methods).to_contain_text("Score-CAM")
+    expect(methods).to_contain_text("Integrated Gradients")
+    page.get_by_role("button", name="Run evaluation").click()
+    page.get_by_role("button", name="Cancel evaluation").wait_for()
+    wait_idle(page)  # the page's own run first, as a person would see it
+    page.get_by_role("button", name="Cancel evaluation").click()
+    page.get_by_text("Evaluation cancelled by admin after").wait_for()
+    wait_idle(page)
+    assert page.get_by_role("button", name="Cancel evaluation").count() == 0
+    assert page.get_by_text("Cohort summary").count() == 0
+    assert_no_exception(page)
+    page.get_by_role("button", name="Resume").click()
+    page.get_by_text("Cohort summary").wait_for(timeout=300_000)
+    wait_idle(page)
+    assert_no_exception(page)
+    label = page.locator("[data-testid='stSelectbox']").filter(has_text="Evaluation").first.locator("input").input_value()
+    assert re.search(r"resumes #\d+", label), label
+    assert page.get_by_text("Status: done").count() == 1
+
+
 def test_models_and_data_pages_render(page, server, tmp_path):
     sign_in(page, server["url"])
     for link, title in (("Models", "Models"), ("Data", "Data")):

@@ -80,8 +80,13 @@ def test_outputs_and_columns(one_run):
     assert set(paired["metric"]) == set(E.metric_columns(per_image))
     assert (paired[["method_a", "method_b"]].values == ["softcam", "gradcam"]).all()
     assert pd.read_parquet(out / "per_image.parquet").shape == per_image.shape
-    # progress: one call per image x method after the first, ending at total
-    assert calls[0][:2] == (0, 8) and calls[-1][:2] == (8, 8) and len(calls) == 9
+    # progress: done counts up by one per image x method, from 0 to total; within a batch, calls
+    # at the same count say what is being computed (each method's maps, then the deletion curves)
+    counts = [c[0] for c in calls]
+    assert calls[0][:2] == (0, 8) and calls[-1][:2] == (8, 8) and {c[1] for c in calls} == {8}
+    assert counts == sorted(counts) and sorted(set(counts)) == list(range(9))
+    assert len([c for c in calls if c[2].endswith("maps of 4 image(s)")]) == 2  # 2 methods x 1 batch of 4
+    assert len([c for c in calls if c[2] == "deletion curves of 8 map(s)"]) == 1
 
 
 def test_resume_after_a_stop_gives_the_same_rows(one_run, checkpoint, cohort, tmp_path):
