@@ -141,13 +141,6 @@ def job_progress(job_id: int, drawn_status: str) -> None:
     fraction = (job.progress_done / total) if total else 0.0
     st.progress(min(fraction, 1.0), text=f"{job.status.capitalize()}: {job.progress_done}/{total or '?'} "
                                             f"image × method · {job.message or ''}")
-    if st.button("Cancel evaluation", key=f"cohort_cancel_{job_id}", icon=":material/cancel:",
-                 help="Stops at its next step (one method's maps for a batch of images, or their deletion curves). "
-                      "Rows already written are kept: Resume continues from them."):
-        problem = common.cancel_job(job_id, user)
-        if problem:
-            st.toast(problem)  # it had finished meanwhile; the rerun shows how
-        st.rerun()
 
 
 def compact_summary(cohort: pd.DataFrame) -> pd.DataFrame:
@@ -170,6 +163,11 @@ finished = f" {job.finished_at:%Y-%m-%d %H:%M} UTC" if job.finished_at else ""
 st.caption(f"Status: **{job.status}**{finished} · Ground truth: {evaluation.ground_truth_text(job.params or {})}")
 if job.status in ("queued", "running"):
     job_progress(job_id, job.status)
+    # outside the polling fragment: a click there could land while the fragment redraws itself
+    st.button("Cancel evaluation", key=f"cohort_cancel_{job_id}", icon=":material/cancel:",
+              on_click=common.cancel_job_and_tell, args=(job_id, user),
+              help="Stops at its next step (one method's maps for a batch of images, or their deletion curves). "
+                   "Rows already written are kept: Resume continues from them.")
 if job.status in ("failed", "cancelled"):
     if job.status == "failed":
         st.error(f"Evaluation failed: {job.error}")

@@ -754,6 +754,13 @@ def resumable(job, jobs: list) -> bool:
                    and evaluation_folder(other) == folder for other in jobs)
 
 
+def cancel_job_and_tell(job_id: int, user: User | None) -> None:
+    """A Cancel button's callback: cancel, or say in a toast why not (the job had just finished)."""
+    problem = cancel_job(job_id, user)
+    if problem:
+        st.toast(problem)
+
+
 def start_evaluation_job(params: dict | None, user: User | None, *, resume: int | None = None) -> int:
     """Create an ``evaluate`` job row and run ``evaluate_cohort`` in a background thread.
 

@@ -86,30 +86,30 @@ if jobs:
     st.subheader("Training runs")
 
     @st.fragment(run_every=1.0)
-    def training_progress() -> None:
-        for job in common.list_jobs("train")[:5]:
+    def training_progress(drawn_running: frozenset[int]) -> None:
+        """Polls the job rows; when the set of running jobs differs from the one the page was drawn
+        for, the whole page is redrawn (new checkpoints in the list, Cancel buttons up to date)."""
+        latest = common.list_jobs("train")[:5]
+        if frozenset(j.id for j in latest if j.status in ("queued", "running")) != drawn_running:
+            st.rerun()
+        for job in latest:
             label = common.job_label(job)
             if job.status in ("queued", "running"):
                 total = job.progress_total or 0
                 st.progress(min(job.progress_done / total, 1.0) if total else 0.0,
                             text=f"{label} · {job.message or ''}")
-                st.session_state["train_running"] = True
-                if st.button("Cancel training", key=f"train_cancel_{job.id}", icon=":material/cancel:",
-                             help="Stops after the current step. Once an epoch has finished, its best-on-validation "
-                                  "checkpoint so far stays in the model list."):
-                    problem = common.cancel_job(job.id, user)
-                    if problem:
-                        st.toast(problem)  # it had finished meanwhile; the rerun shows how
-                    st.rerun()
             elif job.status == "failed":
                 st.error(f"{label}: {job.error}")
             elif job.status == "cancelled":
                 st.info(f"{label}: {job.message or 'cancelled'}")
             else:
                 st.success(f"{label}: {job.message or 'done'}")
-        if st.session_state.get("train_running") and not any(j.status in ("queued", "running")
-                                                             for j in common.list_jobs("train")):
-            st.session_state["train_running"] = False
-            st.rerun()
 
-    training_progress()
+    running = [job for job in jobs[:5] if job.status in ("queued", "running")]
+    training_progress(frozenset(job.id for job in running))
+    # outside the polling fragment: a click there could land while the fragment redraws itself
+    for job in running:
+        st.button(f"Cancel training #{job.id}", key=f"train_cancel_{job.id}", icon=":material/cancel:",
+                  on_click=common.cancel_job_and_tell, args=(job.id, user),
+                  help="Stops after the current step. Once an epoch has finished, its best-on-validation "
+                       "checkpoint so far stays in the model list.")
