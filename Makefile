@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export SOFTCAM_HOME ?= $(CURDIR)/.softcam
 PORT   ?= 8501
 
-.PHONY: run test test-slow test-all bench demo venv test-deps chromium clean
+.PHONY: run test test-slow test-all bench demo venv test-deps chromium clean device-wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,16 @@ test-all: test-deps
 
 bench: test-deps  # the Review latency benchmark drives Chromium through Playwright
 	$(BIN)/python -m bench
+
+# Wheels for bench/device.sh: what a lent GPU machine (no network, Python 3.12) lacks for the benchmarks.
+DEVICE_WHEELS := captum==0.9.0 torchcam==0.5.0 ttach==0.0.3 plotly==7.1.0 pydicom==3.0.2 SQLAlchemy==2.1.9 \
+                 alembic==1.20.1 Mako greenlet
+device-wheels: venv
+	mkdir -p .whl
+	$(BIN)/pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $(DEVICE_WHEELS)
+	$(BIN)/pip wheel --no-deps -w .whl grad-cam==1.5.7  # published as a source archive only
 
 clean:
 	rm -rf $(VENV) .pytest_cache

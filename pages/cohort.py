@@ -129,8 +129,8 @@ def job_progress(job_id: int, drawn_status: str) -> None:
     """Polls the job row: progress survives reloads because it lives in the database, not the session.
 
     ``drawn_status`` is the status the rest of the page was drawn for; when the row has moved on
-    (queued -> running -> done or failed) the whole page is redrawn, so the job's label, its
-    progress and its results always describe the same moment.
+    (queued -> running -> done, failed or cancelled) the whole page is redrawn, so the status line,
+    the Cancel button and the results always describe the same moment.
     """
     job = common.get_job(job_id)
     if job is None:
