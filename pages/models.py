@@ -42,11 +42,13 @@ if checkpoints:
     for column, modality in zip(columns, modalities):
         candidates = [str(info.path) for info in checkpoints if info.modality == modality]
         current = defaults.get(modality)
-        index = candidates.index(current) if current in candidates else 0
         with column:
-            chosen = st.selectbox(modality, candidates, index=index, key=f"default_{modality}",
+            # no preselection when none is set: showing the first model would read as "this is the default"
+            chosen = st.selectbox(modality, candidates, key=f"default_{modality}",
+                                  index=candidates.index(current) if current in candidates else None,
+                                  placeholder="none set: choose one",
                                   format_func=lambda p: next(i.name for i in checkpoints if str(i.path) == p))
-            if chosen != current:
+            if chosen is not None and chosen != current:
                 if st.button("Make default", key=f"make_default_{modality}", disabled=user.role not in ("admin", "researcher")):
                     common.set_default_model(chosen, modality)
                     st.rerun()

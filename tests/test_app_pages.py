@@ -178,11 +178,21 @@ def test_models_page_lists_the_checkpoint_and_sets_a_default(app_home):
     assert at.title[0].value == "Models"
     table = at.dataframe[0].value
     assert list(table["name"]) == ["fundus_softcam"] and table["architecture"][0] == "resnet18"
+    # no default yet: the selector says so instead of showing the first model as if it were one
+    chooser = at.selectbox(key="default_fundus")
+    assert chooser.value is None and bool(table["default"][0]) is False
+    with pytest.raises(KeyError):
+        at.button(key="make_default_fundus")
+    chooser.set_value(str(app_home["model"])).run()
+    at.button(key="make_default_fundus").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert bool(at.dataframe[0].value["default"][0]) is True
+    assert at.selectbox(key="default_fundus").value == str(app_home["model"])
+    with pytest.raises(KeyError):
+        at.button(key="make_default_fundus")  # it is the default now
     from pages import common
 
-    common.set_default_model(str(app_home["model"]), "fundus")
-    at.run()
-    assert bool(at.dataframe[0].value["default"][0]) is True
+    assert common.default_models() == {"fundus": str(app_home["model"])}
 
 
 def test_data_page_imports_a_folder_and_reports_rejections(app_home, tmp_path, real_data):
