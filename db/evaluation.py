@@ -123,7 +123,6 @@ class DatabaseCohort(SplitRecords):
         return {"images": len(records), "with_boxes": sum(1 for c in counts if c), "boxes": sum(counts),
                 "unlabeled": sum(1 for r in records if r.unlabeled), "unlabeled_left_out": left_out}
 
-
     def digest(self, split: str = "all", limit: int | None = None) -> str:
         """A fingerprint (16 hex) of what an evaluation of ``split`` scores against: each image's
         pseudonym, class label and boxes. Equal digests = the same ground truth; a resumed evaluation
