@@ -16,6 +16,7 @@ import json
 import os
 import re
 import secrets
+import socket
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -1132,8 +1133,6 @@ def cancel_job(session: Session, job_id: int, user: User | str | int | None = No
 def this_worker() -> str:
     """``host:pid:start`` of this process (start: its start time in clock ticks since boot, where
     ``/proc`` tells it), recorded in the jobs it runs so a later process can tell if it still lives."""
-    import socket
-
     return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid())}"
 
 
@@ -1148,8 +1147,6 @@ def _process_start(pid: int) -> str:
 def worker_alive(worker: str) -> bool:
     """Whether the process named by :func:`this_worker`'s string still runs. Another host's process
     cannot be checked from here and counts as alive; a reused pid is told apart by its start time."""
-    import socket
-
     host, _, rest = worker.partition(":")
     pid_text, _, start = rest.partition(":")
     if host != socket.gethostname() or not pid_text.isdigit():

@@ -725,18 +725,6 @@ def _job_callbacks(job_id: int):
     return report, finish_with, fail
 
 
-def cancel_job(job_id: int, user: User | None) -> str | None:
-    """Cancel a queued or running job; ``None``, or why it could not be (it had finished)."""
-    from db import repository
-
-    try:
-        with session() as s:
-            repository.cancel_job(s, job_id, user.id if user else None)
-    except repository.RepositoryError as exc:
-        return one_line(exc)
-    return None
-
-
 def evaluation_folder(job) -> Path:
     """Where an ``evaluate`` job writes its tables: its own folder, or the one of the job it resumes."""
     from softcam_core.paths import softcam_home
@@ -755,10 +743,15 @@ def resumable(job, jobs: list) -> bool:
 
 
 def cancel_job_and_tell(job_id: int, user: User | None) -> None:
-    """A Cancel button's callback: cancel, or say in a toast why not (the job had just finished)."""
-    problem = cancel_job(job_id, user)
-    if problem:
-        st.toast(problem)
+    """A Cancel button's callback: cancel a queued or running job, or say in a toast why not (it had
+    just finished)."""
+    from db import repository
+
+    try:
+        with session() as s:
+            repository.cancel_job(s, job_id, user.id if user else None)
+    except repository.RepositoryError as exc:
+        st.toast(one_line(exc))
 
 
 def start_evaluation_job(params: dict | None, user: User | None, *, resume: int | None = None) -> int:
@@ -774,7 +767,7 @@ def start_evaluation_job(params: dict | None, user: User | None, *, resume: int 
     it, or when the cohort's labels or boxes changed since it started (the rows would mix two
     ground truths)."""
     from db import repository
-    from db.evaluation import evaluation_source
+    from db.evaluation import DatabaseCohort, evaluation_source
     from db.session import session_scope
     from softcam_core.evaluate import EvalSettings, evaluate_cohort
 
@@ -789,7 +782,9 @@ def start_evaluation_job(params: dict | None, user: User | None, *, resume: int 
     classes = viewer.checkpoint_info(params["model"]).meta.get("classes", [])
     with session_scope(engine(), readonly=True) as s:
         source, summary = evaluation_source(s, params, len(classes))
-    digest = source.digest(params.get("split", "test"), params.get("limit")) if hasattr(source, "digest") else None
+    # folder masks are files the app never edits; database boxes can change between a job and its resume
+    digest = (source.digest(params.get("split", "test"), params.get("limit"))
+              if isinstance(source, DatabaseCohort) else None)
     if previous is not None and digest is not None:
         recorded = previous.params.get("ground_truth_digest")
         if recorded is None:
