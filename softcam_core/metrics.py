@@ -1,8 +1,12 @@
 """Explainability metrics: localization, activation mass, consistency, faithfulness (deletion).
 
-Definitions follow the SoftCAM paper (Djoumessi & Berens, MIDL 2026, Appendix E) and the CasCAM
-evaluation; ``docs/metrics.md`` gives every formula, the edge-case rules and where the authors'
-code differs from the paper.
+Defaults follow the papers: the SoftCAM paper (Djoumessi & Berens, MIDL 2026, Appendix E) for
+activation consistency, top-k localization precision, activation precision / sensitivity and
+deletion (faithfulness), and the CasCAM evaluation for the top-10 % IoU, top-15 % energy and the
+trapezoid AP. Every departure from a paper is a *named* option or function (``denominator=
+"positive"``, ``positive_only=True``, ``protocol="full"``, ``scale="logodds"``,
+:func:`activation_consistency_mass`, ...); ``docs/metrics.md`` lists each one beside the paper
+sentence it departs from, with every formula and edge-case rule.
 
 Conventions shared by every function here:
 
@@ -43,16 +47,32 @@ __all__ = [
     "activation_precision",
     "activation_sensitivity",
     "activation_consistency",
+    "activation_consistency_by_class",
+    "activation_consistency_mass",
     "pointing_game",
     "iou_top_fraction",
     "energy_top_fraction",
     "average_precision",
+    "average_precision_cascam",
     "deletion_curve",
     "deletion_curves",
     "deletion_curve_reference",
     "audc",
     "target_probability",
+    "target_log_odds",
+    "TOPK_DENOMINATORS",
+    "ENERGY_KINDS",
+    "DELETION_PROTOCOLS",
+    "DELETION_SCALES",
+    "DEFAULT_DELETION_STEPS",
 ]
+
+TOPK_DENOMINATORS = ("k", "positive")
+# the top-30 patches of the paper's deletion experiments (SoftCAM App. I)
+DEFAULT_DELETION_STEPS = 30
+ENERGY_KINDS = ("energy", "count")
+DELETION_PROTOCOLS = ("top", "full")
+DELETION_SCALES = ("ratio", "logodds")
 
 
 class MetricUndefined(UserWarning):
@@ -176,23 +196,40 @@ def _cell_rank_map(sal: np.ndarray, patch: int) -> tuple[np.ndarray, int]:
 # localization and activation-mass metrics
 
 
-def topk_localization_precision(sal: Any, mask: Any, k: int, patch: int) -> float:
-    """Fraction of the top-k positive grid cells that touch the annotation (SoftCAM App. E).
+def topk_localization_precision(sal: Any, mask: Any, k: int, patch: int, denominator: str = "k") -> float:
+    """Fraction of the top-k positive grid cells that touch the annotation (SoftCAM App. E.2).
 
     The map (H, W) is cut into ``patch`` x ``patch`` pixel cells (see module notes for sizes that
     ``patch`` does not divide). Cells are ranked by mean activation; only cells with a strictly
-    positive mean are candidates. Of the first ``m = min(k, #positive cells)`` candidates, the
-    result is the fraction that overlap the mask by at least one pixel.
+    positive mean are candidates ("the top-k positively activated regions"). The first
+    ``m = min(k, #positive cells)`` candidates are chosen and ``hits`` = how many of them overlap
+    the mask by at least one pixel.
+
+    ``denominator="k"`` (default, the paper's Eq. 7): ``hits / k``. A map with fewer than k positive
+    cells is penalised (the missing picks count as misses), and a map with no positive cell at all
+    scores 0: it points at nothing, which is a miss, not an undefined value. ``k`` must not exceed
+    the number of cells (no map could reach 1), else ValueError.
+    ``denominator="positive"`` (named variant): ``hits / m``, the precision over the cells the map
+    does mark positive; a map without a positive cell is then undefined.
 
     Args:
         sal: (H, W) map. mask: (H, W) bool annotation. k: >= 1 cells. patch: cell side in pixels.
+        denominator: ``"k"`` or ``"positive"``.
     Returns:
-        float in [0, 1]; nan (MetricUndefined) for an empty mask, a constant or non-finite map,
-        or a map without any positive cell.
+        float in [0, 1]; nan (MetricUndefined) for an empty mask or a constant / non-finite map
+        (and, with ``denominator="positive"``, a map without any positive cell).
     """
     sal, mask = _pair(sal, mask)
     if int(k) != k or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
+    if denominator not in TOPK_DENOMINATORS:
+        raise ValueError(f"unknown top-k denominator {denominator!r}; use {' or '.join(map(repr, TOPK_DENOMINATORS))}")
+    rows, cols = cell_grid(sal.shape, patch)
+    if denominator == "k" and k > rows.size * cols.size:
+        raise ValueError(
+            f"k = {k} exceeds the {rows.size * cols.size} grid cells of a {sal.shape[0]}x{sal.shape[1]} map "
+            f"with patch {patch}; use a smaller k or patch, or denominator='positive'"
+        )
     problem = _pair_problem(sal, mask)
     if problem:
         return _undefined(problem)
@@ -200,10 +237,12 @@ def topk_localization_precision(sal: Any, mask: Any, k: int, patch: int) -> floa
     touches = (_cell_reduce(mask.astype(np.float64), patch) > 0).ravel()
     order = np.argsort(-means, kind="stable")
     positive = order[means[order] > 0]
-    if positive.size == 0:
-        return _undefined("no grid cell has a positive mean activation")
     chosen = positive[: int(k)]
-    return float(touches[chosen].mean())
+    if denominator == "positive":
+        if positive.size == 0:
+            return _undefined("no grid cell has a positive mean activation")
+        return float(touches[chosen].mean())
+    return float(touches[chosen].sum() / int(k))
 
 
 def activation_precision(sal: Any, mask: Any) -> float:
@@ -243,19 +282,12 @@ def activation_sensitivity(sal: Any, mask: Any) -> float:
     return float((positive[mask] / peak).sum() / mask.sum())
 
 
-def activation_consistency(maps: Any, labels: Any) -> float:
-    """Share of evidence with the sign the image's label calls for, averaged over images.
+def _consistency_scores(maps: Any, labels: Any, weighting: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Per-image consistency scores (N,) (nan where undefined), diseased flags (N,) and the reasons.
 
-    For each map ``m`` (the evidence for the *disease* class) with ``pos = sum(max(m, 0))`` and
-    ``neg = sum(max(-m, 0))``: a diseased image (label != 0) scores ``pos / (pos + neg)``, a
-    healthy image (label == 0) scores ``neg / (pos + neg)``. The result is the mean over images
-    whose map is not all zeros. A map that is non-negative by construction (e.g. Grad-CAM after
-    ReLU) therefore scores 0 on every healthy image.
-
-    Args:
-        maps: (N, H, W) maps, or one (H, W) map. labels: (N,) ints/bools, or a scalar for one map.
-    Returns:
-        float in [0, 1]; nan when no map is usable (all zeros, or non-finite values).
+    ``weighting="pixels"``: share of the map's pixels with the sign the label calls for (A > 0 on a
+    diseased image, A < 0 on a healthy one; zeros count as neither). ``"mass"``: share of the
+    absolute evidence mass with that sign (an all-zero map is undefined).
     """
     if isinstance(maps, torch.Tensor):
         maps = maps.detach().cpu().numpy()
@@ -268,21 +300,86 @@ def activation_consistency(maps: Any, labels: Any) -> float:
         raise ValueError(f"maps must be (N, H, W) or (H, W), got shape {maps_arr.shape}")
     if labels_arr.shape != (maps_arr.shape[0],):
         raise ValueError(f"labels shape {labels_arr.shape} does not match {maps_arr.shape[0]} maps")
-    shares = []
-    problems = []
-    for m, label in zip(maps_arr, labels_arr):
+    diseased = labels_arr != 0
+    scores = np.full(maps_arr.shape[0], np.nan)
+    problems: list[str] = []
+    for i, (m, sick) in enumerate(zip(maps_arr, diseased)):
+        if m.size == 0:
+            problems.append("map is empty")
+            continue
         if not np.all(np.isfinite(m)):
             problems.append("map contains NaN or infinite values")
+            continue
+        if weighting == "pixels":
+            scores[i] = np.count_nonzero(m > 0 if sick else m < 0) / m.size
             continue
         pos = np.clip(m, 0.0, None).sum()
         neg = np.clip(-m, 0.0, None).sum()
         if pos + neg == 0:
             problems.append("map is all zeros")
             continue
-        shares.append((pos if label != 0 else neg) / (pos + neg))
-    if not shares:
-        return _undefined("; ".join(dict.fromkeys(problems)) or "no maps")
-    return float(np.mean(shares))
+        scores[i] = (pos if sick else neg) / (pos + neg)
+    return scores, diseased, problems
+
+
+def _mean_or_undefined(scores: np.ndarray, problems: list[str], empty: str) -> float:
+    finite = scores[np.isfinite(scores)]
+    if finite.size == 0:
+        return _undefined("; ".join(dict.fromkeys(problems)) or empty)
+    return float(finite.mean())
+
+
+def activation_consistency(maps: Any, labels: Any) -> float:
+    """Pooled activation consistency (SoftCAM App. E.1): the per-image pixel share, averaged over images.
+
+    For each map ``m`` (H, W), the evidence for the *disease* class: a diseased image (label != 0)
+    scores the proportion of its pixels with ``m > 0``, a healthy image (label == 0) the proportion
+    with ``m < 0``; pixels equal to 0 count as neither. An all-zero map therefore scores 0 and is
+    kept (it shows no evidence either way); a map with NaN / inf values is left out. The paper
+    reports the two class-wise figures (:func:`activation_consistency_by_class`); this pooled mean
+    over all images is the secondary figure, and for one map it is that image's score (what
+    ``softcam evaluate`` stores per image). A map that is non-negative by construction (Grad-CAM
+    after its ReLU) cannot score above 0 on a healthy image: the figure does not apply to it.
+
+    Args:
+        maps: (N, H, W) maps, or one (H, W) map. labels: (N,) ints/bools, or a scalar for one map.
+    Returns:
+        float in [0, 1] (units: fraction of pixels, averaged per image); nan when no map is finite.
+    """
+    scores, _, problems = _consistency_scores(maps, labels, "pixels")
+    return _mean_or_undefined(scores, problems, "no maps")
+
+
+def activation_consistency_by_class(maps: Any, labels: Any) -> dict[str, float]:
+    """Class-wise activation consistency (SoftCAM App. E.1, Eqs. 5-6) and the pooled figure.
+
+    Same per-image score as :func:`activation_consistency`. Returns ``{"diseased": mean over
+    diseased images (share of pixels with A > 0), "healthy": mean over healthy images (share with
+    A < 0), "pooled": mean over all images}``; a class without a usable image gives nan with a
+    MetricUndefined reason ("no diseased image" / "no healthy image").
+    """
+    scores, diseased, problems = _consistency_scores(maps, labels, "pixels")
+    return {
+        "diseased": _mean_or_undefined(
+            scores[diseased], [], "no diseased image" + (" with a finite map" if diseased.any() else "")
+        ),
+        "healthy": _mean_or_undefined(
+            scores[~diseased], [], "no healthy image" + (" with a finite map" if (~diseased).any() else "")
+        ),
+        "pooled": _mean_or_undefined(scores, problems, "no maps"),
+    }
+
+
+def activation_consistency_mass(maps: Any, labels: Any) -> float:
+    """Named variant of :func:`activation_consistency`: the share of evidence *mass* with the right sign.
+
+    For each map with ``pos = sum(max(m, 0))`` and ``neg = sum(max(-m, 0))``: a diseased image
+    scores ``pos / (pos + neg)``, a healthy image ``neg / (pos + neg)``; the result is the mean over
+    images whose map is not all zeros (an all-zero map is left out, not scored 0).
+    Returns float in [0, 1]; nan when no map is usable (all zeros, or non-finite values).
+    """
+    scores, _, problems = _consistency_scores(maps, labels, "mass")
+    return _mean_or_undefined(scores, problems, "no maps")
 
 
 def pointing_game(sal: Any, mask: Any, tolerance_px: float = 0) -> float:
@@ -310,67 +407,80 @@ def pointing_game(sal: Any, mask: Any, tolerance_px: float = 0) -> float:
     return float(target[peaks].mean())
 
 
-def _top_region(sal: np.ndarray, frac: float) -> np.ndarray | None:
-    """Pixels among the ``ceil(frac * H * W)`` highest, counting only positive pixels.
+def _top_region(sal: np.ndarray, frac: float, positive_only: bool = False) -> np.ndarray | None:
+    """The map's top-``frac`` region: pixels at or above the ``ceil(frac * H * W)``-th highest value.
 
-    Pixels tied with the last admitted value are all admitted. Returns None when no pixel is positive.
+    Pixels tied with that value are all admitted (no tie is resolved by scan order), so the region
+    can hold more than ``ceil(frac * H * W)`` pixels when the threshold value is shared.
+    ``positive_only``: keep only pixels > 0 (a sparse map is not padded with zero-evidence pixels).
+    Returns a (H, W) bool array, or None when ``positive_only`` leaves no pixel.
     """
     if not 0 < frac <= 1:
         raise ValueError(f"frac must be in (0, 1], got {frac!r}")
     count = max(1, math.ceil(frac * sal.size - 1e-9))
     threshold = np.partition(sal.ravel(), sal.size - count)[sal.size - count]
-    region = (sal >= threshold) & (sal > 0)
+    region = sal >= threshold
+    if positive_only:
+        region &= sal > 0
     return region if region.any() else None
 
 
-def iou_top_fraction(sal: Any, mask: Any, frac: float = 0.15) -> float:
-    """Intersection over union of the map's top-``frac`` region with the annotation.
+def iou_top_fraction(sal: Any, mask: Any, frac: float = 0.10, positive_only: bool = False) -> float:
+    """Intersection over union of the map's top-``frac`` region with the annotation (CasCAM: top 10 %).
 
-    The region is the ``ceil(frac * H * W)`` highest-valued pixels, restricted to positive values
-    (a sparse map is not padded with zero-evidence pixels); pixels tied at the threshold are all in.
-    Returns float in [0, 1]; nan for an empty mask, a constant / non-finite map, or no positive pixel.
+    The region ``T`` is the ``ceil(frac * H * W)`` highest-valued pixels of the whole map (values
+    taken as they are: only their order matters), pixels tied at the threshold all in;
+    ``IoU = |T & mask| / |T | mask|``. Named variant ``positive_only=True``: ``T`` keeps only its
+    positive pixels, so a map with fewer positive pixels than the fraction asks for is not padded
+    with zero-evidence ones (and a map without a positive pixel is undefined).
+    Returns float in [0, 1]; nan for an empty mask or a constant / non-finite map.
     """
     sal, mask = _pair(sal, mask)
     problem = _pair_problem(sal, mask)
     if problem:
         return _undefined(problem)
-    region = _top_region(sal, frac)
+    region = _top_region(sal, frac, positive_only)
     if region is None:
         return _undefined("map has no positive activation")
     return float((region & mask).sum() / (region | mask).sum())
 
 
-def energy_top_fraction(sal: Any, mask: Any, frac: float = 0.15) -> float:
-    """Share of the top-``frac`` region's positive energy that lies inside the annotation.
+def energy_top_fraction(
+    sal: Any, mask: Any, frac: float = 0.15, kind: str = "energy", positive_only: bool = False
+) -> float:
+    """Share of the map's top-``frac`` region that lies on the annotation (CasCAM's Top-15 % Energy).
 
-    ``sum(P * T * mask) / sum(P * T)`` with ``P = max(sal, 0)`` and ``T`` the region of
-    :func:`iou_top_fraction`. Returns float in [0, 1]; nan in the same cases as that function.
+    ``T`` is the region of :func:`iou_top_fraction` (top ``ceil(frac * H * W)`` pixels, ties in).
+    ``kind="energy"`` (default): ``sum(P * T * mask) / sum(P * T)`` with ``P = max(sal, 0)``, the
+    share of the region's positive energy that is annotated (nan when ``T`` holds no positive
+    energy). ``kind="count"``: ``|T & mask| / |T|``, the share of the region's pixels that are
+    annotated. ``positive_only`` as in :func:`iou_top_fraction` (it does not change the energy,
+    which zero / negative pixels do not carry, only the count).
+    Returns float in [0, 1]; nan for an empty mask or a constant / non-finite map.
     """
     sal, mask = _pair(sal, mask)
+    if kind not in ENERGY_KINDS:
+        raise ValueError(f"unknown energy kind {kind!r}; use {' or '.join(map(repr, ENERGY_KINDS))}")
     problem = _pair_problem(sal, mask)
     if problem:
         return _undefined(problem)
-    region = _top_region(sal, frac)
+    region = _top_region(sal, frac, positive_only)
     if region is None:
         return _undefined("map has no positive activation")
-    energy = np.where(region, sal, 0.0)
-    return float(energy[mask].sum() / energy.sum())
+    if kind == "count":
+        return float((region & mask).sum() / region.sum())
+    energy = np.where(region, np.clip(sal, 0.0, None), 0.0)
+    total = energy.sum()
+    if total <= 0:
+        return _undefined("map has no positive activation in its top region")
+    return float(energy[mask].sum() / total)
 
 
-def average_precision(sal: Any, mask: Any) -> float:
-    """Pixel-level average precision of the map as a score for "pixel is annotated".
+def _pr_points(sal: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(precision, recall) after each distinct map value taken as threshold, highest first.
 
-    ``AP = sum_n (R_n - R_{n-1}) P_n`` over the distinct map values taken as thresholds, highest
-    first (scikit-learn's ``average_precision_score`` definition: no interpolation, tied pixels
-    enter together). Signed values are used as they are (only the order matters).
-    Returns float in (0, 1]; nan for an empty or all-covering mask or a constant / non-finite map.
+    A threshold admits a whole group of tied pixels at once. Shapes (n_distinct,).
     """
-    sal, mask = _pair(sal, mask)
-    problem = _pair_problem(sal, mask)
-    if problem:
-        return _undefined(problem)
-    if mask.all():
-        return _undefined("annotation covers the whole image: every ranking scores 1")
     scores = sal.ravel()
     truth = mask.ravel()
     order = np.argsort(-scores, kind="stable")
@@ -378,9 +488,57 @@ def average_precision(sal: Any, mask: Any) -> float:
     # last index of each run of equal scores: a threshold admits a whole tie group at once
     ends = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
     true_pos = np.cumsum(truth)[ends]
-    precision = true_pos / (ends + 1)
-    recall = true_pos / truth.sum()
+    return true_pos / (ends + 1), true_pos / truth.sum()
+
+
+def average_precision(sal: Any, mask: Any) -> float:
+    """Pixel-level average precision of the map as a score for "pixel is annotated" (step AP).
+
+    ``AP = sum_n (R_n - R_{n-1}) P_n`` over the distinct map values taken as thresholds, highest
+    first (scikit-learn's ``average_precision_score`` definition: no interpolation, tied pixels
+    enter together). Signed values are used as they are (only the order matters). CasCAM's
+    estimator (trapezoid area) is :func:`average_precision_cascam`.
+    Returns float in (0, 1]; nan for an empty or all-covering mask or a constant / non-finite map.
+    """
+    sal, mask = _pair(sal, mask)
+    problem = _ap_problem(sal, mask)
+    if problem:
+        return _undefined(problem)
+    precision, recall = _pr_points(sal, mask)
     return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def average_precision_cascam(sal: Any, mask: Any) -> float:
+    """CasCAM's pixel AP: trapezoid area under the precision-recall curve of the min-max normalised map.
+
+    The map is scaled to [0, 1] (``(sal - min) / (max - min)``; it changes no ranking, so the value
+    is that of the raw map up to float ties). Every distinct value is a threshold (highest first,
+    tied pixels enter together) giving a point (recall, precision); the curve starts at the point
+    (recall 0, precision 1) and ends at the lowest threshold (recall 1, precision = annotated share
+    of the image); the area is the trapezoid rule over recall between consecutive points (what
+    ``sklearn.metrics.auc(recall, precision)`` gives on ``precision_recall_curve``). Unlike the step
+    AP of :func:`average_precision` it interpolates linearly between points (the first segment
+    from precision 1 at recall 0), so the two differ wherever precision changes between points.
+    Returns float in (0, 1]; nan in the same cases as :func:`average_precision`.
+    """
+    sal, mask = _pair(sal, mask)
+    problem = _ap_problem(sal, mask)
+    if problem:
+        return _undefined(problem)
+    scaled = (sal - sal.min()) / (sal.max() - sal.min())
+    precision, recall = _pr_points(scaled, mask)
+    precision = np.r_[1.0, precision]
+    recall = np.r_[0.0, recall]
+    return float(np.sum(np.diff(recall) * (precision[1:] + precision[:-1]) / 2.0))
+
+
+def _ap_problem(sal: np.ndarray, mask: np.ndarray) -> str | None:
+    problem = _pair_problem(sal, mask)
+    if problem:
+        return problem
+    if mask.all():
+        return "annotation covers the whole image: every ranking scores 1"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,6 +553,27 @@ def target_probability(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     if logits.shape[1] == 1:
         return torch.sigmoid(logits[:, 0])
     return torch.softmax(logits.float(), dim=1).gather(1, targets.view(-1, 1)).squeeze(1)
+
+
+def _log_odds_table(logits: torch.Tensor) -> torch.Tensor:
+    """(B, C) log-odds of every class, float64: ``log(p_c / (1 - p_c))`` computed from the logits
+    as ``z_c - logsumexp_{j != c} z_j`` (exact where p_c rounds to 1); the logit itself for C == 1."""
+    z = logits.double()
+    if z.shape[1] == 1:
+        return z[:, :1]
+    classes = z.shape[1]
+    eye = torch.eye(classes, dtype=torch.bool, device=z.device)
+    others = z.unsqueeze(1).expand(-1, classes, -1).masked_fill(eye, float("-inf"))
+    return z - torch.logsumexp(others, dim=2)
+
+
+def target_log_odds(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Log-odds ``log(p / (1 - p))`` of each row's target class, from the logits (see
+    :func:`target_probability` for p). Args: logits (B, C); targets (B,) int64. Returns (B,) float64."""
+    table = _log_odds_table(logits)
+    if table.shape[1] == 1:
+        return table[:, 0]
+    return table.gather(1, targets.view(-1, 1)).squeeze(1)
 
 
 def _resolve_baseline(image: torch.Tensor, baseline: str | float | torch.Tensor, patch: int) -> torch.Tensor:
@@ -423,11 +602,26 @@ def _resolve_baseline(image: torch.Tensor, baseline: str | float | torch.Tensor,
     raise ValueError(f"unknown deletion baseline {baseline!r}; use 'zero', 'mean', 'blur', a number or a tensor")
 
 
-def _deletion_counts(n_cells: int, steps: int) -> np.ndarray:
-    """Cells occluded at steps 0..steps: ``floor(s * n_cells / steps)`` (0 first, all last)."""
+def _deletion_counts(n_cells: int, steps: int, protocol: str = "top") -> np.ndarray:
+    """Cells occluded at steps 0..steps -> (steps + 1,) int.
+
+    ``"top"`` (the paper's protocol): ``s`` cells at step ``s``, one cell more per step; ``steps``
+    must not exceed ``n_cells`` (at ``steps == n_cells`` the last step occludes every cell).
+    ``"full"`` (named variant): ``floor(s * n_cells / steps)``, so the last step always occludes
+    the whole image.
+    """
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    return (np.arange(steps + 1) * n_cells) // steps
+    if protocol not in DELETION_PROTOCOLS:
+        raise ValueError(f"unknown deletion protocol {protocol!r}; use {' or '.join(map(repr, DELETION_PROTOCOLS))}")
+    if protocol == "full":
+        return (np.arange(steps + 1) * n_cells) // steps
+    if steps > n_cells:
+        raise ValueError(
+            f"steps = {steps} exceeds the {n_cells} grid cells: the 'top' deletion protocol occludes one cell "
+            "per step; use steps <= the number of cells, a smaller patch, or protocol='full'"
+        )
+    return np.arange(steps + 1)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -453,7 +647,7 @@ class _EvalMode:
 
 
 def _prepare_deletion(
-    images: torch.Tensor, sals: Any, targets: Any, patch: int, steps: int, baseline: Any
+    images: torch.Tensor, sals: Any, targets: Any, patch: int, steps: int, baseline: Any, protocol: str, scale: str
 ) -> tuple[torch.Tensor, list[np.ndarray | None], list[str | None], torch.Tensor, torch.Tensor, np.ndarray]:
     if images.ndim != 4:
         raise ValueError(f"images must be (N, 3, H, W), got shape {tuple(images.shape)}")
@@ -465,31 +659,37 @@ def _prepare_deletion(
     target_t = torch.as_tensor(np.asarray(targets, dtype=np.int64).reshape(-1))
     if target_t.numel() != images.shape[0]:
         raise ValueError(f"{target_t.numel()} targets for {images.shape[0]} images")
-    cell_grid(images.shape[2:], patch)
+    if scale not in DELETION_SCALES:
+        raise ValueError(f"unknown deletion scale {scale!r}; use {' or '.join(map(repr, DELETION_SCALES))}")
+    rows, cols = cell_grid(images.shape[2:], patch)
+    counts = _deletion_counts(rows.size * cols.size, steps, protocol)
     rank_maps: list[np.ndarray | None] = []
     problems: list[str | None] = []
-    n_cells = 0
     for sal in sal_arr.astype(np.float64):
         problem = _map_problem(sal)
         problems.append(problem)
         if problem:
             rank_maps.append(None)
             continue
-        rank_map, n_cells = _cell_rank_map(sal, patch)
+        rank_map, _ = _cell_rank_map(sal, patch)
         rank_maps.append(rank_map)
-    if n_cells == 0:
-        rows, cols = cell_grid(images.shape[2:], patch)
-        n_cells = rows.size * cols.size
-    counts = _deletion_counts(n_cells, steps)
     baselines = torch.stack([_resolve_baseline(img, baseline, patch) for img in images])
     return baselines, rank_maps, problems, target_t, torch.as_tensor(counts), counts
 
 
-def _curves_from_probs(probs: np.ndarray, problems: list[str | None]) -> np.ndarray:
+def _curves_from_probs(probs: np.ndarray, problems: list[str | None], scale: str = "ratio") -> np.ndarray:
+    """Curves from the target scores (N, steps + 1): ``p_s / p_0`` (``"ratio"``) or
+    ``lo_s - lo_0`` for log-odds ``lo`` (``"logodds"``); rows of nan with a reason where undefined."""
     curves = np.full(probs.shape, np.nan)
     for i, problem in enumerate(problems):
         if problem:
             _undefined(problem)
+            continue
+        if scale == "logodds":
+            if not np.all(np.isfinite(probs[i])):
+                _undefined("target log-odds are not finite")
+                continue
+            curves[i] = probs[i] - probs[i, 0]
             continue
         if probs[i, 0] <= 0:
             _undefined("target probability of the intact image is 0")
@@ -551,9 +751,12 @@ def _identical_groups(tensors: torch.Tensor) -> list[int]:
     return groups
 
 
-def _class_probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """(B, C) class probabilities exactly as :func:`target_probability` computes them per row
-    (softmax in float32; sigmoid of the single logit for C == 1, in column 0)."""
+def _class_scores(logits: torch.Tensor, scale: str = "ratio") -> torch.Tensor:
+    """(B, C) per-class scores a deletion curve tracks. ``"ratio"``: probabilities exactly as
+    :func:`target_probability` computes them per row (softmax in float32; sigmoid of the single
+    logit for C == 1, in column 0). ``"logodds"``: :func:`target_log_odds` for every class."""
+    if scale == "logodds":
+        return _log_odds_table(logits)
     if logits.shape[1] == 1:
         return torch.sigmoid(logits[:, :1])
     return torch.softmax(logits.float(), dim=1)
@@ -565,17 +768,26 @@ def deletion_curves(
     sals: Any,
     targets: Sequence[int] | np.ndarray | torch.Tensor,
     patch: int,
-    steps: int = 20,
+    steps: int = DEFAULT_DELETION_STEPS,
     baseline: str | float | torch.Tensor = "zero",
     batch_size: int | None = None,
     intact_probs: Sequence[float] | np.ndarray | torch.Tensor | None = None,
+    protocol: str = "top",
+    scale: str = "ratio",
 ) -> np.ndarray:
     """Deletion curves of several maps, each distinct occluded input forwarded once, in batches.
 
-    Cells of ``patch`` x ``patch`` pixels are ranked by mean saliency (highest first, ties by cell
-    index); at step ``s`` (0..steps) the first ``floor(s * N_cells / steps)`` cells are replaced by
-    the baseline. The curve is the target-class probability relative to the intact image,
-    ``p_s / p_0`` (so ``1 - curve`` is the relative drop); a faithful map makes it fall fast.
+    The paper's protocol (SoftCAM App. E.4, ``protocol="top"``): cells of ``patch`` x ``patch``
+    pixels are ranked by mean saliency (highest first, ties by cell index) and at step ``s``
+    (0..steps) the top ``s`` cells are replaced by the baseline, one cell more per step; ``steps``
+    must not exceed the number of cells, and the image is blanked only at ``steps == N_cells``.
+    Named variant ``protocol="full"``: the first ``floor(s * N_cells / steps)`` cells, so the last
+    step blanks the whole image whatever ``steps`` is. The curve (``scale="ratio"``) is the target
+    class's probability relative to the intact image, ``p_s / p_0`` (``1 - curve`` is the paper's
+    "relative drop in the model's confidence"); a faithful map makes it fall fast. Named variant
+    ``scale="logodds"``: ``logit(p_s) - logit(p_0)`` with ``logit(p) = log(p / (1 - p))`` computed
+    from the logits (:func:`target_log_odds`): 0 at step 0, negative when the confidence falls
+    (lower = more faithful, like the ratio), not squashed where p is near 0 or 1.
     Row ``n`` of ``images`` / ``sals`` / ``targets`` is one (image, map) pair: several maps of one
     image (several methods) are passed as repeated image rows.
 
@@ -595,9 +807,11 @@ def deletion_curves(
       target-class pick differs per pair. This covers step 0 shared by all maps of one image,
       the fully occluded step shared by every map of every image when the baseline is constant
       (``"zero"``, a number, a tensor), steps whose occluded-cell count does not change (fewer
-      cells than steps), and maps of different methods that occlude the same cells at a step.
+      cells than steps, ``protocol="full"``), and maps of different methods that occlude the same
+      cells at a step.
     * **Known step 0.** ``intact_probs`` (what an evaluation computed anyway to pick the target)
-      is ``p_0`` itself: the intact images are then not forwarded at all.
+      is ``p_0`` itself: the intact images are then not forwarded at all (ratio scale only: a
+      probability that rounds to 1 has no usable log-odds, so ``"logodds"`` forwards step 0).
     * **Batching**: distinct inputs go through the model ``batch_size`` at a time.
     * **Channels-last on CPU**: the conv weights and each input batch are held channels-last,
       which oneDNN runs 1.2-1.3x faster for ResNets; same sums in another order (~1e-6
@@ -615,27 +829,31 @@ def deletion_curves(
         model: classifier returning logits (B, C); run on its own device, in eval mode, under
             ``torch.inference_mode`` (its train/eval mode is restored afterwards).
         images: (N, 3, H, W) preprocessed model inputs. sals: (N, H, W) maps at input resolution.
-        targets: (N,) class indices. patch: cell side in pixels. steps: deletion steps.
+        targets: (N,) class indices (an evaluation passes the predicted class, as the paper does).
+        patch: cell side in pixels. steps: deletion steps (``"top"``: cells removed, <= N_cells).
         baseline: ``"zero"``, ``"mean"``, ``"blur"``, a number or a tensor (see ``_resolve_baseline``).
         batch_size: distinct occluded inputs per forward pass; None = as many as half the free
             GPU memory allows (halved again on out-of-memory), 16 at 224 px on a CPU.
         intact_probs: optional (N,) target-class probability of each intact image (softmax of
             the logits; sigmoid for one logit), e.g. from the forward pass that chose the target.
             It becomes ``p_0`` and step 0 is not recomputed; pass only values of this model on
-            these images (they set every point of the curve).
+            these images (they set every point of the curve). Ignored with ``scale="logodds"``.
+        protocol: ``"top"`` (default) or ``"full"``. scale: ``"ratio"`` (default) or ``"logodds"``.
     Returns:
         (N, steps + 1) float64; rows of nan (with a MetricUndefined reason) for constant or
         non-finite maps or a zero intact probability.
+    Raises:
+        ValueError: shapes, an unknown protocol / scale, ``steps`` > cells with ``"top"``.
     """
     device = _model_device(model)
     images = images.to(device)
     baselines, rank_maps, problems, target_t, counts_t, counts = _prepare_deletion(
-        images, sals, targets, patch, steps, baseline
+        images, sals, targets, patch, steps, baseline, protocol, scale
     )
     n_images, n_steps = images.shape[0], steps + 1
     probs = np.full((n_images, n_steps), np.nan)
     known = None
-    if intact_probs is not None:
+    if intact_probs is not None and scale == "ratio":
         known = np.asarray(
             intact_probs.detach().cpu().numpy() if isinstance(intact_probs, torch.Tensor) else intact_probs,
             dtype=np.float64,
@@ -644,7 +862,7 @@ def deletion_curves(
             raise ValueError(f"{known.size} intact probabilities for {n_images} images")
     valid = [i for i in range(n_images) if rank_maps[i] is not None]
     if not valid:
-        return _curves_from_probs(probs, problems)
+        return _curves_from_probs(probs, problems, scale)
 
     # key every (map, step) by the input it feeds the model; one forward per distinct key
     image_group = _identical_groups(images)
@@ -706,7 +924,7 @@ def deletion_curves(
                 if cpu:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 try:
-                    out = _class_probabilities(model(inputs))
+                    out = _class_scores(model(inputs), scale)
                 except torch.cuda.OutOfMemoryError:
                     if batch_size == 1:
                         raise
@@ -721,7 +939,7 @@ def deletion_curves(
         single = table.shape[1] == 1
         for i, s, u in uses:
             probs[i, s] = table[u, 0 if single else targets_np[i]]
-    return _curves_from_probs(probs, problems)
+    return _curves_from_probs(probs, problems, scale)
 
 
 def deletion_curve_reference(
@@ -730,8 +948,10 @@ def deletion_curve_reference(
     sals: Any,
     targets: Sequence[int] | np.ndarray | torch.Tensor,
     patch: int,
-    steps: int = 20,
+    steps: int = DEFAULT_DELETION_STEPS,
     baseline: str | float | torch.Tensor = "zero",
+    protocol: str = "top",
+    scale: str = "ratio",
 ) -> np.ndarray:
     """The plain loop :func:`deletion_curves` must equal: one image, one step, one forward pass.
 
@@ -740,8 +960,9 @@ def deletion_curve_reference(
     device = _model_device(model)
     images = images.to(device)
     baselines, rank_maps, problems, target_t, _, counts = _prepare_deletion(
-        images, sals, targets, patch, steps, baseline
+        images, sals, targets, patch, steps, baseline, protocol, scale
     )
+    score = target_log_odds if scale == "logodds" else target_probability
     probs = np.full((images.shape[0], steps + 1), np.nan)
     with _EvalMode(model), torch.inference_mode():
         for i, rank_map in enumerate(rank_maps):
@@ -750,8 +971,8 @@ def deletion_curve_reference(
             for s, count in enumerate(counts):
                 occluded = torch.as_tensor(rank_map < count, device=device)
                 x = torch.where(occluded, baselines[i], images[i])
-                probs[i, s] = float(target_probability(model(x.unsqueeze(0)), target_t[i : i + 1].to(device))[0])
-    return _curves_from_probs(probs, problems)
+                probs[i, s] = float(score(model(x.unsqueeze(0)), target_t[i : i + 1].to(device))[0])
+    return _curves_from_probs(probs, problems, scale)
 
 
 def deletion_curve(
@@ -760,23 +981,32 @@ def deletion_curve(
     sal: Any,
     target: int,
     patch: int,
-    steps: int = 20,
+    steps: int = DEFAULT_DELETION_STEPS,
     baseline: str | float | torch.Tensor = "zero",
+    protocol: str = "top",
+    scale: str = "ratio",
 ) -> np.ndarray:
-    """Deletion curve of one image: (steps + 1,) relative target probability ``p_s / p_0``.
+    """Deletion curve of one image (SoftCAM App. E.4): (steps + 1,) ``p_s / p_0`` of class ``target``.
 
-    ``image`` is (3, H, W) (or (1, 3, H, W)), ``sal`` (H, W); see :func:`deletion_curves`.
+    Step ``s`` occludes the map's top ``s`` cells (``protocol="top"``, ``steps`` <= cells); pass the
+    model's predicted class as ``target`` to follow the paper. ``image`` is (3, H, W) (or
+    (1, 3, H, W)), ``sal`` (H, W); the variants (``protocol="full"``, ``baseline="blur"``,
+    ``scale="logodds"``) are those of :func:`deletion_curves`.
     """
     if image.ndim == 3:
         image = image.unsqueeze(0)
     sal_arr = sal.detach().cpu().numpy() if isinstance(sal, torch.Tensor) else np.asarray(sal)
     if sal_arr.ndim != 2:
         raise ValueError(f"saliency map must be (H, W), got shape {sal_arr.shape}")
-    return deletion_curves(model, image, sal_arr[None], [int(target)], patch, steps, baseline, batch_size=None)[0]
+    return deletion_curves(model, image, sal_arr[None], [int(target)], patch, steps, baseline, batch_size=None,
+                           protocol=protocol, scale=scale)[0]
 
 
 def audc(curve: Any) -> float:
     """Area under a deletion curve, trapezoid rule over x = s / steps in [0, 1]; lower = more faithful.
+
+    With the paper's protocol x is the share of the ``steps`` top cells removed so far (not of the
+    image); for a log-odds curve the area is <= 0 when the confidence falls.
 
     ``curve``: (steps + 1,) values from :func:`deletion_curve`. Returns nan (MetricUndefined) when the
     curve has a nan or fewer than 2 points.

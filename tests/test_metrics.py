@@ -32,13 +32,26 @@ SAL_4x4 = np.array(
 )
 
 
-@pytest.mark.parametrize("k, expected", [(1, 0.0), (2, 0.5), (3, 0.5), (10, 0.5)])
-def test_topk_precision_hand_computed(k, expected):
+@pytest.mark.parametrize("k, by_k, by_positive", [(1, 0.0, 0.0), (2, 0.5, 0.5), (3, 1 / 3, 0.5), (4, 0.25, 0.5)])
+def test_topk_precision_hand_computed(k, by_k, by_positive):
     # patch 2 -> cells TL, TR, BL, BR with means 4, 0, (1+1+1+3)/4 = 1.5, -2.
-    # positive cells ranked: TL (4), BL (1.5); TR (mean 0) is not positive.
-    # mask touches BL only -> k=1: [TL] -> 0/1; k=2: [TL, BL] -> 1/2; k>=3: still the 2 positive -> 1/2
+    # positive cells ranked: TL (4), BL (1.5); TR (mean 0) is not positive: fewer than k = 3, 4 positive cells.
+    # mask touches BL only -> hits: k=1: [TL] -> 0; k>=2: [TL, BL] -> 1.
+    # default (paper, Eq. 7) divides by k: 0/1, 1/2, 1/3, 1/4 (a map with fewer than k positive cells is penalised);
+    # denominator="positive" divides by min(k, #positive) = 1, 2, 2, 2: 0, 1/2, 1/2, 1/2
     mask = _mask((4, 4), (3, 0))
-    assert M.topk_localization_precision(SAL_4x4, mask, k, patch=2) == pytest.approx(expected)
+    assert M.topk_localization_precision(SAL_4x4, mask, k, patch=2) == pytest.approx(by_k)
+    assert M.topk_localization_precision(SAL_4x4, mask, k, patch=2, denominator="positive") == pytest.approx(by_positive)
+
+
+def test_topk_precision_k_beyond_the_cells():
+    mask = _mask((4, 4), (3, 0))
+    # 4 cells: with the k denominator no map could reach 1 at k = 10 -> refused; the positive variant allows it
+    with pytest.raises(ValueError, match="exceeds the 4 grid cells"):
+        M.topk_localization_precision(SAL_4x4, mask, 10, patch=2)
+    assert M.topk_localization_precision(SAL_4x4, mask, 10, patch=2, denominator="positive") == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="denominator"):
+        M.topk_localization_precision(SAL_4x4, mask, 1, patch=2, denominator="m")
 
 
 def test_topk_precision_partial_edge_cells_use_their_own_pixels():
@@ -63,8 +76,12 @@ def test_topk_precision_ties_broken_by_cell_index():
     assert M.topk_localization_precision(sal, _mask((4, 4), (3, 3)), 1, patch=2) == 0.0
 
 
-def test_topk_precision_no_positive_cell_is_undefined():
-    value, reason = M.metric_or_reason(M.topk_localization_precision, -SAL_4x4 - 5, _mask((4, 4), (0, 0)), 3, 2)
+def test_topk_precision_no_positive_cell():
+    # every cell mean is negative: the map points at nothing. Default: 0 hits / k = 0 (penalised, defined);
+    # the min(k, #positive) variant has nothing to divide by -> undefined
+    negative = -SAL_4x4 - 5
+    assert M.metric_or_reason(M.topk_localization_precision, negative, _mask((4, 4), (0, 0)), 3, 2) == (0.0, None)
+    value, reason = M.metric_or_reason(M.topk_localization_precision, negative, _mask((4, 4), (0, 0)), 3, 2, "positive")
     assert math.isnan(value) and "positive" in reason
 
 
@@ -91,20 +108,43 @@ def test_activation_sensitivity_hand_computed():
 
 
 def test_activation_consistency_hand_computed():
-    diseased = np.array([[3.0, -1.0], [0.0, 0.0]])  # pos 3, neg 1 -> positive share 3/4
-    healthy = np.array([[1.0, -3.0], [0.0, 0.0]])  # pos 1, neg 3 -> negative share 3/4
-    healthy_relu = np.array([[2.0, 0.0], [0.0, 0.0]])  # non-negative map: negative share 0
-    zeros = np.zeros((2, 2))  # no evidence at all: left out
-    maps = np.stack([diseased, healthy, healthy_relu, zeros])
-    labels = [1, 0, 0, 1]
-    # mean of (3/4, 3/4, 0) = 0.5
-    assert M.activation_consistency(maps, labels) == pytest.approx(0.5)
-    assert M.activation_consistency(diseased, 1) == pytest.approx(0.75)
-    assert M.activation_consistency(diseased, 0) == pytest.approx(0.25)
-    value, reason = M.metric_or_reason(M.activation_consistency, zeros, 1)
+    # 2x3 maps (6 pixels each); zeros count as neither sign
+    diseased = np.array([[3.0, -1.0, 0.0], [2.0, 0.0, -4.0]])  # 2 of 6 pixels > 0 -> 1/3 (mass: pos 5 / 10 = 1/2)
+    healthy = np.array([[-1.0, -2.0, 0.0], [1.0, 0.0, 0.0]])  # 2 of 6 pixels < 0 -> 1/3 (mass: neg 3 / 4 = 3/4)
+    healthy_relu = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # non-negative map: 0 pixels < 0 -> 0 (mass: 0)
+    zeros = np.zeros((2, 3))  # diseased, no evidence at all: 0 of 6 pixels > 0 -> 0, kept (mass: left out)
+    mostly = np.array([[1.0, 1.0, 1.0], [1.0, 1.0, -1.0]])  # diseased: 5 of 6 > 0 -> 5/6 (mass 5/6)
+    maps = np.stack([diseased, healthy, healthy_relu, zeros, mostly])
+    labels = [1, 0, 0, 1, 1]
+    # pooled: mean(1/3, 1/3, 0, 0, 5/6) = (2/6 + 2/6 + 5/6) / 5 = 9/30 = 0.3
+    assert M.activation_consistency(maps, labels) == pytest.approx(0.3)
+    # class-wise: diseased mean(1/3, 0, 5/6) = (2/6 + 5/6) / 3 = 7/18; healthy mean(1/3, 0) = 1/6
+    by_class = M.activation_consistency_by_class(maps, labels)
+    assert by_class == pytest.approx({"diseased": 7 / 18, "healthy": 1 / 6, "pooled": 0.3})
+    # one map = that image's score
+    assert M.activation_consistency(diseased, 1) == pytest.approx(1 / 3)
+    assert M.activation_consistency(diseased, 0) == pytest.approx(2 / 6)  # 2 pixels < 0 as well
+    assert M.metric_or_reason(M.activation_consistency, zeros, 1) == (0.0, None)
+    # today's mass-weighted variant: mean(1/2, 3/4, 0, 5/6) without the all-zero map = (6 + 9 + 0 + 10) / 48
+    assert M.activation_consistency_mass(maps, labels) == pytest.approx(25 / 48)
+    value, reason = M.metric_or_reason(M.activation_consistency_mass, zeros, 1)
     assert math.isnan(value) and "zeros" in reason
     with pytest.raises(ValueError, match="labels"):
         M.activation_consistency(maps, [1, 0])
+
+
+def test_activation_consistency_undefined_parts():
+    diseased = np.array([[3.0, -1.0, 0.0], [2.0, 0.0, -4.0]])
+    with_nan = diseased.copy()
+    with_nan[0, 0] = np.nan
+    # a non-finite map is left out: mean over the finite one only
+    assert M.activation_consistency(np.stack([diseased, with_nan]), [1, 1]) == pytest.approx(1 / 3)
+    value, reason = M.metric_or_reason(M.activation_consistency, with_nan, 1)
+    assert math.isnan(value) and "NaN" in reason
+    # no healthy image: that class is undefined and says so; the others are defined
+    value, reason = M.metric_or_reason(M.activation_consistency_by_class, diseased, 1)
+    assert value["diseased"] == pytest.approx(1 / 3) and value["pooled"] == pytest.approx(1 / 3)
+    assert math.isnan(value["healthy"]) and reason == "no healthy image"
 
 
 # ---------------------------------------------------------------- pointing game
@@ -136,14 +176,48 @@ def test_iou_and_energy_top_fraction_hand_computed():
     assert M.energy_top_fraction(sal, mask, 0.3) == pytest.approx(17 / 27)
 
 
-def test_top_fraction_counts_only_positive_pixels():
+def test_iou_top10_of_all_pixels_hand_computed():
+    sal = np.arange(100, dtype=float).reshape(10, 10)  # values 0..99, row-major
+    mask = np.zeros((10, 10), bool)
+    mask[8:10, 0:5] = True  # values 80..84 and 90..94
+    # default frac 0.10 -> ceil(10) = 10 pixels: values 90..99 (row 9). IoU = |90..94| / (10 + 10 - 5) = 5/15
+    assert M.iou_top_fraction(sal, mask) == pytest.approx(1 / 3)
+    # energy (frac 0.10 given): inside 90+91+92+93+94 = 460 over 90+...+99 = 945; count: 5 of 10 pixels
+    assert M.energy_top_fraction(sal, mask, 0.10) == pytest.approx(460 / 945)
+    assert M.energy_top_fraction(sal, mask, 0.10, kind="count") == pytest.approx(0.5)
+    # default frac 0.15 -> values 85..99: energy 460 / (85+...+99 = 1380) = 1/3; count 5 of 15 = 1/3
+    assert M.energy_top_fraction(sal, mask) == pytest.approx(1 / 3)
+    assert M.energy_top_fraction(sal, mask, kind="count") == pytest.approx(1 / 3)
+    # shifted so only 96..99 are positive (values 1..4), 95 -> 0, the rest negative
+    shifted = sal - 95
+    right = np.zeros((10, 10), bool)
+    right[8:10, 5:10] = True  # 85..89 and 95..99
+    # all pixels (default): top 10 = row 9 again; inside 95..99 -> 5 / (10 + 10 - 5) = 1/3
+    assert M.iou_top_fraction(shifted, right) == pytest.approx(1 / 3)
+    # positive_only (named variant): region {96..99}, all inside -> 4 / 10
+    assert M.iou_top_fraction(shifted, right, positive_only=True) == pytest.approx(0.4)
+    # the all-negative region of -sal still has a top 10 %: values 0..-9 (row 0), mask row 0 -> IoU 1
+    top_row = np.zeros((10, 10), bool)
+    top_row[0] = True
+    assert M.iou_top_fraction(-sal, top_row) == 1.0
+    with pytest.raises(ValueError, match="kind"):
+        M.energy_top_fraction(sal, mask, kind="mass")
+
+
+def test_top_fraction_ties_and_positive_only():
     sal = np.zeros((2, 5))
-    sal[0, 0], sal[0, 1] = 2.0, 1.0  # only 2 positive pixels, frac asks for 5
+    sal[0, 0], sal[0, 1] = 2.0, 1.0  # only 2 positive pixels, frac 0.5 asks for 5
     mask = _mask((2, 5), (0, 1), (1, 4))
-    # region = {(0,0), (0,1)} (zeros are not padded in); IoU = 1 / |{(0,0), (0,1), (1,4)}| = 1/3
-    assert M.iou_top_fraction(sal, mask, 0.5) == pytest.approx(1 / 3)
-    # energy = 1 / (2 + 1)
+    # all pixels: the 5th highest value is 0, shared by 8 pixels; ties at the threshold all enter
+    # -> region = the whole image; IoU = |mask| / 10 = 2/10; count = 2/10
+    assert M.iou_top_fraction(sal, mask, 0.5) == pytest.approx(0.2)
+    assert M.energy_top_fraction(sal, mask, 0.5, kind="count") == pytest.approx(0.2)
+    # energy: zeros carry none -> 1 / (2 + 1), with or without positive_only
     assert M.energy_top_fraction(sal, mask, 0.5) == pytest.approx(1 / 3)
+    # positive_only: region = {(0,0), (0,1)}; IoU = 1 / |{(0,0), (0,1), (1,4)}| = 1/3; count 1/2
+    assert M.iou_top_fraction(sal, mask, 0.5, positive_only=True) == pytest.approx(1 / 3)
+    assert M.energy_top_fraction(sal, mask, 0.5, positive_only=True) == pytest.approx(1 / 3)
+    assert M.energy_top_fraction(sal, mask, 0.5, kind="count", positive_only=True) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="frac"):
         M.iou_top_fraction(sal, mask, 0.0)
 
@@ -160,6 +234,31 @@ def test_average_precision_hand_computed():
     assert M.average_precision(sal_tie, np.array([[True, False], [True, False]])) == pytest.approx(5 / 6)
 
 
+def test_average_precision_cascam_hand_computed():
+    sal = np.array([[0.9, 0.8], [0.7, 0.6]])
+    mask = np.array([[True, False], [True, False]])
+    # points (recall, precision): start (0, 1); after 0.9 (1/2, 1); 0.8 (1/2, 1/2); 0.7 (1, 2/3); 0.6 (1, 1/2)
+    # trapezoids over recall: 1/2 * (1 + 1)/2 = 1/2; 0; 1/2 * (1/2 + 2/3)/2 = 7/24; 0 -> 19/24 (step AP: 5/6)
+    assert M.average_precision_cascam(sal, mask) == pytest.approx(19 / 24)
+    # min-max scaling changes no ranking: a shifted, scaled, signed copy gives the same value
+    assert M.average_precision_cascam(3 * sal - 2.5, mask) == pytest.approx(19 / 24)
+    # first pixel a miss: (0, 1) -> (0, 0) -> (1, 1/2): area 0 + (0 + 1/2)/2 = 1/4 (step AP 1/2)
+    assert M.average_precision_cascam(np.array([[0.9, 0.1]]), np.array([[False, True]])) == pytest.approx(0.25)
+    assert M.average_precision(np.array([[0.9, 0.1]]), np.array([[False, True]])) == pytest.approx(0.5)
+
+
+def test_average_precision_cascam_matches_sklearn_trapezoid():
+    from sklearn.metrics import auc, precision_recall_curve
+
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        sal = np.round(rng.normal(size=(24, 24)), 1)  # ties
+        mask = rng.random((24, 24)) < 0.15
+        scaled = (sal - sal.min()) / (sal.max() - sal.min())
+        precision, recall, _ = precision_recall_curve(mask.ravel(), scaled.ravel())
+        assert M.average_precision_cascam(sal, mask) == pytest.approx(auc(recall, precision), abs=1e-12)
+
+
 def test_average_precision_matches_sklearn():
     from sklearn.metrics import average_precision_score
 
@@ -173,12 +272,16 @@ def test_average_precision_matches_sklearn():
 
 MAP_METRICS = [
     lambda s, m: M.topk_localization_precision(s, m, 2, 2),
+    lambda s, m: M.topk_localization_precision(s, m, 2, 2, denominator="positive"),
     M.activation_precision,
     M.activation_sensitivity,
     M.pointing_game,
     lambda s, m: M.iou_top_fraction(s, m, 0.25),
+    lambda s, m: M.iou_top_fraction(s, m, 0.25, positive_only=True),
     lambda s, m: M.energy_top_fraction(s, m, 0.25),
+    lambda s, m: M.energy_top_fraction(s, m, 0.25, kind="count"),
     M.average_precision,
+    M.average_precision_cascam,
 ]
 
 
@@ -205,9 +308,16 @@ def test_edge_cases_are_explicit(metric):
 def test_no_positive_evidence_is_undefined():
     negative = -np.arange(16, dtype=float).reshape(4, 4) - 1
     mask = _mask((4, 4), (0, 0))
-    for metric in (M.activation_precision, M.activation_sensitivity, M.iou_top_fraction, M.energy_top_fraction):
+    needs_positive = (
+        M.activation_precision, M.activation_sensitivity, M.energy_top_fraction,
+        lambda s, m: M.iou_top_fraction(s, m, positive_only=True),
+        lambda s, m: M.topk_localization_precision(s, m, 1, 2, denominator="positive"),
+    )
+    for metric in needs_positive:
         value, reason = M.metric_or_reason(metric, negative, mask)
         assert math.isnan(value) and "positive" in reason
+    # rank-only metrics stay defined: top 10 % of all pixels = 2 pixels (-1, -2 at (0,0), (0,1)) -> IoU 1/2
+    assert M.iou_top_fraction(negative, mask) == pytest.approx(0.5)
 
 
 # ---------------------------------------------------------------- deletion curves and AUDC
@@ -232,7 +342,7 @@ class _SumModel(nn.Module):
         return x[:, 0].sum(dim=(1, 2)).unsqueeze(1) + self.dummy
 
 
-def test_deletion_curve_hand_computed():
+def _hand_image_and_map():
     image = torch.zeros(3, 4, 4)
     image[0, 0:2, 0:2] = 1.0  # top-left cell contributes 4 to the logit
     image[0, 2:4, 2:4] = 0.5  # bottom-right cell contributes 2
@@ -240,15 +350,57 @@ def test_deletion_curve_hand_computed():
     sal[0:2, 0:2] = 3.0  # ranked first
     sal[2:4, 2:4] = 2.0  # second
     sal[0:2, 2:4] = 1.0  # third, holds nothing
-    # 4 cells, 4 steps -> cells occluded 0, 1, 2, 3, 4 -> logits 6, 2, 0, 0, 0 (zero baseline)
-    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
-    expected = np.array([sig(6), sig(2), sig(0), sig(0), sig(0)]) / sig(6)
+    return image, sal
+
+
+def _sig(z):
+    return 1 / (1 + math.exp(-z))
+
+
+def test_deletion_curve_hand_computed():
+    image, sal = _hand_image_and_map()
+    # paper protocol: step s occludes the top s cells. 4 cells, 4 steps -> 0, 1, 2, 3, 4 cells occluded
+    # -> logits 6, 2, 0, 0, 0 (zero baseline); p = sigmoid(logit)
+    expected = np.array([_sig(6), _sig(2), _sig(0), _sig(0), _sig(0)]) / _sig(6)
     curve = M.deletion_curve(_SumModel(), image, sal, target=0, patch=2, steps=4, baseline="zero")
     np.testing.assert_allclose(curve, expected, rtol=1e-6)
     # baseline 0.25 everywhere: step 1 -> TL cell = 4 * 0.25 = 1, plus BR 2 -> logit 3
     curve = M.deletion_curve(_SumModel(), image, sal, target=0, patch=2, steps=4, baseline=0.25)
-    assert curve[1] == pytest.approx(sig(3) / sig(6), rel=1e-6)
+    assert curve[1] == pytest.approx(_sig(3) / _sig(6), rel=1e-6)
     assert M.audc(curve) < 1.0
+
+
+def test_deletion_protocols_hand_computed():
+    image, sal = _hand_image_and_map()
+    # steps = 2 of 4 cells. "top": 0, 1, 2 cells -> logits 6, 2, 0; the image is never blanked
+    top = M.deletion_curve(_SumModel(), image, sal, target=0, patch=2, steps=2)
+    np.testing.assert_allclose(top, np.array([_sig(6), _sig(2), _sig(0)]) / _sig(6), rtol=1e-6)
+    # "full" (named variant): floor(s * 4 / 2) = 0, 2, 4 cells -> logits 6, 0, 0
+    full = M.deletion_curve(_SumModel(), image, sal, target=0, patch=2, steps=2, protocol="full")
+    np.testing.assert_allclose(full, np.array([_sig(6), _sig(0), _sig(0)]) / _sig(6), rtol=1e-6)
+    # "top" removes one cell per step: more steps than cells is refused; "full" repeats counts instead
+    with pytest.raises(ValueError, match="exceeds the 4 grid cells"):
+        M.deletion_curve(_SumModel(), image, sal, target=0, patch=2, steps=5)
+    assert M.deletion_curve(_SumModel(), image, sal, target=0, patch=2, steps=8, protocol="full").shape == (9,)
+    with pytest.raises(ValueError, match="protocol"):
+        M.deletion_curve(_SumModel(), image, sal, target=0, patch=2, steps=2, protocol="all")
+
+
+def test_deletion_log_odds_hand_computed():
+    image, sal = _hand_image_and_map()
+    # one logit: the log-odds of sigmoid(z) is z itself -> curve z_s - z_0 = 6-6, 2-6, 0-6, 0-6, 0-6
+    curve = M.deletion_curve(_SumModel(), image, sal, target=0, patch=2, steps=4, scale="logodds")
+    np.testing.assert_allclose(curve, [0.0, -4.0, -6.0, -6.0, -6.0], atol=1e-6)
+    # trapezoids over x = 0, 1/4, ..., 1: 1/4 * ((0-4)/2 + (-4-6)/2 + (-6-6)/2 + (-6-6)/2) = 1/4 * -19
+    assert M.audc(curve) == pytest.approx(-4.75)
+    # several classes: log(p / (1 - p)) from the logits, exact where p rounds to 1
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 40.0, 0.0]])
+    p = torch.softmax(logits.double(), 1)
+    got = M.target_log_odds(logits, torch.tensor([0, 1]))
+    assert got[0].item() == pytest.approx(math.log(p[0, 0] / (1 - p[0, 0])))
+    assert got[1].item() == pytest.approx(40.0 - math.log(2.0))  # p = 1 - 2e-18 in float64: 1 - p is 0 in float32
+    with pytest.raises(ValueError, match="scale"):
+        M.deletion_curve(_SumModel(), image, sal, target=0, patch=2, steps=4, scale="log")
 
 
 def test_deletion_constant_map_gives_nan_curve():
@@ -272,29 +424,45 @@ def _tiny_cnn(num_classes=3):
 
 
 @pytest.mark.filterwarnings("ignore::softcam_core.metrics.MetricUndefined")
-@pytest.mark.parametrize("baseline", ["zero", "mean", "blur"])
-def test_batched_deletion_equals_loop(baseline):
+@pytest.mark.parametrize("baseline, protocol, scale, steps", [
+    ("zero", "top", "ratio", 6), ("mean", "top", "ratio", 6), ("blur", "top", "ratio", 6),
+    ("zero", "top", "ratio", 25),  # steps = every cell: the last step blanks the image
+    ("zero", "full", "ratio", 6), ("blur", "full", "ratio", 6),
+    ("zero", "top", "logodds", 6), ("blur", "full", "logodds", 6),
+])
+def test_batched_deletion_equals_loop(baseline, protocol, scale, steps):
     torch.manual_seed(1)
     model = _tiny_cnn()
     model.train()  # must be evaluated in eval mode and handed back in train mode
-    images = torch.randn(3, 3, 30, 30)  # 30 is not a multiple of the patch (7): partial edge cells
+    images = torch.randn(3, 3, 30, 30)  # 30 is not a multiple of the patch (7): partial edge cells, 5x5 = 25
     sals = np.random.default_rng(2).normal(size=(3, 30, 30))
     sals[1] = 0.5  # constant map -> nan row
     targets = [0, 2, 1]
-    ref = M.deletion_curve_reference(model, images, sals, targets, patch=7, steps=6, baseline=baseline)
+    options = dict(patch=7, steps=steps, baseline=baseline, protocol=protocol, scale=scale)
+    ref = M.deletion_curve_reference(model, images, sals, targets, **options)
     for batch_size in (None, 5, 1):
-        got = M.deletion_curves(model, images, sals, targets, patch=7, steps=6, baseline=baseline, batch_size=batch_size)
+        got = M.deletion_curves(model, images, sals, targets, batch_size=batch_size, **options)
         np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
     assert model.training
     assert np.all(np.isnan(ref[1])) and np.all(np.isfinite(ref[[0, 2]]))
-    assert np.allclose(ref[[0, 2], 0], 1.0)
+    assert np.allclose(ref[[0, 2], 0], 0.0 if scale == "logodds" else 1.0)
+    # the one-image function is row 0 of the batched one
+    one = M.deletion_curve(model, images[0], sals[0], targets[0], **options)
+    np.testing.assert_allclose(one, ref[0], atol=1e-5, rtol=0)
+    if scale == "logodds":  # a known step 0 is not used on the log-odds scale (p can round to 1)
+        with torch.inference_mode():
+            p0 = M.target_probability(model.eval()(images), torch.tensor(targets)).numpy()
+        known = M.deletion_curves(model, images, sals, targets, intact_probs=p0, **options)
+        np.testing.assert_allclose(known, ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.filterwarnings("ignore::softcam_core.metrics.MetricUndefined")
 @pytest.mark.parametrize("baseline", ["zero", "mean"])
-def test_deletion_forwards_each_distinct_input_once(baseline):
-    """Several maps per image (repeated image rows), fewer cells than steps, a known step 0: the
-    curves still equal the plain loop, and the model sees each distinct occluded input once."""
+@pytest.mark.parametrize("protocol, steps", [("full", 6), ("top", 4)])
+def test_deletion_forwards_each_distinct_input_once(baseline, protocol, steps):
+    """Several maps per image (repeated image rows), fewer cells than steps (full protocol), a
+    known step 0: the curves still equal the plain loop, and the model sees each distinct occluded
+    input once."""
     torch.manual_seed(3)
     model = _tiny_cnn()
     seen = []
@@ -306,11 +474,13 @@ def test_deletion_forwards_each_distinct_input_once(baseline):
     sals[1] = sals[0] * 2.0  # same cell ranking as map 0: every step shares its input
     sals[2] = 0.5  # constant map: nan row, nothing forwarded
     targets = [0, 1, 2, 2, 0]
-    steps = 6  # 4 cells (patch 7) and 6 steps: counts 0, 0, 1, 2, 2, 3, 4 -> repeated steps
-    ref = M.deletion_curve_reference(model, images, sals, targets, patch=7, steps=steps, baseline=baseline)
+    # 4 cells (patch 7). full, 6 steps: counts 0, 0, 1, 2, 2, 3, 4 -> repeated steps; top, 4 steps: 0, 1, 2, 3, 4.
+    # Either way the occluded sets are the top 1, 2, 3 cells and then all 4.
+    options = dict(patch=7, steps=steps, baseline=baseline, protocol=protocol)
+    ref = M.deletion_curve_reference(model, images, sals, targets, **options)
     M.deletion_curves(model, images[:1], sals[:1], targets[:1], patch=7, steps=1)  # first call: BN-fold probe
     seen.clear()
-    got = M.deletion_curves(model, images, sals, targets, patch=7, steps=steps, baseline=baseline, batch_size=3)
+    got = M.deletion_curves(model, images, sals, targets, batch_size=3, **options)
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
     # distinct inputs: intact per image (2); occluded sets with 1, 2, 3 cells: map 0 (= map 1) 3,
     # maps 3 and 4 up to 6 (fewer when they rank the first cells alike); all occluded: 1 when the
@@ -324,11 +494,11 @@ def test_deletion_forwards_each_distinct_input_once(baseline):
     with torch.inference_mode():
         p0 = M.target_probability(model.eval()(images), torch.tensor(targets)).numpy()
     seen.clear()
-    known = M.deletion_curves(model, images, sals, targets, patch=7, steps=steps, baseline=baseline, intact_probs=p0)
+    known = M.deletion_curves(model, images, sals, targets, intact_probs=p0, **options)
     np.testing.assert_allclose(known, ref, atol=1e-5, rtol=0)
     assert sum(seen) == len({(img, frozenset(c)) for img, c in sets}) + full
     with pytest.raises(ValueError, match="intact probabilities"):
-        M.deletion_curves(model, images, sals, targets, patch=7, steps=steps, intact_probs=p0[:2])
+        M.deletion_curves(model, images, sals, targets, intact_probs=p0[:2], **options)
 
 
 def test_deletion_keeps_the_model_as_it_was_and_follows_weight_changes():
