@@ -1,15 +1,30 @@
-"""``softcam report``: the SoftCAM paper's comparison, re-run on synthetic cohorts.
+"""``softcam report``: the SoftCAM paper's claims, tested on synthetic cohorts that can falsify them.
 
-For each modality (fundus, OCT, chest X-ray) it renders a synthetic cohort, trains the black-box
-baseline and three SoftCAM variants — dense (l1 = l2 = 0), sparse (lasso, l1 > 0) and ridge
-(l2 > 0) — with :func:`softcam_core.training.train`, evaluates every SoftCAM model's own evidence
-maps and the post-hoc methods on the baseline with :func:`softcam_core.evaluate.evaluate_cohort`
-on the test split, and writes ``report.md`` + ``report.html`` with tables (mean [95% CI] (n)),
-paired Holm-corrected Wilcoxon tests of each SoftCAM variant against each post-hoc method, and
-figures, plus the exact command, seeds, versions and timings. Numbers are reported as they come.
+Per modality (fundus, OCT, chest X-ray) it
+
+1. renders a fair synthetic cohort (:func:`softcam_core.synth.make_cohort`: only the lesions
+   discriminate) and, for the CasCAM claim, a *shortcut* cohort in which a share of the diseased
+   images also carries a burned-in artifact;
+2. chooses the lasso and ridge weights on the validation split from a sweep (one seed, a shorter
+   schedule; the table is written);
+3. trains, for every seed, the black-box baseline (GAP + FC) and the dense, lasso and ridge
+   SoftCAM nets (:func:`softcam_core.training.train`, best-on-validation checkpoint);
+4. evaluates on the test split (:func:`softcam_core.evaluate.evaluate_cohort`): post-hoc methods
+   on the baseline *and* on the SoftCAM nets (within-model comparisons), each SoftCAM net's own
+   evidence maps, and the model-free sanity maps (``sanity:edge``, ``sanity:random``,
+   ``sanity:centre``) as rows of every table; the deletion curves (paper protocol) on the first
+   ``deletion_limit`` test images, their AUDC averaged over the images every model of that seed
+   classifies correctly;
+5. writes ``report.md`` + ``report.html``: a verdict per paper claim (:mod:`softcam_core.claims`:
+   holds / fails / cannot tell, with the evidence), tables of mean ± spread over seeds with 95 %
+   intervals, paired tests, figures, the exact command, and what it cost.
+
+Every step (cohort, training, evaluation) records its settings and seconds in
+``work/steps.json``; a run that was interrupted starts again where it stopped (trainings resume
+from their last epoch, evaluations from their last written row).
 
 Layout of ``--out``: report.md, report.html, tables/*.csv, figures/*.html|png, and work/ (cohorts,
-checkpoints, per-run evaluation folders; large, not meant for version control).
+checkpoints, evaluation folders, steps.json; large, not meant for version control).
 """
 
 from __future__ import annotations
@@ -17,328 +32,510 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import os
 import platform
 import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from softcam_core import claims as C
 from softcam_core import evaluate as E
-from softcam_core.demo import DEMO_SETTINGS
 
-# every post-hoc method the comparison can run on the baseline (the paper's set + CasCAM)
-POSTHOC_METHODS = (
-    "gradcam", "gradcampp", "layercam", "scorecam", "integrated_gradients", "guided_backprop", "cascam:gradcam",
-)
-# the default set leaves out the two that cost 10-100x the others per image on CPU (Score-CAM: one
-# forward pass per feature channel; integrated gradients: one pass per path step), so that all test
-# images can be evaluated; add them with --methods (best on a GPU)
-DEFAULT_METHODS = ("gradcam", "gradcampp", "layercam", "guided_backprop", "cascam:gradcam")
 MODALITIES = ("fundus", "oct", "cxr")
-# headline metrics of the tables, in order (all per-image metrics stay in tables/*.csv)
-HEADLINE = (
-    "topk_precision_k5", "activation_precision", "activation_sensitivity", "activation_consistency",
-    "pointing_game", "iou_top15", "energy_top15", "average_precision", "audc_diseased", "seconds",
-)
-LOWER_IS_BETTER = {"audc", "audc_diseased", "seconds"}
 HEALTHY = "healthy"  # the synthetic cohorts' negative class
+# post-hoc methods run on the black-box baseline (the paper's set that is affordable on a CPU, CasCAM)
+BASELINE_METHODS = ("gradcam", "layercam", "guided_backprop", "cascam:gradcam")
+# post-hoc methods run on the SoftCAM nets too (within-model comparison: same weights, other explainer)
+WITHIN_METHODS = ("gradcam", "guided_backprop")
+SANITY_METHODS = ("sanity:edge", "sanity:random", "sanity:centre")
+LOWER_IS_BETTER = {"audc", "seconds"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReportConfig:
     """Everything that determines the report's numbers (written into it).
 
-    The cohort and training recipe is the demo models' (:data:`softcam_core.demo.DEMO_SETTINGS`:
-    n = 300 images at 128 px split 0.5/0.15/0.35, ResNet-18 from scratch, lr 1e-2 -> 1e-4, batch 16,
-    6 epochs), which reaches test accuracy >= 0.9 on all three modalities, except the input side:
-    112 px instead of 80 so ResNet-18's last feature map (the CAM resolution) is 4x4, not 3x3.
-    ``eval_limit=None`` evaluates the whole test split (104 images, half of them diseased).
+    Sizes fit the budget of issue 16 on 2 CPU cores (docs/report/README or the report header
+    states the measured cost): ResNet-18 at 224 px (7 x 7 evidence maps) trained from random
+    weights for ``epochs`` epochs on ``n * split[0]`` images (~2,400 image-steps per training);
+    the lambda sweep trains ``len(l1_grid) + len(l2_grid)`` models for ``sweep_epochs`` epochs on
+    the first seed. ``deletion_limit`` test images get deletion curves of ``deletion_steps``
+    patches (``patch = img_size // 16``). ``shortcut_rate``: share of the shortcut cohort's
+    diseased images with the artifact (0: no shortcut cohort, no CasCAM claim).
     """
 
-    n: int = DEMO_SETTINGS.n
-    epochs: int = DEMO_SETTINGS.epochs
-    seed: int = DEMO_SETTINGS.seed
-    img_size: int = 112
-    synth_size: int = DEMO_SETTINGS.synth_size
-    split: tuple[float, float, float] = DEMO_SETTINGS.split
-    arch: str = DEMO_SETTINGS.arch
-    batch_size: int = DEMO_SETTINGS.batch_size
-    lr: float = DEMO_SETTINGS.lr
-    min_lr: float = DEMO_SETTINGS.min_lr
-    l1: float = DEMO_SETTINGS.l1
-    l2: float = 0.01
+    n: int = 400
+    split: tuple[float, float, float] = (0.6, 0.15, 0.25)
+    synth_size: int = 256
+    img_size: int = 224
+    arch: str = "resnet18"
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 0.01
+    min_lr: float = 1e-4
+    seeds: tuple[int, ...] = (0, 1)
+    l1_grid: tuple[float, ...] = (0.001, 0.01, 0.1)
+    l2_grid: tuple[float, ...] = (0.001, 0.01, 0.1)
+    sweep_epochs: int = 5
     modalities: tuple[str, ...] = MODALITIES
-    methods: tuple[str, ...] = DEFAULT_METHODS
+    methods: tuple[str, ...] = BASELINE_METHODS
+    within_methods: tuple[str, ...] = WITHIN_METHODS
+    sanity_methods: tuple[str, ...] = SANITY_METHODS
+    shortcut_rate: float = 0.5
     eval_limit: int | None = None
-    deletion_steps: int = 8
+    deletion_limit: int | None = 40
+    deletion_steps: int = 30
     topk: tuple[int, ...] = (1, 3, 5, 10, 15, 20)
+    claim_k: int = 15
     resamples: int = E.BOOTSTRAP_RESAMPLES
     png: bool = True
 
-    def variants(self) -> list[tuple[str, str, float, float]]:
-        """(name, head, l1, l2) of the four trained models."""
-        return [
-            ("baseline", "baseline", 0.0, 0.0),
-            ("dense", "softcam", 0.0, 0.0),
-            ("lasso", "softcam", self.l1, 0.0),
-            ("ridge", "softcam", 0.0, self.l2),
-        ]
+
+# `--quick`: every step end to end in a few minutes on CPU; its models are barely trained and its
+# verdicts say so ("cannot tell"), which is what the test checks
+QUICK = {"n": 24, "epochs": 1, "img_size": 64, "synth_size": 256, "seeds": (0,), "l1_grid": (0.01,), "l2_grid": (0.01,),
+         "sweep_epochs": 1, "eval_limit": 6, "deletion_limit": 4, "deletion_steps": 4, "methods": ("gradcam", "cascam:gradcam"),
+         "within_methods": ("gradcam",), "sanity_methods": ("sanity:edge", "sanity:random"), "resamples": 200,
+         "split": (0.5, 0.25, 0.25), "topk": (1, 5), "claim_k": 5}
 
 
-# `--quick`: the pipeline end to end in a few minutes on CPU; its models are barely trained
-QUICK = {"n": 40, "epochs": 1, "img_size": 64, "eval_limit": 4}
+def row_label(variant: str, method: str) -> str:
+    """Row label of tables and figures: ``SoftCAM <variant>`` for a net's own evidence maps,
+    ``<method> · <variant>`` for every other map (post-hoc or sanity, on that model)."""
+    return f"SoftCAM {variant}" if method == "softcam" else f"{method} · {variant}"
 
 
-def _label(variant: str, method: str) -> str:
-    """Row label in tables and figures: ``SoftCAM <variant>`` or the post-hoc method's name."""
-    return f"SoftCAM {variant}" if method == "softcam" else method
+# ----------------------------------------------------------------------------------------------
+# steps: recorded, skipped when done with the same settings
+
+
+class Steps:
+    """``work/steps.json``: per step key its settings fingerprint, seconds and result.
+
+    ``run(key, settings, fn)`` returns the recorded result when the step finished before with the
+    same settings, else runs ``fn()`` (which must itself continue partial work: training resume,
+    evaluation resume) and records what it returns (JSON-able) and its seconds.
+    """
+
+    def __init__(self, path: Path, log: Callable[[str], None] = print):
+        self.path = path
+        self.log = log
+        self.records: dict[str, dict] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def done(self, key: str, settings: dict) -> bool:
+        record = self.records.get(key)
+        return record is not None and record.get("settings") == json.loads(json.dumps(settings))
+
+    def run(self, key: str, settings: dict, fn: Callable[[], Any]) -> Any:
+        if self.done(key, settings):
+            return self.records[key].get("result")
+        self.log(f"{key} ...")
+        start = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - start
+        self.records[key] = {"settings": json.loads(json.dumps(settings)), "seconds": round(seconds, 1),
+                             "result": json.loads(json.dumps(result, default=str))}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.records, indent=1))
+        os.replace(tmp, self.path)  # atomic: a kill never leaves a torn record
+        self.log(f"{key}: {seconds:.0f} s")
+        return self.records[key]["result"]
+
+    def seconds(self, prefix: str = "") -> float:
+        return float(sum(r.get("seconds", 0.0) for k, r in self.records.items() if k.startswith(prefix)))
+
+
+# ----------------------------------------------------------------------------------------------
+# one modality
 
 
 @dataclass
 class ModalityResult:
+    """The pooled tables of one modality (all seeds)."""
+
     modality: str
-    per_image: pd.DataFrame
-    curves: pd.DataFrame
-    cohort: pd.DataFrame
-    paired: pd.DataFrame
-    classification: pd.DataFrame
+    per_image: pd.DataFrame        # one row per (seed, image, model, method); `row`, `unit` columns
+    curves: pd.DataFrame           # deletion curves, `row` column
+    cohort: pd.DataFrame           # summarise() over `row`
+    classification: pd.DataFrame  # one row per (model, seed)
+    sweep: pd.DataFrame            # lambda sweep
+    shortcut: pd.DataFrame = field(default_factory=pd.DataFrame)  # shortcut cohort per-image rows
+    verdicts: list[C.Verdict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def run_modality(
-    modality: str, config: ReportConfig, work: Path, log: Callable[[str], None] = print
-) -> ModalityResult:
-    """Cohort, four trainings and evaluations for one modality; tables combined over models."""
+def _train_settings(config: ReportConfig) -> dict:
+    return {"arch": config.arch, "img_size": config.img_size, "batch_size": config.batch_size, "lr": config.lr,
+            "min_lr": config.min_lr}
+
+
+def _train(steps: Steps, key: str, data: Path, out: Path, head: str, l1: float, l2: float, epochs: int, seed: int,
+           config: ReportConfig) -> dict:
+    """One training step (resumed from its last epoch when interrupted); returns its metrics."""
+    from softcam_core.training import state_path, train
+
+    settings = dict(_train_settings(config), head=head, l1=l1, l2=l2, epochs=epochs, seed=seed, data=str(data))
+
+    def run() -> dict:
+        result = train(data, out, arch=config.arch, head=head, l1=l1, l2=l2, epochs=epochs, img_size=config.img_size,
+                       batch_size=config.batch_size, lr=config.lr, min_lr=config.min_lr, seed=seed,
+                       resume=state_path(out).is_file() and key not in steps.records, show_progress=True)
+        metrics = result.meta.get("metrics") or {}
+        return {"val": metrics.get("val"), "test": metrics.get("test"), "best_epoch": metrics.get("best_epoch")}
+
+    return steps.run(key, settings, run)
+
+
+def choose_lambda(sweep: pd.DataFrame) -> float:
+    """The sweep's choice for one penalty: highest validation accuracy + AUC; ties go to the
+    larger weight (the sparser / smoother model at equal accuracy). ``sweep``: columns
+    ``lambda``, ``val_accuracy``, ``val_auc``."""
+    score = sweep["val_accuracy"].fillna(0) + sweep["val_auc"].fillna(0)
+    best = score.max()
+    return float(sweep.loc[np.isclose(score, best), "lambda"].max())
+
+
+def _artifact_stems(data: Path) -> dict[str, bool]:
+    meta = json.loads((data / "synth_meta.json").read_text())
+    return {str(v["stem"]): v.get("artifact") is not None for v in meta["images"].values()}
+
+
+def _evaluate(steps: Steps, key: str, checkpoint: Path, data: Path, methods: Sequence[str], out: Path,
+              config: ReportConfig, deletion: bool) -> pd.DataFrame:
+    """Maps and metrics (``deletion=False``: every metric but deletion on the test split, or the
+    first ``eval_limit`` images; ``True``: the deletion AUDC on the first ``deletion_limit``)."""
     from softcam_core.models import load_checkpoint
-    from softcam_core.synth import make_cohort
-    from softcam_core.training import train
 
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    data = make_cohort(modality, config.n, config.seed, work / "data" / modality, size=config.synth_size,
-                       split=tuple(config.split))
-    timings["synth"] = time.perf_counter() - start
+    metrics = [m for m in E.METRIC_CHOICES if (m == "deletion") == deletion and not (m.startswith("deletion") and m != "deletion")]
+    limit = config.deletion_limit if deletion else config.eval_limit
+    settings = {"checkpoint": str(checkpoint), "methods": list(methods), "metrics": metrics, "limit": limit,
+                "deletion_steps": config.deletion_steps, "topk": list(config.topk)}
 
-    per_images, curves, classification = [], [], []
-    for variant, head, l1, l2 in config.variants():
-        checkpoint = work / "models" / modality / f"{variant}.pt"
-        start = time.perf_counter()
-        log(f"[{modality}] training {variant} ({head}, l1={l1:g}, l2={l2:g})")
-        result = train(
-            data, checkpoint, arch=config.arch, head=head, l1=l1, l2=l2, epochs=config.epochs,
-            img_size=config.img_size, batch_size=config.batch_size, lr=config.lr, min_lr=config.min_lr, seed=config.seed,
-            show_progress=False,
-        )
-        timings[f"train {variant}"] = time.perf_counter() - start
-        test = (result.meta.get("metrics") or {}).get("test") or {}
-        val = (result.meta.get("metrics") or {}).get("val") or {}
-        classification.append({
-            "model": variant, "head": head, "l1": l1, "l2": l2,
-            "test_accuracy": test.get("accuracy"), "test_auc": test.get("auc"), "test_n": test.get("n"),
-            "val_accuracy": val.get("accuracy"), "best_epoch": (result.meta.get("metrics") or {}).get("best_epoch"),
-        })
-        methods = list(config.methods) if head == "baseline" else ["softcam"]
-        start = time.perf_counter()
-        log(f"[{modality}] evaluating {variant}: {', '.join(methods)}")
+    def run() -> dict:
         model, meta = load_checkpoint(checkpoint)
-        classification[-1]["feature_map"] = feature_map_size(model, config.img_size)
-        settings = E.EvalSettings(
-            split="test", limit=config.eval_limit, deletion_steps=config.deletion_steps, topk=config.topk,
-            resamples=config.resamples, seed=config.seed, figures=False, png=False,
-        )
-        evaluation = E.evaluate_cohort(model, meta, data, methods, None, work / "eval" / modality / variant,
-                                       settings=settings)
-        timings[f"evaluate {variant}"] = time.perf_counter() - start
-        table = evaluation.per_image.copy()
-        table.insert(0, "model", variant)
-        table.insert(1, "model_method", [_label(variant, m) for m in table["method"]])
-        per_images.append(table)
-        if not evaluation.curves.empty:
-            c = evaluation.curves.copy()
-            c.insert(0, "model_method", [_label(variant, m) for m in c["method"]])
-            curves.append(c)
-    per_image = pd.concat(per_images, ignore_index=True)
-    curve_table = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
-    cohort = E.summarise(per_image, group="model_method", resamples=config.resamples, seed=config.seed)
-    paired = E.paired_tests(per_image, group="model_method")
-    return ModalityResult(modality, per_image, curve_table, cohort, paired, pd.DataFrame(classification), timings)
+        eval_settings = E.EvalSettings(split="test", limit=limit, deletion_steps=config.deletion_steps,
+                                       topk=config.topk, resamples=config.resamples, figures=False, png=False)
+        # a record under this key was made with other settings: start afresh instead of resuming
+        resume = (out / "config.json").is_file() and key not in steps.records
+        E.evaluate_cohort(model, meta, data, list(methods), metrics, out, resume=resume, settings=eval_settings)
+        return {"rows": int(sum(1 for _ in open(out / "per_image.csv")) - 1)}
+
+    steps.run(key, settings, run)
+    per_image = pd.read_csv(out / "per_image.csv", dtype={"image": str, "notes": str})
+    return per_image.drop_duplicates(["image", "method"], keep="last")
 
 
-def feature_map_size(model, img_size: int) -> str:
-    """``"HxW"`` of the model's last feature map (the resolution of CAMs and SoftCAM evidence maps)
+def _curves(out: Path) -> pd.DataFrame:
+    path = out / "deletion_curves.csv"
+    if not path.is_file() or path.stat().st_size == 0:
+        return pd.DataFrame()
+    return pd.read_csv(path, dtype={"image": str}).drop_duplicates(["image", "method"], keep="last")
+
+
+def variants(l1: float, l2: float) -> list[tuple[str, str, float, float]]:
+    """(name, head, l1, l2) of the four compared models."""
+    return [("baseline", "baseline", 0.0, 0.0), ("dense", "softcam", 0.0, 0.0), ("lasso", "softcam", l1, 0.0),
+            ("ridge", "softcam", 0.0, l2)]
+
+
+def run_modality(modality: str, config: ReportConfig, work: Path, steps: Steps, bar=None) -> ModalityResult:
+    """Cohorts, sweep, trainings and evaluations of one modality; every step resumable."""
+    from softcam_core.synth import make_cohort
+
+    def tick(label: str) -> None:
+        if bar is not None:
+            bar.set_postfix_str(label)
+            bar.update(1)
+
+    cohort_settings = {"n": config.n, "size": config.synth_size, "split": list(config.split)}
+    data = work / "data" / modality
+    steps.run(f"{modality}/synth", dict(cohort_settings, seed=config.seeds[0]),
+              lambda: str(make_cohort(modality, config.n, config.seeds[0], data, size=config.synth_size,
+                                      split=tuple(config.split))))
+    tick(f"{modality} cohort")
+
+    # lambda sweep: first seed, shorter schedule, chosen on the validation split
+    sweep_rows = []
+    for penalty, grid in (("l1", config.l1_grid), ("l2", config.l2_grid)):
+        for lam in grid:
+            l1, l2 = (lam, 0.0) if penalty == "l1" else (0.0, lam)
+            metrics = _train(steps, f"{modality}/sweep/{penalty}={lam:g}", data, work / "sweep" / modality / f"{penalty}_{lam:g}.pt",
+                             "softcam", l1, l2, config.sweep_epochs, config.seeds[0], config)
+            val = metrics.get("val") or {}
+            sweep_rows.append({"penalty": penalty, "lambda": lam, "val_accuracy": val.get("accuracy"),
+                               "val_auc": val.get("auc"), "epochs": config.sweep_epochs, "seed": config.seeds[0]})
+            tick(f"{modality} sweep {penalty}={lam:g}")
+    sweep = pd.DataFrame(sweep_rows)
+    chosen = {p: choose_lambda(sweep[sweep["penalty"] == p]) for p in ("l1", "l2")}
+    sweep["chosen"] = [row["lambda"] == chosen[row["penalty"]] for _, row in sweep.iterrows()]
+
+    models = variants(chosen["l1"], chosen["l2"])
+    per_images, curve_tables, classification = [], [], []
+    for seed in config.seeds:
+        for variant, head, l1, l2 in models:
+            checkpoint = work / "models" / modality / f"seed{seed}" / f"{variant}.pt"
+            metrics = _train(steps, f"{modality}/seed{seed}/train/{variant}", data, checkpoint, head, l1, l2,
+                             config.epochs, seed, config)
+            tick(f"{modality} seed {seed} {variant}")
+            test, val = metrics.get("test") or {}, metrics.get("val") or {}
+            classification.append({"model": variant, "seed": seed, "head": head, "l1": l1, "l2": l2,
+                                   "test_accuracy": test.get("accuracy"), "test_auc": test.get("auc"),
+                                   "test_n": test.get("n"), "val_accuracy": val.get("accuracy"),
+                                   "best_epoch": metrics.get("best_epoch"),
+                                   "feature_map": feature_map_size(config.arch, head, config.img_size)})
+            own = ["softcam"] if head == "softcam" else []
+            methods = own + list(config.methods if head == "baseline" else config.within_methods)
+            methods += list(config.sanity_methods) if head == "baseline" else []
+            folder = work / "eval" / modality / f"seed{seed}" / variant
+            table = _evaluate(steps, f"{modality}/seed{seed}/evaluate/{variant}", checkpoint, data, methods, folder,
+                              config, deletion=False)
+            tick(f"{modality} seed {seed} {variant} maps")
+            deletion = _evaluate(steps, f"{modality}/seed{seed}/deletion/{variant}", checkpoint, data, methods,
+                                 folder.with_name(variant + "_deletion"), config, deletion=True)
+            tick(f"{modality} seed {seed} {variant} deletion")
+            table = table.merge(deletion[["image", "method", "audc"]], on=["image", "method"], how="left")
+            table.insert(0, "model", variant)
+            table.insert(1, "seed", seed)
+            per_images.append(table)
+            curves = _curves(folder.with_name(variant + "_deletion"))
+            if not curves.empty:
+                curves.insert(0, "model", variant)
+                curves.insert(1, "seed", seed)
+                curve_tables.append(curves)
+    per_image = pool_tables(per_images)
+    curve_table = pd.concat(curve_tables, ignore_index=True) if curve_tables else pd.DataFrame()
+    if not curve_table.empty:
+        curve_table["row"] = [row_label(v, m) for v, m in zip(curve_table["model"], curve_table["method"])]
+    shortcut = pd.DataFrame()
+    if config.shortcut_rate > 0:
+        shortcut = run_shortcut(modality, config, work, steps, tick)
+    classification_table = pd.DataFrame(classification)
+    result = ModalityResult(modality, per_image, curve_table, pd.DataFrame(), classification_table, sweep, shortcut)
+    result.cohort = E.summarise(per_image, group="row", resamples=config.resamples, seed=config.seeds[0])
+    result.verdicts = verdicts(result, config)
+    result.seconds = {"steps": steps.seconds(f"{modality}/")}
+    return result
+
+
+def run_shortcut(modality: str, config: ReportConfig, work: Path, steps: Steps, tick) -> pd.DataFrame:
+    """The shortcut cohort: baseline (first seed) trained on it; base methods and CasCAM scored
+    against the lesions on its diseased test images, with the ``artifact`` flag per image."""
+    from softcam_core.synth import make_cohort
+
+    seed = config.seeds[0]
+    data = work / "data" / f"{modality}_shortcut"
+    steps.run(f"{modality}/shortcut/synth", {"n": config.n, "size": config.synth_size, "split": list(config.split),
+                                             "rate": config.shortcut_rate, "seed": seed},
+              lambda: str(make_cohort(modality, config.n, seed, data, size=config.synth_size, split=tuple(config.split),
+                                      artifact_rate=config.shortcut_rate)))
+    checkpoint = work / "models" / modality / "shortcut" / "baseline.pt"
+    metrics = _train(steps, f"{modality}/shortcut/train/baseline", data, checkpoint, "baseline", 0.0, 0.0,
+                     config.epochs, seed, config)
+    tick(f"{modality} shortcut baseline")
+    cascams = [m for m in config.methods if m.startswith("cascam:")]
+    methods = list(dict.fromkeys([m.split(":", 1)[1] for m in cascams] + cascams))
+    if not methods:
+        return pd.DataFrame()
+    table = _evaluate(steps, f"{modality}/shortcut/evaluate/baseline", checkpoint, data, methods,
+                      work / "eval" / modality / "shortcut", config, deletion=False)
+    tick(f"{modality} shortcut maps")
+    artifact = _artifact_stems(data)
+    table.insert(0, "model", "baseline")
+    table.insert(1, "seed", seed)
+    table = pool_tables([table])
+    table["artifact"] = table["image"].map(artifact).fillna(False).astype(bool)
+    table["test_accuracy"] = (metrics.get("test") or {}).get("accuracy")
+    return table
+
+
+def pool_tables(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """Concatenate per-(seed, model) evaluation tables and add the report's columns: ``row``
+    (:func:`row_label`), ``unit`` (``"<seed>/<image>"``: the pairing key), ``label_is_diseased``,
+    ``correct`` (the model's prediction equals the label), the class-wise consistency columns
+    ``consistency_diseased`` / ``consistency_healthy`` and ``audc_correct`` (AUDC on the images
+    that every model of the same seed classifies correctly)."""
+    if not tables:
+        return pd.DataFrame()
+    table = pd.concat(tables, ignore_index=True)
+    table["row"] = [row_label(v, m) for v, m in zip(table["model"], table["method"])]
+    table["unit"] = table["seed"].astype(str) + "/" + table["image"].astype(str)
+    table["label_is_diseased"] = table["label"].astype(str).str.lower() != HEALTHY
+    table["correct"] = table["pred"].astype(str) == table["label"].astype(str)
+    if "activation_consistency" in table:
+        table["consistency_diseased"] = table["activation_consistency"].where(table["label_is_diseased"])
+        table["consistency_healthy"] = table["activation_consistency"].where(~table["label_is_diseased"])
+    if "audc" in table:
+        per_unit = table.drop_duplicates(["unit", "model"]).groupby("unit")["correct"].agg(["all", "size"])
+        n_models = table.groupby("seed")["model"].nunique()
+        seeds = table.drop_duplicates("unit").set_index("unit")["seed"]
+        common = per_unit.index[per_unit["all"] & (per_unit["size"] == seeds.loc[per_unit.index].map(n_models))]
+        table["audc_correct"] = table["audc"].where(table["unit"].isin(set(common)))
+    return table
+
+
+def feature_map_size(arch: str, head: str, img_size: int) -> str:
+    """``"HxW"`` of the last feature map (the resolution of CAM-type and SoftCAM maps) of ``arch``
     for a square ``img_size`` px input."""
     import torch
 
+    from softcam_core.models import build_model
+
+    model = build_model(arch, 2, head)
     with torch.no_grad():
         features = model.features(torch.zeros(1, 3, img_size, img_size))
     return f"{features.shape[-2]}x{features.shape[-1]}"
 
 
 # ----------------------------------------------------------------------------------------------
-# rendering
+# claims
 
 
-def _fmt(value: float, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+def verdicts(result: ModalityResult, config: ReportConfig) -> list[C.Verdict]:
+    """The paper's claims on one modality (:mod:`softcam_core.claims`), computed from its tables."""
+    per_image, seed = result.per_image, config.seeds[0]
+    out: list[C.Verdict] = []
+    if per_image.empty:
+        return out
+    correct = per_image.drop_duplicates(["unit", "model"])[["unit", "model", "correct"]]
+    out.append(C.accuracy_parity(correct, "baseline", ["dense", "lasso", "ridge"], resamples=config.resamples, seed=seed))
+    diseased = per_image[per_image["label_is_diseased"]]
+    topk = f"topk_precision_k{config.claim_k}"
+    out.append(C.ranking_claim(diseased, topk, "SoftCAM lasso", f"sparse SoftCAM has the best top-{config.claim_k} "
+                               "localization precision", resamples=config.resamples, seed=seed))
+    out.append(C.ranking_claim(diseased, "activation_precision", "SoftCAM lasso",
+                               "sparse SoftCAM has the best activation precision", resamples=config.resamples, seed=seed))
+    out.append(C.ranking_claim(diseased, "activation_sensitivity", "SoftCAM ridge",
+                               "ridge SoftCAM has the best activation sensitivity", resamples=config.resamples, seed=seed))
+    out.append(C.consistency_claim(per_image, "SoftCAM lasso", resamples=config.resamples, seed=seed))
+    if "audc_correct" in per_image:
+        out.append(C.ranking_claim(per_image, "audc_correct", "SoftCAM lasso",
+                                   "sparse SoftCAM is the most faithful (lowest AUDC, images every model classifies correctly)",
+                                   higher_is_better=False, resamples=config.resamples, seed=seed))
+    shortcut = result.shortcut
+    if not shortcut.empty:
+        cascams = [m for m in config.methods if m.startswith("cascam:")]
+        sick = shortcut[shortcut["label_is_diseased"]]
+        for cascam in cascams:
+            base = cascam.split(":", 1)[1]
+            out.append(C.cascam_shortcut_claim(sick, topk, row_label("baseline", cascam), row_label("baseline", base),
+                                               resamples=config.resamples, seed=seed))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# tables
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, (float, np.floating)) and not np.isfinite(value)):
         return "–"
-    text = f"{value:.{digits}f}"
-    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
+    text = f"{float(value):.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
-def headline_table(
-    cohort: pd.DataFrame, group: str = "model_method", accuracy: dict[str, float] | None = None
-) -> pd.DataFrame:
-    """``mean [ci_low, ci_high] (n)`` strings for the headline metrics, one row per model/method.
+def headline_metrics(config: ReportConfig) -> tuple[str, ...]:
+    """Columns of the explanation-metrics table, in order (every metric stays in tables/*.csv)."""
+    return (f"topk_precision_k{config.claim_k}", "topk_precision_k5", "activation_precision", "activation_sensitivity",
+            "consistency_diseased", "consistency_healthy", "pointing_game", "iou_top10", "energy_top15",
+            "average_precision", "audc_correct", "seconds")
 
-    ``accuracy`` (``{row label: test accuracy of the model whose maps the row scores}``) adds a
-    ``model test acc`` column beside the method, so maps from a model that fails are visible as such.
+
+def metrics_table(per_image: pd.DataFrame, config: ReportConfig, rows: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per report row: ``mean ± sd over seeds [95% CI] (n)`` per headline metric.
+
+    The mean and the interval are over all (seed, image) units where the metric is defined
+    (localization on diseased images only); ``± sd`` is the standard deviation of the per-seed
+    means (shown with two or more seeds). A signed-map metric that does not apply to a method
+    (activation consistency of non-negative maps) reads ``n/a (non-negative map)``.
     """
-    rows = []
-    for _, r in cohort.iterrows():
-        row = {"method": r[group]}
-        if accuracy is not None:
-            row["model test acc"] = _fmt(accuracy.get(r[group], float("nan")))
-        for metric in HEADLINE:
-            if f"{metric}_mean" not in cohort.columns:
+    if per_image.empty:
+        return pd.DataFrame()
+    diseased_only = {m for m in headline_metrics(config) if m.startswith(("topk", "activation_precision",
+                                                                          "activation_sensitivity", "pointing",
+                                                                          "iou", "energy", "average_precision"))}
+    out = []
+    for row in rows or list(dict.fromkeys(per_image["row"])):
+        sub = per_image[per_image["row"] == row]
+        cells: dict[str, str] = {"row": row}
+        for metric in headline_metrics(config):
+            if metric not in sub:
                 continue
+            values_of = sub[sub["label_is_diseased"]] if metric in diseased_only else sub
+            values = values_of[metric].to_numpy(float)
+            finite = np.isfinite(values)
+            if not finite.any():
+                not_applicable = metric.startswith("consistency") and "notes" in sub and \
+                    sub["notes"].fillna("").str.contains("not applicable").any()
+                cells[metric] = "n/a (non-negative map)" if not_applicable else "–"
+                continue
+            low, high = E.bootstrap_ci(values[finite], config.resamples, config.seeds[0])
+            seed_means = values_of.assign(v=values).groupby("seed")["v"].mean().dropna()
+            spread = f" ± {_fmt(seed_means.std(ddof=1))}" if seed_means.size > 1 else ""
             digits = 4 if metric == "seconds" else 3
-            row[metric] = (f"{_fmt(r[f'{metric}_mean'], digits)} [{_fmt(r[f'{metric}_ci_low'], digits)}, "
-                           f"{_fmt(r[f'{metric}_ci_high'], digits)}] ({int(r[f'{metric}_n'])})")
-        rows.append(row)
-    return pd.DataFrame(rows)
+            cells[metric] = (f"{_fmt(values[finite].mean(), digits)}{spread} [{_fmt(low, digits)}, {_fmt(high, digits)}] "
+                             f"({int(finite.sum())})")
+        out.append(cells)
+    return pd.DataFrame(out)
 
 
-def accuracy_by_label(per_image: pd.DataFrame, classification: pd.DataFrame) -> dict[str, float]:
-    """Row label (``model_method``) -> test accuracy of the model it explains (post-hoc rows: the
-    baseline's), from the per-image table's model column and the classification table."""
-    if per_image.empty or classification.empty or "test_accuracy" not in classification.columns:
-        return {}
-    accuracy = dict(zip(classification["model"], classification["test_accuracy"]))
-    pairs = per_image[["model_method", "model"]].drop_duplicates()
-    return {label: float(accuracy.get(model, float("nan"))) for label, model in zip(pairs["model_method"], pairs["model"])}
-
-
-def softcam_vs_posthoc(
-    paired: pd.DataFrame, metrics: Sequence[str] = ("activation_precision", "topk_precision_k5", "audc_diseased")
-) -> pd.DataFrame:
-    """Each SoftCAM variant against each post-hoc method: mean difference and Holm p per metric."""
-    a, b = "model_method_a", "model_method_b"
+def classification_table(classification: pd.DataFrame) -> pd.DataFrame:
+    """Test accuracy and AUC per model: mean ± sd over seeds, and each seed's value."""
+    if classification.empty:
+        return classification
     rows = []
-    for _, r in paired[paired["metric"].isin(metrics)].iterrows():
-        first, second = r[a], r[b]
-        if first.startswith("SoftCAM") == second.startswith("SoftCAM"):
-            continue
-        sign = 1.0 if first.startswith("SoftCAM") else -1.0
-        softcam, posthoc = (first, second) if sign > 0 else (second, first)
-        rows.append({"metric": r["metric"], "SoftCAM": softcam, "post-hoc": posthoc, "n": r["n"],
-                     "mean diff (SoftCAM − post-hoc)": _fmt(sign * r["mean_diff"]),
-                     "Holm p": _fmt(r["p_holm"], 4), "note": r["note"]})
+    for model, sub in classification.groupby("model", sort=False):
+        acc, auc = sub["test_accuracy"].astype(float), sub["test_auc"].astype(float)
+        spread = lambda s: f" ± {_fmt(s.std(ddof=1))}" if s.notna().sum() > 1 else ""  # noqa: E731
+        rows.append({"model": model, "head": sub["head"].iloc[0], "l1": sub["l1"].iloc[0], "l2": sub["l2"].iloc[0],
+                     "test accuracy": f"{_fmt(acc.mean())}{spread(acc)}", "test AUC": f"{_fmt(auc.mean())}{spread(auc)}",
+                     "per seed accuracy": ", ".join(_fmt(v) for v in acc), "test images": int(sub["test_n"].iloc[0] or 0),
+                     "feature map": sub["feature_map"].iloc[0]})
     return pd.DataFrame(rows)
 
 
-# metrics the findings rank rows by: (column, reader's name, higher is better)
-FINDING_METRICS = (
-    ("activation_precision", "activation precision", True),
-    ("topk_precision_k5", "top-5 localization precision", True),
-    ("average_precision", "pixel average precision", True),
-    ("audc_diseased", "AUDC on diseased images (deletion; lower = more faithful)", False),
-)
+def saturation_flag(classification: pd.DataFrame, low: float = 0.80, high: float = 0.95) -> str | None:
+    """A sentence when the baseline's mean test accuracy is outside [low, high]: above, the benchmark
+    is saturated and cannot separate accuracies; below, the models explain a weak classifier."""
+    base = classification[classification["model"] == "baseline"]["test_accuracy"].astype(float)
+    if base.empty or not base.notna().any():
+        return None
+    acc = float(base.mean())
+    if acc > high:
+        return (f"Baseline test accuracy {_fmt(acc)} is above {high:g}: the task saturates, so accuracy parity "
+                "cannot fail here and the benchmark cannot tell.")
+    if acc < low:
+        return f"Baseline test accuracy {_fmt(acc)} is below {low:g}: the maps explain a weak classifier."
+    return None
 
 
-def with_diseased_audc(result: ModalityResult, config: ReportConfig) -> ModalityResult:
-    """Add ``audc_diseased`` (AUDC of the diseased images; NaN on healthy ones) and recompute the
-    cohort and paired tables.
-
-    Why: the target is the disease class on every image, and on a healthy image its probability p_0
-    is ~1e-5, so the curve p_s / p_0 runs into the thousands as soon as occlusion nudges p_s; those
-    images would dominate a mean. The all-image ``audc`` stays in the per-image and cohort CSVs.
-    """
-    per_image = result.per_image
-    if per_image.empty or "audc" not in per_image.columns or "label" not in per_image.columns:
-        return result
-    per_image = per_image.copy()
-    diseased = per_image["label"].astype(str).str.lower() != HEALTHY
-    per_image["audc_diseased"] = per_image["audc"].where(diseased)
-    cohort = E.summarise(per_image, group="model_method", resamples=config.resamples, seed=config.seed)
-    paired = E.paired_tests(per_image, group="model_method")
-    return ModalityResult(result.modality, per_image, result.curves, cohort, paired, result.classification,
-                          result.seconds)
-
-
-def deletion_endpoint(result: ModalityResult) -> float:
-    """Mean over diseased images and rows of the deletion curve's last point (every cell occluded),
-    as a fraction of the intact image's target probability; NaN without curves."""
-    curves, per_image = result.curves, result.per_image
-    if curves.empty or per_image.empty or "label" not in per_image.columns:
-        return float("nan")
-    steps = [c for c in curves.columns if c.startswith("s") and c[1:].isdigit()]
-    if not steps:
-        return float("nan")
-    last = max(steps, key=lambda c: int(c[1:]))
-    diseased = set(per_image.loc[per_image["label"].astype(str).str.lower() != HEALTHY, "image"].astype(str))
-    values = curves.loc[curves["image"].astype(str).isin(diseased), last]
-    return float(values.mean()) if values.notna().any() else float("nan")
-ACCURACY_FLOOR = 0.9  # below this a model's maps are flagged as coming from a model that does not work
-
-
-def findings(result: ModalityResult, alpha: float = 0.05) -> list[str]:
-    """Plain-language sentences computed from one modality's tables (nothing hand-written): model
-    accuracies (flagging any below :data:`ACCURACY_FLOOR`), the ranking of all rows on each
-    :data:`FINDING_METRICS` metric, and sparse (lasso) vs dense SoftCAM with its Holm-corrected p."""
-    lines: list[str] = []
-    cls = result.classification
-    if not cls.empty and "test_accuracy" in cls.columns:
-        parts = [f"{r['model']} {_fmt(r['test_accuracy'])}" for _, r in cls.iterrows()]
-        test_n = int(cls["test_n"].iloc[0]) if "test_n" in cls.columns and pd.notna(cls["test_n"].iloc[0]) else None
-        line = f"Test accuracy{f' ({test_n} images)' if test_n else ''}: " + ", ".join(parts) + "."
-        weak = [str(r["model"]) for _, r in cls.iterrows()
-                if not (pd.notna(r["test_accuracy"]) and r["test_accuracy"] >= ACCURACY_FLOOR)]
-        if weak:
-            line += (f" Below {ACCURACY_FLOOR:g}: {', '.join(weak)} — the maps of "
-                     f"{'that model' if len(weak) == 1 else 'those models'} explain a classifier that does not work.")
-        lines.append(line)
-    cohort = result.cohort
-    for column, name, higher in FINDING_METRICS:
-        mean = f"{column}_mean"
-        if cohort.empty or mean not in cohort.columns:
+def paired_table(per_image: pd.DataFrame, metrics: Sequence[str], claimed: str = "SoftCAM lasso") -> pd.DataFrame:
+    """``claimed`` against every other row on ``metrics``: paired Wilcoxon over (seed, image) units,
+    Holm over the comparisons of one metric (the details of the ranking claims)."""
+    frames = []
+    for metric in metrics:
+        if metric not in per_image:
             continue
-        ranked = cohort[["model_method", mean, f"{column}_n"]].dropna(subset=[mean])
-        ranked = ranked.sort_values(mean, ascending=not higher)
-        if ranked.empty:
-            continue
-        order = ", ".join(f"{r['model_method']} {_fmt(r[mean])}" for _, r in ranked.iterrows())
-        lines.append(f"{name[0].upper() + name[1:]}, best first (n = {int(ranked[f'{column}_n'].max())}): {order}.")
-    endpoint = deletion_endpoint(result)
-    if np.isfinite(endpoint):
-        line = (f"Deletion: with every cell occluded the disease probability of a diseased image is on average "
-                f"{_fmt(endpoint)} × its intact value")
-        if endpoint > 0.5:
-            line += (" — filling the image with the deletion baseline keeps most of the disease evidence, so AUDC "
-                     "separates the methods poorly here")
-        lines.append(line + ".")
-    paired = result.paired
-    if not paired.empty:
-        for column, name, higher in FINDING_METRICS:
-            rows = paired[(paired["metric"] == column)
-                          & paired["model_method_a"].isin(["SoftCAM lasso", "SoftCAM dense"])
-                          & paired["model_method_b"].isin(["SoftCAM lasso", "SoftCAM dense"])]
-            if rows.empty:
-                continue
-            r = rows.iloc[0]
-            diff = r["mean_diff"] if r["model_method_a"] == "SoftCAM lasso" else -r["mean_diff"]
-            if not np.isfinite(diff):
-                continue
-            better = (diff > 0) == higher
-            significant = pd.notna(r["p_holm"]) and r["p_holm"] < alpha
-            verdict = (("better" if better else "worse") + (" (significant" if significant else " (not significant")
-                       + f" at {alpha:g} after Holm, p = {_fmt(r['p_holm'], 4)})") if abs(diff) >= 5e-4 else "equal to 3 decimals"
-            lines.append(f"Sparse vs dense SoftCAM on {name}: lasso − dense = {_fmt(diff)} over {int(r['n'])} "
-                         f"paired images: lasso {verdict}.")
-    return lines
+        subset = per_image if metric.startswith("audc") else per_image[per_image["label_is_diseased"]]
+        verdict = C.ranking_claim(subset, metric, claimed, metric, higher_is_better=metric not in LOWER_IS_BETTER
+                                  and not metric.startswith("audc"))
+        if not verdict.details.empty:
+            frames.append(verdict.details.assign(metric=metric))
+    if not frames:
+        return pd.DataFrame()
+    table = pd.concat(frames, ignore_index=True)
+    table.insert(0, "claimed", claimed)
+    return table[["metric", "claimed", "competitor", "n", "mean_claimed", "mean_competitor", "mean_diff", "p_holm",
+                  "competitor_significantly_better"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# rendering
 
 
 def _md_table(df: pd.DataFrame) -> str:
@@ -347,11 +544,7 @@ def _md_table(df: pd.DataFrame) -> str:
     cols = [str(c) for c in df.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, row in df.iterrows():
-        cells = []
-        for value in row:
-            if isinstance(value, float):
-                value = _fmt(value)
-            cells.append(str(value).replace("|", "\\|"))
+        cells = [(_fmt(v) if isinstance(v, (float, np.floating)) else str(v)).replace("|", "\\|") for v in row]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -362,19 +555,23 @@ def _html_table(df: pd.DataFrame) -> str:
     return df.to_html(index=False, escape=True, float_format=lambda v: _fmt(v), na_rep="–", border=0, classes="t")
 
 
-def render(
-    results: list[ModalityResult], config: ReportConfig, out: Path, command: str, elapsed: float, figures: dict
-) -> tuple[Path, Path]:
+def cohort_sizes(config: ReportConfig) -> str:
+    """``"240 train / 60 val / 100 test"`` for the configured cohort (the synth split rule)."""
+    from softcam_core.synth import assign_labels_and_splits, BINARY_CLASSES
+
+    _, splits = assign_labels_and_splits(config.n, BINARY_CLASSES, tuple(config.split), np.random.default_rng(0))
+    counts = pd.Series(list(splits)).value_counts()
+    return " / ".join(f"{int(counts.get(s, 0))} {s}" for s in ("train", "val", "test"))
+
+
+def render(results: list[ModalityResult], config: ReportConfig, out: Path, command: str, wall: float,
+           figures: dict) -> tuple[Path, Path]:
     """Write report.md and report.html from the modality results and the saved figures."""
     import torch
 
     from softcam_core import __version__
     from softcam_core.device import describe_device
 
-    settings_rows = pd.DataFrame(
-        [{"setting": k, "value": ", ".join(map(str, v)) if isinstance(v, (tuple, list)) else v}
-         for k, v in asdict(config).items()]
-    )
     md: list[str] = []
     body: list[str] = []
 
@@ -386,210 +583,236 @@ def render(
         md.append(text + "\n")
         body.append(f"<p>{html.escape(text)}</p>")
 
+    def bullets(lines: Sequence[str]) -> None:
+        for line in lines:
+            md.append(f"- {line}")
+            body.append(f"<p>• {html.escape(line)}</p>")
+        md.append("")
+
     def table(df: pd.DataFrame) -> None:
         md.append(_md_table(df))
         body.append(_html_table(df))
 
-    md.append("# SoftCAM vs post-hoc explanations on synthetic cohorts\n")
-    body.append("<h1>SoftCAM vs post-hoc explanations on synthetic cohorts</h1>")
+    title = "Can SoftCAM's claims fail? The paper's comparison on fair synthetic cohorts"
+    md.append(f"# {title}\n")
+    body.append(f"<h1>{html.escape(title)}</h1>")
     para(
-        "The comparison of the SoftCAM paper (Djoumessi & Berens, MIDL 2026) re-run on the synthetic "
-        "fundus, OCT and chest X-ray cohorts of `softcam synth`: a black-box ResNet explained post hoc "
-        "against SoftCAM nets (dense, lasso, ridge) that explain themselves. Lesion masks are exact, so "
-        "localization is scored against ground truth. Metric definitions: docs/metrics.md. The numbers "
-        f"are what this run produced — synthetic cohorts of {config.n} images per modality, {config.epochs}-epoch "
-        f"trainings from random weights at {config.img_size} px, one seed — not the paper's."
+        f"Images: {config.n} per modality ({cohort_sizes(config)}), rendered at {config.synth_size} px; models: "
+        f"{config.arch} at {config.img_size} px from random weights, {config.epochs} epochs, seeds "
+        f"{', '.join(map(str, config.seeds))}; lambda sweep: {config.sweep_epochs} epochs on seed {config.seeds[0]}; "
+        f"deletion: top {config.deletion_steps} patches on the first {config.deletion_limit or 'all'} test images. "
+        f"Wall time: {wall / 60:.1f} min of recorded steps on {describe_device()} "
+        f"(softcam-review {__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs visible)."
     )
     para(
-        "Caveats: the cohorts are synthetic (lesions drawn by softcam_core.synth, so the task is easier and "
-        "the masks exact, unlike real data); each model is one training run from random weights with one "
-        "seed, so differences between SoftCAM variants include seed-to-seed variation that this report does "
-        "not measure; CAM-type maps have the last feature map's resolution (the feature_map column), which "
-        "caps how precisely they can localise small lesions; intervals and tests are over the images of one "
-        "test split. The 'What the numbers show' lists are computed from the tables, not written by hand."
+        "Each paper claim gets a verdict — holds, fails, or cannot tell — computed from the tables by "
+        "softcam_core.claims (rules in its docstring and docs/metrics.md): a ranking claim holds only when the "
+        "claimed row is best and significantly better than every other row (paired Wilcoxon over (seed, image), "
+        "Holm-corrected), fails when another row is significantly better, and otherwise the benchmark cannot "
+        "tell. Model-free sanity maps (sanity:edge, sanity:random, sanity:centre) are rows of every table: "
+        "a method that does not beat them has not shown that it explains the model. Post-hoc methods run on "
+        "the SoftCAM nets too, so each net's own evidence maps can be compared with other explainers of the "
+        "same weights."
     )
     md.append(f"Reproduce:\n\n```\n{command}\n```\n")
     body.append(f"<p>Reproduce:</p><pre>{html.escape(command)}</pre>")
-    para(
-        f"softcam-review {__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
-        f"device {describe_device()}; compute time {elapsed / 60:.1f} min (sum of the steps timed below, "
-        "wall clock of this machine at the time, which other jobs shared)."
-    )
+
+    section("Claims")
+    claim_rows = [dict(modality=r.modality, **v.row()) for r in results for v in r.verdicts]
+    table(pd.DataFrame(claim_rows))
+
     section("Settings")
-    para(
-        f"Seeds: cohort, training and bootstrap all use seed {config.seed}; bootstrap: {config.resamples} "
-        "resamples (percentile 95% interval of the mean); paired tests: two-sided Wilcoxon signed-rank on "
-        "the images both rows define, Holm-corrected over all pairs of one metric."
-    )
-    table(settings_rows)
-    para("Cells of the metric tables read: mean [95% CI] (n images where the metric is defined). "
-         "Localization metrics are defined on diseased test images (healthy ones have no lesion); "
-         "activation consistency on every test image, audc_diseased (AUDC) on diseased ones (see "
-         "with_diseased_audc: on healthy images the disease probability is ~0 and p_s/p_0 explodes; the all-image "
-         "audc is in tables/*_per_image.csv). Lower is better for AUDC and seconds.")
+    table(pd.DataFrame([{"setting": k, "value": ", ".join(map(str, v)) if isinstance(v, (tuple, list)) else v}
+                        for k, v in asdict(config).items()]))
+    para("Cells of the metric tables read: mean ± sd of the per-seed means [95% bootstrap interval over the "
+         "(seed, image) units] (n units). Localization and activation metrics use diseased test images; "
+         "consistency_diseased / consistency_healthy are the class-wise activation consistency (share of pixels "
+         "with A > 0 on diseased, A < 0 on healthy images; SoftCAM App. E.1); audc_correct is the AUDC of the "
+         "paper's deletion protocol on the test images every model of the seed classifies correctly. "
+         "Lower is better for AUDC and seconds.")
 
     for result in results:
-        section(result.modality.upper() if result.modality != "fundus" else "Fundus")
-        section("What the numbers show", 3)
-        for line in findings(result):
-            md.append(f"- {line}")
-            body.append(f"<p>• {html.escape(line)}</p>")
-        md.append("")
+        section({"fundus": "Fundus", "oct": "OCT", "cxr": "Chest X-ray"}.get(result.modality, result.modality))
+        section("Claims", 3)
+        table(pd.DataFrame([v.row() for v in result.verdicts]))
+        section("Lambda sweep (validation split)", 3)
+        para("Each weight trained once on the first seed for the sweep's epochs; chosen: highest validation "
+             "accuracy + AUC, ties to the larger weight.")
+        table(result.sweep)
         section("Classification (test split)", 3)
-        para("Accuracy and AUC of the best-on-validation checkpoint on the whole test split, as train() "
-             "recorded them; feature_map is the last feature map's size (the resolution of the CAM-type and "
-             "SoftCAM maps). The explanation metrics below use "
-             + ("every test image." if not config.eval_limit else f"the first {config.eval_limit} test images."))
-        table(result.classification)
+        flag = saturation_flag(result.classification)
+        if flag:
+            para(flag)
+        table(classification_table(result.classification))
         section("Explanation metrics (test split)", 3)
-        table(headline_table(result.cohort, accuracy=accuracy_by_label(result.per_image, result.classification)))
-        section("SoftCAM against each post-hoc method (paired, Holm-corrected)", 3)
-        table(softcam_vs_posthoc(result.paired))
+        table(metrics_table(result.per_image, config))
+        section("Sparse SoftCAM against every other row (paired, Holm-corrected)", 3)
+        table(paired_table(result.per_image, [f"topk_precision_k{config.claim_k}", "activation_precision", "audc_correct"]))
+        if not result.shortcut.empty:
+            section("Shortcut cohort (CasCAM)", 3)
+            acc = result.shortcut["test_accuracy"].iloc[0]
+            para(f"Baseline trained on a cohort where {config.shortcut_rate:g} of the diseased images also carry a "
+                 f"burned-in artifact (test accuracy {_fmt(acc)}); diseased test images, split by the artifact.")
+            sick = result.shortcut[result.shortcut["label_is_diseased"]]
+            parts = []
+            for flag_value, name in ((True, "with artifact"), (False, "without artifact")):
+                part = metrics_table(sick[sick["artifact"] == flag_value], config)
+                if not part.empty:
+                    part.insert(1, "images", name)
+                    parts.append(part)
+            table(pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())
         section("Figures", 3)
         for name, paths in figures.get(result.modality, {}).items():
             png = next((p for p in paths if p.suffix == ".png"), None)
             page = next((p for p in paths if p.suffix == ".html"), None)
-            rel_png = png.relative_to(out).as_posix() if png else None
-            rel_html = page.relative_to(out).as_posix() if page else None
-            if rel_png:
-                md.append(f"![{result.modality} {name}]({rel_png})\n")
-                body.append(f'<p><img src="{html.escape(rel_png)}" alt="{html.escape(name)}" style="max-width:900px"></p>')
-            if rel_html:
-                md.append(f"[interactive {name}]({rel_html})\n")
-                body.append(f'<p><a href="{html.escape(rel_html)}">interactive {html.escape(name)}</a></p>')
-        timing = ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items())
-        para(f"Time: {timing}.")
-    md.append("\nFull tables: `tables/<modality>_per_image.csv`, `_cohort.csv`, `_paired.csv`, `_classification.csv`.\n")
-    body.append("<p>Full tables: tables/&lt;modality&gt;_per_image.csv, _cohort.csv, _paired.csv, _classification.csv.</p>")
+            if png:
+                rel = png.relative_to(out).as_posix()
+                md.append(f"![{result.modality} {name}]({rel})\n")
+                body.append(f'<p><img src="{html.escape(rel)}" alt="{html.escape(name)}" style="max-width:900px"></p>')
+            if page:
+                rel = page.relative_to(out).as_posix()
+                md.append(f"[interactive {name}]({rel})\n")
+                body.append(f'<p><a href="{html.escape(rel)}">interactive {html.escape(name)}</a></p>')
+        para(f"Time (recorded steps): {result.seconds.get('steps', 0) / 60:.1f} min.")
+    md.append("\nFull tables: `tables/<modality>_per_image.csv`, `_cohort.csv`, `_classification.csv`, `_sweep.csv`, "
+              "`_claims.csv`, `_shortcut.csv`, `_deletion_curves.csv`.\n")
+    body.append("<p>Full tables: tables/&lt;modality&gt;_*.csv.</p>")
 
     md_path = out / "report.md"
     md_path.write_text("\n".join(md), encoding="utf-8")
-    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+    style = ("body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto;padding:0 1em}"
              "table.t{border-collapse:collapse;font-size:13px;margin:1em 0}"
              "table.t td,table.t th{border:1px solid #ccc;padding:3px 6px;text-align:left}"
              "pre{background:#f4f4f4;padding:.6em;overflow:auto}")
     html_path = out / "report.html"
-    html_path.write_text(
-        "<!doctype html><html><head><meta charset='utf-8'><title>SoftCAM report</title>"
-        f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>",
-        encoding="utf-8",
-    )
+    html_path.write_text("<!doctype html><html><head><meta charset='utf-8'><title>SoftCAM report</title>"
+                         f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>", encoding="utf-8")
     return md_path, html_path
 
 
-def _fingerprint(config: ReportConfig) -> dict:
-    """The settings that determine one modality's numbers (not which modalities, not PNG output)."""
-    settings = asdict(config)
-    for key in ("modalities", "png"):
-        settings.pop(key)
-    return json.loads(json.dumps(settings))
+# ----------------------------------------------------------------------------------------------
+# the run
 
 
-def _load_modality(out: Path, modality: str, config: ReportConfig) -> ModalityResult | None:
-    """A modality's tables from an earlier run with the same settings (so modalities can run as
-    separate processes, or a stopped report continues); None when absent or made otherwise."""
-    marker = out / "tables" / f"{modality}_run.json"
-    if not marker.is_file():
-        return None
-    saved = json.loads(marker.read_text())
-    if saved.get("settings") != _fingerprint(config):
-        return None
-
-    def read(name: str) -> pd.DataFrame:
-        path = out / "tables" / f"{modality}_{name}.csv"
-        return pd.read_csv(path, dtype={"image": str}) if path.is_file() and path.stat().st_size > 1 else pd.DataFrame()
-
-    return ModalityResult(modality, read("per_image"), read("deletion_curves"), read("cohort"), read("paired"),
-                          read("classification"), saved.get("seconds", {}))
+def count_steps(config: ReportConfig) -> int:
+    """Progress-bar length: cohort, sweep, and per seed and model a training, maps and deletion."""
+    per_modality = 1 + len(config.l1_grid) + len(config.l2_grid) + 3 * 4 * len(config.seeds)
+    per_modality += 2 if config.shortcut_rate > 0 else 0
+    return per_modality * len(config.modalities)
 
 
-def run_report(
-    out: str | Path, config: ReportConfig | None = None, command: str | None = None, log: Callable[[str], None] = print
-) -> Path:
+def run_report(out: str | Path, config: ReportConfig | None = None, command: str | None = None,
+               log: Callable[[str], None] = print) -> Path:
     """Run the whole comparison and write the report into ``out``; returns the report.md path.
 
-    A modality whose tables an earlier run with identical settings left in ``out/tables`` is not
-    recomputed (its ``<modality>_run.json`` records the settings and step timings).
+    Steps that an earlier run with the same settings finished (``work/steps.json``) are not
+    repeated, so an interrupted run continues where it stopped.
     """
+    from tqdm.auto import tqdm
+
     from softcam_core import plots
 
     config = config or ReportConfig()
     out = Path(out)
     work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
     (out / "tables").mkdir(parents=True, exist_ok=True)
+    steps = Steps(work / "steps.json", log=lambda s: tqdm.write(s))
     results, figures = [], {}
-    for modality in config.modalities:
-        result = _load_modality(out, modality, config)
-        fresh = result is None
-        if fresh:
-            result = run_modality(modality, config, work, log)
-        else:
-            log(f"[{modality}] reusing tables from an earlier run with the same settings")
-        result = with_diseased_audc(result, config)
-        for name, table in (("per_image", result.per_image), ("cohort", result.cohort),
-                            ("paired", result.paired), ("classification", result.classification),
-                            ("deletion_curves", result.curves)):
-            table.to_csv(out / "tables" / f"{modality}_{name}.csv", index=False)
-        if fresh:
-            (out / "tables" / f"{modality}_run.json").write_text(
-                json.dumps({"settings": _fingerprint(config), "seconds": result.seconds}, indent=1))
-        results.append(result)
-        named = {f"{modality}_{k}": v for k, v in
-                 E.cohort_figures(result.per_image, result.curves, group="model_method", title=modality).items()}
-        saved = plots.save_figures(named, out / "figures", png=config.png, plotlyjs="cdn")
-        figures[modality] = {k[len(modality) + 1:]: v for k, v in saved.items()}
-    compute = sum(sum(r.seconds.values()) for r in results)
-    md_path, _ = render(results, config, out, command or "softcam report", compute, figures)
-    log(f"wrote {md_path} and {out / 'report.html'} ({compute / 60:.1f} min of compute)")
+    with tqdm(total=count_steps(config), desc="report", unit="step") as bar:
+        for modality in config.modalities:
+            result = run_modality(modality, config, work, steps, bar)
+            tables = {"per_image": result.per_image, "cohort": result.cohort, "classification": result.classification,
+                      "sweep": result.sweep, "shortcut": result.shortcut, "deletion_curves": result.curves,
+                      "claims": pd.DataFrame([v.row() for v in result.verdicts])}
+            for name, frame in tables.items():
+                frame.to_csv(out / "tables" / f"{modality}_{name}.csv", index=False)
+            results.append(result)
+            named = {f"{modality}_{k}": v for k, v in
+                     E.cohort_figures(result.per_image, result.curves, group="row", title=modality).items()}
+            saved = plots.save_figures(named, out / "figures", png=config.png, plotlyjs="cdn")
+            figures[modality] = {k[len(modality) + 1:]: v for k, v in saved.items()}
+    wall = sum(steps.seconds(f"{m}/") for m in config.modalities)
+    md_path, _ = render(results, config, out, command or canonical_command(out, config), wall, figures)
+    log(f"wrote {md_path} and {out / 'report.html'} ({wall / 60:.1f} min of recorded steps)")
     return md_path
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+# option -> (config field, parser); every option also appears in canonical_command
+_OPTIONS = {
+    "--n": ("n", int), "--epochs": ("epochs", int), "--img-size": ("img_size", int), "--synth-size": ("synth_size", int),
+    "--arch": ("arch", str), "--seeds": ("seeds", _ints), "--l1-grid": ("l1_grid", _floats),
+    "--l2-grid": ("l2_grid", _floats), "--sweep-epochs": ("sweep_epochs", int), "--methods": ("methods", _names),
+    "--within-methods": ("within_methods", _names), "--sanity-methods": ("sanity_methods", _names),
+    "--shortcut-rate": ("shortcut_rate", float), "--limit": ("eval_limit", int),
+    "--deletion-limit": ("deletion_limit", int), "--deletion-steps": ("deletion_steps", int),
+    "--claim-k": ("claim_k", int), "--topk": ("topk", _ints), "--split": ("split", _floats),
+    "--resamples": ("resamples", int),
+}
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "report",
-        help="re-run the SoftCAM paper's comparison on synthetic cohorts (report.md + report.html)",
-        description="Trains a black-box baseline and dense / lasso / ridge SoftCAM nets per modality on "
-        "synthetic cohorts, evaluates SoftCAM maps against post-hoc methods, writes a Markdown + HTML report.",
+        help="test the SoftCAM paper's claims on fair synthetic cohorts (report.md + report.html)",
+        description="Per modality: a lambda sweep, then a black-box baseline and dense / lasso / ridge SoftCAM nets "
+        "for each seed; SoftCAM maps against post-hoc methods (on every model) and model-free sanity maps; a verdict "
+        "per paper claim. Resumes an interrupted run in the same --out.",
     )
     defaults = ReportConfig()
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--quick", action="store_true",
-                        help=f"smoke-test preset (n {QUICK['n']}, {QUICK['epochs']} epochs, {QUICK['img_size']} px, "
-                        f"{QUICK['eval_limit']} test images; models near chance); explicit options still win")
-    parser.add_argument("--n", type=int, default=None, help=f"images per synthetic cohort (default {defaults.n})")
-    parser.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {defaults.epochs})")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of cohorts, training and bootstrap (default 0)")
-    parser.add_argument("--img-size", type=int, default=None, help=f"model input side (default {defaults.img_size})")
-    parser.add_argument("--arch", default=defaults.arch, help=f"backbone (default {defaults.arch})")
-    parser.add_argument("--l1", type=float, default=defaults.l1, help=f"lasso weight of the sparse variant (default {defaults.l1})")
-    parser.add_argument("--l2", type=float, default=defaults.l2, help=f"ridge weight of the ridge variant (default {defaults.l2})")
+                        help="smoke-test preset (tiny cohort, 1 epoch, 64 px: the verdicts then say the benchmark cannot "
+                        "tell); explicit options still win")
     parser.add_argument("--modalities", default=",".join(MODALITIES), help="comma-separated subset of fundus,oct,cxr")
-    parser.add_argument("--methods", default=",".join(defaults.methods),
-                        help=f"post-hoc methods run on the baseline (default {','.join(defaults.methods)}; "
-                        f"all: {','.join(POSTHOC_METHODS)})")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="evaluate the first N test images per modality; 0 = all (default 0)")
+    for option, (name, _) in _OPTIONS.items():
+        value = getattr(defaults, name)
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        parser.add_argument(option, default=None, help=f"default {shown}" + (" (0 = all)" if "limit" in option else ""))
     parser.add_argument("--no-png", action="store_true", help="skip PNG figures (HTML only)")
     parser.set_defaults(func=_cli)
 
 
 def config_from_args(args: argparse.Namespace) -> ReportConfig:
     """The :class:`ReportConfig` of parsed ``softcam report`` options: explicit options, then the
-    ``--quick`` preset, then the defaults. Raises ValueError on an unknown modality."""
-    modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
+    ``--quick`` preset, then the defaults. Raises ValueError on an unknown modality or method."""
+    from softcam_core.explain import is_method
+
+    modalities = _names(args.modalities)
     unknown = [m for m in modalities if m not in MODALITIES]
     if unknown:
         raise ValueError(f"unknown modality {', '.join(unknown)}; choose from {', '.join(MODALITIES)}")
-    preset = dict(QUICK) if args.quick else {}
-    for key, value in (("n", args.n), ("epochs", args.epochs), ("img_size", args.img_size), ("eval_limit", args.limit)):
-        if value is not None:
-            preset[key] = value
-    if "eval_limit" in preset:
-        preset["eval_limit"] = preset["eval_limit"] or None  # 0 = the whole test split
-    config = ReportConfig(
-        seed=args.seed, arch=args.arch, l1=args.l1, l2=args.l2, modalities=modalities,
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), png=not args.no_png, **preset,
-    )
+    values: dict[str, Any] = dict(QUICK) if args.quick else {}
+    for option, (name, parse) in _OPTIONS.items():
+        raw = getattr(args, option[2:].replace("-", "_"))
+        if raw is not None:
+            values[name] = parse(raw)
+    for key in ("eval_limit", "deletion_limit"):
+        if key in values:
+            values[key] = values[key] or None  # 0 = the whole test split
+    config = ReportConfig(modalities=modalities, png=not args.no_png, **values)
+    bad = [m for m in config.methods + config.within_methods + config.sanity_methods if not is_method(m)]
+    if bad:
+        raise ValueError(f"unknown method {', '.join(bad)}")
+    if not config.seeds:
+        raise ValueError("--seeds needs at least one seed")
     return config
 
 
@@ -601,11 +824,14 @@ def _cli(args: argparse.Namespace) -> int:
 
 def canonical_command(out: str | Path, config: ReportConfig) -> str:
     """The full ``softcam report`` command line that reproduces ``config`` (every option spelled out)."""
-    parts = ["softcam", "report", "--out", str(out), "--n", str(config.n), "--epochs", str(config.epochs),
-             "--seed", str(config.seed), "--img-size", str(config.img_size), "--arch", config.arch,
-             "--l1", f"{config.l1:g}", "--l2", f"{config.l2:g}", "--modalities", ",".join(config.modalities),
-             "--methods", ",".join(config.methods)]
-    parts += ["--limit", str(config.eval_limit or 0)]
+    parts = ["softcam", "report", "--out", str(out), "--modalities", ",".join(config.modalities)]
+    for option, (name, _) in _OPTIONS.items():
+        value = getattr(config, name)
+        if name in ("eval_limit", "deletion_limit"):
+            value = value or 0
+        parts += [option, ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+                  if isinstance(value, tuple) else (f"{value:g}" if isinstance(value, float) else str(value))]
     if not config.png:
         parts.append("--no-png")
     return " ".join(shlex.quote(p) for p in parts)
+

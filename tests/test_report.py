@@ -1,137 +1,113 @@
-"""`softcam report`: tables and rendering on hand-made results; the full pipeline behind `slow`."""
+"""`softcam report`: pooling, tables, steps and the CLI on hand-made results; `--quick` end to end."""
 
 from __future__ import annotations
+
+import argparse
+import json
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from softcam_core import evaluate as E
 from softcam_core import report as R
 
 
-def _per_image():
-    rng = np.random.default_rng(1)
+def _evaluation(model: str, seed: int, method: str, correct: list[bool], audc: list[float]) -> pd.DataFrame:
     rows = []
-    for i in range(12):
-        for model, method, ap in (("baseline", "gradcam", 0.3), ("dense", "softcam", 0.6), ("lasso", "softcam", 0.7)):
-            rows.append({"model": model, "model_method": R._label(model, method), "image": f"im{i}",
-                         "label": "healthy" if i % 4 == 0 else "diseased",
-                         "method": method, "seconds": 0.1, "activation_precision": ap + 0.05 * rng.normal(),
-                         "audc": 0.5 - ap / 2 + 0.02 * rng.normal(), "topk_precision_k5": ap})
+    for i, (ok, a) in enumerate(zip(correct, audc)):
+        label = "diseased" if i % 2 == 0 else "healthy"
+        pred = label if ok else ("healthy" if label == "diseased" else "diseased")
+        rows.append({"model": model, "seed": seed, "image": f"im{i}", "label": label, "pred": pred, "method": method,
+                     "activation_consistency": 0.25 * (i + 1), "audc": a, "topk_precision_k5": 0.5, "seconds": 0.1,
+                     "notes": ""})
     return pd.DataFrame(rows)
 
 
-def test_labels():
-    assert R._label("lasso", "softcam") == "SoftCAM lasso"
-    assert R._label("baseline", "cascam:gradcam") == "cascam:gradcam"
+def test_row_labels():
+    assert R.row_label("lasso", "softcam") == "SoftCAM lasso"
+    assert R.row_label("baseline", "cascam:gradcam") == "cascam:gradcam · baseline"
+    assert R.row_label("lasso", "gradcam") == "gradcam · lasso"  # within-model comparison row
 
 
-def test_headline_and_paired_tables():
-    per_image = _per_image()
-    cohort = E.summarise(per_image, group="model_method", resamples=200)
-    table = R.headline_table(cohort).set_index("method")
-    assert list(table.index) == ["gradcam", "SoftCAM dense", "SoftCAM lasso"]
-    cell = table.loc["SoftCAM lasso", "topk_precision_k5"]
-    assert cell == "0.700 [0.700, 0.700] (12)"  # constant column: zero-width interval
-    paired = E.paired_tests(per_image, group="model_method")
-    versus = R.softcam_vs_posthoc(paired)
-    # only SoftCAM-vs-post-hoc pairs, SoftCAM always first, difference signed accordingly
-    assert set(versus["post-hoc"]) == {"gradcam"}
-    assert set(versus["SoftCAM"]) == {"SoftCAM dense", "SoftCAM lasso"}
-    row = versus[(versus["metric"] == "topk_precision_k5") & (versus["SoftCAM"] == "SoftCAM dense")].iloc[0]
-    assert row["mean diff (SoftCAM − post-hoc)"] == "0.300"
+def test_pool_tables_units_consistency_and_common_correct_audc():
+    tables = [
+        _evaluation("baseline", 0, "gradcam", [True, True, False, True], [0.1, 0.2, 0.3, 0.4]),
+        _evaluation("lasso", 0, "softcam", [True, False, True, True], [0.5, 0.6, 0.7, 0.8]),
+        _evaluation("baseline", 1, "gradcam", [True, True, True, True], [0.1, 0.2, 0.3, 0.4]),
+        _evaluation("lasso", 1, "softcam", [True, True, True, True], [0.5, 0.6, 0.7, 0.8]),
+    ]
+    pooled = R.pool_tables(tables)
+    assert set(pooled["row"]) == {"gradcam · baseline", "SoftCAM lasso"}
+    assert pooled.loc[0, "unit"] == "0/im0"
+    # seed 0: im1 wrong for lasso, im2 wrong for baseline -> AUDC only on im0 and im3; seed 1: all four
+    kept = pooled.dropna(subset=["audc_correct"]).groupby("seed")["image"].apply(lambda s: sorted(set(s)))
+    assert kept[0] == ["im0", "im3"] and kept[1] == ["im0", "im1", "im2", "im3"]
+    # class-wise consistency columns: im0/im2 diseased, im1/im3 healthy
+    first = pooled[(pooled["seed"] == 0) & (pooled["model"] == "baseline")].set_index("image")
+    assert first.loc["im0", "consistency_diseased"] == 0.25 and np.isnan(first.loc["im0", "consistency_healthy"])
+    assert first.loc["im1", "consistency_healthy"] == 0.5 and np.isnan(first.loc["im1", "consistency_diseased"])
 
 
-def test_render_writes_markdown_and_html(tmp_path):
-    per_image = _per_image()
-    result = R.ModalityResult(
-        "oct", per_image, pd.DataFrame(), E.summarise(per_image, group="model_method", resamples=100),
-        E.paired_tests(per_image, group="model_method"),
-        pd.DataFrame([{"model": "dense", "test_accuracy": 0.9}]), {"synth": 1.0},
-    )
-    config = R.ReportConfig(n=10, epochs=1, modalities=("oct",))
-    command = R.canonical_command(tmp_path, config)
-    assert "--n 10 --epochs 1 --seed 0" in command and "--modalities oct" in command
-    md, page = R.render([result], config, tmp_path, command, 12.0, {})
-    text = md.read_text()
-    assert command in text and "## OCT" in text and "SoftCAM lasso" in text
-    assert "0.700 [0.700, 0.700] (12)" in text
-    html = page.read_text()
-    assert html.startswith("<!doctype html>") and "<table" in html and "SoftCAM dense" in html
+def test_choose_lambda_best_validation_then_larger_weight():
+    sweep = pd.DataFrame({"lambda": [0.001, 0.01, 0.1], "val_accuracy": [0.8, 0.9, 0.9], "val_auc": [0.9, 0.95, 0.95]})
+    assert R.choose_lambda(sweep) == 0.1
+    sweep.loc[2, "val_auc"] = 0.5
+    assert R.choose_lambda(sweep) == 0.01
 
 
-def test_accuracy_column_names_the_explained_model():
-    per_image = _per_image()
-    classification = pd.DataFrame([{"model": "baseline", "test_accuracy": 0.95},
-                                   {"model": "dense", "test_accuracy": 0.5}, {"model": "lasso", "test_accuracy": 0.9}])
-    accuracy = R.accuracy_by_label(per_image, classification)
-    # post-hoc rows carry the baseline's accuracy, SoftCAM rows their own net's
-    assert accuracy == {"gradcam": 0.95, "SoftCAM dense": 0.5, "SoftCAM lasso": 0.9}
-    table = R.headline_table(E.summarise(per_image, group="model_method", resamples=50), accuracy=accuracy)
-    assert list(table.columns[:2]) == ["method", "model test acc"]
-    assert table.set_index("method").loc["SoftCAM dense", "model test acc"] == "0.500"
-    assert R.accuracy_by_label(per_image, pd.DataFrame()) == {}
+def test_metrics_table_spread_over_seeds_and_not_applicable():
+    config = R.ReportConfig(seeds=(0, 1), resamples=100, claim_k=5)
+    per_image = R.pool_tables([
+        _evaluation("baseline", 0, "gradcam", [True] * 4, [0.1] * 4).assign(topk_precision_k5=0.4),
+        _evaluation("baseline", 1, "gradcam", [True] * 4, [0.1] * 4).assign(topk_precision_k5=0.6),
+    ])
+    per_image["activation_consistency"] = np.nan
+    per_image["notes"] = "not applicable: gradcam maps are non-negative by construction (activation_consistency)"
+    per_image = R.pool_tables([per_image.drop(columns=["row", "unit", "label_is_diseased", "correct",
+                                                       "consistency_diseased", "consistency_healthy", "audc_correct"])])
+    table = R.metrics_table(per_image, config).set_index("row")
+    cell = table.loc["gradcam · baseline", "topk_precision_k5"]
+    # mean 0.5 over the 4 diseased units; per-seed means 0.4 and 0.6 -> sd 0.141
+    assert cell.startswith("0.500 ± 0.141 [") and cell.endswith("(4)")
+    assert table.loc["gradcam · baseline", "consistency_diseased"] == "n/a (non-negative map)"
 
 
-def test_findings_rank_rows_and_compare_lasso_with_dense():
-    per_image = _per_image()
-    result = R.ModalityResult(
-        "oct", per_image, pd.DataFrame(), E.summarise(per_image, group="model_method", resamples=50),
-        E.paired_tests(per_image, group="model_method"),
-        pd.DataFrame([{"model": "baseline", "test_accuracy": 0.95, "test_n": 12},
-                      {"model": "dense", "test_accuracy": 0.6, "test_n": 12}]), {},
-    )
-    lines = R.findings(result)
-    assert lines[0].startswith("Test accuracy (12 images): baseline 0.950, dense 0.600.")
-    assert "Below 0.9: dense" in lines[0]
-    ranking = next(line for line in lines if line.startswith("Top-5 localization precision"))
-    # topk is 0.3 / 0.6 / 0.7 per row by construction: lasso first, gradcam last
-    assert ranking == ("Top-5 localization precision, best first (n = 12): SoftCAM lasso 0.700, "
-                       "SoftCAM dense 0.600, gradcam 0.300.")
-    assert not any(line.startswith("AUDC") for line in lines)  # no audc_diseased column yet
-    derived = R.with_diseased_audc(result, R.ReportConfig(resamples=50))
-    column = derived.per_image["audc_diseased"]
-    # healthy images (every 4th) are left out of the diseased-only AUDC, the others copied
-    assert column.isna().sum() == 9 and (column.dropna() == derived.per_image.loc[column.notna(), "audc"]).all()
-    assert int(derived.cohort.set_index("model_method").loc["gradcam", "audc_diseased_n"]) == 9
-    audc = next(line for line in R.findings(derived) if line.startswith("AUDC on diseased"))
-    assert audc.index("SoftCAM lasso") < audc.index("gradcam")  # lower AUDC ranks first
-    curves = pd.DataFrame({"image": ["im0", "im1", "im2"], "method": "gradcam", "s0": 1.0, "s1": [9.0, 0.2, 0.4]})
-    ended = R.ModalityResult("oct", per_image, curves, derived.cohort, derived.paired, derived.classification, {})
-    assert R.deletion_endpoint(ended) == pytest.approx(0.3)  # im0 is healthy: not counted
-    assert any(line.startswith("Deletion: with every cell occluded") and "0.300" in line for line in R.findings(ended))
-    versus = next(line for line in lines if line.startswith("Sparse vs dense SoftCAM on top-5"))
-    assert "lasso − dense = 0.100 over 12 paired images: lasso better" in versus
+def test_saturation_flag():
+    table = pd.DataFrame({"model": ["baseline", "baseline"], "test_accuracy": [1.0, 0.99]})
+    assert "saturates" in R.saturation_flag(table)
+    assert R.saturation_flag(table.assign(test_accuracy=[0.9, 0.88])) is None
+    assert "weak" in R.saturation_flag(table.assign(test_accuracy=[0.6, 0.6]))
 
 
-def test_default_recipe_is_the_demo_recipe_with_4x4_maps():
-    from softcam_core.demo import DEMO_SETTINGS
-    from softcam_core.models import build_model
-
-    config = R.ReportConfig()
-    for key in ("n", "epochs", "synth_size", "split", "arch", "batch_size", "lr", "min_lr", "l1", "seed"):
-        assert getattr(config, key) == getattr(DEMO_SETTINGS, key), key
-    assert config.eval_limit is None  # the whole test split
-    model = build_model(config.arch, 2, "softcam")
-    assert R.feature_map_size(model, config.img_size) == "4x4"
-    assert R.feature_map_size(model, 64) == "2x2"  # why the old 64 px default scored CAMs at 0
+def test_steps_skip_finished_work_with_same_settings(tmp_path):
+    calls = []
+    steps = R.Steps(tmp_path / "steps.json", log=lambda s: None)
+    assert steps.run("a", {"x": 1}, lambda: calls.append(1) or {"v": 1}) == {"v": 1}
+    again = R.Steps(tmp_path / "steps.json", log=lambda s: None)  # a new process reads the record
+    assert again.run("a", {"x": 1}, lambda: calls.append(2) or {"v": 2}) == {"v": 1}
+    assert again.run("a", {"x": 2}, lambda: calls.append(3) or {"v": 3}) == {"v": 3}  # other settings: rerun
+    assert calls == [1, 3]
+    assert json.loads((tmp_path / "steps.json").read_text())["a"]["settings"] == {"x": 2}
 
 
-def test_cli_options_quick_preset_and_overrides():
-    import argparse
-
+def test_cli_options_quick_preset_and_round_trip():
     parser = argparse.ArgumentParser()
     R.register_cli(parser.add_subparsers())
     default = R.config_from_args(parser.parse_args(["report", "--out", "x"]))
     assert default == R.ReportConfig()
+    assert default.img_size >= 224 and len(default.seeds) >= 2  # issue 16: 7x7 maps, two seeds
     quick = R.config_from_args(parser.parse_args(["report", "--out", "x", "--quick", "--epochs", "2"]))
-    assert (quick.n, quick.epochs, quick.img_size, quick.eval_limit) == (R.QUICK["n"], 2, R.QUICK["img_size"],
-                                                                          R.QUICK["eval_limit"])
+    assert quick.epochs == 2 and quick.n == R.QUICK["n"] and quick.seeds == R.QUICK["seeds"]
     assert R.config_from_args(parser.parse_args(["report", "--out", "x", "--limit", "0"])).eval_limit is None
-    # the canonical command reproduces the configuration it was made from
     command = R.canonical_command("x", quick).split()[1:]
     assert R.config_from_args(parser.parse_args(command)) == quick
+    with pytest.raises(ValueError, match="unknown method"):
+        R.config_from_args(parser.parse_args(["report", "--out", "x", "--methods", "nonsense"]))
+
+
+def test_default_maps_are_7x7():
+    config = R.ReportConfig()
+    assert R.feature_map_size(config.arch, "softcam", config.img_size) == "7x7"
 
 
 def test_cli_rejects_unknown_modality(capsys, tmp_path):
@@ -141,29 +117,27 @@ def test_cli_rejects_unknown_modality(capsys, tmp_path):
     assert "unknown modality mri" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_full_report_one_modality(tmp_path):
-    config = R.ReportConfig(n=24, epochs=1, img_size=64, modalities=("oct",), methods=("gradcam", "cascam:gradcam"),
-                            eval_limit=3, deletion_steps=4, resamples=100, png=False)
-    md = R.run_report(tmp_path, config, command=R.canonical_command(tmp_path, config))
+def test_quick_report_end_to_end_and_resume(tmp_path):
+    """`softcam report --quick` on one modality: every step, every table, a verdict per claim; a
+    second run finds every step recorded and recomputes nothing."""
+    parser = argparse.ArgumentParser()
+    R.register_cli(parser.add_subparsers())
+    config = R.config_from_args(parser.parse_args(["report", "--out", str(tmp_path), "--quick", "--modalities", "oct",
+                                                   "--no-png"]))
+    md = R.run_report(tmp_path, config)
     text = md.read_text()
-    for label in ("gradcam", "cascam:gradcam", "SoftCAM dense", "SoftCAM lasso", "SoftCAM ridge"):
-        assert label in text
+    for needle in ("## Claims", "Lambda sweep", "SoftCAM lasso", "gradcam · lasso", "sanity:edge · baseline",
+                   "cascam:gradcam · baseline", "Shortcut cohort", "Wall time"):
+        assert needle in text, needle
+    claims = pd.read_csv(tmp_path / "tables" / "oct_claims.csv")
+    assert set(claims["verdict"]) <= {"holds", "fails", "cannot tell"} and len(claims) >= 6
     per_image = pd.read_csv(tmp_path / "tables" / "oct_per_image.csv")
     assert set(per_image["model"]) == {"baseline", "dense", "lasso", "ridge"}
-    assert (tmp_path / "figures" / "oct_topk_precision.html").is_file()
-
-
-def test_modality_tables_are_reused_only_for_identical_settings(tmp_path):
-    config = R.ReportConfig(n=10, epochs=1, modalities=("oct",))
-    (tmp_path / "tables").mkdir()
-    per_image = _per_image()
-    per_image.to_csv(tmp_path / "tables" / "oct_per_image.csv", index=False)
-    (tmp_path / "tables" / "oct_run.json").write_text(
-        __import__("json").dumps({"settings": R._fingerprint(config), "seconds": {"synth": 2.0}}))
-    loaded = R._load_modality(tmp_path, "oct", config)
-    assert loaded is not None and loaded.seconds == {"synth": 2.0} and len(loaded.per_image) == len(per_image)
-    # another modality list or PNG choice does not matter; any setting that changes numbers does
-    assert R._load_modality(tmp_path, "oct", R.ReportConfig(n=10, epochs=1, modalities=("oct", "cxr"), png=False))
-    assert R._load_modality(tmp_path, "oct", R.ReportConfig(n=10, epochs=2, modalities=("oct",))) is None
-    assert R._load_modality(tmp_path, "cxr", config) is None
+    assert per_image["audc"].notna().any()
+    steps = json.loads((tmp_path / "work" / "steps.json").read_text())
+    # cohort, 2 sweep trainings, 4 models x (training, maps, deletion), shortcut cohort + training + maps
+    assert len(steps) == 1 + 2 + 4 * 3 + 3
+    before = {k: v["seconds"] for k, v in steps.items()}
+    R.run_report(tmp_path, config)  # resume: nothing left to do
+    after = json.loads((tmp_path / "work" / "steps.json").read_text())
+    assert {k: v["seconds"] for k, v in after.items()} == before
