@@ -31,7 +31,7 @@ if loaded is None:
 image, record = loaded
 
 # ---------------------------------------------------------------------------------------------- controls
-from softcam_core.explain import METHODS  # noqa: E402  (after the model so import errors show late)
+from softcam_core.explain import BASE_METHODS, METHODS  # noqa: E402  (after the model so import errors show late)
 
 post_hoc = [m for m in METHODS if m != "softcam"]
 with st.expander("Display and methods", expanded=False, icon=":material/tune:"):
@@ -41,7 +41,7 @@ with st.expander("Display and methods", expanded=False, icon=":material/tune:"):
                                  format_func=viewer.method_title, key="review_methods",
                                  help="Score-CAM, Integrated Gradients, Ablation-CAM, FullGrad and CasCAM are slow: "
                                       "they run on request and are cached in the database.")
-        cascam_base = st.selectbox("CasCAM stages of", ["(none)"] + [m for m in post_hoc if not m.startswith("cascam")],
+        cascam_base = st.selectbox("CasCAM stages of", ["(none)"] + [m for m in post_hoc if m in BASE_METHODS],
                                    format_func=lambda m: m if m == "(none)" else viewer.method_title(m),
                                    key="review_cascam")
     with middle:

@@ -37,7 +37,9 @@ DISPLAY_MAX_SIDE = 384
 # samples per side show all they hold, at a ninth of the data a 384-sample heatmap sends and draws
 # (the Review page's time to maps, docs/performance.md). Pixel-level attributions keep the full side.
 COARSE_MAP_MAX_SIDE = 128
-PIXEL_LEVEL_METHODS = frozenset({"integrated_gradients", "guided_backprop", "fullgrad"})
+PIXEL_LEVEL_METHODS = frozenset({"integrated_gradients", "guided_backprop", "fullgrad", "sanity:edge"})
+# maps drawn on the diverging scale (shared with the SoftCAM evidence maps when the scale is shared)
+EVIDENCE_METHODS = frozenset({"softcam", "softcam_contrast"})
 
 
 def map_display_side(method: str) -> int:
@@ -57,6 +59,8 @@ def method_title(method: str) -> str:
         "xgradcam": "XGrad-CAM", "layercam": "LayerCAM", "scorecam": "Score-CAM", "hirescam": "HiResCAM",
         "eigencam": "Eigen-CAM", "ablationcam": "Ablation-CAM", "fullgrad": "FullGrad",
         "integrated_gradients": "Integrated Gradients", "guided_backprop": "Guided Backprop",
+        "softcam_contrast": "SoftCAM contrast", "sanity:edge": "Edge (sanity)",
+        "sanity:random": "Random (sanity)", "sanity:centre": "Centre prior (sanity)",
     }
     if method.startswith("cascam:"):
         return f"CasCAM ({names.get(method.split(':', 1)[1], method.split(':', 1)[1])})"
@@ -208,7 +212,7 @@ class MapResult:
 
     @property
     def signed(self) -> bool:
-        return self.method == "softcam"
+        return self.method in EVIDENCE_METHODS
 
     @property
     def title(self) -> str:

@@ -196,6 +196,8 @@ def test_mask_db_url_hides_password():
 def test_method_titles_and_slowness():
     assert viewer.method_title("gradcampp") == "Grad-CAM++"
     assert viewer.method_title("cascam:gradcam") == "CasCAM (Grad-CAM)"
+    assert viewer.method_title("sanity:edge") == "Edge (sanity)" and viewer.method_title("softcam_contrast") == "SoftCAM contrast"
+    assert not any(viewer.is_slow_method(m) for m in ("sanity:edge", "sanity:random", "sanity:centre", "softcam_contrast"))
     assert viewer.is_slow_method("scorecam") and viewer.is_slow_method("cascam:gradcam")
     assert not viewer.is_slow_method("gradcam")
 

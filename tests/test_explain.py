@@ -9,7 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from softcam_core.explain import METHODS, ExplainError, explain, file_safe_name, is_method, resolve_targets
+from softcam_core.explain import (
+    BASE_METHODS,
+    METHODS,
+    SANITY_METHODS,
+    ExplainError,
+    explain,
+    file_safe_name,
+    is_method,
+    resolve_targets,
+)
 from softcam_core.models import BaselineNet, SoftCAMNet, to_softcam
 from tests.plugins.explain import IMAGE_SIZE, hand_built_baseline, hand_built_softcam, square_image
 
@@ -17,7 +26,10 @@ DESIGN = Path(__file__).resolve().parents[2] / "shared" / "DESIGN.md"
 CONTRACT_NAMES = (
     "softcam", "cam", "gradcam", "gradcampp", "xgradcam", "layercam", "scorecam", "hirescam", "eigencam",
     "ablationcam", "fullgrad", "integrated_gradients", "guided_backprop",
+    "sanity:edge", "sanity:random", "sanity:centre",
 )
+# names beyond DESIGN.md's contract list
+EXTRA_NAMES = {"softcam_contrast"}
 # two images, bright squares (row, col, side) at different places
 SQUARES = [(8, 16, 8), (20, 4, 8)]
 
@@ -33,18 +45,23 @@ def _model_for(method: str, head: str):
 
 
 def test_method_names_are_the_contract():
-    assert METHODS == CONTRACT_NAMES
+    assert [m for m in METHODS if m in CONTRACT_NAMES] == list(CONTRACT_NAMES)
+    assert set(METHODS) - set(CONTRACT_NAMES) == EXTRA_NAMES
+    assert METHODS == BASE_METHODS + SANITY_METHODS and not set(BASE_METHODS) & set(SANITY_METHODS)
     if DESIGN.is_file():
         text = DESIGN.read_text()
-        for name in METHODS:
+        for name in CONTRACT_NAMES:
             assert f"`{name}`" in text
-    assert is_method("cascam:gradcam") and is_method("softcam")
+    assert is_method("cascam:gradcam") and is_method("softcam") and is_method("cascam:softcam_contrast")
     assert not is_method("cascam:cascam:gradcam") and not is_method("gradcam++")
+    for name in SANITY_METHODS:  # model-free maps are methods, but no CasCAM base
+        assert is_method(name) and not is_method(f"cascam:{name}")
+    assert file_safe_name("sanity:edge") == "sanity-edge"
     assert file_safe_name("cascam:gradcam") == "cascam-gradcam"
 
 
 # every method on the SoftCAM net (cam: on the baseline), and a spread of post-hoc methods on the baseline
-PEAK_CASES = [(m, "baseline" if m == "cam" else "softcam") for m in METHODS] + [
+PEAK_CASES = [(m, "baseline" if m == "cam" else "softcam") for m in BASE_METHODS] + [
     (m, "baseline") for m in ("gradcam", "scorecam", "eigencam", "ablationcam", "fullgrad", "integrated_gradients",
                               "guided_backprop")
 ]

@@ -58,6 +58,7 @@ def test_explain_cli_errors_are_one_line(tiny_checkpoint, synth_cohort, tmp_path
         (["--methods", "softcam", "--target", "nosuchclass"], "--target 'nosuchclass'"),
         (["--methods", "softcam", "--target", "7"], "outside"),
         (["--methods", "cam"], "use 'softcam'"),
+        (["--methods", "gradcam,cascam:sanity:edge"], "cannot be cascaded"),
     ]
     for extra, message in cases:
         code = main(["explain", "--model", str(checkpoint), "--image", str(image), "--out", str(tmp_path / "x"),
@@ -79,6 +80,23 @@ def test_parsers():
     assert parse_target(None, ["healthy", "diseased"]) is None
     assert parse_target("diseased", ["healthy", "diseased"]) == 1
     assert parse_target("0", ["healthy", "diseased"]) == 0
+
+
+def test_explain_cli_sanity_and_contrast_maps(tiny_checkpoint, synth_cohort, tmp_path):
+    """The model-free sanity maps and the contrast map go through the same command and files."""
+    checkpoint = tiny_checkpoint("fundus")
+    out = tmp_path / "sanity"
+    code = main(["explain", "--model", str(checkpoint), "--image", str(_first_image(synth_cohort("fundus"))),
+                 "--methods", "sanity:edge,sanity:random,sanity:centre,softcam_contrast", "--out", str(out), "--quiet"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for stem in ("sanity-edge", "sanity-random", "sanity-centre", "softcam_contrast"):
+        heat = np.load(out / f"{stem}.npy")
+        assert heat.dtype == np.float32 and heat.shape == (64, 64) and np.isfinite(heat).all()
+        assert (out / f"{stem}.png").is_file()
+    assert summary["methods"]["sanity:random"]["signed"] is True
+    assert summary["methods"]["softcam_contrast"]["signed"] is True
+    assert summary["methods"]["sanity:edge"]["min"] >= 0 and summary["methods"]["sanity:centre"]["max"] == pytest.approx(1.0, abs=1e-3)
 
 
 @pytest.mark.slow

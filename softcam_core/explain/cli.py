@@ -25,7 +25,7 @@ from softcam_core.explain.cascam import (
     DEFAULT_TOPK_PERCENT,
     THRESHOLDS,
 )
-from softcam_core.explain.methods import CASCAM_PREFIX, METHODS, SIGNED_METHODS, explain, file_safe_name, is_method
+from softcam_core.explain.methods import CASCAM_PREFIX, METHODS, SIGNED_METHODS, explain, file_safe_name, method_problem
 
 
 def parse_methods(text: str) -> list[str]:
@@ -33,9 +33,10 @@ def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
     if not methods:
         raise ValueError("--methods is empty; give e.g. softcam,gradcam")
-    unknown = [m for m in methods if not is_method(m)]
-    if unknown:
-        raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)} or cascam:<method>")
+    for method in methods:
+        problem = method_problem(method)
+        if problem is not None:
+            raise ValueError(problem)
     return list(dict.fromkeys(methods))
 
 
@@ -150,7 +151,8 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--model", type=Path, required=True, help="checkpoint (.pt) written by softcam train")
     parser.add_argument("--image", type=Path, required=True, help="image file (PNG/JPEG/TIFF/DICOM)")
     parser.add_argument("--methods", required=True,
-                        help=f"comma-separated: {', '.join(METHODS)}, or cascam:<method> (e.g. cascam:gradcam)")
+                        help=f"comma-separated: {', '.join(METHODS)}, or cascam:<method> (e.g. cascam:gradcam); "
+                        "sanity:* are model-free baselines")
     parser.add_argument("--target", default=None, help="class index or name to explain (default: the predicted class)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--cascam-stages", type=int, default=DEFAULT_STAGES, help=f"CasCAM stages K (default {DEFAULT_STAGES})")

@@ -6,6 +6,9 @@ resizing to the input resolution (and, for captum's input-space attributions, th
 that turns (B, 3, H, W) attributions into a map). Values stay raw: no normalisation here (the
 UI and metrics normalise as they need). See docs/explain.md for each method's parameters,
 layer and sign convention.
+
+The model-free sanity baselines (``sanity:edge``, ``sanity:random``, ``sanity:centre``,
+:mod:`softcam_core.explain.sanity`) go through the same verb: they ignore the model and the target.
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ from torch import nn
 
 from softcam_core.explain.guard import autograd_from, eval_locked, guarded, inference_weights, model_lock
 from softcam_core.explain.layers import ExplainError, cam_head, resolve_target_layer
+from softcam_core.explain.sanity import SANITY_MAPS, SANITY_METHODS, SANITY_PREFIX
 
+# methods that explain a model; each can be the base of "cascam:<base>"
 BASE_METHODS = (
     "softcam",
+    "softcam_contrast",
     "cam",
     "gradcam",
     "gradcampp",
@@ -38,9 +44,12 @@ BASE_METHODS = (
     "integrated_gradients",
     "guided_backprop",
 )
-METHODS = BASE_METHODS  # the contract names; "cascam:<base>" wraps any of them (CASCAM_PREFIX)
+# every method name explain() takes besides "cascam:<base>": the model methods, then the model-free
+# sanity maps (SANITY_METHODS: "sanity:edge", "sanity:random", "sanity:centre"), the bar a map must beat
+METHODS = BASE_METHODS + SANITY_METHODS
 CASCAM_PREFIX = "cascam:"
-SIGNED_METHODS = frozenset({"softcam", "cam", "integrated_gradients", "guided_backprop"})
+SIGNED_METHODS = frozenset({"softcam", "softcam_contrast", "cam", "integrated_gradients", "guided_backprop",
+                            "sanity:random"})
 # methods that differentiate through the model (autograd cannot use weights made under inference_mode)
 GRADIENT_METHODS = frozenset({"gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "fullgrad",
                               "integrated_gradients", "guided_backprop"})
@@ -88,11 +97,27 @@ def _fast_layout(
         yield x.contiguous(memory_format=torch.channels_last) if cpu else x
 
 
-def is_method(name: str) -> bool:
-    """True for a base method name or ``cascam:<base>`` with a base method (not itself CasCAM)."""
+def method_problem(name: str) -> str | None:
+    """Why ``name`` is not a method explain() takes (one line), or None when it is one."""
+    if not isinstance(name, str):
+        return f"a method name must be a string, got {name!r}"
     if name.startswith(CASCAM_PREFIX):
-        return name[len(CASCAM_PREFIX):] in BASE_METHODS
-    return name in BASE_METHODS
+        base = name[len(CASCAM_PREFIX):]
+        if base in SANITY_METHODS:
+            return (f"{name!r}: CasCAM masks the input by a model's map and explains the model again; "
+                    f"a model-free sanity map cannot be cascaded (use {base!r} itself)")
+        if base in BASE_METHODS:
+            return None
+        return f"unknown CasCAM base {base!r} in {name!r}; choose cascam:<one of {', '.join(BASE_METHODS)}>"
+    if name in METHODS:
+        return None
+    return f"unknown method {name!r}; choose one of {', '.join(METHODS)} or cascam:<method>"
+
+
+def is_method(name: str) -> bool:
+    """True for a name in :data:`METHODS` or ``cascam:<base>`` with ``base`` in :data:`BASE_METHODS`
+    (not CasCAM itself, not a model-free ``sanity:*`` map)."""
+    return method_problem(name) is None
 
 
 def file_safe_name(method: str) -> str:
@@ -188,6 +213,40 @@ def _cam(model: nn.Module, x: torch.Tensor, targets: list[int] | None) -> torch.
             targets = logits.argmax(1).tolist()
         weights = linear.weight[torch.as_tensor(targets, device=features.device)]  # (B, K)
         return torch.einsum("bk,bkhw->bhw", weights, features)
+
+
+def contrast_evidence(maps: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
+    """Contrast evidence ``A_c - mean_{k != c} A_k``: maps (B, C, h, w), one class per image -> (B, h, w).
+
+    For two classes this is ``A_c - A_other``; its spatial mean is the logit difference
+    ``logit_c - logit_other`` (the mean is linear), which is all a softmax over two classes depends
+    on: adding any map to every class leaves the prediction unchanged, so only the difference is
+    determined by the predictions (docs/explain.md, "Contrast map"). For C > 2 the mean over the
+    other classes: the map's mean is ``logit_c - mean_{k != c} logit_k``, and it is equally invariant
+    to a map added to every class. Signed.
+
+    Raises:
+        ExplainError: fewer than two classes.
+    """
+    classes = maps.shape[1]
+    if classes < 2:
+        raise ExplainError(f"a contrast map needs at least two classes; this model has {classes}")
+    chosen = _select(maps, list(targets))
+    return chosen - (maps.sum(1) - chosen) / (classes - 1)
+
+
+def _softcam_contrast(model: nn.Module, x: torch.Tensor, targets: list[int] | None) -> torch.Tensor:
+    """Target-class contrast evidence (signed) from the forward pass of the prediction (:func:`contrast_evidence`)."""
+    if not hasattr(model, "forward_with_maps"):
+        raise ExplainError(
+            f"'softcam_contrast' needs a SoftCAM net (forward_with_maps); {type(model).__name__} is a black box: "
+            "use a post-hoc method"
+        )
+    with eval_locked(model), torch.inference_mode():
+        logits, maps = model.forward_with_maps(x)
+        if targets is None:
+            targets = logits.argmax(1).tolist()
+        return contrast_evidence(maps, targets)
 
 
 # ---------------------------------------------------------------------------------------- torchcam
@@ -353,6 +412,7 @@ def _guided_backprop(model: nn.Module, x: torch.Tensor, targets: list[int] | Non
 
 _IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "softcam": _softcam,
+    "softcam_contrast": _softcam_contrast,
     "cam": _cam,
     "gradcam": _torchcam("GradCAM", True),
     "gradcampp": _torchcam("GradCAMpp", True),
@@ -390,30 +450,38 @@ def explain(
             ConvNeXt classifier returning logits (B, C). Left exactly as found (mode, hooks,
             parameters, ``requires_grad``, ``.grad``, layers); see :mod:`softcam_core.explain.guard`.
         x: normalised images (B, 3, H, W); moved to the model's device for the computation.
-        method: one of :data:`METHODS` or ``"cascam:<base>"``.
+        method: one of :data:`METHODS` or ``"cascam:<base>"`` (``base`` in :data:`BASE_METHODS`).
+            The ``sanity:*`` maps ignore ``model`` and ``target`` (which is still checked; ``model``
+            may then be None) and are computed on ``x``'s device.
         target: None (each image's predicted class), one class index for all images, or one index
             per image (length B exactly).
         **options: method options: ``target_layer`` (module or name) for the CAM-style methods;
             ``batch_size`` (scorecam, ablationcam); ``n_steps``, ``baseline``,
             ``internal_batch_size``, ``integration``, ``fold_batchnorm`` (integrated_gradients); CasCAM's ``stages``, ``theta``,
-            ``lam``, ``threshold``, ``topk_percent``, ``ebayes_a`` plus its base method's options.
+            ``lam``, ``threshold``, ``topk_percent``, ``ebayes_a`` plus its base method's options;
+            ``sigma`` (sanity:edge, px), ``seed`` and ``stride`` (sanity:random), ``sigma_fraction``
+            (sanity:centre).
     Returns:
         float32 tensor (B, H, W) on ``x``'s device: higher = more evidence for the target class;
-        signed for softcam, cam, integrated_gradients and guided_backprop.
+        signed for :data:`SIGNED_METHODS` (softcam, softcam_contrast, cam, integrated_gradients,
+        guided_backprop, sanity:random).
     Raises:
         ValueError: unknown method or option, bad input shape, bad target.
         ExplainError (a ValueError): the method does not apply to this model.
     """
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(f"x must be a (B, 3, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    problem = method_problem(method)
+    if problem is not None:
+        raise ValueError(problem)
+    if method.startswith(SANITY_PREFIX):
+        return _sanity(model, x, method, target, options)
     if method.startswith(CASCAM_PREFIX):
         from softcam_core.explain.cascam import cascam
 
         with model_lock(model):
             return cascam(model, x, method[len(CASCAM_PREFIX):], target=target, **options).combined
-    implementation = _IMPLEMENTATIONS.get(method)
-    if implementation is None:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)} or cascam:<method>")
+    implementation = _IMPLEMENTATIONS[method]
     # the whole call under the model's (re-entrant) lock: reading the model's classes, device and
     # layers must not interleave with another thread's layer swap (AblationCAM)
     with model_lock(model):
@@ -438,3 +506,19 @@ def explain(
             if maps.is_inference():  # a gradient-free method ran under inference mode: hand the caller
                 maps = maps.clone()  # a normal tensor (in-place ops on inference tensors fail outside it)
     return resize_to(maps.detach().float(), tuple(x.shape[-2:])).to(x.device, torch.float32)
+
+
+def _sanity(model: nn.Module | None, x: torch.Tensor, method: str, target: Any, options: dict) -> torch.Tensor:
+    """A model-free ``sanity:*`` map (B, H, W) float32 on ``x``'s device; ``target`` is only validated."""
+    resolve_targets(target, x.shape[0], None if model is None else num_classes_of(model))
+    with torch.inference_mode(False), torch.no_grad():
+        inputs = x.detach().float()
+        if inputs.is_inference():
+            inputs = inputs.clone()
+        try:
+            maps = SANITY_MAPS[method](inputs, **options)
+        except TypeError as exc:
+            if "unexpected keyword argument" in str(exc):
+                raise ValueError(f"{method}: {exc}") from None
+            raise
+    return maps.to(x.device, torch.float32)
