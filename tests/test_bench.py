@@ -121,12 +121,20 @@ def test_evaluate_memory_tiny(tmp_path, capsys):
     assert LINE.search(out), out
 
 
+def test_report_cost_tiny_predicts_against_the_budget(tmp_path, capsys):
+    out, payload = run_bench("report_cost", tmp_path, capsys)
+    assert "report one modality, predicted" in out and "report three modalities" in out
+    lines = [r for r in payload["results"] if r["name"].startswith("report")]
+    assert len(lines) == 2 and all(r["ours"] > 0 for r in lines)
+    assert lines[1]["ours"] == pytest.approx(3 * lines[0]["ours"])
+
+
 def test_cli_rejects_unknown_benchmark(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--only", "nope"])
     assert exc.value.code == 2 and "unknown benchmark nope" in capsys.readouterr().err
     assert set(BENCHMARKS) == {"forward", "explain_overhead", "fast_methods", "deletion", "evaluate_memory",
-                               "review_latency"}
+                               "review_latency", "report_cost"}
     assert Config(level="quick").pick(1, 2, 3) == 2
 
 
