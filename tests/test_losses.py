@@ -76,3 +76,37 @@ def test_bad_inputs_raise():
         elasticnet_penalty(torch.zeros(2, 3), 1.0, 0.0)
     with pytest.raises(ValueError, match="non-negative"):
         elasticnet_penalty(torch.zeros(1, 1, 2, 2), -1.0, 0.0)
+
+
+def _reference_penalty(maps: torch.Tensor, l1: float, l2: float) -> torch.Tensor:
+    """The authors' code (kdjoumessi/SoftCAM train.py): norms of the first image's maps, L2 unsquared."""
+    return l1 * torch.norm(maps[0], 1) + l2 * torch.norm(maps[0], 2)
+
+
+def test_reference_l1_weight_converts_by_the_map_size():
+    """l1_ours = l1_ref * C * h * w gives the reference penalty when the images' maps are alike."""
+    first = torch.randn(3, 7, 7, generator=torch.Generator().manual_seed(0))  # C=3, 7x7: N = 147
+    maps = first.expand(4, -1, -1, -1).clone()  # B = 4 alike images
+    l1_ref = 0.003
+    ours = elasticnet_penalty(maps, l1=l1_ref * first.numel())
+    assert ours.item() == pytest.approx(_reference_penalty(maps, l1_ref, 0.0).item(), rel=1e-5)
+    # same gradient summed over the batch; the reference puts all of it on image 0
+    maps.requires_grad_(True)
+    elasticnet_penalty(maps, l1=l1_ref * first.numel()).backward()
+    torch.testing.assert_close(maps.grad.sum(0), l1_ref * torch.sign(first))
+
+
+def test_reference_l2_weight_has_no_constant_conversion():
+    """The reference L2 term is the unsquared norm (linear in the map scale), ours the mean square
+    (quadratic): a weight that matches at one scale is off by the scale factor at any other."""
+    first = torch.randn(2, 5, 5, generator=torch.Generator().manual_seed(1))
+    maps = first.expand(3, -1, -1, -1).clone()
+    n, l2_ref = first.numel(), 4e-5  # the authors' configs/default.yaml lambda_l2
+    rms = first.pow(2).mean().sqrt().item()
+    matched = l2_ref * math.sqrt(n) / rms  # equal values at this scale only
+    assert elasticnet_penalty(maps, l2=matched).item() == pytest.approx(_reference_penalty(maps, 0.0, l2_ref).item(), rel=1e-5)
+    for scale in (0.5, 2.0, 10.0):
+        ratio = elasticnet_penalty(scale * maps, l2=matched).item() / _reference_penalty(scale * maps, 0.0, l2_ref).item()
+        assert ratio == pytest.approx(scale, rel=1e-5)
+    # and ours is the squared norm: l2 * ||A||_2^2 / (B C h w)
+    assert elasticnet_penalty(maps, l2=1.0).item() == pytest.approx(torch.norm(maps, 2).item() ** 2 / maps.numel(), rel=1e-6)
