@@ -70,7 +70,10 @@ class SoftCAMNet(nn.Module):
 
 
 class BaselineNet(nn.Module):
-    """The black-box baseline: backbone, global average pooling, fully connected head."""
+    """The black-box baseline: backbone, global average pooling, fully connected head.
+
+    For VGG this is GAP-VGG (see :func:`baseline_head`), not torchvision's original VGG.
+    """
 
     def __init__(self, features: nn.Module, fc: nn.Module, arch: str = "custom"):
         super().__init__()
@@ -134,7 +137,10 @@ def evidence_head(family: str, in_channels: int, num_classes: int, dropout: floa
     """Class-evidence head of 1x1 convolutions with unit stride.
 
     ResNet-like: one layer ``in_channels -> num_classes``. VGG: ``512 -> 4096 -> 4096 -> classes``
-    with ReLU and Dropout, the paper's convolutional version of VGG's classifier.
+    with ReLU and Dropout, as in the authors' code (``kdjoumessi/SoftCAM``). It has 18.9 M
+    parameters for 2 classes, not the 123.6 M of torchvision's VGG-16 classifier (25088 -> 4096 ->
+    4096 -> 1000): the paper's "preserving the original parameter count" would need a 7x7 first
+    layer (docs/training.md, "VGG head").
     """
     if family == "vgg":
         return nn.Sequential(
@@ -150,7 +156,12 @@ def evidence_head(family: str, in_channels: int, num_classes: int, dropout: floa
 
 
 def baseline_head(family: str, in_channels: int, num_classes: int, dropout: float = 0.5) -> nn.Module:
-    """Fully connected head after global average pooling (the same shapes as :func:`evidence_head`)."""
+    """Fully connected head after global average pooling (the same shapes as :func:`evidence_head`).
+
+    For VGG this makes GAP-VGG (``512 -> 4096 -> 4096 -> classes`` on the pooled vector, 18.9 M
+    parameters for 2 classes), not torchvision's VGG with 7x7 pooling and a 25088-input classifier
+    (119.6 M) that the paper's VGG-16 baseline is.
+    """
     if family == "vgg":
         return nn.Sequential(
             nn.Linear(in_channels, 4096), nn.ReLU(inplace=True), nn.Dropout(dropout),
@@ -187,7 +198,10 @@ def to_softcam(model: nn.Module, num_classes: int) -> SoftCAMNet:
 
 
 def to_baseline(model: nn.Module, num_classes: int) -> BaselineNet:
-    """Wrap a torchvision classifier as the GAP + FC black-box :class:`BaselineNet`."""
+    """Wrap a torchvision classifier as the GAP + FC black-box :class:`BaselineNet`.
+
+    A VGG's own classifier (25088 inputs) is replaced by :func:`baseline_head`'s GAP-VGG MLP.
+    """
     features, channels, fc, family = _split_backbone(model)
     head = baseline_head(family, channels, num_classes)
     if isinstance(fc, nn.Linear) and fc.out_features == num_classes and isinstance(head, nn.Linear):
