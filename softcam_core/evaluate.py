@@ -11,8 +11,9 @@ bootstrap interval, n per metric), paired Wilcoxon signed-rank tests between met
 correction, Parquet copies of each table and plotly figures. ``softcam evaluate`` is its CLI.
 
 Output files in ``out_dir``:
-    per_image.csv / .parquet   one row per image x method
-    deletion_curves.csv        one row per image x method: s0..sN (relative target probability)
+    per_image.csv / .parquet   one row per image x method (``correct``: the model's prediction is right)
+    deletion_curves.csv        one row per image x method: s0..sN (relative probability of the
+                               predicted class, paper protocol)
     cohort.csv / .parquet      one row per method: <metric>_mean/_std/_ci_low/_ci_high/_n
     paired.csv / .parquet      one row per metric x method pair
     config.json                the settings (checked on --resume)
@@ -44,6 +45,7 @@ from softcam_core import metrics as M
 
 METRIC_CHOICES = (
     "topk",
+    "topk_positive",
     "activation_precision",
     "activation_sensitivity",
     "activation_consistency",
@@ -52,12 +54,31 @@ METRIC_CHOICES = (
     "energy_top",
     "average_precision",
     "deletion",
+    "deletion_full",
+    "deletion_blur",
+    "deletion_logodds",
 )
+# named variants that depart from the papers: opt-in (the deletion ones cost forward passes)
+VARIANT_METRICS = ("topk_positive", "deletion_full", "deletion_blur", "deletion_logodds")
+DEFAULT_METRICS = tuple(m for m in METRIC_CHOICES if m not in VARIANT_METRICS)
+# deletion metric choice -> (AUDC column, options of softcam_core.metrics.deletion_curves);
+# baseline None = EvalSettings.deletion_baseline
+DELETION_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "deletion": ("audc", {"protocol": "top", "scale": "ratio", "baseline": None}),
+    "deletion_full": ("audc_full", {"protocol": "full", "scale": "ratio", "baseline": None}),
+    "deletion_blur": ("audc_blur", {"protocol": "top", "scale": "ratio", "baseline": "blur"}),
+    "deletion_logodds": ("audc_logodds", {"protocol": "top", "scale": "logodds", "baseline": None}),
+}
 TARGET_POLICIES = ("disease", "label", "pred")
 DEFAULT_TOPK = (1, 3, 5, 10, 15, 20)
+DEFAULT_DELETION_STEPS = M.DEFAULT_DELETION_STEPS  # the paper's top-30 patches (SoftCAM App. I)
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
-ID_COLUMNS = ("image", "split", "label", "pred", "target", "p_target", "method", "seconds")
+ID_COLUMNS = ("image", "split", "label", "pred", "correct", "target", "p_target", "method", "seconds")
+# bumped whenever a metric's definition changes, so --resume never mixes rows of two definitions
+METRIC_DEFINITIONS = 2
+NOT_SIGNED = ("not applicable: {method} maps are non-negative by construction, so no pixel can carry evidence "
+              "against the class")
 
 Progress = Callable[[int, int, str], None]
 
@@ -206,19 +227,78 @@ def paired_tests(per_image: pd.DataFrame, group: str = "method", alpha: float = 
     return out
 
 
+def _correct_flags(values: pd.Series) -> pd.Series:
+    """``correct`` as read back from a CSV (bool, "True"/"False", 1/0, empty) -> bool, unknown = False."""
+    if values.dtype == bool:
+        return values
+    return values.map(lambda v: str(v).strip().lower() in ("true", "1", "1.0"))
+
+
+def common_correct(tables: pd.DataFrame | Sequence[pd.DataFrame], by: str | None = "model") -> set[str]:
+    """Images that every compared model classifies correctly (the cohort of the paper's AUDC).
+
+    ``tables``: one per-image table per model (``per_image.csv`` of each evaluation), or one
+    table holding several models, told apart by its ``by`` column (e.g. the report's ``model``;
+    with ``by=None`` or without that column it is one model). An image counts when it appears for
+    every model and each of its rows there has ``correct`` True (a missing or unknown ``correct``
+    counts as not correct). Returns the image ids (``image`` column, as str).
+    """
+    if isinstance(tables, pd.DataFrame):
+        if by is not None and by in tables.columns:
+            tables = [group for _, group in tables.groupby(by, sort=False)]
+        else:
+            tables = [tables]
+    common: set[str] | None = None
+    for table in tables:
+        if "correct" not in table.columns or "image" not in table.columns:
+            raise ValueError("a per-image table needs the columns 'image' and 'correct' (softcam evaluate writes both)")
+        flags = _correct_flags(table["correct"])
+        right = flags.groupby(table["image"].astype(str)).all()
+        images = set(right.index[right.to_numpy(bool)])
+        common = images if common is None else common & images
+    return common or set()
+
+
+def with_common_correct(
+    per_image: pd.DataFrame, columns: Sequence[str] = ("audc",), by: str | None = "model", suffix: str = "_common_correct"
+) -> pd.DataFrame:
+    """Copy of ``per_image`` with ``<column><suffix>``: the column's value on the images of
+    :func:`common_correct` (every compared model right), nan elsewhere, so :func:`summarise` and
+    :func:`paired_tests` give the paper's cohort AUDC (faithfulness on correctly classified images,
+    the same images for every model)."""
+    keep = per_image["image"].astype(str).isin(common_correct(per_image, by))
+    out = per_image.copy()
+    for column in columns:
+        out[f"{column}{suffix}"] = out[column].where(keep)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # settings and per-image scoring
 
 
+def _pct(fraction: float) -> str:
+    """Column suffix of a top fraction: 0.10 -> "10"."""
+    return f"{round(fraction * 100):g}"
+
+
 @dataclass
 class EvalSettings:
-    """What to compute. Defaults follow docs/metrics.md.
+    """What to compute. Defaults follow the papers (docs/metrics.md).
 
+    metrics: subset of :data:`METRIC_CHOICES`; default :data:`DEFAULT_METRICS` (every paper metric;
+    the named variants of :data:`VARIANT_METRICS` are opt-in).
     patch: grid-cell side in model-input pixels (None: ``img_size // 16``).
-    topk: the k values of ``topk_precision_k<k>``. top_fraction: frac of iou/energy top metrics.
-    deletion_steps / deletion_baseline: see :func:`softcam_core.metrics.deletion_curves`.
-    target: ``"disease"`` (class 1 of a binary model; for more classes the true class if diseased,
-    else the most probable disease class), ``"label"`` or ``"pred"``.
+    topk: the k values of ``topk_precision_k<k>`` (each <= the number of cells).
+    iou_fraction: top fraction of ``iou_top<pct>`` (CasCAM: 0.10). energy_fraction: top fraction of
+    ``energy_top<pct>`` / ``energy_count_top<pct>`` (CasCAM's Top-15 % Energy: 0.15).
+    deletion_steps: cells removed one per step (paper protocol; SoftCAM App. I: the top 30), at
+    most the number of cells (else ValueError); the full-image variant spreads the whole image over
+    as many steps. deletion_baseline: the fill, see :func:`softcam_core.metrics.deletion_curves`.
+    Deletion always tracks the model's *predicted* class, with that class's map.
+    target: the class the maps explain and the map metrics score: ``"disease"`` (class 1 of a
+    binary model; for more classes the true class if diseased, else the most probable disease
+    class), ``"label"`` or ``"pred"``.
     pointing_tolerance: pixels. split: cohort split (``"all"`` for every image). limit: first N images.
     batch_size: images per batch (one forward, one ``explain`` call per method, one deletion call);
     None: :data:`EVAL_BATCH_CUDA` on CUDA, :data:`EVAL_BATCH_CPU` on CPU. It changes no value
@@ -232,12 +312,13 @@ class EvalSettings:
     docs/performance.md) and its rounding differs from any other batch size anyway.
     """
 
-    metrics: tuple[str, ...] = METRIC_CHOICES
+    metrics: tuple[str, ...] = DEFAULT_METRICS
     patch: int | None = None
     topk: tuple[int, ...] = DEFAULT_TOPK
-    top_fraction: float = 0.15
-    deletion_steps: int = 20
-    deletion_baseline: str = "zero"
+    iou_fraction: float = 0.10
+    energy_fraction: float = 0.15
+    deletion_steps: int = DEFAULT_DELETION_STEPS
+    deletion_baseline: str | float = "zero"
     target: str = "disease"
     pointing_tolerance: float = 0.0
     split: str = "test"
@@ -249,7 +330,9 @@ class EvalSettings:
     batch_size: int | None = None
     batch_explain: bool | None = None
 
-    def validate(self) -> None:
+    def validate(self, n_cells: int | None = None) -> None:
+        """Raise ValueError for a bad setting; with ``n_cells`` (grid cells of the model input) also
+        for top-k values or deletion steps beyond the cells."""
         unknown = [m for m in self.metrics if m not in METRIC_CHOICES]
         if unknown:
             raise ValueError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRIC_CHOICES)}")
@@ -257,53 +340,98 @@ class EvalSettings:
             raise ValueError(f"unknown target policy {self.target!r}; choose from {', '.join(TARGET_POLICIES)}")
         if any(int(k) != k or k < 1 for k in self.topk):
             raise ValueError(f"top-k values must be positive integers, got {self.topk}")
-        if not 0 < self.top_fraction <= 1:
-            raise ValueError(f"top fraction must be in (0, 1], got {self.top_fraction}")
+        for name, fraction in (("--iou-fraction", self.iou_fraction), ("--energy-fraction", self.energy_fraction)):
+            if not 0 < fraction <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {fraction}")
+        if int(self.deletion_steps) != self.deletion_steps or self.deletion_steps < 1:
+            raise ValueError(f"--steps must be a positive integer, got {self.deletion_steps}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.batch_size is not None and (int(self.batch_size) != self.batch_size or self.batch_size < 1):
             raise ValueError(f"--batch-size must be a positive integer, got {self.batch_size}")
+        if n_cells is None:
+            return
+        if "topk" in self.metrics and max(self.topk) > n_cells:
+            raise ValueError(f"--topk {max(self.topk)} exceeds the {n_cells} grid cells of the model input "
+                             "(top-k precision divides by k); use smaller k or a smaller --patch")
+        top_protocol = [m for m in self.metrics if m in DELETION_VARIANTS and DELETION_VARIANTS[m][1]["protocol"] == "top"]
+        if top_protocol and self.deletion_steps > n_cells:
+            raise ValueError(f"--steps {self.deletion_steps} exceeds the {n_cells} grid cells of the model input "
+                             "(deletion removes one cell per step); use --steps <= that or a smaller --patch")
 
     def columns(self) -> list[str]:
         """Metric columns of per_image.csv, in order."""
-        pct = f"{round(self.top_fraction * 100):g}"
+        iou, energy = _pct(self.iou_fraction), _pct(self.energy_fraction)
+        ks = sorted(set(self.topk))
         names = {
+            "topk": [f"topk_precision_k{k}" for k in ks],
+            "topk_positive": [f"topk_precision_pos_k{k}" for k in ks],
             "activation_precision": ["activation_precision"],
             "activation_sensitivity": ["activation_sensitivity"],
-            "activation_consistency": ["activation_consistency"],
+            "activation_consistency": ["activation_consistency_diseased", "activation_consistency_healthy",
+                                       "activation_consistency"],
             "pointing_game": ["pointing_game"],
-            "iou_top": [f"iou_top{pct}"],
-            "energy_top": [f"energy_top{pct}"],
-            "average_precision": ["average_precision"],
-            "topk": [f"topk_precision_k{k}" for k in sorted(set(self.topk))],
-            "deletion": ["audc"],
+            "iou_top": [f"iou_top{iou}"],
+            "energy_top": [f"energy_top{energy}", f"energy_count_top{energy}"],
+            "average_precision": ["average_precision", "average_precision_cascam"],
+            "deletion": ["audc", "audc_correct"],
+            **{m: [column] for m, (column, _) in DELETION_VARIANTS.items() if m != "deletion"},
         }
         return [c for m in METRIC_CHOICES if m in self.metrics for c in names[m]]
 
 
-def score_map(sal: np.ndarray, mask: np.ndarray, label_index: int, settings: EvalSettings, patch: int) -> tuple[dict[str, float], dict[str, str]]:
-    """All map-only metrics of one map: ``({column: value}, {column: reason undefined})``."""
-    pct = f"{round(settings.top_fraction * 100):g}"
+def score_map(
+    sal: np.ndarray, mask: np.ndarray, label_index: int, settings: EvalSettings, patch: int, method: str | None = None
+) -> tuple[dict[str, float], dict[str, str]]:
+    """All map-only metrics of one map: ``({column: value}, {column: reason undefined})``.
+
+    ``sal`` (H, W) explains the settings' target class; ``mask`` (H, W) bool; ``label_index`` the
+    true class (0 = healthy). ``method``: the map's method; activation consistency is "not
+    applicable" (nan with that reason) for a method outside
+    :data:`softcam_core.explain.SIGNED_METHODS`, whose maps are non-negative by construction.
+    """
+    iou, energy = _pct(settings.iou_fraction), _pct(settings.energy_fraction)
     calls: list[tuple[str, Callable[..., float], tuple]] = []
+    values: dict[str, float] = {}
+    reasons: dict[str, str] = {}
     chosen = settings.metrics
     if "topk" in chosen:
         for k in sorted(set(settings.topk)):
             calls.append((f"topk_precision_k{k}", M.topk_localization_precision, (sal, mask, k, patch)))
+    if "topk_positive" in chosen:
+        for k in sorted(set(settings.topk)):
+            calls.append((f"topk_precision_pos_k{k}", M.topk_localization_precision, (sal, mask, k, patch, "positive")))
     if "activation_precision" in chosen:
         calls.append(("activation_precision", M.activation_precision, (sal, mask)))
     if "activation_sensitivity" in chosen:
         calls.append(("activation_sensitivity", M.activation_sensitivity, (sal, mask)))
     if "activation_consistency" in chosen:
-        calls.append(("activation_consistency", M.activation_consistency, (sal, label_index)))
+        from softcam_core.explain import SIGNED_METHODS
+
+        columns = ("activation_consistency_diseased", "activation_consistency_healthy", "activation_consistency")
+        if method is not None and method not in SIGNED_METHODS:
+            for column in columns:
+                values[column] = math.nan
+                reasons[column] = NOT_SIGNED.format(method=method)
+        else:
+            value, reason = M.metric_or_reason(M.activation_consistency, sal, label_index)
+            diseased = label_index != 0
+            values[columns[0]] = value if diseased else math.nan
+            values[columns[1]] = math.nan if diseased else value
+            values[columns[2]] = value
+            reasons[columns[1 if diseased else 0]] = "diseased image" if diseased else "healthy image"
+            if reason:
+                reasons[columns[0 if diseased else 1]] = reasons[columns[2]] = reason
     if "pointing_game" in chosen:
         calls.append(("pointing_game", M.pointing_game, (sal, mask, settings.pointing_tolerance)))
     if "iou_top" in chosen:
-        calls.append((f"iou_top{pct}", M.iou_top_fraction, (sal, mask, settings.top_fraction)))
+        calls.append((f"iou_top{iou}", M.iou_top_fraction, (sal, mask, settings.iou_fraction)))
     if "energy_top" in chosen:
-        calls.append((f"energy_top{pct}", M.energy_top_fraction, (sal, mask, settings.top_fraction)))
+        calls.append((f"energy_top{energy}", M.energy_top_fraction, (sal, mask, settings.energy_fraction)))
+        calls.append((f"energy_count_top{energy}", M.energy_top_fraction, (sal, mask, settings.energy_fraction, "count")))
     if "average_precision" in chosen:
         calls.append(("average_precision", M.average_precision, (sal, mask)))
-    values, reasons = {}, {}
+        calls.append(("average_precision_cascam", M.average_precision_cascam, (sal, mask)))
     for column, fn, args in calls:
         value, reason = M.metric_or_reason(fn, *args)
         values[column] = value
@@ -344,6 +472,7 @@ class _Item:
     stem: str
     label_index: int
     split: str
+    unlabeled: bool = False
 
 
 def _record_item(record: Any) -> _Item:
@@ -357,7 +486,8 @@ def _record_item(record: Any) -> _Item:
     path = Path(path)
     # a database record names its image by pseudonym (the stored file is named by its hash)
     stem = getattr(record, "stem", None) or path.stem
-    return _Item(path=path, stem=str(stem), label_index=int(label), split=str(split))
+    return _Item(path=path, stem=str(stem), label_index=int(label), split=str(split),
+                 unlabeled=bool(getattr(record, "unlabeled", False)))
 
 
 def _open_folder(folder: Any):
@@ -456,9 +586,13 @@ def _settings_fingerprint(meta: dict, settings: EvalSettings, patch: int, annota
         "model": model_id,
         "columns": settings.columns(),
         "patch": patch,
-        "top_fraction": settings.top_fraction,
+        "iou_fraction": settings.iou_fraction,
+        "energy_fraction": settings.energy_fraction,
         "deletion_steps": settings.deletion_steps,
         "deletion_baseline": settings.deletion_baseline,
+        # what the definitions are: runs of the earlier definitions (mass-weighted consistency,
+        # top-k over min(k, #positive), full-image deletion of the explained class) are not resumed
+        "definitions": METRIC_DEFINITIONS,
         "target": settings.target,
         "pointing_tolerance": settings.pointing_tolerance,
         "annotations": annotations,
@@ -540,7 +674,8 @@ def evaluate_cohort(
             std, classes).
         folder: a :class:`softcam_core.data.CohortFolder` or its path (synth layout).
         methods: explanation method names (``softcam_core.explain.METHODS``, ``cascam:<base>``).
-        metrics: subset of :data:`METRIC_CHOICES` (None = all; overrides ``settings.metrics``).
+        metrics: subset of :data:`METRIC_CHOICES` (None = ``settings.metrics``, by default
+            :data:`DEFAULT_METRICS`; given, it overrides ``settings.metrics``).
         out_dir: output folder (created). progress: ``progress(done, total, message)`` called
             once per image x method, after its batch's rows are written, and with ``done``
             unchanged before each method's maps and the deletion curves of a batch, so a long batch
@@ -554,10 +689,18 @@ def evaluate_cohort(
     Returns:
         :class:`EvaluationResult`.
 
+    Classes: the maps explain ``settings.target`` (default the disease class) and every map metric
+    scores that map. Deletion follows the paper instead: it tracks the model's *predicted* class
+    (the ``pred`` column) under the map of that class, explained once more (same method, not timed)
+    for the images where the predicted class is not the target. ``correct`` (per image: the
+    prediction equals the true class; empty without a class label) gives ``audc_correct``, the
+    AUDC on correctly classified images; :func:`common_correct` / :func:`with_common_correct` give
+    the images every compared model classifies correctly.
+
     Batching: a batch's images share one forward pass (probabilities, target choice), one
     ``explain`` call per method (a method whose batched call fails runs one image at a time) and
-    one :func:`softcam_core.metrics.deletion_curves` call (the intact probabilities of that
-    forward are its step 0). The ``seconds`` column is then the method's batch time divided by
+    one :func:`softcam_core.metrics.deletion_curves` call per deletion metric (the intact
+    probabilities of that forward are its step 0). The ``seconds`` column is then the method's batch time divided by
     the batch's images. Values equal the one-image-at-a-time run (``batch_size=1``) up to the
     float rounding of batched kernels (tests: 1e-5). ``folder`` is used from the calling thread
     only (``split``, ``mask``, ``classes``, ``root``); on CUDA a worker thread reads and decodes
@@ -580,7 +723,9 @@ def evaluate_cohort(
     classes = list(meta["classes"])
     img_size = int(meta["img_size"])
     patch = int(settings.patch or max(1, img_size // 16))
-    M.cell_grid((img_size, img_size), patch)
+    cell_rows, cell_cols = M.cell_grid((img_size, img_size), patch)
+    settings.validate(cell_rows.size * cell_cols.size)
+    deletions = [m for m in DELETION_VARIANTS if m in settings.metrics]
 
     items = [_record_item(r) for r in folder.split(settings.split)]
     if not items:
@@ -675,8 +820,10 @@ def evaluate_cohort(
                 logits = model(xs)
                 probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
             targets = [choose_target(settings.target, p, item.label_index) for p, (item, _) in zip(probs, batch)]
+            preds = [int(np.argmax(p)) for p in probs]
+            # deletion follows the paper: the predicted class's probability, under that class's map
             with torch.inference_mode():
-                intact = M.target_probability(logits, torch.tensor(targets, device=logits.device)).double().cpu().numpy()
+                intact = M.target_probability(logits, torch.tensor(preds, device=logits.device)).double().cpu().numpy()
 
             # maps: one explain call per method over the images of the batch that still need it
             found: dict[tuple[int, str], tuple[np.ndarray, float]] = {}
@@ -692,44 +839,79 @@ def evaluate_cohort(
                     if sal.shape != masks[k].shape:
                         raise ValueError(f"{method}: map shape {sal.shape} differs from the model input {masks[k].shape}")
                     found[(k, method)] = (sal, sec)
+            # deletion maps: the scored map where it explains the predicted class, else one more map
+            deletion_maps: dict[tuple[int, str], np.ndarray] = {}
+            if deletions:
+                for method in methods:
+                    rows_of = [k for k, (_, pending) in enumerate(batch) if method in pending]
+                    other = [k for k in rows_of if preds[k] != targets[k]]
+                    for k in rows_of:
+                        if preds[k] == targets[k]:
+                            deletion_maps[(k, method)] = found[(k, method)][0]
+                    if not other:
+                        continue
+                    if progress:
+                        progress(finished, total, f"{method} maps of the predicted class ({len(other)} image(s))")
+                    maps, _ = _explain_batch(explain, model, xs, other, method, [preds[k] for k in other],
+                                             per_image_method)
+                    for k, sal in zip(other, maps):
+                        deletion_maps[(k, method)] = sal
 
             order = [(k, m) for k, (_, pending) in enumerate(batch) for m in pending]  # image, then method
             rows = []
             for k, method in order:
                 item = batch[k][0]
                 sal, seconds = found[(k, method)]
-                values, reasons = score_map(sal, masks[k], item.label_index, settings, patch)
-                pred = int(np.argmax(probs[k]))
+                values, reasons = score_map(sal, masks[k], item.label_index, settings, patch, method)
+                pred = preds[k]
+                known = not item.unlabeled and item.label_index < len(classes)
                 rows.append({
                     "image": item.stem, "split": item.split,
                     "label": folder_classes[item.label_index] if item.label_index < len(folder_classes) else item.label_index,
-                    "pred": classes[pred], "target": classes[targets[k]], "p_target": float(probs[k][targets[k]]),
+                    "pred": classes[pred], "correct": (pred == item.label_index) if known else "",
+                    "target": classes[targets[k]], "p_target": float(probs[k][targets[k]]),
                     "method": method, "seconds": round(seconds, 6), **values, "_reasons": reasons,
                 })
-            if "deletion" in settings.metrics:
+            if deletions:
+                image_rows = torch.tensor([k for k, _ in order], device=xs.device)
+                deletion_sals = np.stack([deletion_maps[pair] for pair in order])
+                deletion_targets = [preds[k] for k, _ in order]
+            for choice in deletions:
                 # every (image, method) pair of the batch in one call: step 0 is the probability
                 # computed above, and inputs shared between maps are forwarded once (see deletion_curves)
+                column, options = DELETION_VARIANTS[choice]
                 if progress:
-                    progress(finished, total, f"deletion curves of {len(order)} map(s)")
-                image_rows = torch.tensor([k for k, _ in order], device=xs.device)
+                    variant = "" if choice == "deletion" else f" ({choice.removeprefix('deletion_')})"
+                    progress(finished, total, f"deletion curves{variant} of {len(order)} map(s)")
+                baseline = settings.deletion_baseline if options["baseline"] is None else options["baseline"]
                 curves = M.deletion_curves(
-                    model, xs[image_rows], np.stack([found[pair][0] for pair in order]),
-                    [targets[k] for k, _ in order], patch, settings.deletion_steps, settings.deletion_baseline,
-                    intact_probs=intact[[k for k, _ in order]],
+                    model, xs[image_rows], deletion_sals, deletion_targets, patch, settings.deletion_steps, baseline,
+                    intact_probs=intact[[k for k, _ in order]], protocol=options["protocol"], scale=options["scale"],
                 )
+                for row, curve in zip(rows, curves):
+                    value, reason = M.metric_or_reason(M.audc, curve)
+                    row[column] = value
+                    if reason:
+                        row["_reasons"][column] = reason
+                if choice != "deletion":
+                    continue
                 curve_rows = []
                 for row, (k, method), curve in zip(rows, order, curves):
-                    value, reason = M.metric_or_reason(M.audc, curve)
-                    row["audc"] = value
-                    if reason:
-                        row["_reasons"]["audc"] = reason
+                    row["audc_correct"] = row["audc"] if row["correct"] is True else math.nan
+                    if row["correct"] is not True:
+                        row["_reasons"]["audc_correct"] = (
+                            "misclassified image (faithfulness is scored on correctly classified images)"
+                            if row["correct"] is False else "no class label: correctness unknown"
+                        )
+                    elif "audc" in row["_reasons"]:
+                        row["_reasons"]["audc_correct"] = row["_reasons"]["audc"]
                     curve_rows.append({"image": batch[k][0].stem, "method": method,
                                        **{f"s{s}": float(v) for s, v in enumerate(curve)}})
                 _append_rows(curves_path, curve_header, curve_rows)
             for row in rows:
                 row["notes"] = _notes(row.pop("_reasons"))
             _append_rows(per_image_path, header, rows)
-            del xs, logits, found
+            del xs, logits, found, deletion_maps
             for k, method in order:
                 done.add((batch[k][0].stem, method))
                 finished += 1
@@ -830,15 +1012,23 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--methods", required=True, help="comma-separated method names, e.g. softcam,gradcam,cascam:gradcam")
     parser.add_argument("--out", required=True, help="output folder DIR2")
     parser.add_argument("--annotations", help="COCO JSON with boxes to use instead of the folder's masks/")
-    parser.add_argument("--metrics", default=",".join(METRIC_CHOICES),
-                        help=f"comma-separated subset of: {', '.join(METRIC_CHOICES)} (default: all)")
+    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                        help=f"comma-separated subset of: {', '.join(METRIC_CHOICES)} (default: every paper "
+                             f"metric, i.e. all but the named variants {', '.join(VARIANT_METRICS)})")
     parser.add_argument("--split", default="test", help="cohort split to evaluate: train, val, test or all (default test)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
     parser.add_argument("--resume", action="store_true", help="keep rows already in DIR2/per_image.csv, compute the rest")
     parser.add_argument("--patch", type=int, help="grid-cell side in model-input pixels (default img_size // 16)")
     parser.add_argument("--topk", type=_int_list, default=DEFAULT_TOPK, help="k values for top-k precision (default 1,3,5,10,15,20)")
-    parser.add_argument("--top-fraction", type=float, default=0.15, help="fraction for the top-region IoU / energy (default 0.15)")
-    parser.add_argument("--steps", type=int, default=20, help="deletion steps (default 20)")
+    parser.add_argument("--iou-fraction", type=float, default=0.10,
+                        help="top fraction of all pixels for the IoU (default 0.10, CasCAM's top 10 %%)")
+    parser.add_argument("--energy-fraction", type=float, default=0.15,
+                        help="top fraction for the energy / count share (default 0.15, CasCAM's Top-15 %% Energy)")
+    parser.add_argument("--top-fraction", type=float,
+                        help="old spelling: sets both --iou-fraction and --energy-fraction")
+    parser.add_argument("--steps", type=int, default=DEFAULT_DELETION_STEPS,
+                        help=f"deletion steps: top cells removed one per step, at most the number of cells "
+                             f"(default {DEFAULT_DELETION_STEPS}, the paper's top-30 patches)")
     parser.add_argument("--baseline", default="zero", help="deletion fill: zero, mean, blur or a number (default zero)")
     parser.add_argument("--target", choices=TARGET_POLICIES, default="disease", help="class explained (default disease)")
     parser.add_argument("--tolerance", type=float, default=0.0, help="pointing-game tolerance in pixels (default 0)")
@@ -869,7 +1059,9 @@ def _cli(args: argparse.Namespace) -> int:
         pass
     settings = EvalSettings(
         metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
-        patch=args.patch, topk=tuple(args.topk), top_fraction=args.top_fraction,
+        patch=args.patch, topk=tuple(args.topk),
+        iou_fraction=args.iou_fraction if args.top_fraction is None else args.top_fraction,
+        energy_fraction=args.energy_fraction if args.top_fraction is None else args.top_fraction,
         deletion_steps=args.steps, deletion_baseline=baseline, target=args.target,
         pointing_tolerance=args.tolerance, split=args.split, limit=args.limit,
         resamples=args.bootstrap, seed=args.seed, figures=not args.no_figures, batch_size=args.batch_size,
@@ -887,7 +1079,8 @@ def _cli(args: argparse.Namespace) -> int:
         model, meta, data, args.methods.split(","), None, args.out, resume=args.resume,
         annotations=args.annotations, settings=settings,
     )
-    columns = [c for c in ("activation_precision_mean", "topk_precision_k5_mean", "audc_mean") if c in result.cohort]
+    columns = [c for c in ("activation_precision_mean", "topk_precision_k5_mean", "audc_mean", "audc_correct_mean")
+               if c in result.cohort]
     print(result.cohort[["method", "images", *columns]].to_string(index=False))
     print(f"wrote {result.out_dir}/per_image.csv, cohort.csv, paired.csv (+ .parquet, figures/)")
     return 0

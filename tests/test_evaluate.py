@@ -60,24 +60,48 @@ def test_outputs_and_columns(one_run):
     assert len(per_image) == 4 * len(METHODS)
     expected = list(E.ID_COLUMNS) + E.EvalSettings(**FAST).columns() + ["notes"]
     assert list(per_image.columns) == expected
-    assert {"topk_precision_k1", "topk_precision_k3", "audc", "iou_top15", "energy_top15"} <= set(per_image.columns)
+    assert {"topk_precision_k1", "topk_precision_k3", "audc", "audc_correct", "iou_top10", "energy_top15",
+            "energy_count_top15", "average_precision_cascam", "activation_consistency_diseased",
+            "activation_consistency_healthy"} <= set(per_image.columns)
+    assert not {"audc_full", "audc_blur", "audc_logodds", "topk_precision_pos_k1"} & set(per_image.columns)  # opt-in
     assert set(per_image["method"]) == set(METHODS)
     assert (per_image["target"] == "diseased").all()  # binary model, default target policy
     # localization metrics are undefined exactly on images without lesions, and say why
     healthy = per_image["label"] == "healthy"
     assert per_image.loc[healthy, "activation_precision"].isna().all()
     assert per_image.loc[healthy, "notes"].str.contains("empty annotation mask").all()
-    assert per_image["activation_consistency"].notna().any()
+    # activation consistency: signed SoftCAM maps get the pooled and their own class's figure;
+    # Grad-CAM maps are non-negative by construction: not applicable, with the reason
+    softcam, gradcam = per_image["method"] == "softcam", per_image["method"] == "gradcam"
+    assert per_image.loc[softcam, "activation_consistency"].notna().all()
+    assert per_image.loc[softcam & healthy, "activation_consistency_diseased"].isna().all()
+    assert per_image.loc[softcam & ~healthy, "activation_consistency_healthy"].isna().all()
+    np.testing.assert_allclose(per_image.loc[softcam & ~healthy, "activation_consistency_diseased"],
+                               per_image.loc[softcam & ~healthy, "activation_consistency"])
+    assert per_image.loc[gradcam, ["activation_consistency", "activation_consistency_diseased",
+                                   "activation_consistency_healthy"]].isna().all().all()
+    assert per_image.loc[gradcam, "notes"].str.contains(
+        "not applicable: gradcam maps are non-negative by construction").all()
+    # correct = the prediction is the true class; audc_correct = audc on those images only
+    assert per_image["correct"].dtype == bool
+    assert (per_image["correct"] == (per_image["pred"] == per_image["label"])).all()
+    right = per_image["correct"]
+    np.testing.assert_allclose(per_image.loc[right, "audc_correct"], per_image.loc[right, "audc"])
+    assert per_image.loc[~right, "audc_correct"].isna().all()
+    assert per_image.loc[~right, "notes"].str.contains("misclassified image").all()
     curves = pd.read_csv(out / "deletion_curves.csv")
     assert list(curves.columns) == ["image", "method", "s0", "s1", "s2", "s3", "s4"]
     assert np.allclose(curves["s0"], 1.0)
     cohort = pd.read_csv(out / "cohort.csv")
     assert list(cohort["method"]) == METHODS
-    for col in ("activation_precision", "audc", "seconds"):
+    for col in ("activation_precision", "audc", "audc_correct", "seconds"):
         assert {f"{col}_mean", f"{col}_std", f"{col}_ci_low", f"{col}_ci_high", f"{col}_n"} <= set(cohort.columns)
     assert (cohort["audc_n"] == 4).all()
+    assert (cohort["audc_correct_n"] == per_image.loc[softcam, "correct"].sum()).all()
     paired = pd.read_csv(out / "paired.csv")
-    assert set(paired["metric"]) == set(E.metric_columns(per_image))
+    # consistency has no pair: it does not apply to the (non-negative) Grad-CAM maps
+    consistency = {"activation_consistency", "activation_consistency_diseased", "activation_consistency_healthy"}
+    assert set(paired["metric"]) == set(E.metric_columns(per_image)) - consistency
     assert (paired[["method_a", "method_b"]].values == ["softcam", "gradcam"]).all()
     assert pd.read_parquet(out / "per_image.parquet").shape == per_image.shape
     # progress: done counts up by one per image x method, from 0 to total; within a batch, calls
@@ -105,6 +129,14 @@ def test_resume_after_a_stop_gives_the_same_rows(one_run, checkpoint, cohort, tm
     # a resume with other settings is refused instead of mixing rows
     with pytest.raises(ValueError, match="other settings"):
         _run(checkpoint, cohort, out, resume=True, settings={"deletion_steps": 6})
+    with pytest.raises(ValueError, match="iou_fraction"):
+        _run(checkpoint, cohort, out, resume=True, settings={"iou_fraction": 0.2})
+    # a run of the earlier metric definitions (no "definitions" in its fingerprint) is not resumed
+    config = json.loads((out / "config.json").read_text())
+    del config["fingerprint"]["definitions"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="definitions"):
+        _run(checkpoint, cohort, out, resume=True, settings={"figures": False})
 
 
 def test_coco_annotations_replace_masks(checkpoint, cohort, tmp_path):
@@ -126,6 +158,13 @@ def test_bad_settings_fail_clearly(checkpoint, cohort, tmp_path):
         _run(checkpoint, cohort, tmp_path / "y", settings={"split": "nosuch"})
     with pytest.raises(ValueError, match="unknown target policy"):
         _run(checkpoint, cohort, tmp_path / "z", settings={"target": "everything"})
+    # 64 px input, patch 4: 16 x 16 = 256 cells; the paper protocol removes one cell per step
+    with pytest.raises(ValueError, match="--steps 300 exceeds the 256 grid cells"):
+        _run(checkpoint, cohort, tmp_path / "s", settings={"deletion_steps": 300})
+    with pytest.raises(ValueError, match="--topk 300 exceeds the 256 grid cells"):
+        _run(checkpoint, cohort, tmp_path / "k", settings={"topk": (1, 300)})
+    with pytest.raises(ValueError, match="--iou-fraction"):
+        _run(checkpoint, cohort, tmp_path / "f", settings={"iou_fraction": 0.0})
 
 
 def test_cli(checkpoint, cohort, tmp_path, capsys):
@@ -134,12 +173,15 @@ def test_cli(checkpoint, cohort, tmp_path, capsys):
     out = tmp_path / "cli"
     code = main(["evaluate", "--model", str(checkpoint), "--data", str(cohort), "--methods", "softcam",
                  "--out", str(out), "--split", "all", "--limit", "2", "--steps", "3", "--topk", "1,2",
-                 "--bootstrap", "100", "--no-figures", "--metrics", "topk,activation_precision,deletion"])
+                 "--iou-fraction", "0.2", "--energy-fraction", "0.05", "--bootstrap", "100", "--no-figures",
+                 "--metrics", "topk,activation_precision,iou_top,energy_top,deletion"])
     assert code == 0
     assert "per_image.csv" in capsys.readouterr().out
     per_image = pd.read_csv(out / "per_image.csv")
     assert len(per_image) == 2
-    assert {"topk_precision_k1", "topk_precision_k2", "activation_precision", "audc"} <= set(per_image.columns)
+    assert {"topk_precision_k1", "topk_precision_k2", "activation_precision", "audc", "iou_top20",
+            "energy_top5", "energy_count_top5"} <= set(per_image.columns)
+    assert json.loads((out / "config.json").read_text())["fingerprint"]["deletion_steps"] == 3
     assert "pointing_game" not in per_image.columns
     assert not (out / "figures").exists()
     code = main(["evaluate", "--model", str(checkpoint), "--data", str(tmp_path / "absent"), "--methods", "softcam",
@@ -160,11 +202,14 @@ def test_ideal_map_scores_perfectly_through_the_geometry(cohort):
     _, geometry = preprocess(image, 64, (0.5,) * 3, (0.25,) * 3)
     mask = geometry.mask_to_input(folder.mask(record.stem))
     values, reasons = E.score_map(mask.astype(np.float32) + 0.01 * mask * np.arange(64)[None], mask, 1,
-                                  E.EvalSettings(topk=(1,)), 4)
-    assert not reasons
+                                  E.EvalSettings(topk=(1,)), 4, "softcam")
+    assert reasons == {"activation_consistency_healthy": "diseased image"}
     assert values["activation_precision"] == 1.0 and values["pointing_game"] == 1.0
     assert values["topk_precision_k1"] == 1.0 and values["average_precision"] == 1.0
-    assert math.isclose(values["activation_consistency"], 1.0)
+    assert values["average_precision_cascam"] == 1.0
+    # consistency counts pixels: the map is positive exactly on the lesion pixels
+    assert math.isclose(values["activation_consistency"], mask.mean())
+    assert math.isclose(values["activation_consistency_diseased"], mask.mean())
 
 
 def test_batched_run_equals_one_image_at_a_time(checkpoint, cohort, tmp_path):
@@ -184,8 +229,47 @@ def test_batched_run_equals_one_image_at_a_time(checkpoint, cohort, tmp_path):
     with pytest.raises(ValueError, match="batch-size"):
         _run(checkpoint, cohort, tmp_path / "b0", settings={**settings, "batch_size": 0})
     # maps explained in one call per batch: the same up to rounding, so every metric that does not
-    # rank cells (a ranking can flip at near-tied cells) agrees to 1e-5
+    # rank cells or pixels (a ranking can flip at near-tied values: top-k, deletion, the top-fraction
+    # IoU / energy, whose region is the top pixels) agrees to 1e-5
     together = _comparable(_run(checkpoint, cohort, tmp_path / "be",
                                 settings={**settings, "batch_size": 4, "batch_explain": True}).per_image)
-    smooth = ["p_target", "activation_precision", "activation_sensitivity", "activation_consistency", "energy_top15"]
+    smooth = ["p_target", "activation_precision", "activation_sensitivity", "activation_consistency"]
     np.testing.assert_allclose(together[smooth].to_numpy(float), a[smooth].to_numpy(float), rtol=1e-5, atol=1e-5)
+
+
+def test_deletion_tracks_the_predicted_class_with_its_map(checkpoint, cohort, tmp_path):
+    """The deletion curve of every row is the paper's: the predicted class's probability while the
+    top cells of *that class's* map are removed (explained again where the target differs), and
+    the named variants are the same curve under other options."""
+    from softcam_core import metrics as M
+    from softcam_core.data import CohortFolder
+    from softcam_core.explain import explain
+    from softcam_core.imaging import load_image, preprocess
+    from softcam_core.models import load_checkpoint
+
+    variants = ("deletion", "deletion_full", "deletion_blur", "deletion_logodds")
+    result = _run(checkpoint, cohort, tmp_path / "del", settings={"metrics": variants, "limit": 6, "figures": False})
+    per_image = result.per_image
+    assert list(per_image.columns[-6:]) == ["audc", "audc_correct", "audc_full", "audc_blur", "audc_logodds", "notes"]
+    model, meta = load_checkpoint(checkpoint)
+    model.eval()
+    folder = CohortFolder(cohort)
+    records = {r.stem: r for r in folder.records}
+    curves = result.curves.set_index(["image", "method"])
+    other = per_image[per_image["pred"] != per_image["target"]]
+    assert len(other), "the check needs an image predicted healthy"
+    for _, row in pd.concat([other.head(2), per_image[per_image["pred"] == per_image["target"]].head(1)]).iterrows():
+        x, _ = preprocess(load_image(records[row["image"]].path), int(meta["img_size"]), meta["mean"], meta["std"])
+        pred = list(meta["classes"]).index(row["pred"])
+        sal = explain(model, x[None], row["method"], target=[pred])[0].detach().numpy()
+        for column, options in (("audc", {}), ("audc_full", {"protocol": "full"}), ("audc_blur", {"baseline": "blur"}),
+                                ("audc_logodds", {"scale": "logodds"})):
+            curve = M.deletion_curve(model, x, sal, pred, 4, 4, **options)
+            assert M.audc(curve) == pytest.approx(row[column], abs=1e-5), column
+            if column == "audc":
+                np.testing.assert_allclose(curves.loc[(row["image"], row["method"])].to_numpy(float), curve, atol=1e-5)
+        # the disease-class map would give another curve on an image predicted healthy
+        if row["pred"] != row["target"]:
+            target_map = explain(model, x[None], row["method"], target=[1])[0].detach().numpy()
+            assert M.audc(M.deletion_curve(model, x, target_map, 1, 4, 4)) != pytest.approx(row["audc"], abs=1e-4)
+    assert per_image["audc_logodds"].notna().all()
