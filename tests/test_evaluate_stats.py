@@ -114,3 +114,31 @@ def test_png_export_never_fails(tmp_path):
     assert suffixes[0] == ".html"
     if ".png" in suffixes:  # a Chrome/Chromium was found: a real PNG
         assert (tmp_path / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_common_correct_images():
+    # model A right on im0, im1, im2 (im3 wrong); model B right on im1, im2, im3, and im0 only for one
+    # of its two methods (a row says wrong); model C has no im2 row and an unknown (empty) im1
+    a = pd.DataFrame({"image": ["im0", "im1", "im2", "im3"], "method": "softcam", "correct": [True, True, True, False],
+                      "audc": [0.1, 0.2, 0.3, 0.4]})
+    b = pd.DataFrame({"image": ["im0", "im0", "im1", "im2", "im3"], "method": ["x", "y", "x", "x", "x"],
+                      "correct": [True, False, True, True, True], "audc": 0.5})
+    assert E.common_correct([a, b]) == {"im1", "im2"}
+    # as read back from CSV: "True"/"False" strings and an empty cell (unknown = not correct)
+    c = pd.DataFrame({"image": ["im0", "im1", "im3"], "correct": ["True", np.nan, "True"]})
+    assert E.common_correct([a, c]) == {"im0"}
+    assert E.common_correct([a, b, c]) == set()
+    assert E.common_correct(a) == {"im0", "im1", "im2"}
+    # one table of several models, told apart by its "model" column
+    both = pd.concat([a.assign(model="A"), b.assign(model="B")], ignore_index=True)
+    assert E.common_correct(both) == {"im1", "im2"}
+    # by=None: one model; every row of an image must be right (im0, im3 have a wrong row)
+    assert E.common_correct(both, by=None) == {"im1", "im2"}
+    assert E.common_correct(a.assign(model="A"), by=None) == {"im0", "im1", "im2"}
+    derived = E.with_common_correct(both)
+    kept = derived["audc_common_correct"].notna()
+    assert set(derived.loc[kept, "image"]) == {"im1", "im2"}
+    np.testing.assert_allclose(derived.loc[kept, "audc_common_correct"], derived.loc[kept, "audc"])
+    assert "audc_common_correct" in E.metric_columns(derived)
+    with pytest.raises(ValueError, match="correct"):
+        E.common_correct([a.drop(columns="correct")])
