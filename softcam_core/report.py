@@ -46,6 +46,7 @@ import pandas as pd
 
 from softcam_core import claims as C
 from softcam_core import evaluate as E
+from softcam_core.explain.sanity import SANITY_METHODS
 
 MODALITIES = ("fundus", "oct", "cxr")
 HEALTHY = "healthy"  # the synthetic cohorts' negative class
@@ -53,7 +54,6 @@ HEALTHY = "healthy"  # the synthetic cohorts' negative class
 BASELINE_METHODS = ("gradcam", "layercam", "guided_backprop", "cascam:gradcam")
 # post-hoc methods run on the SoftCAM nets too (within-model comparison: same weights, other explainer)
 WITHIN_METHODS = ("gradcam", "guided_backprop")
-SANITY_METHODS = ("sanity:edge", "sanity:random", "sanity:centre")
 LOWER_IS_BETTER = {"audc", "seconds"}
 
 
@@ -93,6 +93,7 @@ class ReportConfig:
     deletion_steps: int = 30
     topk: tuple[int, ...] = (1, 3, 5, 10, 15, 20)
     claim_k: int = 15
+    randomisation_images: int = 8
     resamples: int = E.BOOTSTRAP_RESAMPLES
     png: bool = True
 
@@ -102,7 +103,8 @@ class ReportConfig:
 QUICK = {"n": 24, "epochs": 1, "img_size": 64, "synth_size": 256, "seeds": (0,), "l1_grid": (0.01,), "l2_grid": (0.01,),
          "sweep_epochs": 1, "eval_limit": 6, "deletion_limit": 4, "deletion_steps": 4, "methods": ("gradcam", "cascam:gradcam"),
          "within_methods": ("gradcam",), "sanity_methods": ("sanity:edge", "sanity:random"), "resamples": 200,
-         "split": (0.5, 0.25, 0.25), "topk": (1, 5), "claim_k": 5}
+         "split": (0.5, 0.25, 0.25), "topk": (1, 5), "claim_k": 5,
+         "randomisation_images": 2}
 
 
 def row_label(variant: str, method: str) -> str:
@@ -166,6 +168,7 @@ class ModalityResult:
     classification: pd.DataFrame  # one row per (model, seed)
     sweep: pd.DataFrame            # lambda sweep
     shortcut: pd.DataFrame = field(default_factory=pd.DataFrame)  # shortcut cohort per-image rows
+    randomisation: pd.DataFrame = field(default_factory=pd.DataFrame)  # model-randomisation test, first seed
     verdicts: list[C.Verdict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -276,7 +279,7 @@ def run_modality(modality: str, config: ReportConfig, work: Path, steps: Steps, 
     sweep["chosen"] = [row["lambda"] == chosen[row["penalty"]] for _, row in sweep.iterrows()]
 
     models = variants(chosen["l1"], chosen["l2"])
-    per_images, curve_tables, classification = [], [], []
+    per_images, curve_tables, classification, randomisations = [], [], [], []
     for seed in config.seeds:
         for variant, head, l1, l2 in models:
             checkpoint = work / "models" / modality / f"seed{seed}" / f"{variant}.pt"
@@ -299,6 +302,10 @@ def run_modality(modality: str, config: ReportConfig, work: Path, steps: Steps, 
             deletion = _evaluate(steps, f"{modality}/seed{seed}/deletion/{variant}", checkpoint, data, methods,
                                  folder.with_name(variant + "_deletion"), config, deletion=True)
             tick(f"{modality} seed {seed} {variant} deletion")
+            if seed == config.seeds[0] and config.randomisation_images:
+                randomisations.append(_randomisation(steps, f"{modality}/seed{seed}/randomisation/{variant}", checkpoint,
+                                                     data, methods, variant, config))
+                tick(f"{modality} seed {seed} {variant} randomisation")
             table = table.merge(deletion[["image", "method", "audc"]], on=["image", "method"], how="left")
             table.insert(0, "model", variant)
             table.insert(1, "seed", seed)
@@ -316,11 +323,49 @@ def run_modality(modality: str, config: ReportConfig, work: Path, steps: Steps, 
     if config.shortcut_rate > 0:
         shortcut = run_shortcut(modality, config, work, steps, tick)
     classification_table = pd.DataFrame(classification)
-    result = ModalityResult(modality, per_image, curve_table, pd.DataFrame(), classification_table, sweep, shortcut)
+    result = ModalityResult(modality, per_image, curve_table, pd.DataFrame(), classification_table, sweep, shortcut,
+                            pd.DataFrame([r for rows in randomisations for r in rows]))
     result.cohort = E.summarise(per_image, group="row", resamples=config.resamples, seed=config.seeds[0])
     result.verdicts = verdicts(result, config)
     result.seconds = {"steps": steps.seconds(f"{modality}/")}
     return result
+
+
+def _randomisation(steps: Steps, key: str, checkpoint: Path, data: Path, methods: Sequence[str], variant: str,
+                   config: ReportConfig) -> list[dict]:
+    """Adebayo et al. (2018) cascading model randomisation of each of ``methods`` on the first
+    ``randomisation_images`` diseased test images: Spearman rank correlation (and of the absolute
+    maps, and SSIM) between the trained model's map and the map after re-initialising the head,
+    the head and the top two blocks, and every block. A map that does not depend on the weights
+    (``sanity:*``) stays at 1."""
+    settings = {"checkpoint": str(checkpoint), "methods": list(methods), "images": config.randomisation_images}
+
+    def run() -> list[dict]:
+        import torch
+
+        from softcam_core.data import CohortFolder
+        from softcam_core.explain.sanity import model_randomisation_test, randomisation_units
+        from softcam_core.imaging import load_image, preprocess
+        from softcam_core.models import load_checkpoint
+
+        model, meta = load_checkpoint(checkpoint)
+        folder = CohortFolder(data)
+        records = [r for r in folder.split("test") if r.label_index != 0]
+        records = records[: config.randomisation_images]
+        x = torch.stack([preprocess(load_image(r.path), int(meta["img_size"]), meta["mean"], meta["std"])[0]
+                         for r in records])
+        n_units = len(randomisation_units(model))
+        depths = sorted({1, min(3, n_units), n_units})
+        rows = []
+        for method in methods:
+            result = model_randomisation_test(model, x, method, target=1, depths=depths, seed=0)
+            for row in result.summary():
+                rows.append(dict(row, row=row_label(variant, method), images=len(records),
+                                 randomised="head" if row["depth"] == 1 else
+                                 ("all blocks" if row["depth"] == n_units else f"head + top {row['depth'] - 1} blocks")))
+        return rows
+
+    return steps.run(key, settings, run)
 
 
 def run_shortcut(modality: str, config: ReportConfig, work: Path, steps: Steps, tick) -> pd.DataFrame:
@@ -649,6 +694,13 @@ def render(results: list[ModalityResult], config: ReportConfig, out: Path, comma
         table(metrics_table(result.per_image, config))
         section("Sparse SoftCAM against every other row (paired, Holm-corrected)", 3)
         table(paired_table(result.per_image, [f"topk_precision_k{config.claim_k}", "activation_precision", "audc_correct"]))
+        if not result.randomisation.empty:
+            section("Model randomisation (Adebayo et al. 2018)", 3)
+            para("Rank correlation between each map of the trained model and of copies whose top layers are "
+                 "re-initialised (cascading, from the head down; first seed, diseased test images). A method whose "
+                 "maps survive randomisation (correlation near 1, like the model-free sanity maps) does not explain "
+                 "the model's weights.")
+            table(result.randomisation[["row", "randomised", "layer", "images", "spearman", "spearman_abs", "ssim"]])
         if not result.shortcut.empty:
             section("Shortcut cohort (CasCAM)", 3)
             acc = result.shortcut["test_accuracy"].iloc[0]
@@ -698,6 +750,7 @@ def render(results: list[ModalityResult], config: ReportConfig, out: Path, comma
 def count_steps(config: ReportConfig) -> int:
     """Progress-bar length: cohort, sweep, and per seed and model a training, maps and deletion."""
     per_modality = 1 + len(config.l1_grid) + len(config.l2_grid) + 3 * 4 * len(config.seeds)
+    per_modality += 4 if config.randomisation_images else 0
     per_modality += 2 if config.shortcut_rate > 0 else 0
     return per_modality * len(config.modalities)
 
@@ -724,6 +777,7 @@ def run_report(out: str | Path, config: ReportConfig | None = None, command: str
         for modality in config.modalities:
             result = run_modality(modality, config, work, steps, bar)
             tables = {"per_image": result.per_image, "cohort": result.cohort, "classification": result.classification,
+                      "randomisation": result.randomisation,
                       "sweep": result.sweep, "shortcut": result.shortcut, "deletion_curves": result.curves,
                       "claims": pd.DataFrame([v.row() for v in result.verdicts])}
             for name, frame in tables.items():
@@ -763,7 +817,7 @@ _OPTIONS = {
     "--within-methods": ("within_methods", _names), "--sanity-methods": ("sanity_methods", _names),
     "--shortcut-rate": ("shortcut_rate", float), "--limit": ("eval_limit", int),
     "--deletion-limit": ("deletion_limit", int), "--deletion-steps": ("deletion_steps", int),
-    "--claim-k": ("claim_k", int), "--topk": ("topk", _ints), "--split": ("split", _floats),
+    "--claim-k": ("claim_k", int), "--randomisation-images": ("randomisation_images", int), "--topk": ("topk", _ints), "--split": ("split", _floats),
     "--resamples": ("resamples", int),
 }
 

@@ -127,16 +127,19 @@ def test_quick_report_end_to_end_and_resume(tmp_path):
     md = R.run_report(tmp_path, config)
     text = md.read_text()
     for needle in ("## Claims", "Lambda sweep", "SoftCAM lasso", "gradcam · lasso", "sanity:edge · baseline",
-                   "cascam:gradcam · baseline", "Shortcut cohort", "Wall time"):
+                   "cascam:gradcam · baseline", "Shortcut cohort", "Wall time", "Model randomisation"):
         assert needle in text, needle
     claims = pd.read_csv(tmp_path / "tables" / "oct_claims.csv")
     assert set(claims["verdict"]) <= {"holds", "fails", "cannot tell"} and len(claims) >= 6
     per_image = pd.read_csv(tmp_path / "tables" / "oct_per_image.csv")
     assert set(per_image["model"]) == {"baseline", "dense", "lasso", "ridge"}
     assert per_image["audc"].notna().any()
+    randomisation = pd.read_csv(tmp_path / "tables" / "oct_randomisation.csv")
+    edge = randomisation[randomisation["row"] == "sanity:edge · baseline"]
+    assert len(edge) and np.allclose(edge["spearman"], 1.0)  # model-free: survives any randomisation
     steps = json.loads((tmp_path / "work" / "steps.json").read_text())
-    # cohort, 2 sweep trainings, 4 models x (training, maps, deletion), shortcut cohort + training + maps
-    assert len(steps) == 1 + 2 + 4 * 3 + 3
+    # cohort, 2 sweep trainings, 4 models x (training, maps, deletion, randomisation), shortcut cohort + training + maps
+    assert len(steps) == 1 + 2 + 4 * 4 + 3
     before = {k: v["seconds"] for k, v in steps.items()}
     R.run_report(tmp_path, config)  # resume: nothing left to do
     after = json.loads((tmp_path / "work" / "steps.json").read_text())
