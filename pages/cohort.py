@@ -18,10 +18,13 @@ from softcam_core.explain import METHODS  # noqa: E402
 from db import evaluation  # noqa: E402
 
 METRIC_TITLES = {
-    "topk": "Top-k localization precision", "activation_precision": "Activation precision",
+    "topk": "Top-k localization precision", "topk_positive": "Top-k precision over the positive cells (variant)",
+    "activation_precision": "Activation precision",
     "activation_sensitivity": "Activation sensitivity", "activation_consistency": "Activation consistency",
-    "pointing_game": "Pointing game", "iou_top": "IoU of the top 15 %", "energy_top": "Energy in the top 15 %",
+    "pointing_game": "Pointing game", "iou_top": "IoU of the top 10 %", "energy_top": "Energy in the top 15 %",
     "average_precision": "Pixel average precision", "deletion": "Deletion curve (AUDC)",
+    "deletion_full": "Deletion of the whole image (variant)", "deletion_blur": "Deletion with a blur fill (variant)",
+    "deletion_logodds": "Deletion in log-odds (variant)",
 }
 
 checkpoints = common.checkpoints()
