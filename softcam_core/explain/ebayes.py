@@ -27,6 +27,11 @@ absolute deviation about zero, ``1.4826 * median(|x|)`` (EbayesThresh's default
 ``mad(x, center = 0)``).
 
 All functions are pure numpy/scipy; they are pinned by tests against numerical integration.
+
+The maths is exact for its model (sparse signal + i.i.d. N(0, sigma^2) noise). CasCAM's
+``threshold="ebayes"`` (:func:`softcam_core.explain.cascam.ebayes_mask`) applies it to ReLU'd,
+bilinearly upsampled maps scaled to [0, 1], which break that model (no symmetric noise, many exact
+zeros, correlated pixels): there it is a heuristic, see docs/explain.md.
 """
 
 from __future__ import annotations
