@@ -458,7 +458,8 @@ def explain(
         **options: method options: ``target_layer`` (module or name) for the CAM-style methods;
             ``batch_size`` (scorecam, ablationcam); ``n_steps``, ``baseline``,
             ``internal_batch_size``, ``integration``, ``fold_batchnorm`` (integrated_gradients); CasCAM's ``stages``, ``theta``,
-            ``lam``, ``threshold``, ``topk_percent``, ``ebayes_a`` plus its base method's options;
+            ``lam``, ``threshold``, ``topk_percent``, ``ebayes_a``, ``units``, ``combine``,
+            ``stage_models`` (defaults: the CasCAM paper's) plus its base method's options;
             ``sigma`` (sanity:edge, px), ``seed`` and ``stride`` (sanity:random), ``sigma_fraction``
             (sanity:centre).
     Returns:
