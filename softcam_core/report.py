@@ -402,9 +402,10 @@ def run_shortcut(modality: str, config: ReportConfig, work: Path, steps: Steps, 
 def pool_tables(tables: list[pd.DataFrame]) -> pd.DataFrame:
     """Concatenate per-(seed, model) evaluation tables and add the report's columns: ``row``
     (:func:`row_label`), ``unit`` (``"<seed>/<image>"``: the pairing key), ``label_is_diseased``,
-    ``correct`` (the model's prediction equals the label), the class-wise consistency columns
-    ``consistency_diseased`` / ``consistency_healthy`` and ``audc_correct`` (AUDC on the images
-    that every model of the same seed classifies correctly)."""
+    ``correct`` (the model's prediction equals the label; evaluate's column when present) and
+    ``audc_common_correct`` (AUDC on the images that every model of the same seed classifies
+    correctly: the paper's faithfulness cohort). The class-wise activation consistency columns
+    come from evaluate (``activation_consistency_diseased`` / ``_healthy``)."""
     if not tables:
         return pd.DataFrame()
     table = pd.concat(tables, ignore_index=True)
@@ -412,15 +413,12 @@ def pool_tables(tables: list[pd.DataFrame]) -> pd.DataFrame:
     table["unit"] = table["seed"].astype(str) + "/" + table["image"].astype(str)
     table["label_is_diseased"] = table["label"].astype(str).str.lower() != HEALTHY
     table["correct"] = table["pred"].astype(str) == table["label"].astype(str)
-    if "activation_consistency" in table:
-        table["consistency_diseased"] = table["activation_consistency"].where(table["label_is_diseased"])
-        table["consistency_healthy"] = table["activation_consistency"].where(~table["label_is_diseased"])
     if "audc" in table:
         per_unit = table.drop_duplicates(["unit", "model"]).groupby("unit")["correct"].agg(["all", "size"])
         n_models = table.groupby("seed")["model"].nunique()
         seeds = table.drop_duplicates("unit").set_index("unit")["seed"]
         common = per_unit.index[per_unit["all"] & (per_unit["size"] == seeds.loc[per_unit.index].map(n_models))]
-        table["audc_correct"] = table["audc"].where(table["unit"].isin(set(common)))
+        table["audc_common_correct"] = table["audc"].where(table["unit"].isin(set(common)))
     return table
 
 
@@ -458,8 +456,8 @@ def verdicts(result: ModalityResult, config: ReportConfig) -> list[C.Verdict]:
     out.append(C.ranking_claim(diseased, "activation_sensitivity", "SoftCAM ridge",
                                "ridge SoftCAM has the best activation sensitivity", resamples=config.resamples, seed=seed))
     out.append(C.consistency_claim(per_image, "SoftCAM lasso", resamples=config.resamples, seed=seed))
-    if "audc_correct" in per_image:
-        out.append(C.ranking_claim(per_image, "audc_correct", "SoftCAM lasso",
+    if "audc_common_correct" in per_image:
+        out.append(C.ranking_claim(per_image, "audc_common_correct", "SoftCAM lasso",
                                    "sparse SoftCAM is the most faithful (lowest AUDC, images every model classifies correctly)",
                                    higher_is_better=False, resamples=config.resamples, seed=seed))
     shortcut = result.shortcut
@@ -487,8 +485,8 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def headline_metrics(config: ReportConfig) -> tuple[str, ...]:
     """Columns of the explanation-metrics table, in order (every metric stays in tables/*.csv)."""
     return (f"topk_precision_k{config.claim_k}", "topk_precision_k5", "activation_precision", "activation_sensitivity",
-            "consistency_diseased", "consistency_healthy", "pointing_game", "iou_top10", "energy_top15",
-            "average_precision", "audc_correct", "seconds")
+            "activation_consistency_diseased", "activation_consistency_healthy", "pointing_game", "iou_top10", "energy_top15",
+            "average_precision", "audc_common_correct", "seconds")
 
 
 def metrics_table(per_image: pd.DataFrame, config: ReportConfig, rows: Sequence[str] | None = None) -> pd.DataFrame:
@@ -515,7 +513,7 @@ def metrics_table(per_image: pd.DataFrame, config: ReportConfig, rows: Sequence[
             values = values_of[metric].to_numpy(float)
             finite = np.isfinite(values)
             if not finite.any():
-                not_applicable = metric.startswith("consistency") and "notes" in sub and \
+                not_applicable = metric.startswith("activation_consistency") and "notes" in sub and \
                     sub["notes"].fillna("").str.contains("not applicable").any()
                 cells[metric] = "n/a (non-negative map)" if not_applicable else "–"
                 continue
@@ -672,8 +670,8 @@ def render(results: list[ModalityResult], config: ReportConfig, out: Path, comma
                         for k, v in asdict(config).items()]))
     para("Cells of the metric tables read: mean ± sd of the per-seed means [95% bootstrap interval over the "
          "(seed, image) units] (n units). Localization and activation metrics use diseased test images; "
-         "consistency_diseased / consistency_healthy are the class-wise activation consistency (share of pixels "
-         "with A > 0 on diseased, A < 0 on healthy images; SoftCAM App. E.1); audc_correct is the AUDC of the "
+         "activation_consistency_diseased / _healthy are the class-wise activation consistency (share of pixels "
+         "with A > 0 on diseased, A < 0 on healthy images; SoftCAM App. E.1); audc_common_correct is the AUDC of the "
          "paper's deletion protocol on the test images every model of the seed classifies correctly. "
          "Lower is better for AUDC and seconds.")
 
@@ -693,7 +691,7 @@ def render(results: list[ModalityResult], config: ReportConfig, out: Path, comma
         section("Explanation metrics (test split)", 3)
         table(metrics_table(result.per_image, config))
         section("Sparse SoftCAM against every other row (paired, Holm-corrected)", 3)
-        table(paired_table(result.per_image, [f"topk_precision_k{config.claim_k}", "activation_precision", "audc_correct"]))
+        table(paired_table(result.per_image, [f"topk_precision_k{config.claim_k}", "activation_precision", "audc_common_correct"]))
         if not result.randomisation.empty:
             section("Model randomisation (Adebayo et al. 2018)", 3)
             para("Rank correlation between each map of the trained model and of copies whose top layers are "
