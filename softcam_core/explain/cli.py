@@ -18,13 +18,19 @@ import numpy as np
 import torch
 
 from softcam_core.explain.cascam import (
+    COMBINES,
+    DEFAULT_COMBINE,
     DEFAULT_EBAYES_A,
     DEFAULT_LAMBDA,
     DEFAULT_STAGES,
     DEFAULT_THETA,
+    DEFAULT_THRESHOLD,
     DEFAULT_TOPK_PERCENT,
+    DEFAULT_UNITS,
     THRESHOLDS,
+    UNITS,
 )
+from softcam_core.explain.retrain import DEFAULT_PATIENCE, DEFAULT_RETRAIN_EPOCHS
 from softcam_core.explain.methods import CASCAM_PREFIX, METHODS, SIGNED_METHODS, explain, file_safe_name, method_problem
 
 
@@ -92,6 +98,7 @@ def run_explain(args: argparse.Namespace) -> int:
     cascam_options = {
         "stages": args.cascam_stages, "theta": args.cascam_theta, "lam": args.cascam_lambda,
         "threshold": args.cascam_threshold, "topk_percent": args.cascam_topk, "ebayes_a": args.cascam_ebayes_a,
+        "units": args.cascam_units, "combine": args.cascam_combine,
     }
     stage_models = None
     if args.cascam_retrain and any(m.startswith(CASCAM_PREFIX) for m in methods):
@@ -99,6 +106,7 @@ def run_explain(args: argparse.Namespace) -> int:
 
         stage_models = retrain_stage_models(
             args.model, args.data, Path(args.out) / "cascam-retrain", methods, epochs=args.retrain_epochs,
+            patience=args.retrain_patience,
             **cascam_options,
         )
     records = {}
@@ -159,7 +167,12 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--cascam-theta", type=float, default=DEFAULT_THETA, help=f"CasCAM masking strength (default {DEFAULT_THETA})")
     parser.add_argument("--cascam-lambda", type=float, default=DEFAULT_LAMBDA,
                         help=f"CasCAM stage-weight decay, w_k ~ exp(-lambda k) (default {DEFAULT_LAMBDA})")
-    parser.add_argument("--cascam-threshold", choices=THRESHOLDS, default="none", help="CasCAM threshold (default none)")
+    parser.add_argument("--cascam-threshold", choices=THRESHOLDS, default=DEFAULT_THRESHOLD,
+                        help=f"CasCAM threshold (default {DEFAULT_THRESHOLD}, the paper's top-k)")
+    parser.add_argument("--cascam-units", choices=UNITS, default=DEFAULT_UNITS,
+                        help=f"units theta acts on: raw CAM values or [0, 1] normalised maps (default {DEFAULT_UNITS})")
+    parser.add_argument("--cascam-combine", choices=COMBINES, default=DEFAULT_COMBINE,
+                        help=f"sum the thresholded stage maps or the stage maps (default {DEFAULT_COMBINE})")
     parser.add_argument("--cascam-topk", type=float, default=DEFAULT_TOPK_PERCENT,
                         help=f"percent of pixels kept by the topk threshold (default {DEFAULT_TOPK_PERCENT})")
     parser.add_argument("--cascam-ebayes-a", type=float, default=DEFAULT_EBAYES_A,
@@ -167,6 +180,10 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--cascam-retrain", action="store_true",
                         help="the original paper's mode: fine-tune a copy of the model on masked images per stage (needs --data)")
     parser.add_argument("--data", type=Path, default=None, help="cohort folder for --cascam-retrain")
-    parser.add_argument("--retrain-epochs", type=int, default=1, help="fine-tuning epochs per stage (default 1)")
+    parser.add_argument("--retrain-epochs", type=int, default=DEFAULT_RETRAIN_EPOCHS,
+                        help=f"most training epochs per retrained stage (default {DEFAULT_RETRAIN_EPOCHS}; early stopping)")
+    parser.add_argument("--retrain-patience", type=int, default=DEFAULT_PATIENCE,
+                        help=f"stop a stage's training after this many epochs without a better validation loss "
+                        f"(default {DEFAULT_PATIENCE})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_explain)
