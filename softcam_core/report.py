@@ -82,14 +82,14 @@ class ReportConfig:
     seeds: tuple[int, ...] = (0, 1)
     l1_grid: tuple[float, ...] = (0.001, 0.01, 0.1)
     l2_grid: tuple[float, ...] = (0.001, 0.01, 0.1)
-    sweep_epochs: int = 5
+    sweep_epochs: int = 3
     modalities: tuple[str, ...] = MODALITIES
     methods: tuple[str, ...] = BASELINE_METHODS
     within_methods: tuple[str, ...] = WITHIN_METHODS
     sanity_methods: tuple[str, ...] = SANITY_METHODS
     shortcut_rate: float = 0.5
     eval_limit: int | None = None
-    deletion_limit: int | None = 40
+    deletion_limit: int | None = 30
     deletion_steps: int = 30
     topk: tuple[int, ...] = (1, 3, 5, 10, 15, 20)
     claim_k: int = 15
