@@ -336,21 +336,15 @@ def _wide_count(rng: np.random.Generator, low: int, high: int) -> int:
 
 
 def _lesion_count(load: str, rng: np.random.Generator) -> int:
-    """Lesion objects to place. Binary 'moderate': a single lesion in 12 % of the images, 2-4 in
-    13 %, else 5-30 (log-uniform); grade1 ('mild') 1-4; grade2 ('severe') 10-24. (Fewer are placed
-    when a crowded field has no room left.)"""
+    """Lesion objects to place: binary 'moderate' one lesion in a quarter of the images, else 2-24
+    (log-uniform); grade1 ('mild') 1-4; grade2 ('severe') 10-24."""
     if load == "none":
         return 0
     if load == "mild":
         return int(rng.integers(1, 5))
     if load == "severe":
         return int(rng.integers(10, 25))
-    draw = rng.random()
-    if draw < 0.12:
-        return 1
-    if draw < 0.25:
-        return int(rng.integers(2, 5))
-    return _wide_count(rng, 5, 30)
+    return 1 if rng.random() < 0.25 else _wide_count(rng, 2, 24)
 
 
 def _size_range(load: str) -> tuple[float, float]:
@@ -474,8 +468,7 @@ _EXUDATE_RGB = (252.0, 224.0, 60.0)  # waxy, saturated yellow, sharp-edged, in c
 _HAEMORRHAGE_RGB = (105.0, 10.0, 6.0)
 _MICROANEURYSM_RGB = (125.0, 12.0, 10.0)
 # confounder colours: lesion-like in brightness, told apart only by hue, edge and context
-_DRUSE_RGB = (236.0, 222.0, 185.0)  # as bright, soft-edged, isolated; pale whitish yellow ...
-_DRUSE_YELLOW_RGB = (245.0, 220.0, 90.0)  # ... to yellow, per eye
+_DRUSE_RGB = (236.0, 222.0, 185.0)  # as bright, but a pale whitish yellow, soft-edged, isolated
 _GLINT_RGB = (252.0, 246.0, 238.0)  # specular reflex: white
 _PIGMENT_RGB = (50.0, 40.0, 36.0)  # dark greyish brown
 _NAEVUS_RGB = (96.0, 84.0, 74.0)  # slate grey
@@ -488,9 +481,9 @@ def _render_fundus(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
     yy, xx = _grid(height, width)
     ref = size / 256.0  # confounder sizes are set at 256 px and scale with the image
     # acquisition, drawn first and never from the label: exposure, colour balance, gamma, sensor noise
-    exposure = rng_bg.uniform(0.9, 1.1)
-    balance = np.array([1.0, rng_bg.uniform(0.95, 1.05), rng_bg.uniform(0.92, 1.08)], dtype=np.float32)
-    gamma = rng_bg.uniform(0.92, 1.08)
+    exposure = rng_bg.uniform(0.75, 1.2)
+    balance = np.array([1.0, rng_bg.uniform(0.85, 1.15), rng_bg.uniform(0.8, 1.25)], dtype=np.float32)
+    gamma = rng_bg.uniform(0.8, 1.25)
     noise_sigma = rng_bg.uniform(1.0, 3.0)
 
     cx = width / 2 + rng_bg.uniform(-0.01, 0.01) * size
@@ -624,25 +617,12 @@ def _fundus_confounders(img, rng, ref, circle, fovea, vessels) -> dict[str, int]
     counts = {}
     # drusen (soft, pale yellow-white dots, mostly around the macula)
     counts["druse"] = _wide_count(rng, 0, 40)
-    # drusen run from pale whitish to yellow as saturated as an exudate, per eye
-    yellow = rng.uniform(0.0, 1.0)
-    druse_rgb = (1 - yellow) * np.asarray(_DRUSE_RGB, np.float32) + yellow * np.asarray(_DRUSE_YELLOW_RGB, np.float32)
     for _ in range(counts["druse"]):
         x, y = near_macula() if rng.random() < 0.6 else anywhere()
-        window, profile = _soft_spot(shape, x, y, _log_uniform(rng, 0.8, 6.0) * ref, aspect=rng.uniform(0.7, 1.0),
+        window, profile = _soft_spot(shape, x, y, _log_uniform(rng, 0.8, 3.6) * ref, aspect=rng.uniform(0.7, 1.0),
                                      angle=rng.uniform(0, math.pi))
-        colour = druse_rgb * rng.uniform(0.94, 1.02)
+        colour = np.asarray(_DRUSE_RGB, np.float32) * rng.uniform(0.94, 1.02)
         _composite(img, window, rng.uniform(0.45, 0.9) * profile, colour)
-    # drusen fields: groups of soft drusen as large as an exudate cluster (and as bright)
-    counts["druse_field"] = _wide_count(rng, 0, 8)
-    for _ in range(counts["druse_field"]):
-        fx, fy = near_macula() if rng.random() < 0.5 else anywhere(0.85)
-        spread = _log_uniform(rng, 0.01, 0.07) * img.shape[0]
-        for _ in range(int(rng.integers(3, 15))):
-            dx, dy = np.clip(rng.normal(0, spread / 2.2, size=2), -spread, spread)
-            window, profile = _soft_spot(shape, fx + dx, fy + dy, max(0.8, rng.uniform(0.12, 0.3) * spread), aspect=rng.uniform(0.7, 1.0),
-                                         angle=rng.uniform(0, math.pi))
-            _composite(img, window, rng.uniform(0.6, 0.95) * profile, druse_rgb * rng.uniform(0.94, 1.02))
     # specular glints: tiny sharp white dots along the vessels and the macular ring
     counts["glint"] = _wide_count(rng, 0, 30)
     for _ in range(counts["glint"]):
@@ -660,7 +640,7 @@ def _fundus_confounders(img, rng, ref, circle, fovea, vessels) -> dict[str, int]
     counts["pigment"] = _wide_count(rng, 0, 25)
     for _ in range(counts["pigment"]):
         x, y = anywhere()
-        window, coverage, _ = _blob(shape, x, y, _log_uniform(rng, 1.1, 9.0) * ref, rng, aspect=rng.uniform(0.5, 1.0), wobble=0.2)
+        window, coverage, _ = _blob(shape, x, y, _log_uniform(rng, 1.1, 5.0) * ref, rng, aspect=rng.uniform(0.5, 1.0), wobble=0.2)
         colour = np.asarray(_PIGMENT_RGB, np.float32) * rng.uniform(0.8, 1.2)
         _composite(img, window, rng.uniform(0.55, 0.9) * coverage, colour)
     # choroidal naevus: one large, flat, slate-grey patch in some eyes
@@ -689,7 +669,7 @@ def _fundus_plan(load: str, rng: np.random.Generator, size: int) -> list[tuple[s
     for _ in range(count):
         kind = LESION_KINDS["fundus"][int(rng.choice(3, p=mix))]
         if kind == "hard_exudate":
-            extent = _sized(rng, load, max(MIN_LESION_RADIUS_PX, 1.3 * ref), 0.05 * size)
+            extent = _sized(rng, load, max(MIN_LESION_RADIUS_PX, 1.3 * ref), 0.07 * size)
         elif kind == "haemorrhage":
             extent = _sized(rng, load, max(MIN_LESION_RADIUS_PX, 1.3 * ref), 0.045 * size)
         else:
@@ -717,7 +697,7 @@ def _fundus_lesion(img, kind, px, py, extent, rng):
                 dot_r = extent
             else:
                 dx, dy = np.clip(rng.normal(0, extent / 2.2, size=2), -0.9 * extent, 0.9 * extent)
-                dot_r = max(MIN_LESION_RADIUS_PX, rng.uniform(0.15, 0.32) * extent)
+                dot_r = max(MIN_LESION_RADIUS_PX, rng.uniform(0.18, 0.38) * extent)
             w, coverage, _ = _blob(shape, px + dx, py + dy, dot_r, rng, aspect=rng.uniform(0.6, 1.0), wobble=0.2)
             _composite_at(patch, origin, w, 0.92 * coverage, colour)
     elif kind == "haemorrhage":
@@ -759,10 +739,10 @@ def _render_oct(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
     ref = size / 256.0
     h = height
     # acquisition, drawn first and never from the label: signal gain, display gamma, noise floor, speckle
-    gain = rng_bg.uniform(0.9, 1.1)
-    gamma = rng_bg.uniform(0.92, 1.08)
-    noise_floor = rng_bg.uniform(0.02, 0.04)
-    speckle_strength = rng_bg.uniform(0.3, 0.4)
+    gain = rng_bg.uniform(0.75, 1.2)
+    gamma = rng_bg.uniform(0.75, 1.2)
+    noise_floor = rng_bg.uniform(0.015, 0.05)
+    speckle_strength = rng_bg.uniform(0.28, 0.44)
 
     u = (x - width / 2) / width  # -0.5 .. 0.5
     fovea_x = width * rng_bg.uniform(0.42, 0.58)
@@ -945,8 +925,8 @@ def _render_cxr(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
     yy, xx = _grid(height, width)
     ref = size / 256.0
     # acquisition, drawn first and never from the label: exposure, a detector offset, quantum noise
-    exposure = rng_bg.uniform(0.94, 1.06)
-    exposure_offset = rng_bg.uniform(-0.015, 0.015)
+    exposure = rng_bg.uniform(0.88, 1.12)
+    exposure_offset = rng_bg.uniform(-0.03, 0.03)
     noise_sigma = rng_bg.uniform(0.006, 0.016)
 
     u = xx / width
@@ -1035,13 +1015,6 @@ def _render_cxr(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
     hila = np.exp(-0.5 * (((np.abs(u - 0.5) - 0.1) / 0.04) ** 2 + ((v - 0.44) / 0.06) ** 2))
     atten += (rng_bg.uniform(0.05, 0.09) * vessels * np.exp(-from_hilum / 0.2) + 0.06 * hila) * lungs
     atten += 0.015 * _smooth_noise(rng_bg, shape, 0.02 * size) * body
-    # lung density varies between films: patchy parenchymal texture and a basal gradient (posture,
-    # breast tissue), so a lung-histogram shift is no sign of disease
-    atten += rng_bg.uniform(0.005, 0.045) * _smooth_noise(rng_bg, shape, 0.03 * size) * lungs
-    atten += rng_bg.uniform(0.0, 0.07) * _smoothstep(0.3, 0.75, v) * lungs
-    # crowded vessels and overlapping soft tissue: faint positive patches over part of the lungs
-    patches = _smooth_noise(rng_bg, shape, rng_bg.uniform(0.02, 0.05) * size)
-    atten += rng_bg.uniform(0.0, 0.12) * np.clip(patches - rng_bg.uniform(0.3, 1.5), 0.0, None) * lungs
     atten = ndimage.gaussian_filter(atten, 0.6 * ref)
 
     confounders = _cxr_confounders(atten, rng_bg, ref, size, lungs_hard, body, from_hilum, shift_u, shift_v)
@@ -1066,7 +1039,7 @@ def _render_cxr(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
         in_lung = lungs_hard[window]
         mottle = np.clip(1.0 + 0.25 * _smooth_noise(rng_lesion, coverage.shape, 0.015 * size), 0.5, 1.5)
         # ill-defined margin: density rises over the outer part of the blob; small nodules are denser
-        peak = rng_lesion.uniform(0.2, 0.3) if radius > 4 * ref else rng_lesion.uniform(0.26, 0.38)
+        peak = rng_lesion.uniform(0.22, 0.34) if radius > 4 * ref else rng_lesion.uniform(0.28, 0.4)
         density = peak * coverage * (0.25 + 0.75 * _smoothstep(0.0, 0.6, depth)) * mottle * in_lung
         mask = _lesion_mask(shape, window, density * _CXR_GAIN * exposure)
         if not _big_enough(mask):
@@ -1110,12 +1083,12 @@ def _cxr_confounders(atten, rng, ref, size, lungs_hard, body, from_hilum, shift_
         window, profile = _soft_spot(shape, x, y, _log_uniform(rng, 0.8, 2.4) * ref)
         atten[window] += rng.uniform(0.06, 0.18) * profile
     # soft nodule-like shadows (overlapping vessels and soft tissue): smooth round humps in the lungs
-    counts["soft_shadow"] = _wide_count(rng, 0, 14)
+    counts["soft_shadow"] = _wide_count(rng, 0, 6)
     for _ in range(counts["soft_shadow"]):
         x, y = in_lung()
-        window, profile = _soft_spot(shape, x, y, _log_uniform(rng, 0.006, 0.07) * size, aspect=rng.uniform(0.6, 1.0),
+        window, profile = _soft_spot(shape, x, y, _log_uniform(rng, 0.006, 0.04) * size, aspect=rng.uniform(0.6, 1.0),
                                      angle=rng.uniform(0, math.pi))
-        atten[window] += rng.uniform(0.08, 0.28) * profile
+        atten[window] += rng.uniform(0.06, 0.2) * profile
     # nipple shadows: a symmetric pair of soft round shadows over the lower lungs in some films
     counts["nipple"] = 2 if rng.random() < 0.4 else 0
     if counts["nipple"]:
@@ -1148,11 +1121,11 @@ def _cxr_confounders(atten, rng, ref, size, lungs_hard, body, from_hilum, shift_
 
 
 def _cxr_plan(load: str, rng: np.random.Generator, size: int) -> list[float]:
-    """Opacity radii in pixels, log-uniform from MIN_LESION_RADIUS_PX (a 2-3 px nodule) to 7.5 % of
-    the side (a segmental consolidation)."""
+    """Opacity radii in pixels, log-uniform from MIN_LESION_RADIUS_PX (a 2-3 px nodule) to 10 % of
+    the side (a lobar consolidation)."""
     count = _lesion_count(load, rng)
     low = max(MIN_LESION_RADIUS_PX, 1.2 * size / 256)
-    return [_sized(rng, load, low, 0.075 * size) for _ in range(count)]
+    return [_sized(rng, load, low, 0.1 * size) for _ in range(count)]
 
 
 # --------------------------------------------------------------------------------------------
