@@ -181,11 +181,15 @@ def _select(maps: torch.Tensor, targets: list[int]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- native
-def _softcam(model: nn.Module, x: torch.Tensor, targets: list[int] | None) -> torch.Tensor:
-    """Target-class evidence map (signed) from the same forward pass as the prediction."""
+def _native(
+    model: nn.Module, x: torch.Tensor, targets: list[int] | None, method: str,
+    reduce: Callable[[torch.Tensor, list[int]], torch.Tensor],
+) -> torch.Tensor:
+    """``reduce(maps (B, C, h, w), targets) -> (B, h, w)`` of the evidence maps of the forward pass
+    that makes the prediction (targets default to it); ``method`` names the caller in the error."""
     if not hasattr(model, "forward_with_maps"):
         raise ExplainError(
-            f"'softcam' needs a SoftCAM net (forward_with_maps); {type(model).__name__} is a black box: "
+            f"'{method}' needs a SoftCAM net (forward_with_maps); {type(model).__name__} is a black box: "
             "use a post-hoc method"
         )
     # inference mode, as torchcam's gradient-free methods run: no autograd bookkeeping at all
@@ -194,7 +198,12 @@ def _softcam(model: nn.Module, x: torch.Tensor, targets: list[int] | None) -> to
         logits, maps = model.forward_with_maps(x)
         if targets is None:
             targets = logits.argmax(1).tolist()
-        return _select(maps, targets)
+        return reduce(maps, targets)
+
+
+def _softcam(model: nn.Module, x: torch.Tensor, targets: list[int] | None) -> torch.Tensor:
+    """Target-class evidence map (signed) from the same forward pass as the prediction."""
+    return _native(model, x, targets, "softcam", _select)
 
 
 def _cam(model: nn.Module, x: torch.Tensor, targets: list[int] | None) -> torch.Tensor:
@@ -237,16 +246,7 @@ def contrast_evidence(maps: torch.Tensor, targets: Sequence[int]) -> torch.Tenso
 
 def _softcam_contrast(model: nn.Module, x: torch.Tensor, targets: list[int] | None) -> torch.Tensor:
     """Target-class contrast evidence (signed) from the forward pass of the prediction (:func:`contrast_evidence`)."""
-    if not hasattr(model, "forward_with_maps"):
-        raise ExplainError(
-            f"'softcam_contrast' needs a SoftCAM net (forward_with_maps); {type(model).__name__} is a black box: "
-            "use a post-hoc method"
-        )
-    with eval_locked(model), torch.inference_mode():
-        logits, maps = model.forward_with_maps(x)
-        if targets is None:
-            targets = logits.argmax(1).tolist()
-        return contrast_evidence(maps, targets)
+    return _native(model, x, targets, "softcam_contrast", contrast_evidence)
 
 
 # ---------------------------------------------------------------------------------------- torchcam
