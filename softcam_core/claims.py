@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -62,10 +63,11 @@ class Verdict:
         return {"claim": self.claim, "verdict": self.verdict, "evidence": self.evidence}
 
 
-def _fmt(value: float, digits: int = 3) -> str:
-    if value is None or not np.isfinite(value):
+def fmt_number(value: Any, digits: int = 3) -> str:
+    """``value`` with ``digits`` decimals for tables; "–" for None / nan / inf; never "-0.000"."""
+    if value is None or (isinstance(value, (float, np.floating)) and not np.isfinite(value)):
         return "–"
-    text = f"{value:.{digits}f}"
+    text = f"{float(value):.{digits}f}"
     return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
@@ -137,7 +139,7 @@ def ranking_claim(
     better_other = significant & (sign * details["mean_diff"] < 0)
     worse_other = significant & (sign * details["mean_diff"] > 0)
     details["competitor_significantly_better"] = better_other
-    order = ", ".join(f"{r} {_fmt(m)}" for r, m in sorted(means.items(), key=lambda kv: -sign * kv[1])[:4])
+    order = ", ".join(f"{r} {fmt_number(m)}" for r, m in sorted(means.items(), key=lambda kv: -sign * kv[1])[:4])
     direction = "higher" if higher_is_better else "lower"
     evidence = f"{metric} ({direction} is better), best first: {order}"
     if better_other.any():
@@ -147,7 +149,7 @@ def ranking_claim(
     sanity_tied = [r for r in details.loc[~worse_other, "competitor"] if r.startswith(SANITY_PREFIX)]
     if best == claimed and worse_other.all():
         return Verdict(claim, HOLDS, evidence + f"; {claimed} significantly better than all {len(details)} others "
-                       f"(largest Holm p {_fmt(details['p_holm'].max(), 4)})", details)
+                       f"(largest Holm p {fmt_number(details['p_holm'].max(), 4)})", details)
     reason = (f"{claimed} is best but not significantly better than "
               f"{', '.join(details.loc[~worse_other, 'competitor'])}" if best == claimed
               else f"{best} has the best mean, no row is significantly better than {claimed}")
@@ -192,9 +194,9 @@ def accuracy_parity(
         rows.append({"model": variant, "n": n, "accuracy": float(both[variant].mean()), "baseline_accuracy": base_acc,
                      "diff": mean, "ci_low": low, "ci_high": high, "outcome": outcome})
     details = pd.DataFrame(rows)
-    parts = [f"{r['model']} {_fmt(r['accuracy'])} (diff {_fmt(r['diff'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}])"
+    parts = [f"{r['model']} {fmt_number(r['accuracy'])} (diff {fmt_number(r['diff'])} [{fmt_number(r['ci_low'])}, {fmt_number(r['ci_high'])}])"
              for r in rows]
-    evidence = f"baseline {_fmt(base_acc)}; " + ", ".join(parts)
+    evidence = f"baseline {fmt_number(base_acc)}; " + ", ".join(parts)
     if base_acc >= saturation:
         return Verdict(claim, CANNOT_TELL, evidence + f"; the baseline is saturated (>= {saturation:g}), so parity is trivial",
                        details)
@@ -227,7 +229,7 @@ def consistency_claim(
     for name, is_diseased in (("diseased", True), ("healthy", False)):
         values = rows.loc[rows["label_is_diseased"] == is_diseased, "activation_consistency"].to_numpy(float)
         stats[name] = _mean_ci(values, resamples, seed)
-    evidence = "; ".join(f"{k} {_fmt(m)} [{_fmt(lo)}, {_fmt(hi)}] (n {n})" for k, (m, lo, hi, n) in stats.items())
+    evidence = "; ".join(f"{k} {fmt_number(m)} [{fmt_number(lo)}, {fmt_number(hi)}] (n {n})" for k, (m, lo, hi, n) in stats.items())
     evidence += f"; chance (random signs) {chance:g}"
     if any(n == 0 for _, _, _, n in stats.values()):
         return Verdict(claim, CANNOT_TELL, evidence)
@@ -266,9 +268,9 @@ def cascam_shortcut_claim(
         return Verdict(claim, CANNOT_TELL, f"no {cascam_row} values on artifact images")
     diff = pivot[cascam_row].to_numpy(float) - pivot[base_row].to_numpy(float)
     p = float(wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0
-    evidence = (f"{metric} on artifact images: {cascam_row} {_fmt(pivot[cascam_row].mean())}, {base_row} "
-                f"{_fmt(pivot[base_row].mean())} (n {diff.size}, Wilcoxon p {_fmt(p, 4)}); {base_row} on artifact vs clean "
-                f"images {_fmt(on_artifact.mean())} vs {_fmt(clean.mean())} (one-sided Mann-Whitney p {_fmt(shortcut_p, 4)})")
+    evidence = (f"{metric} on artifact images: {cascam_row} {fmt_number(pivot[cascam_row].mean())}, {base_row} "
+                f"{fmt_number(pivot[base_row].mean())} (n {diff.size}, Wilcoxon p {fmt_number(p, 4)}); {base_row} on artifact vs clean "
+                f"images {fmt_number(on_artifact.mean())} vs {fmt_number(clean.mean())} (one-sided Mann-Whitney p {fmt_number(shortcut_p, 4)})")
     if shortcut_p >= alpha:
         return Verdict(claim, CANNOT_TELL, evidence + "; the base map is not pulled away from the lesion by the artifact, "
                        "so there is no hidden cue to uncover")

@@ -475,11 +475,7 @@ def verdicts(result: ModalityResult, config: ReportConfig) -> list[C.Verdict]:
 # tables
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, (float, np.floating)) and not np.isfinite(value)):
-        return "–"
-    text = f"{float(value):.{digits}f}"
-    return text[1:] if text.startswith("-") and float(text) == 0 else text
+_fmt = C.fmt_number
 
 
 def headline_metrics(config: ReportConfig) -> tuple[str, ...]:
