@@ -37,7 +37,7 @@ from scipy import ndimage
 
 from annotations.geometry import Box
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 MODALITIES = ("fundus", "oct", "cxr")
 LESION_KINDS = {
     "fundus": ("hard_exudate", "haemorrhage", "microaneurysm"),
@@ -51,9 +51,11 @@ IMAGE_SUFFIX = {"fundus": ".png", "oct": ".png", "cxr": ".dcm"}
 # burned-in text of the shortcut artifact, per modality (a site stamp, a device tag, a lead side marker)
 ARTIFACT_TEXT = {"fundus": "S2", "oct": "HD2", "cxr": "L"}
 
-# random streams per image: the background never depends on the label, so healthy and diseased
-# images differ only by their lesions (and, when asked for, by the artifact)
-_STREAM_BACKGROUND, _STREAM_LESIONS, _STREAM_NOISE, _STREAM_ARTIFACT = 0, 1, 2, 3
+# random streams per image. The background and the lesion-like events (their number, kinds, sizes,
+# shapes and places) never see the label; only which events take the lesion's form does (drawn
+# from their own stream), so healthy and diseased images differ only by the form of some events
+# (and, when asked for, by the artifact)
+_STREAM_BACKGROUND, _STREAM_LESIONS, _STREAM_NOISE, _STREAM_ARTIFACT, _STREAM_FORMS = 0, 1, 2, 3, 4
 _COHORT_STREAM = 0x5EED
 
 
@@ -172,6 +174,12 @@ def _box_of(mask: np.ndarray) -> tuple[float, float, float, float] | None:
     return float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1)
 
 
+def _big_enough(mask: np.ndarray) -> bool:
+    """A lesion mask that spans at least MIN_LESION_SIDE_PX in both directions."""
+    box = _box_of(mask)
+    return box is not None and min(box[2] - box[0], box[3] - box[1]) >= MIN_LESION_SIDE_PX
+
+
 def _boxes_overlap(a, b, margin: float = 0.0) -> bool:
     return not (a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1])
 
@@ -264,6 +272,15 @@ def _text_bitmap(text: str, scale: int, frame: bool) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+# a pixel belongs to a lesion's mask when the lesion changes it by more than this (grey levels of
+# the written image before noise: 0..255 fundus and OCT, 12-bit stored values CXR), so the mask
+# carries (nearly) all of the |with lesion - without lesion| difference, anti-aliased rim included
+MASK_THRESHOLD = 0.5
+# every lesion is drawn at least this large: semi-axis >= 1.1 px, so its mask spans >= 2 x 2 pixels
+MIN_LESION_RADIUS_PX = 1.1
+MIN_LESION_SIDE_PX = 2
+
+
 @dataclass
 class Lesion:
     """One lesion object: its kind (COCO category name) and its bool mask (H, W)."""
@@ -280,11 +297,13 @@ class Lesion:
 @dataclass
 class Rendered:
     """A rendered image: ``pixels`` uint8 (H, W, 3) fundus, uint8 (H, W) OCT, uint16 (H, W) CXR
-    (12-bit stored values), the lesion objects, and the artifact box (x0, y0, x1, y1) or None."""
+    (12-bit stored values), the lesion objects, the artifact box (x0, y0, x1, y1) or None, and
+    ``confounders``: how many lesion look-alikes (events drawn in the confounder form) of each kind."""
 
     pixels: np.ndarray
     lesions: list[Lesion] = field(default_factory=list)
     artifact_box: tuple[float, float, float, float] | None = None
+    confounders: dict[str, int] = field(default_factory=dict)
 
     def mask(self) -> np.ndarray:
         """Union of the lesion masks, bool (H, W)."""
@@ -299,6 +318,37 @@ def _lesion_load(label: str) -> str:
     return {"healthy": "none", "grade0": "none", "diseased": "moderate", "grade1": "mild", "grade2": "severe"}[label]
 
 
+def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    """A number in [low, high] whose logarithm is uniform: small values as common as large ones."""
+    if high <= low:
+        return float(low)
+    return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+
+
+def _wide_count(rng: np.random.Generator, low: int, high: int) -> int:
+    """An integer in [low, high], log-uniform in (count + 1): few is common, many is regular."""
+    value = int(math.floor(math.exp(rng.uniform(math.log(low + 1), math.log(high + 2))))) - 1
+    return max(low, min(high, value))
+
+
+# fewest lesion-like events per image: grade1 (1-3 lesions) stays below grade2 (all events)
+MIN_EVENTS = 4
+
+
+def _lesion_events(load: str, n_events: int, rng: np.random.Generator) -> set[int]:
+    """Which of the ``n_events`` placed events take the lesion's form (the others are confounders).
+
+    Every draw happens whatever the load, so the stream stays aligned across labels. Binary
+    'moderate': one lesion in 15 % of the images, else half to all of the events (uniform); grade1 ('mild') 1-3;
+    grade2 ('severe') every event. 'none': no lesion."""
+    order = rng.permutation(n_events)
+    single = rng.random() < 0.15
+    moderate = 1 if single or n_events < 2 else int(rng.integers(max(2, (n_events + 1) // 2), n_events + 1))
+    mild = min(int(rng.integers(1, 4)), max(1, n_events - 1))
+    count = {"none": 0, "mild": mild, "moderate": moderate, "severe": n_events}[load] if n_events else 0
+    return {int(i) for i in order[:count]}
+
+
 def render_image(
     modality: str,
     size: int,
@@ -308,19 +358,30 @@ def render_image(
     *,
     artifact: bool = False,
     draw_lesions: bool = True,
+    lesions_as_confounders: bool = False,
 ) -> Rendered:
     """Render image ``index`` of a cohort.
 
-    ``label`` is a class name (healthy/diseased or grade0..2) and sets the lesion load; with
-    ``draw_lesions=False`` the same image is rendered without its lesions (every other random
-    draw unchanged), which is how the tests check that masks cover exactly the changed pixels.
+    Every image carries lesion-like *events* (their number, kinds, sizes, shapes and places drawn
+    without the label). ``label`` (healthy/diseased or grade0..2) only sets how many of them take
+    the lesion's form; the rest take the confounder form, which changes the same pixel values per
+    colour channel (fundus: the lesion's colour split over two places; OCT: the deposit above a flat
+    RPE instead of under a lifted one; CXR: the nodule's densities shuffled into a mottled shadow), so
+    global intensity statistics cannot tell the classes apart.
+
+    ``draw_lesions=False`` renders the same image without its lesions (every other random draw
+    unchanged, the lesion masks still computed): how the tests check that the masks cover the
+    changed pixels. ``lesions_as_confounders=True`` renders the lesion events in the confounder
+    form (no lesions): how the tests check that a diseased image is its healthy twin but for them.
     """
-    load = _lesion_load(label)
+    load = "none" if lesions_as_confounders else _lesion_load(label)
     rng_bg = _rng(seed, modality, index, _STREAM_BACKGROUND)
     rng_lesion = _rng(seed, modality, index, _STREAM_LESIONS)
     rng_noise = _rng(seed, modality, index, _STREAM_NOISE)
+    rng_forms = _rng(seed, modality, index, _STREAM_FORMS)
+    forms = lambda n_events: _lesion_events(load, n_events, rng_forms)  # noqa: E731
     renderer = {"fundus": _render_fundus, "oct": _render_oct, "cxr": _render_cxr}[modality]
-    rendered, region, corners = renderer(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions)
+    rendered, region, corners = renderer(size, forms, rng_bg, rng_lesion, rng_noise, draw_lesions)
     if artifact:
         _burn_artifact(rendered, modality, size, region, corners, _rng(seed, modality, index, _STREAM_ARTIFACT))
     return rendered
@@ -360,7 +421,7 @@ def _burn_artifact(rendered: Rendered, modality: str, size: int, region, corners
 # --------------------------------------------------------------------------------------------
 
 
-def _render_fundus(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
+def _render_fundus(size, forms, rng_bg, rng_lesion, rng_noise, draw_lesions):
     height = width = size
     yy, xx = _grid(height, width)
     cx = width / 2 + rng_bg.uniform(-0.01, 0.01) * size
@@ -424,12 +485,9 @@ def _render_fundus(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
     img = img * (1 - 0.75 * arteries[..., None]) + artery_colour * 0.75 * arteries[..., None]
     img = img * (1 - 0.85 * veins[..., None]) + vein_colour * 0.85 * veins[..., None]
 
-    # lesions: placed around the posterior pole, inside the field, clear of the disc and each other
-    lesions: list[Lesion] = []
-    taken: list[tuple[float, float, float, float]] = []
-    plan = _fundus_plan(load, rng_lesion)
-    for kind, extent in plan:
-        reach = extent * size
+    # lesion-like events around the posterior pole, inside the field, clear of the disc and each
+    # other. Each event has two places: its own and one for the second half of its confounder form
+    def free_place(reach: float, taken: list) -> tuple[float, float] | None:
         for _ in range(60):
             px = fovea_x + rng_lesion.normal(0, 0.38) * radius
             py = fovea_y + rng_lesion.normal(0, 0.38) * radius
@@ -437,16 +495,56 @@ def _render_fundus(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
                 continue
             if math.hypot(px - disc_x, py - disc_y) < disc_r * 1.4 + reach * 1.3:
                 continue
-            box = (px - reach * 1.3, py - reach * 1.3, px + reach * 1.3, py + reach * 1.3)
+            extent = _fundus_extent(reach)
+            if min(px, py) < extent or max(px, py) > size - extent:
+                continue  # the whole window inside the image, wherever the event is drawn
+            box = (px - reach * 1.45, py - reach * 1.45, px + reach * 1.45, py + reach * 1.45)
             if any(_boxes_overlap(box, other, margin=2.0) for other in taken):
                 continue
             taken.append(box)
-            break
-        else:
-            continue  # crowded field: skip this lesion rather than overlap another
-        img, mask = _fundus_lesion(img, kind, px, py, reach, rng_lesion, draw_lesions)
-        if mask.any():
-            lesions.append(Lesion(kind, mask))
+            return px, py
+        return None  # crowded field: skip this event rather than overlap another
+
+    taken: list[tuple[float, float, float, float]] = []
+    events = []
+    for kind, reach in _fundus_events(rng_lesion, size):
+        place = free_place(reach, taken)
+        if place is None:
+            continue
+        second = free_place(reach, taken)
+        if second is None:
+            taken.pop()
+            continue
+        window, alpha = _fundus_shape((height, width), kind, place[0], place[1], reach, rng_lesion)
+        if not _big_enough(alpha > 0.02):
+            continue  # too faint to draw a lesion of 2 x 2 px: no event (whatever the label)
+        shift = (int(round(second[1] - place[1])), int(round(second[0] - place[0])))
+        events.append((kind, window, alpha, shift))
+    lesion_events = forms(len(events))
+
+    lesions: list[Lesion] = []
+    confounders = {f"{kind}_split": 0 for kind in LESION_KINDS["fundus"]}
+    colours = {kind: np.asarray(rgb, dtype=np.float32) for kind, rgb in _FUNDUS_RGB.items()}
+    for number, (kind, window, alpha, shift) in enumerate(events):
+        colour = colours[kind]
+        if number in lesion_events:
+            change = alpha[..., None] * (colour - img[window])
+            mask = np.zeros((height, width), dtype=bool)
+            mask[window] = np.abs(change).max(axis=2) > MASK_THRESHOLD
+            if draw_lesions:
+                img[window] += change
+            if _big_enough(mask):
+                lesions.append(Lesion(kind, mask))
+            continue
+        # confounder form: the lesion's own change, green at its place, red and blue at the second
+        # place, so each colour channel gains exactly the values a lesion would give it; only
+        # where all channels change together is there a lesion
+        confounders[f"{kind}_split"] += 1
+        rows, cols = window
+        moved = (slice(rows.start + shift[0], rows.stop + shift[0]), slice(cols.start + shift[1], cols.stop + shift[1]))
+        for channel, (target_rows, target_cols) in ((1, window), (0, moved), (2, moved)):
+            patch = img[target_rows, target_cols, channel]
+            img[target_rows, target_cols, channel] = patch + alpha * (colour[channel] - patch)
 
     img += 1.6 * rng_noise.standard_normal(img.shape, dtype=np.float32)
     img = img * fov[..., None]
@@ -454,55 +552,67 @@ def _render_fundus(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
     # the tag goes in a corner of the square circumscribing the retina (what the fundus crop keeps),
     # outside the circle
     region = (cx - radius, cy - radius, cx + radius, cy + radius)
-    return Rendered(pixels, lesions), region, ["top-left", "top-right", "bottom-left", "bottom-right"]
+    return Rendered(pixels, lesions, confounders=confounders), region, ["top-left", "top-right", "bottom-left", "bottom-right"]
 
 
-def _fundus_plan(load: str, rng: np.random.Generator) -> list[tuple[str, float]]:
-    """Lesions to draw: (kind, extent as a fraction of the image side). Heavier grades have more
-    and larger lesions; microaneurysms are true to size (tiny) and never the only lesion."""
-    exudates, haemorrhages, microaneurysms, scale = {
-        "none": (0, 0, 0, 1.0),
-        "mild": (1, int(rng.integers(1, 3)), int(rng.integers(1, 3)), 0.9),
-        "moderate": (int(rng.integers(2, 4)), int(rng.integers(2, 4)), int(rng.integers(1, 4)), 1.0),
-        "severe": (int(rng.integers(3, 5)), int(rng.integers(4, 6)), int(rng.integers(3, 6)), 1.15),
-    }[load]
-    plan = [("hard_exudate", scale * rng.uniform(0.04, 0.065)) for _ in range(exudates)]
-    plan += [("haemorrhage", scale * rng.uniform(0.022, 0.036)) for _ in range(haemorrhages)]
-    plan += [("microaneurysm", rng.uniform(0.006, 0.009)) for _ in range(microaneurysms)]
-    return plan
+_FUNDUS_RGB = {
+    "hard_exudate": (250.0, 228.0, 105.0),  # waxy yellow deposits, in clusters
+    "haemorrhage": (92.0, 14.0, 8.0),  # blot haemorrhage: dark red, darker core
+    "microaneurysm": (120.0, 12.0, 10.0),  # tiny round red dot
+}
 
 
-def _fundus_lesion(img, kind, px, py, reach, rng, draw):
-    """Composite one lesion onto ``img`` (H, W, 3 float); returns (img, bool mask of the lesion)."""
-    height, width = img.shape[:2]
-    mask = np.zeros((height, width), dtype=bool)
+def _fundus_events(rng: np.random.Generator, size: int) -> list[tuple[str, float]]:
+    """Lesion-like events, drawn without the label: (kind, reach in pixels). 4-30 per image
+    (log-uniform), kinds 40 / 35 / 25 %, sizes log-uniform: exudate clusters 2-6 % of the image
+    side, haemorrhages 1.2-3.4 %, microaneurysms 1.2 px to 0.9 % (at least 2 x 2 px)."""
+    events = []
+    for _ in range(_wide_count(rng, MIN_EVENTS, 30)):
+        kind = LESION_KINDS["fundus"][int(rng.choice(3, p=(0.4, 0.35, 0.25)))]
+        if kind == "hard_exudate":
+            reach = _log_uniform(rng, 0.02, 0.06) * size
+        elif kind == "haemorrhage":
+            reach = _log_uniform(rng, 0.012, 0.034) * size
+        else:
+            reach = _log_uniform(rng, MIN_LESION_RADIUS_PX + 0.1, max(MIN_LESION_RADIUS_PX + 0.2, 0.009 * size))
+        events.append((kind, max(reach, MIN_LESION_RADIUS_PX + 0.1)))
+    return events
+
+
+def _fundus_extent(reach: float) -> float:
+    """Half side in pixels of the window that holds an event of ``reach`` (its dots included)."""
+    return 1.6 * reach + 3.0
+
+
+def _fundus_shape(shape, kind, px, py, reach, rng):
+    """Opacity of one event over its window: ``(window, alpha)`` with alpha (h, w) float32 in [0, 1];
+    the window reaches ``_fundus_extent(reach)`` around (px, py)."""
+    height, width = shape
+    window = _window(px, py, _fundus_extent(reach), height, width)
+    rows, cols = window
+    alpha = np.zeros((rows.stop - rows.start, cols.stop - cols.start), dtype=np.float32)
+
+    def add(dot_window, dot_alpha):
+        (r, c) = dot_window
+        r0, r1 = max(r.start, rows.start), min(r.stop, rows.stop)
+        c0, c1 = max(c.start, cols.start), min(c.stop, cols.stop)
+        local = (slice(r0 - rows.start, r1 - rows.start), slice(c0 - cols.start, c1 - cols.start))
+        part = dot_alpha[r0 - r.start : r1 - r.start, c0 - c.start : c1 - c.start]
+        alpha[local] = 1.0 - (1.0 - alpha[local]) * (1.0 - part)  # the same as blending dot after dot
+
     if kind == "hard_exudate":
-        # a cluster of waxy yellow deposits; the cluster is one lesion object
-        colour = np.array([250, 228, 105], dtype=np.float32)
         for _ in range(int(rng.integers(6, 14))):
             dx, dy = np.clip(rng.normal(0, reach / 2.2, size=2), -0.9 * reach, 0.9 * reach)
             dot_r = rng.uniform(0.18, 0.38) * reach
-            window, coverage, _ = _blob((height, width), px + dx, py + dy, dot_r, rng, aspect=rng.uniform(0.6, 1.0), wobble=0.2)
-            alpha = 0.92 * coverage[..., None]
-            if draw:
-                img[window] = img[window] * (1 - alpha) + colour * alpha
-            mask[window] |= coverage >= 0.5
+            dot_window, coverage, _ = _blob(shape, px + dx, py + dy, dot_r, rng, aspect=rng.uniform(0.6, 1.0), wobble=0.2)
+            add(dot_window, 0.92 * coverage)
     elif kind == "haemorrhage":
-        # blot haemorrhage: dark red, darker core
-        window, coverage, depth = _blob((height, width), px, py, reach, rng, aspect=rng.uniform(0.55, 1.0), wobble=0.15)
-        colour = np.array([92, 14, 8], dtype=np.float32)
-        alpha = (coverage * (0.72 + 0.2 * depth))[..., None]
-        if draw:
-            img[window] = img[window] * (1 - alpha) + colour * alpha
-        mask[window] |= coverage >= 0.5
-    else:  # microaneurysm: a tiny round red dot
-        window, coverage, _ = _blob((height, width), px, py, reach, rng, aspect=1.0, wobble=0.03)
-        colour = np.array([120, 12, 10], dtype=np.float32)
-        alpha = 0.9 * coverage[..., None]
-        if draw:
-            img[window] = img[window] * (1 - alpha) + colour * alpha
-        mask[window] |= coverage >= 0.5
-    return img, mask
+        dot_window, coverage, depth = _blob(shape, px, py, reach, rng, aspect=rng.uniform(0.55, 1.0), wobble=0.15)
+        add(dot_window, coverage * (0.72 + 0.2 * depth))
+    else:
+        dot_window, coverage, _ = _blob(shape, px, py, reach, rng, aspect=1.0, wobble=0.03)
+        add(dot_window, 0.9 * coverage)
+    return window, alpha
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,7 +620,7 @@ def _fundus_lesion(img, kind, px, py, reach, rng, draw):
 # --------------------------------------------------------------------------------------------
 
 
-def _render_oct(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
+def _render_oct(size, forms, rng_bg, rng_lesion, rng_noise, draw_lesions):
     height, width = image_shape("oct", size)
     yy, xx = _grid(height, width)
     x = xx[0]
@@ -536,60 +646,88 @@ def _render_oct(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
         "nfl": (0.022 + 0.05 * np.clip(side + 0.1, 0, None)) * h * (1 - 0.97 * pit),
     }
 
-    # drusen: dome-shaped elevations of the RPE above Bruch's membrane
-    elevation = np.zeros(width, dtype=np.float32)
-    drusen: list[np.ndarray] = []
-    for half_width, peak in _oct_plan(load, rng_lesion, width, height):
+    # lesion-like events: dome-shaped lifts of the outer retina. In the lesion form (a druse) the RPE
+    # rides on top, lifted off Bruch's membrane by a medium-reflective deposit; in the confounder form
+    # the same deposit lies above a flat RPE. Per column the two forms hold the same layers with the
+    # same thicknesses, only the order of the RPE band and the deposit differs, so they give the
+    # same pixel values: only the lifted RPE tells a druse
+    domes: list[np.ndarray] = []
+    for half_width, peak in _oct_events(rng_lesion, width, height):
         for _ in range(60):
-            centre = rng_lesion.uniform(0.08 * width + half_width, 0.92 * width - half_width)
-            span = (x > centre - half_width - 3) & (x < centre + half_width + 3)
-            if not elevation[span].any():
+            centre = rng_lesion.uniform(0.06 * width + half_width, 0.94 * width - half_width)
+            span = (x > centre - half_width - 4) & (x < centre + half_width + 4)
+            if not any(dome[span].any() for dome in domes):
                 break
         else:
             continue
         t = np.clip((x - centre) / half_width, -1.0, 1.0)
-        dome = (peak * (1 - t**2) ** 1.1).astype(np.float32)
-        elevation += dome
-        drusen.append(dome)
-    if not draw_lesions:
-        elevation = np.zeros_like(elevation)
+        domes.append((peak * (1 - t**2) ** 1.1).astype(np.float32))
+    lesion_events = forms(len(domes))
+    confounders = {"deposit_above_rpe": len(domes) - len(lesion_events)}
 
     bm = rpe + rpe_thickness  # Bruch's membrane stays put
-    rpe_top = rpe - elevation
-    # boundaries from the RPE upwards; the outer retina rides on the elevated RPE and the outer
-    # nuclear layer absorbs most of the displacement, so the inner retina barely moves
-    boundaries = {}
-    level = rpe_top
-    for name in ("os", "ez", "myoid", "elm"):
-        level = level - thickness[name]
-        boundaries[name] = level
-    level = level - np.maximum(thickness["onl"] - 0.9 * elevation, 0.25 * thickness["onl"])
-    boundaries["onl"] = level
-    for name in ("opl", "inl", "ipl", "gcl", "nfl"):
-        level = level - thickness[name]
-        boundaries[name] = level
-    # (top boundary of layer, reflectivity), from the vitreous down
-    layers = [
-        (None, 0.03),
-        (boundaries["nfl"], 0.80),
-        (boundaries["gcl"], 0.40),
-        (boundaries["ipl"], 0.56),
-        (boundaries["inl"], 0.20),
-        (boundaries["opl"], 0.52),
-        (boundaries["onl"], 0.13),
-        (boundaries["elm"], 0.40),
-        (boundaries["myoid"], 0.20),
-        (boundaries["ez"], 0.85),
-        (boundaries["os"], 0.36),
-        (rpe_top, 0.95),
-        (np.minimum(rpe_top + rpe_thickness, bm), 0.58),  # druse material under the lifted RPE
-        (bm, 0.0),  # choroid, added below
-    ]
-    img = np.full((height, width), layers[0][1], dtype=np.float32)
-    previous = layers[0][1]
-    for top, value in layers[1:]:
-        img += (value - previous) * np.clip(yy - top[None, :] + 0.5, 0.0, 1.0)
-        previous = value
+
+    def layered(with_lesions: bool) -> tuple[np.ndarray, dict]:
+        """Noise-free reflectivity (H, W) and the layer boundaries, with or without the lesion events."""
+        drawn = [dome for k, dome in enumerate(domes) if with_lesions or k not in lesion_events]
+        lift = np.sum(drawn, axis=0) if drawn else np.zeros(width, dtype=np.float32)
+        druse = np.zeros(width, dtype=bool)
+        if with_lesions:
+            for k in lesion_events:
+                druse |= domes[k] > 0
+        lifted = rpe - lift  # top of the RPE-deposit complex
+        # boundaries from the RPE upwards; the outer retina rides on the lift and the outer nuclear
+        # layer absorbs most of the displacement, so the inner retina barely moves
+        boundaries = {}
+        level = lifted
+        for name in ("os", "ez", "myoid", "elm"):
+            level = level - thickness[name]
+            boundaries[name] = level
+        level = level - np.maximum(thickness["onl"] - 0.9 * lift, 0.25 * thickness["onl"])
+        boundaries["onl"] = level
+        for name in ("opl", "inl", "ipl", "gcl", "nfl"):
+            level = level - thickness[name]
+            boundaries[name] = level
+        # (top boundary of layer, reflectivity), from the vitreous down; columns without a lift hold
+        # a zero-thickness deposit
+        layers = [
+            (boundaries["nfl"], 0.80),
+            (boundaries["gcl"], 0.40),
+            (boundaries["ipl"], 0.56),
+            (boundaries["inl"], 0.20),
+            (boundaries["opl"], 0.52),
+            (boundaries["onl"], 0.13),
+            (boundaries["elm"], 0.40),
+            (boundaries["myoid"], 0.20),
+            (boundaries["ez"], 0.85),
+            (boundaries["os"], 0.36),
+            (lifted, np.where(druse, 0.95, 0.58)),  # druse: the lifted RPE; else the deposit (if any)
+            (np.where(druse, lifted + rpe_thickness, rpe), np.where(druse, 0.58, 0.95)),  # then the other
+            (bm, np.zeros(width)),  # choroid, added below
+        ]
+        out = np.full((height, width), 0.03, dtype=np.float32)
+        previous = 0.03
+        for top, value in layers:
+            out += (value - previous) * np.clip(yy - top[None, :] + 0.5, 0.0, 1.0)
+            previous = value
+        return out, boundaries
+
+    img = layered(draw_lesions)[0]
+    boundaries = layered(True)[1]  # both forms lift the retina alike: the vessels sit where they would either way
+    lesions = []
+    if lesion_events:
+        # each druse's mask: the pixels it changes, per column from the highest to the lowest changed
+        # pixel (the displaced outer retina, the lifted RPE and the deposit); drusen share no columns
+        change = np.abs(layered(True)[0] - layered(False)[0]) * 255.0
+        for k in sorted(lesion_events):
+            columns = ndimage.binary_dilation(domes[k] > 0, iterations=2)
+            changed = (change > MASK_THRESHOLD) & columns[None, :]
+            below_top = np.maximum.accumulate(changed, axis=0)
+            above_bottom = np.maximum.accumulate(changed[::-1], axis=0)[::-1]
+            mask = below_top & above_bottom
+            if _big_enough(mask):
+                lesions.append(Lesion("drusen", mask))
+
     below_bm = yy - bm[None, :]
     choroid_depth = h * rng_bg.uniform(0.13, 0.2)
     vessels = _smooth_noise(rng_bg, (height, width), (2.0 * size / 256, 4.0 * size / 256))
@@ -610,25 +748,23 @@ def _render_oct(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
     img = img * speckle + 0.03 * np.abs(rng_noise.standard_normal((height, width)))
     pixels = np.clip(np.rint(255 * np.clip(img, 0, 1) ** 0.9), 0, 255).astype(np.uint8)
 
-    # mask of each druse: between the elevated RPE and the normal RPE line
-    lesions = []
-    for dome in drusen:
-        mask = (yy >= rpe[None, :] - dome[None, :]) & (yy < rpe[None, :]) & (dome[None, :] >= 0.5)
-        if mask.any():
-            lesions.append(Lesion("drusen", mask))
-    return Rendered(pixels, lesions), (0, 0, width, height), ["top-left", "top-right"]
+    return Rendered(pixels, lesions, confounders=confounders), (0, 0, width, height), ["top-left", "top-right"]
 
 
-def _oct_plan(load: str, rng: np.random.Generator, width: int, height: int) -> list[tuple[float, float]]:
-    """Drusen to draw: (half width, peak height) in pixels. Intermediate to large drusen: 100-400 um
-    tall on a ~2 mm deep scan, i.e. 4-10 % of the scan height."""
-    count, (w_low, w_high), (h_low, h_high) = {
-        "none": (0, (0, 0), (0, 0)),
-        "mild": (int(rng.integers(1, 3)), (0.04, 0.06), (0.045, 0.065)),
-        "moderate": (int(rng.integers(3, 6)), (0.045, 0.075), (0.055, 0.09)),
-        "severe": (int(rng.integers(5, 8)), (0.05, 0.08), (0.07, 0.1)),
-    }[load]
-    return [(rng.uniform(w_low, w_high) * width, rng.uniform(h_low, h_high) * height) for _ in range(count)]
+def _oct_events(rng: np.random.Generator, width: int, height: int) -> list[tuple[float, float]]:
+    """Lesion-like events, drawn without the label: (half width, peak height) in pixels. 4-10 per
+    scan; peaks log-uniform, 15 % small (2-5 px), the rest 5 px to 9 % of the scan height, half widths
+    1.6-3.5 x the peak (at least 3 px), shrunk until they fit side by side in 85 % of the scan."""
+    low, small = max(2.0, 2.0 * width / 256), 5.0 * width / 256
+    high = max(small, 0.09 * height)
+    plan = [[_log_uniform(rng, low, small) if rng.random() < 0.15 else _log_uniform(rng, small, high), rng.uniform(1.6, 3.5)]
+            for _ in range(_wide_count(rng, MIN_EVENTS, 10))]
+    for _ in range(30):
+        if sum(2 * max(3.0, min(peak * ratio, 0.09 * width)) + 8 for peak, ratio in plan) <= 0.85 * width:
+            break
+        for entry in plan:
+            entry[0] = max(low, entry[0] * 0.9)
+    return [(float(np.clip(peak * ratio, 3.0, 0.09 * width)), float(peak)) for peak, ratio in plan]
 
 
 # --------------------------------------------------------------------------------------------
@@ -640,7 +776,7 @@ _CXR_OFFSET, _CXR_GAIN = 160.0, 3700.0
 CXR_RESCALE_SLOPE, CXR_RESCALE_INTERCEPT = 1.0, -1024.0
 
 
-def _render_cxr(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
+def _render_cxr(size, forms, rng_bg, rng_lesion, rng_noise, draw_lesions):
     height = width = size
     yy, xx = _grid(height, width)
     u = xx / width
@@ -729,10 +865,15 @@ def _render_cxr(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
     atten += 0.015 * _smooth_noise(rng_bg, (height, width), 0.02 * size) * body
     atten = ndimage.gaussian_filter(atten, 0.6 * size / 256)
 
-    # opacities: soft consolidations confined to the lung fields
-    lesions = []
+    # lesion-like events in the lung fields. The lesion form is a nodular opacity, densest at its
+    # centre with an ill-defined margin; the confounder form (a reticular shadow: overlapping
+    # interstitial markings) has the very same densities on the very same pixels, shuffled, so it is
+    # mottled where the opacity is smooth. Same pixel values, other arrangement: only the texture
+    # tells an opacity
     inner = ndimage.distance_transform_edt(lungs_hard)
-    for radius in _cxr_plan(load, rng_lesion, size):
+    events = []
+    taken: list[tuple[float, float, float, float]] = []
+    for radius in _cxr_events(rng_lesion, size):
         candidates = np.flatnonzero(inner.ravel() > 0.9 * radius)
         if candidates.size == 0:
             continue
@@ -740,37 +881,63 @@ def _render_cxr(size, load, rng_bg, rng_lesion, rng_noise, draw_lesions):
             pick = int(candidates[rng_lesion.integers(candidates.size)])
             py, px = divmod(pick, width)
             box = (px - 1.4 * radius, py - 1.4 * radius, px + 1.4 * radius, py + 1.4 * radius)
-            if not any(_boxes_overlap(box, lesion.box, margin=2.0) for lesion in lesions):
+            if not any(_boxes_overlap(box, other, margin=2.0) for other in taken):
                 break
         else:
             continue
         window, coverage, depth = _blob((height, width), px + 0.5, py + 0.5, radius, rng_lesion, aspect=rng_lesion.uniform(0.65, 1.0), wobble=0.2)
-        in_lung = lungs_hard[window]
         mottle = np.clip(1.0 + 0.25 * _smooth_noise(rng_lesion, coverage.shape, 0.015 * size), 0.5, 1.5)
-        # ill-defined margin: density rises over the outer part of the blob
-        density = rng_lesion.uniform(0.24, 0.34) * coverage * (0.25 + 0.75 * _smoothstep(0.0, 0.6, depth)) * mottle * in_lung
-        mask = np.zeros((height, width), dtype=bool)
-        mask[window] = (coverage >= 0.5) & in_lung
-        if not mask.any():
+        density = rng_lesion.uniform(0.24, 0.34) * coverage * (0.25 + 0.75 * _smoothstep(0.0, 0.6, depth)) * mottle * lungs_hard[window]
+        if not _big_enough(density * _CXR_GAIN > MASK_THRESHOLD):
+            continue  # a sliver at the lung edge: no event (whatever the label)
+        taken.append(box)
+        events.append((window, density.astype(np.float32)))
+    # the confounder's arrangement, drawn for every event whatever its form: the densities in
+    # ascending order fill grains of grain x grain pixels taken in random order, so each grain is
+    # nearly uniform and neighbouring grains differ (a mottle that survives resizing)
+    grain = max(2, int(round(2 * size / 256)))
+    shuffles = []
+    for window, density in events:
+        rows, cols = np.nonzero(density > 0)
+        rows, cols = rows + window[0].start, cols + window[1].start
+        grains = (rows // grain) * (width // grain + 1) + cols // grain
+        _, grain_index = np.unique(grains, return_inverse=True)
+        grain_order = rng_lesion.random(int(grain_index.max()) + 1)
+        slots = np.lexsort((rng_lesion.random(grain_index.size), grain_order[grain_index]))  # pixels, grain by grain
+        values = np.argsort(density[density > 0], kind="stable")  # pixels, faintest first
+        source = np.empty_like(slots)
+        source[slots] = values  # the k-th slot takes the k-th faintest value
+        shuffles.append(source)
+    lesion_events = forms(len(events))
+    confounders = {"reticular_shadow": len(events) - len(lesion_events)}
+    lesions = []
+    for number, (window, density) in enumerate(events):
+        if number in lesion_events:
+            mask = np.zeros((height, width), dtype=bool)
+            mask[window] = density * _CXR_GAIN > MASK_THRESHOLD
+            if draw_lesions:
+                atten[window] += density
+            if _big_enough(mask):
+                lesions.append(Lesion("opacity", mask))
             continue
-        if draw_lesions:
-            atten[window] += density
-        lesions.append(Lesion("opacity", mask))
+        footprint = density > 0
+        patch = np.zeros_like(density)
+        patch[footprint] = density[footprint][shuffles[number]]
+        atten[window] += patch
 
     atten += 0.01 * rng_noise.standard_normal((height, width)).astype(np.float32)  # quantum noise
     stored = np.clip(np.rint(_CXR_OFFSET + _CXR_GAIN * atten), 0, 4095).astype(np.uint16)
-    return Rendered(stored, lesions), (0, 0, width, height), ["top-left", "top-right"]
+    return Rendered(stored, lesions, confounders=confounders), (0, 0, width, height), ["top-left", "top-right"]
 
 
-def _cxr_plan(load: str, rng: np.random.Generator, size: int) -> list[float]:
-    """Opacity radii in pixels."""
-    count, (low, high) = {
-        "none": (0, (0, 0)),
-        "mild": (int(rng.integers(1, 3)), (0.06, 0.08)),
-        "moderate": (int(rng.integers(2, 5)), (0.06, 0.1)),
-        "severe": (int(rng.integers(4, 7)), (0.07, 0.11)),
-    }[load]
-    return [rng.uniform(low, high) * size for _ in range(count)]
+def _cxr_events(rng: np.random.Generator, size: int) -> list[float]:
+    """Lesion-like events, drawn without the label: radii in pixels, 4-16 per image; a tenth are small
+    (1.2-4 px: a 2 x 2 px nodule, whose mottled form looks much the same), the rest log-uniform from 4 px to
+    9 % of the image side (a large mass)."""
+    low, small = MIN_LESION_RADIUS_PX + 0.1, 4.0 * size / 256
+    high = max(small, 0.09 * size)
+    return [_log_uniform(rng, low, small) if rng.random() < 0.1 else _log_uniform(rng, small, high)
+            for _ in range(_wide_count(rng, MIN_EVENTS, 16))]
 
 
 # --------------------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def test_boxes_line_up_with_masks(modality, synth_cohort):
         if row["label"] == "healthy":
             assert not mask.any() and not found
             continue
-        assert len(found) >= 2, "diseased images carry several lesions"
+        assert found, "a diseased image carries at least one lesion"
         covered = np.zeros_like(mask)
         for _, (x0, y0, x1, y1) in found:
             assert x0 == int(x0) and y1 == int(y1)
@@ -118,51 +118,163 @@ def test_boxes_line_up_with_masks(modality, synth_cohort):
             inside = mask[y0:y1, x0:x1]
             # tight: every edge row and column of the box holds a lesion pixel
             assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+            assert min(x1 - x0, y1 - y0) >= synth.MIN_LESION_SIDE_PX  # even the smallest lesion spans 2 x 2 px
             covered[y0:y1, x0:x1] = True
         assert not (mask & ~covered).any(), "union of boxes covers the mask"
-        # learnable at a 128 px input: at least two lesions span >= 3 % of the image side
-        sides = sorted(max(x1 - x0, y1 - y0) for _, (x0, y0, x1, y1) in found)
-        assert sides[-2] >= 0.03 * 128
         areas = sorted(lesion["area"] for lesion in meta["images"][row["image"]]["lesions"])
         assert sum(areas) == int(mask.sum()), "lesions do not overlap each other"
 
 
-@pytest.mark.parametrize("modality", ["fundus", "cxr"])
-def test_masks_are_the_pixels_the_lesions_changed(modality):
-    for index in range(3):
-        with_lesions = synth.render_image(modality, 128, 5, index, "diseased")
-        without = synth.render_image(modality, 128, 5, index, "diseased", draw_lesions=False)
+def _change(rendered, plain) -> np.ndarray:
+    """|with lesions - without| per pixel, summed over colour channels, (H, W) int."""
+    diff = np.abs(rendered.pixels.astype(np.int64) - plain.pixels.astype(np.int64))
+    return diff.sum(axis=2) if diff.ndim == 3 else diff
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_masks_cover_the_pixels_the_lesions_changed(modality):
+    """>= 95 % of the |diseased - lesion-free render| mass lies inside the lesion masks, in every image."""
+    shares = []
+    for index in range(8):
+        with_lesions = synth.render_image(modality, 256, 5, index, "diseased")
+        without = synth.render_image(modality, 256, 5, index, "diseased", draw_lesions=False)
         mask = with_lesions.mask()
         assert mask.any()
-        diff = np.abs(with_lesions.pixels.astype(np.int32) - without.pixels.astype(np.int32))
-        if diff.ndim == 3:
-            diff = diff.max(axis=2)
-        # the lesions change nothing outside the mask but their one-pixel anti-aliased rim (where an
-        # irregular edge may leave a faint, <= 2 grey level, tail)
-        assert not (diff > 2)[~ndimage.binary_dilation(mask)].any()
-        assert (diff > 0)[~ndimage.binary_dilation(mask)].sum() <= 3
-        # and visibly change (nearly) every mask pixel
-        threshold = 6 if modality == "fundus" else 20
-        assert (diff[mask] >= threshold).mean() > 0.97
         assert np.array_equal(without.mask(), mask)  # same lesion plan either way
+        change = _change(with_lesions, without)
+        shares.append(change[mask].sum() / change.sum())
+        # and the lesions visibly change the pixels they cover
+        assert change[mask].mean() >= 8, (modality, index)
+    print(f"{modality}: mask share of the lesion change min {min(shares):.4f} mean {np.mean(shares):.4f}")
+    assert min(shares) >= 0.95
 
 
-def test_oct_drusen_lift_the_rpe_inside_the_mask():
-    with_lesions = synth.render_image("oct", 128, 3, 1, "diseased")
-    without = synth.render_image("oct", 128, 3, 1, "diseased", draw_lesions=False)
-    mask = with_lesions.mask()
-    assert mask.any()
-    diff = np.abs(with_lesions.pixels.astype(int) - without.pixels.astype(int))
-    druse_columns = mask.any(axis=0)
-    # changes stay in the drusen's columns (the retina above them rides up)
-    assert not diff[:, ~ndimage.binary_dilation(druse_columns, iterations=2)].any()
-    for lesion in with_lesions.lesions:
-        x0, y0, x1, y1 = (int(v) for v in lesion.box)
-        # the mask spans from the lifted RPE down to the normal RPE line: the top rows of each column
-        # become bright RPE where the healthy eye had dark photoreceptor layers
-        top_rows = [int(np.flatnonzero(lesion.mask[:, x])[0]) for x in range(x0, x1) if lesion.mask[:, x].sum() >= 4]
-        gained = [with_lesions.pixels[y, x].astype(int) - without.pixels[y, x].astype(int) for y, x in zip(top_rows, range(x0, x1))]
-        assert top_rows and np.mean(gained) > 20
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_the_label_changes_only_the_form_of_the_lesion_events(modality):
+    """Anatomy, acquisition, and the number, kinds, sizes and places of the lesion-like events never see
+    the label: a healthy image is its diseased twin with the lesions drawn in the confounder form."""
+    for index in range(3):
+        healthy = synth.render_image(modality, 128, 2, index, "healthy")
+        twin = synth.render_image(modality, 128, 2, index, "diseased", lesions_as_confounders=True)
+        diseased = synth.render_image(modality, 128, 2, index, "diseased")
+        assert np.array_equal(healthy.pixels, twin.pixels)
+        assert healthy.confounders == twin.confounders and not healthy.lesions and not twin.lesions
+        assert diseased.lesions
+        # every lesion event of the diseased image is a confounder in the healthy one
+        assert sum(healthy.confounders.values()) - sum(diseased.confounders.values()) == len(diseased.lesions)
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_confounders_give_each_channel_the_lesions_own_pixel_values(modality):
+    """The confounder form of an event changes the same pixel values per colour channel as its lesion
+    form (it only puts them elsewhere or in another order): the sorted values of each channel of a
+    diseased image and of its healthy twin differ far less than the two images do pixel by pixel,
+    and far less than the diseased image and its lesion-free render do (lesions simply removed)."""
+
+    def channels(pixels):
+        values = pixels.astype(np.float64)
+        return values[..., None] if values.ndim == 2 else values
+
+    def histogram_shift(a, b, channel):
+        """1-D Wasserstein distance between the channel's values, relative to their pixel-wise change."""
+        a, b = a[..., channel].ravel(), b[..., channel].ravel()
+        moved = np.abs(a - b).sum()
+        return np.abs(np.sort(a) - np.sort(b)).sum() / moved if moved else 0.0
+
+    for index in range(4):
+        diseased = channels(synth.render_image(modality, 256, 4, index, "diseased").pixels)
+        healthy = channels(synth.render_image(modality, 256, 4, index, "healthy").pixels)
+        removed = channels(synth.render_image(modality, 256, 4, index, "diseased", draw_lesions=False).pixels)
+        assert not np.array_equal(diseased, healthy)
+        for channel in range(diseased.shape[2]):  # (fundus green: the very same pixels in both forms)
+            twin, plain = histogram_shift(diseased, healthy, channel), histogram_shift(diseased, removed, channel)
+            # the residue is speckle and quantum noise on another background (measured 0.04-0.22);
+            # removing the lesions shifts the histogram by 0.22-0.35 (OCT) to 0.7-1.0 (fundus, CXR)
+            assert twin <= 0.3 and twin <= 0.5 * plain, (modality, index, channel, twin, plain)
+
+
+def test_oct_drusen_lift_the_rpe_and_change_only_their_own_columns():
+    for index in range(4):
+        with_lesions = synth.render_image("oct", 256, 3, index, "diseased")
+        without = synth.render_image("oct", 256, 3, index, "diseased", draw_lesions=False)
+        twin = synth.render_image("oct", 256, 3, index, "diseased", lesions_as_confounders=True)
+        mask = with_lesions.mask()
+        assert mask.any()
+        diff = with_lesions.pixels.astype(int) - without.pixels.astype(int)
+        # changes stay in the drusen's columns (the outer retina above them rides up)
+        assert not diff[:, ~ndimage.binary_dilation(mask.any(axis=0), iterations=2)].any()
+        gaps = []
+        for lesion in with_lesions.lesions:
+            # the lowest rows of a druse's mask hold the deposit under the lifted RPE; in the confounder
+            # form the deposit lies above a flat RPE, so those rows keep the bright RPE
+            for column in np.flatnonzero(lesion.mask.sum(axis=0) >= 12):
+                bottom = np.flatnonzero(lesion.mask[:, column])[-3:]
+                gaps.append(twin.pixels[bottom, column].astype(float).mean() - with_lesions.pixels[bottom, column].astype(float).mean())
+        assert np.mean(gaps) > 20, (index, np.mean(gaps))
+
+
+def test_lesion_counts_and_sizes_vary_widely():
+    """One small lesion anywhere, or a dozen and more; sizes from a 2 px dot to a large blob."""
+    for modality in MODALITIES:
+        counts, sides = [], []
+        for index in range(60):
+            rendered = synth.render_image(modality, 256, 9, index, "diseased")
+            counts.append(len(rendered.lesions))
+            for lesion in rendered.lesions:
+                x0, y0, x1, y1 = lesion.box
+                sides.append((min(x1 - x0, y1 - y0), max(x1 - x0, y1 - y0)))
+                assert lesion.mask.sum() >= 4
+        assert min(counts) == 1 and max(counts) >= (6 if modality == "oct" else 12), (modality, sorted(counts))  # a B-scan holds fewer
+        assert sum(c == 1 for c in counts) >= 6, modality  # a single lesion in a good share of the images
+        smallest, largest = min(s for s, _ in sides), max(s for _, s in sides)
+        assert smallest >= synth.MIN_LESION_SIDE_PX
+        assert smallest <= (4 if modality != "oct" else 8) and largest >= 0.06 * 256, (modality, smallest, largest)
+
+
+def _global_statistics(pixels: np.ndarray) -> np.ndarray:
+    """18 global intensity statistics of one image: per colour channel the mean, std and 5/25/50/75th
+    percentiles (RGB: 3 x 6); a grey image (OCT, CXR) has one channel, so it gets the mean, std and
+    the 1, 2, 5, 10, 20, 25, 30, 40, 50, 60, 70, 75, 80, 90, 95, 99th percentiles (18 as well)."""
+    values = pixels.astype(np.float64)
+    if values.ndim == 2:
+        quantiles = np.percentile(values, [1, 2, 5, 10, 20, 25, 30, 40, 50, 60, 70, 75, 80, 90, 95, 99])
+        return np.r_[values.mean(), values.std(), quantiles]
+    return np.concatenate([np.r_[c.mean(), c.std(), np.percentile(c, [5, 25, 50, 75])] for c in np.moveaxis(values, 2, 0)])
+
+
+def _edge_map(pixels: np.ndarray) -> np.ndarray:
+    """Model-free saliency |x - Gaussian(x, sigma 3 px)| summed over channels, (H, W)."""
+    values = pixels.astype(np.float64)
+    values = values[..., None] if values.ndim == 2 else values
+    return sum(np.abs(values[..., c] - ndimage.gaussian_filter(values[..., c], 3)) for c in range(values.shape[2]))
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_global_intensity_statistics_and_edges_do_not_give_the_lesions_away(modality):
+    """Only the lesions discriminate: a logistic regression on 18 global intensity statistics of 160
+    default (256 px) images stays near chance (5-fold accuracy <= 0.70), and a model-free edge map
+    does not find the lesions among the confounders (top-k precision, k = lesion pixels, <= 0.3)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    features, labels, precision = [], [], []
+    for index in range(160):
+        label = synth.BINARY_CLASSES[index % 2]
+        rendered = synth.render_image(modality, 256, 21, index, label)
+        features.append(_global_statistics(rendered.pixels))
+        labels.append(index % 2)
+        if rendered.lesions and index < 80:
+            mask = rendered.mask().ravel()
+            top = np.argsort(_edge_map(rendered.pixels).ravel(), kind="stable")[::-1][: int(mask.sum())]
+            precision.append(mask[top].mean())
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+    accuracy = cross_val_score(classifier, np.array(features), np.array(labels), cv=StratifiedKFold(5, shuffle=True, random_state=0)).mean()
+    print(f"{modality}: global-statistics logistic regression 5-fold accuracy {accuracy:.3f}; "
+          f"edge-map top-k precision {np.mean(precision):.3f}")
+    assert accuracy <= 0.70
+    assert np.mean(precision) <= 0.3
 
 
 def test_labels_balanced_and_every_split_holds_every_class():
@@ -188,7 +300,7 @@ def test_grades_follow_lesion_load(synth_cohort):
         load.setdefault(info["label"], []).append(sum(info["lesion_counts"].values()))
     assert sorted(load) == ["grade0", "grade1", "grade2"] and all(len(v) == 10 for v in load.values())
     assert max(load["grade0"]) == 0
-    assert min(load["grade1"]) >= 2 and max(load["grade1"]) < min(load["grade2"])
+    assert min(load["grade1"]) >= 1 and max(load["grade1"]) < min(load["grade2"])
 
 
 def test_cxr_dicom_has_fake_identifiers_and_display_fields(synth_cohort):
@@ -257,9 +369,11 @@ def test_fundus_looks_like_a_fundus():
     assert rgb[:8, :8].max() == 0 and rgb[-8:, -8:].max() == 0  # black surround
     centre = rgb[96:160, 96:160].reshape(-1, 3).mean(axis=0)
     assert centre[0] > centre[1] > centre[2]  # orange-red retina
-    brightest = np.unravel_index(np.argmax(rgb.sum(axis=2)), rgb.shape[:2])
+    # the optic disc is the brightest large structure (lesion-like events are small): off-centre, yellowish
+    smooth = ndimage.uniform_filter(rgb, size=(15, 15, 1))
+    brightest = np.unravel_index(np.argmax(smooth.sum(axis=2)), rgb.shape[:2])
     assert abs(brightest[1] - 128) > 30  # the optic disc sits off-centre, left or right
-    assert rgb[brightest][2] < rgb[brightest][0]  # yellowish, not white
+    assert smooth[brightest][2] < smooth[brightest][0]  # yellowish, not white
 
 
 def test_cli_synth_writes_a_cohort_and_reports_bad_input(tmp_path, capsys):
@@ -299,13 +413,14 @@ def test_two_hundred_images_render_quickly(modality, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("modality", MODALITIES)
-def test_cohort_is_learnable_by_a_resnet18_from_scratch(modality, tmp_path):
-    """The demo models rely on it: 300 images (180 to train), 128 px input, 10 epochs of the paper's
-    SGD recipe from random weights. Measured on an H200 (60 test images each): baseline / SoftCAM
-    (l1 0.01) test accuracy fundus 0.98 / 1.00, OCT 1.00 / 1.00, CXR 0.93 / 0.97."""
+def test_cohort_is_learnable_within_the_report_budget(modality, tmp_path):
+    """Only the lesions discriminate, yet a ResNet-18 learns them from random weights within the
+    report's budget: 400 images (240 to train), 224 px input, 10 epochs of SGD (lr 0.01), 2,400
+    image-steps. Measured on 2 CPU cores, 80 test images: LEARNABILITY_FIGURES."""
     from softcam_core.training import train
 
-    root = synth.make_cohort(modality, 300, 1, tmp_path / "cohort")
-    result = train(root, tmp_path / "model.pt", arch="resnet18", head="baseline", epochs=10, img_size=128,
-                   batch_size=16, seed=0, show_progress=False)
-    assert result.meta["metrics"]["test"]["accuracy"] >= 0.9
+    root = synth.make_cohort(modality, 400, 0, tmp_path / "cohort")
+    result = train(root, tmp_path / "model.pt", arch="resnet18", head="baseline", epochs=10, img_size=224,
+                   batch_size=16, lr=0.01, seed=0, show_progress=False)
+    # chance is 0.5 +- 0.056 on 80 images; 0.65 is 2.7 standard errors above it
+    assert result.meta["metrics"]["test"]["accuracy"] >= 0.65
