@@ -359,6 +359,7 @@ def render_image(
     artifact: bool = False,
     draw_lesions: bool = True,
     lesions_as_confounders: bool = False,
+    confounders: bool = True,
 ) -> Rendered:
     """Render image ``index`` of a cohort.
 
@@ -373,13 +374,15 @@ def render_image(
     unchanged, the lesion masks still computed): how the tests check that the masks cover the
     changed pixels. ``lesions_as_confounders=True`` renders the lesion events in the confounder
     form (no lesions): how the tests check that a diseased image is its healthy twin but for them.
+    ``confounders=False`` leaves the confounder-form events out (healthy images carry none): an easy
+    cohort whose classes differ in global intensity statistics, for demos, never for benchmarks.
     """
     load = "none" if lesions_as_confounders else _lesion_load(label)
     rng_bg = _rng(seed, modality, index, _STREAM_BACKGROUND)
     rng_lesion = _rng(seed, modality, index, _STREAM_LESIONS)
     rng_noise = _rng(seed, modality, index, _STREAM_NOISE)
     rng_forms = _rng(seed, modality, index, _STREAM_FORMS)
-    forms = lambda n_events: _lesion_events(load, n_events, rng_forms)  # noqa: E731
+    forms = lambda n_events: (_lesion_events(load, n_events, rng_forms), confounders)  # noqa: E731
     renderer = {"fundus": _render_fundus, "oct": _render_oct, "cxr": _render_cxr}[modality]
     rendered, region, corners = renderer(size, forms, rng_bg, rng_lesion, rng_noise, draw_lesions)
     if artifact:
@@ -520,7 +523,7 @@ def _render_fundus(size, forms, rng_bg, rng_lesion, rng_noise, draw_lesions):
             continue  # too faint to draw a lesion of 2 x 2 px: no event (whatever the label)
         shift = (int(round(second[1] - place[1])), int(round(second[0] - place[0])))
         events.append((kind, window, alpha, shift))
-    lesion_events = forms(len(events))
+    lesion_events, with_confounders = forms(len(events))
 
     lesions: list[Lesion] = []
     confounders = {f"{kind}_split": 0 for kind in LESION_KINDS["fundus"]}
@@ -535,6 +538,8 @@ def _render_fundus(size, forms, rng_bg, rng_lesion, rng_noise, draw_lesions):
                 img[window] += change
             if _big_enough(mask):
                 lesions.append(Lesion(kind, mask))
+            continue
+        if not with_confounders:
             continue
         # confounder form: the lesion's own change, green at its place, red and blue at the second
         # place, so each colour channel gains exactly the values a lesion would give it; only
@@ -662,14 +667,18 @@ def _render_oct(size, forms, rng_bg, rng_lesion, rng_noise, draw_lesions):
             continue
         t = np.clip((x - centre) / half_width, -1.0, 1.0)
         domes.append((peak * (1 - t**2) ** 1.1).astype(np.float32))
-    lesion_events = forms(len(domes))
+    lesion_events, with_confounders = forms(len(domes))
+    if not with_confounders:
+        domes = [dome for k, dome in enumerate(domes) if k in lesion_events]
+        lesion_events = set(range(len(domes)))
     confounders = {"deposit_above_rpe": len(domes) - len(lesion_events)}
 
     bm = rpe + rpe_thickness  # Bruch's membrane stays put
 
-    def layered(with_lesions: bool) -> tuple[np.ndarray, dict]:
-        """Noise-free reflectivity (H, W) and the layer boundaries, with or without the lesion events."""
-        drawn = [dome for k, dome in enumerate(domes) if with_lesions or k not in lesion_events]
+    def layered(with_lesions: bool, flat: bool = False) -> tuple[np.ndarray, dict]:
+        """Noise-free reflectivity (H, W) and the layer boundaries, with or without the lesion events
+        (``flat``: without any event)."""
+        drawn = [] if flat else [dome for k, dome in enumerate(domes) if with_lesions or k not in lesion_events]
         lift = np.sum(drawn, axis=0) if drawn else np.zeros(width, dtype=np.float32)
         druse = np.zeros(width, dtype=bool)
         if with_lesions:
@@ -713,7 +722,7 @@ def _render_oct(size, forms, rng_bg, rng_lesion, rng_noise, draw_lesions):
         return out, boundaries
 
     img = layered(draw_lesions)[0]
-    boundaries = layered(True)[1]  # both forms lift the retina alike: the vessels sit where they would either way
+    boundaries = layered(False, flat=True)[1]  # the vessels sit where they would without any event, whatever the label
     lesions = []
     if lesion_events:
         # each druse's mask: the pixels it changes, per column from the highest to the lowest changed
@@ -908,8 +917,8 @@ def _render_cxr(size, forms, rng_bg, rng_lesion, rng_noise, draw_lesions):
         source = np.empty_like(slots)
         source[slots] = values  # the k-th slot takes the k-th faintest value
         shuffles.append(source)
-    lesion_events = forms(len(events))
-    confounders = {"reticular_shadow": len(events) - len(lesion_events)}
+    lesion_events, with_confounders = forms(len(events))
+    confounders = {"reticular_shadow": (len(events) - len(lesion_events)) if with_confounders else 0}
     lesions = []
     for number, (window, density) in enumerate(events):
         if number in lesion_events:
@@ -919,6 +928,8 @@ def _render_cxr(size, forms, rng_bg, rng_lesion, rng_noise, draw_lesions):
                 atten[window] += density
             if _big_enough(mask):
                 lesions.append(Lesion("opacity", mask))
+            continue
+        if not with_confounders:
             continue
         footprint = density > 0
         patch = np.zeros_like(density)
@@ -1078,6 +1089,7 @@ def make_cohort(
     artifact_rate: float = 0.0,
     grades: bool = False,
     split: tuple[float, float, float] = (0.6, 0.2, 0.2),
+    confounders: bool = True,
     progress: bool = False,
 ) -> Path:
     """Write a deterministic synthetic cohort of ``n`` images to ``out`` and return its path.
@@ -1086,7 +1098,8 @@ def make_cohort(
     round(0.97 size)). Classes: healthy / diseased, or with ``grades`` grade0 (no lesions),
     grade1 (few, small) and grade2 (many, large); counts balanced to within one image.
     ``artifact_rate``: fraction of the non-healthy images that get the burned-in shortcut tag (never
-    a healthy one). ``split``: train/val/test fractions, stratified per class. An existing
+    a healthy one). ``split``: train/val/test fractions, stratified per class. ``confounders=False``:
+    the easy variant without lesion look-alikes (docs/synth.md), never a benchmark. An existing
     ``out`` is replaced only when it is an earlier synthetic cohort (it has ``synth_meta.json``)
     or empty. Same arguments give byte-identical files.
     """
@@ -1124,7 +1137,7 @@ def make_cohort(
         for i in indices:
             stem = f"{modality}_{i:04d}"
             file_name = stem + IMAGE_SUFFIX[modality]
-            rendered = render_image(modality, size, seed, i, labels[i], artifact=i in with_artifact)
+            rendered = render_image(modality, size, seed, i, labels[i], artifact=i in with_artifact, confounders=confounders)
             height, width = rendered.pixels.shape[:2]
             if modality == "cxr":
                 data = _dicom_bytes(rendered.pixels, seed, i, burned_in=rendered.artifact_box is not None)
@@ -1148,6 +1161,7 @@ def make_cohort(
                 "stem": stem, "index": i, "label": labels[i], "split": splits[i], "width": width, "height": height,
                 "lesion_counts": counts, "lesions": lesion_records,
                 "artifact": None if rendered.artifact_box is None else {"text": ARTIFACT_TEXT[modality], "box": list(rendered.artifact_box)},
+                "confounders": rendered.confounders,
                 "seed_entropy": [seed, MODALITIES.index(modality), i],
             }
 
@@ -1164,7 +1178,7 @@ def make_cohort(
         meta = {
             "generator": "softcam_core.synth", "version": GENERATOR_VERSION, "modality": modality, "n": n, "seed": seed,
             "size": size, "artifact_rate": float(artifact_rate), "artifact_text": ARTIFACT_TEXT[modality],
-            "grades": bool(grades), "split_fractions": list(split), "classes": list(classes),
+            "grades": bool(grades), "confounders": bool(confounders), "split_fractions": list(split), "classes": list(classes),
             "lesion_kinds": list(LESION_KINDS[modality]), "images": meta_images,
         }
         if modality == "cxr":
@@ -1203,12 +1217,15 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--artifact-rate", type=float, default=0.0,
                         help="fraction of diseased images that carry a burned-in shortcut tag (default 0)")
     parser.add_argument("--grades", action="store_true", help="three grades by lesion load (grade0..grade2) instead of healthy/diseased")
+    parser.add_argument("--no-confounders", dest="confounders", action="store_false",
+                        help="easy variant: no lesion look-alikes, so global intensity statistics give the class away "
+                        "(for demos; never a benchmark)")
     parser.set_defaults(func=_cli_synth)
 
 
 def _cli_synth(args) -> int:
     out = make_cohort(args.modality, args.n, args.seed, args.out, size=args.size, artifact_rate=args.artifact_rate,
-                      grades=args.grades, progress=True)
+                      grades=args.grades, confounders=args.confounders, progress=True)
     with open(out / "labels.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     by_class = {}

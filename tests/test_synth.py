@@ -193,6 +193,22 @@ def test_confounders_give_each_channel_the_lesions_own_pixel_values(modality):
             assert twin <= 0.3 and twin <= 0.5 * plain, (modality, index, channel, twin, plain)
 
 
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_the_easy_variant_leaves_the_confounders_out(modality, tmp_path):
+    """``confounders=False`` (``--no-confounders``): the same lesions, no look-alikes; recorded in the meta."""
+    for index in range(2):
+        fair = synth.render_image(modality, 128, 6, index, "diseased")
+        easy = synth.render_image(modality, 128, 6, index, "diseased", confounders=False)
+        healthy = synth.render_image(modality, 128, 6, index, "healthy", confounders=False)
+        assert sum(fair.confounders.values()) > 0 or index  # the fair image carries look-alikes
+        assert sum(easy.confounders.values()) == 0 and sum(healthy.confounders.values()) == 0
+        assert np.array_equal(easy.mask(), fair.mask())  # the very same lesions
+        plain = synth.render_image(modality, 128, 6, index, "diseased", confounders=False, draw_lesions=False)
+        assert np.array_equal(plain.pixels, healthy.pixels)  # without its lesions, an easy image is its healthy twin
+    root = synth.make_cohort(modality, 6, 0, tmp_path / "easy", size=64, confounders=False)
+    assert json.loads((root / "synth_meta.json").read_text())["confounders"] is False
+
+
 def test_oct_drusen_lift_the_rpe_and_change_only_their_own_columns():
     for index in range(4):
         with_lesions = synth.render_image("oct", 256, 3, index, "diseased")
