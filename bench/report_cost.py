@@ -101,7 +101,11 @@ def predict_minutes(pieces: dict, report=None) -> float:
         per_seed += count * (sum(cost(m) for m in methods) * test + len(methods) * deletion_images * pieces["deletion"])
     evaluation = len(report.seeds) * per_seed
     shortcut = test * sum(cost(m) for m in report.methods if m.startswith("cascam:")) * 2 if report.shortcut_rate else 0
-    return (train + evaluation + shortcut) / 60.0
+    # the model-randomisation test: first seed, every model, maps of the trained and the re-initialised net
+    randomisation = 2 * report.randomisation_images * (
+        sum(cost(m) for m in list(report.methods) + list(report.sanity_methods))
+        + 3 * sum(cost(m) for m in ["softcam"] + list(report.within_methods)))
+    return (train + evaluation + shortcut + randomisation) / 60.0
 
 
 def run(config: Config) -> list[Result]:

@@ -904,7 +904,7 @@ def _render_cxr(size, forms, rng_bg, rng_lesion, rng_noise, draw_lesions):
     # the confounder's arrangement, drawn for every event whatever its form: the densities in
     # ascending order fill grains of grain x grain pixels taken in random order, so each grain is
     # nearly uniform and neighbouring grains differ (a mottle that survives resizing)
-    grain = max(2, int(round(2 * size / 256)))
+    grain = max(1, int(round(size / 256)))
     shuffles = []
     for window, density in events:
         rows, cols = np.nonzero(density > 0)
@@ -942,13 +942,13 @@ def _render_cxr(size, forms, rng_bg, rng_lesion, rng_noise, draw_lesions):
 
 
 def _cxr_events(rng: np.random.Generator, size: int) -> list[float]:
-    """Lesion-like events, drawn without the label: radii in pixels, 4-16 per image; a tenth are small
+    """Lesion-like events, drawn without the label: radii in pixels, 6-24 per image; a tenth are small
     (1.2-4 px: a 2 x 2 px nodule, whose mottled form looks much the same), the rest log-uniform from 4 px to
     9 % of the image side (a large mass)."""
     low, small = MIN_LESION_RADIUS_PX + 0.1, 4.0 * size / 256
     high = max(small, 0.09 * size)
     return [_log_uniform(rng, low, small) if rng.random() < 0.1 else _log_uniform(rng, small, high)
-            for _ in range(_wide_count(rng, MIN_EVENTS, 16))]
+            for _ in range(_wide_count(rng, 6, 24))]
 
 
 # --------------------------------------------------------------------------------------------
