@@ -36,14 +36,18 @@ MAX_GAP = 0.02  # demo acceptance: SoftCAM accuracy may trail its baseline by at
 class DemoSettings:
     """What the demo builds. ``n`` images per modality rendered at ``synth_size`` px and split
     ``split`` (train, val, test): a large test split so that 2 accuracy points are several images.
+    ``confounders``: the demo cohort is the synthetic generator's easy variant (no lesion
+    look-alikes, docs/synth.md) so that small models trained in minutes are accurate enough to show
+    the app; benchmarks (``softcam report``) use the fair default.
     Models: ``arch`` at ``img_size`` px for ``epochs`` epochs; SoftCAM with lasso weight ``l1``."""
 
     n: int = 300
-    synth_size: int = 128
+    synth_size: int = 256
+    confounders: bool = False
     split: tuple[float, float, float] = (0.5, 0.15, 0.35)
     arch: str = "resnet18"
-    img_size: int = 80
-    epochs: int = 6
+    img_size: int = 128
+    epochs: int = 10
     batch_size: int = 16
     lr: float = 1e-2
     min_lr: float = 1e-4
@@ -127,10 +131,10 @@ def prepare_demo(
         entry: dict = {}
         cohort = assets["cohorts"][modality]
         t0 = time.perf_counter()
-        if force or not (cohort / "labels.csv").is_file():
+        if force or not _current_cohort(cohort, settings):
             if cohort.exists():
                 shutil.rmtree(cohort)
-            make_cohort(modality, settings.n, settings.seed, cohort, size=settings.synth_size,
+            make_cohort(modality, settings.n, settings.seed, cohort, size=settings.synth_size, confounders=settings.confounders,
                         split=settings.split, progress=show_progress)
             entry["synth_seconds"] = round(time.perf_counter() - t0, 1)
         else:
@@ -176,6 +180,20 @@ def prepare_demo(
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return report
+
+
+def _current_cohort(cohort: Path, settings: DemoSettings) -> bool:
+    """Whether ``cohort`` is a complete demo cohort of this generator version and these settings
+    (an older version's cohort is rebuilt, and its models retrained, rather than reused)."""
+    from softcam_core.synth import GENERATOR_VERSION
+
+    try:
+        meta = json.loads((cohort / "synth_meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return ((cohort / "labels.csv").is_file() and meta.get("version") == GENERATOR_VERSION
+            and meta.get("confounders", True) == settings.confounders and meta.get("size") == settings.synth_size
+            and meta.get("n") == settings.n and meta.get("seed") == settings.seed)
 
 
 def _cpu_seconds() -> float:

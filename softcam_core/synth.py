@@ -374,10 +374,13 @@ def render_image(
     unchanged, the lesion masks still computed): how the tests check that the masks cover the
     changed pixels. ``lesions_as_confounders=True`` renders the lesion events in the confounder
     form (no lesions): how the tests check that a diseased image is its healthy twin but for them.
-    ``confounders=False`` leaves the confounder-form events out (healthy images carry none): an easy
-    cohort whose classes differ in global intensity statistics, for demos, never for benchmarks.
+    ``confounders=False`` leaves the confounder-form events out (healthy images carry none) and
+    draws every event of a (binary) diseased image as a lesion: an easy cohort whose classes differ
+    in global intensity statistics, for demos, never for benchmarks.
     """
     load = "none" if lesions_as_confounders else _lesion_load(label)
+    if not confounders and load == "moderate":
+        load = "severe"  # the easy variant: every event of a diseased image is a lesion
     rng_bg = _rng(seed, modality, index, _STREAM_BACKGROUND)
     rng_lesion = _rng(seed, modality, index, _STREAM_LESIONS)
     rng_noise = _rng(seed, modality, index, _STREAM_NOISE)
