@@ -430,13 +430,14 @@ def test_two_hundred_images_render_quickly(modality, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_cohort_is_learnable_within_the_report_budget(modality, tmp_path):
-    """Only the lesions discriminate, yet a ResNet-18 learns them from random weights within the
-    report's budget: 400 images (240 to train), 224 px input, 10 epochs of SGD (lr 0.01), 2,400
-    image-steps. Measured on 2 CPU cores, 80 test images: LEARNABILITY_FIGURES."""
+    """Only the lesions discriminate, yet a ResNet-18 baseline learns them from random weights within
+    the report's budget: 340 images (204 to train, 68 to test), 224 px input, 9 epochs of SGD (lr
+    0.01), 1,836 image-steps. Measured on 2 CPU cores: CXR test accuracy 0.79 (AUC 0.85) at exactly
+    this budget; fundus 0.89 (AUC 0.96) and OCT 0.91 (AUC 0.95) at 400 images / 10 epochs."""
     from softcam_core.training import train
 
-    root = synth.make_cohort(modality, 400, 0, tmp_path / "cohort")
-    result = train(root, tmp_path / "model.pt", arch="resnet18", head="baseline", epochs=10, img_size=224,
+    root = synth.make_cohort(modality, 340, 0, tmp_path / "cohort")
+    result = train(root, tmp_path / "model.pt", arch="resnet18", head="baseline", epochs=9, img_size=224,
                    batch_size=16, lr=0.01, seed=0, show_progress=False)
-    # chance is 0.5 +- 0.056 on 80 images; 0.65 is 2.7 standard errors above it
+    # chance is 0.5 +- 0.06 on 68 images; 0.65 is 2.5 standard errors above it
     assert result.meta["metrics"]["test"]["accuracy"] >= 0.65
