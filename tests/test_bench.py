@@ -122,7 +122,7 @@ def test_evaluate_memory_tiny(tmp_path, capsys):
 
 
 def test_report_cost_tiny_predicts_against_the_budget(tmp_path, capsys):
-    out, payload = run_bench("report_cost", tmp_path, capsys)
+    _, payload = run_bench("report_cost", tmp_path, capsys)
     lines = [r for r in payload["results"] if r["name"].startswith("report")]
     names = " ".join(r["name"] for r in lines)
     assert "report one modality, predicted" in names and "report three modalities" in names  # (FAIL lines also print)
