@@ -307,3 +307,13 @@ def boxes_to_mask(boxes: Iterable[Box], height: int, width: int) -> np.ndarray:
     for box in boxes:
         mask |= box.to_mask(height, width)
     return mask
+
+
+def box_iou(a, b) -> float:
+    """Intersection over union of two boxes given as ``(x0, y0, x1, y1)`` sequences (image pixels); 0 when
+    disjoint or empty. Pure: pinned by hand-computed cases in tests."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0

@@ -172,3 +172,11 @@ def head_revision() -> str:
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def mask_db_url(url: str) -> str:
+    """Database URL with any password replaced by ``***`` (for the sidebar and logs)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1] if "@" in url else url

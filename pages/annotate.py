@@ -7,7 +7,15 @@ from PIL import Image
 from streamlit_drawable_canvas import boxes_to_drawing, st_canvas
 
 from pages import common
-from softcam_core import viewer
+from service.boxes import (
+    canvas_boxes_to_image,
+    canvas_scale,
+    canvas_size,
+    diff_boxes,
+    image_boxes_to_canvas,
+    lesion_labels,
+)
+from softcam_core.render import display_pixels
 
 CANVAS_MAX_WIDTH, CANVAS_MAX_HEIGHT = 760, 620
 
@@ -26,7 +34,7 @@ def draw_boxes() -> None:
     image, record = picked
 
     saved = common.saved_boxes(record)  # [(annotation, (x0, y0, x1, y1, label))]
-    labels = viewer.lesion_labels(image.modality, [box[4] for _, box in saved])
+    labels = lesion_labels(image.modality, [box[4] for _, box in saved])
     tools, board = st.columns([1, 3])
     with tools:
         label = st.selectbox("Label for new boxes", labels, key="annotate_label")
@@ -38,27 +46,27 @@ def draw_boxes() -> None:
                                    width="stretch")
         st.caption(f"{len(saved)} saved box(es) · {image.width}×{image.height} px")
 
-    scale = viewer.canvas_scale(image.width, image.height, CANVAS_MAX_WIDTH, CANVAS_MAX_HEIGHT)
-    width, height = viewer.canvas_size(image.width, image.height, scale)
+    scale = canvas_scale(image.width, image.height, CANVAS_MAX_WIDTH, CANVAS_MAX_HEIGHT)
+    width, height = canvas_size(image.width, image.height, scale)
     scale_x, scale_y = width / image.width, height / image.height
     originals = [box for _, box in saved]
     # a new key whenever the stored boxes change (save, discard, other user's edit) resets the canvas
     generation = st.session_state.setdefault("annotate_generation", 0)
     canvas_key = f"canvas_{record.id}_{common.boxes_signature(saved)}_{generation}"
-    background = Image.fromarray(viewer.display_pixels(image)).resize((width, height), Image.Resampling.BILINEAR)
+    background = Image.fromarray(display_pixels(image)).resize((width, height), Image.Resampling.BILINEAR)
     with board:
         result = st_canvas(
             fill_color="rgba(0, 229, 255, 0.08)", stroke_width=2, stroke_color="#00e5ff",
             background_image=background, background_image_fit="stretch", update_streamlit=True,
             width=width, height=height, drawing_mode="labeled_rect", label=label, font_size=14,
-            initial_drawing=boxes_to_drawing(viewer.image_boxes_to_canvas(originals, scale_x, scale_y),
+            initial_drawing=boxes_to_drawing(image_boxes_to_canvas(originals, scale_x, scale_y),
                                              stroke_color="#00e5ff", stroke_width=2,
                                              fill_color="rgba(0, 229, 255, 0.08)"),
             key=canvas_key,
         )
-    edited = viewer.canvas_boxes_to_image(result.boxes, scale_x, scale_y, image.width, image.height,
+    edited = canvas_boxes_to_image(result.boxes, scale_x, scale_y, image.width, image.height,
                                           originals=originals)
-    edits = viewer.diff_boxes([(annotation, box) for annotation, box in saved], edited)
+    edits = diff_boxes([(annotation, box) for annotation, box in saved], edited)
 
     with tools:
         if not edits.empty:

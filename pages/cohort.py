@@ -8,14 +8,14 @@ import pandas as pd
 import streamlit as st
 
 from pages import common
-from softcam_core import viewer
+from softcam_core.explain.specs import method_title
 
 st.title("Cohort metrics")
 user = common.current_user()
 
-from softcam_core.evaluate import METRIC_CHOICES, EvalSettings  # noqa: E402
-from softcam_core.explain import METHODS  # noqa: E402
 from db import evaluation  # noqa: E402
+from softcam_core.evaluate import METRIC_CHOICES  # noqa: E402
+from softcam_core.explain import METHODS  # noqa: E402
 
 METRIC_TITLES = {
     "topk": "Top-k localization precision", "topk_positive": "Top-k precision over the positive cells (variant)",
@@ -78,7 +78,7 @@ with st.form("cohort_run"):
                                      format_func=lambda v: "every label" if v is None else f"labelled {v}")
     with right:
         methods = st.multiselect("Methods", list(METHODS), default=["softcam", "gradcam"],
-                                 format_func=viewer.method_title)
+                                 format_func=method_title)
         metrics = st.multiselect("Metrics", list(METRIC_CHOICES),
                                  default=["topk", "activation_precision", "pointing_game", "deletion"],
                                  format_func=lambda m: METRIC_TITLES.get(m, m))
@@ -151,7 +151,7 @@ def compact_summary(cohort: pd.DataFrame) -> pd.DataFrame:
     metrics = [c[:-5] for c in cohort.columns if c.endswith("_mean")]
     rows = []
     for _, row in cohort.iterrows():
-        out = {"method": viewer.method_title(str(row["method"]))}
+        out = {"method": method_title(str(row["method"]))}
         for metric in metrics:
             mean, low, high, n = (row.get(f"{metric}_{k}") for k in ("mean", "ci_low", "ci_high", "n"))
             out[metric] = ("undefined" if pd.isna(mean) else

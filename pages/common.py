@@ -1,7 +1,7 @@
 """Streamlit helpers shared by app.py and the pages: database engine, sign-in, sidebar, model choice.
 
-Only Streamlit glue lives here; the logic is in ``softcam_core.viewer``, ``db.repository`` and
-``annotations``.
+Only Streamlit glue lives here; the logic is in ``service`` (catalogue, image sessions, box edits,
+jobs, cohort folders), ``softcam_core.render``, ``db.repository`` and ``annotations``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,13 @@ from pathlib import Path
 
 import streamlit as st
 
-from softcam_core import viewer
+from db.session import mask_db_url
+from service import catalogue
+from service.boxes import BoxEdits
+from service.catalogue import CheckpointInfo, checkpoint_info, list_checkpoints
+from service.cohorts import find_cohort_folders, register_cohort_folder
+from service.image_session import MapStore
+from service.jobs import JobCancelled, run_in_background
 from softcam_core.paths import db_url
 
 ROLES = ("clinician", "annotator", "researcher", "admin")
@@ -40,7 +46,7 @@ def one_line(exc: BaseException) -> str:
 
 
 def masked_db_url() -> str:
-    return viewer.mask_db_url(db_url())
+    return mask_db_url(db_url())
 
 
 def pages_for_role(role: str) -> tuple[str, ...]:
@@ -205,8 +211,8 @@ def device_text() -> str:
     return describe_device()
 
 
-def checkpoints() -> list[viewer.CheckpointInfo]:
-    found, problems = viewer.list_checkpoints()
+def checkpoints() -> list[CheckpointInfo]:
+    found, problems = list_checkpoints()
     for problem in problems:
         st.sidebar.warning(problem, icon=":material/warning:")
     return found
@@ -220,7 +226,7 @@ def default_model_path(modality: str | None = None) -> str | None:
         return repository.get_default_model(s, modality) if modality else None
 
 
-def model_selector() -> viewer.CheckpointInfo | None:
+def model_selector() -> CheckpointInfo | None:
     """Sidebar choice of the current model; remembered in the session as ``model_path``."""
     found = checkpoints()
     if not found:
@@ -243,7 +249,7 @@ def model_selector() -> viewer.CheckpointInfo | None:
     return found[paths.index(current)]
 
 
-def current_model() -> viewer.CheckpointInfo | None:
+def current_model() -> CheckpointInfo | None:
     path = st.session_state.get("model_path")
     if not path:
         return None
@@ -257,7 +263,7 @@ _FROZEN_MODELS: set[int] = set()
 
 
 def load_model(path):
-    """``(model, meta)`` from ``softcam_core.viewer.load_model`` (cached across sessions by path and mtime).
+    """``(model, meta)`` from ``softcam_core.catalogue.load_model`` (cached across sessions by path and mtime).
 
     After a model is first loaded, the process's long-lived objects (libraries, the model) are moved
     out of the garbage collector's reach (``gc.freeze``): a full collection then scans only what page
@@ -266,7 +272,7 @@ def load_model(path):
     """
     import gc
 
-    model, meta = viewer.load_model(path)
+    model, meta = catalogue.load_model(path)
     if id(model) not in _FROZEN_MODELS:
         _FROZEN_MODELS.add(id(model))
         gc.freeze()
@@ -277,23 +283,22 @@ def load_model(path):
 # Cohorts and images
 # --------------------------------------------------------------------------------------------------
 
-from db.repository import ConflictError  # noqa: E402  (re-exported for the pages)
 
 
 def register_demo_cohorts() -> None:
     """Cohort folders under SOFTCAM_HOME/demo and /cohorts become database cohorts (idempotent)."""
     from db import repository
 
-    for name, folder in viewer.find_cohort_folders().items():
+    for name, folder in find_cohort_folders().items():
         with session() as s:
             if any(c.name == name for c in repository.list_cohorts(s)):
                 continue
             modality = folder.name if folder.name in ("fundus", "oct", "cxr") else None
-            viewer.register_cohort_folder(s, folder, name, modality)
+            register_cohort_folder(s, folder, name, modality)
 
 
 def cohort_folders() -> dict:
-    return viewer.find_cohort_folders()
+    return find_cohort_folders()
 
 
 @st.cache_resource(max_entries=32, show_spinner=False)
@@ -505,7 +510,7 @@ def boxes_signature(saved) -> str:
     return hashlib.sha1(repr([ref for ref, _ in saved]).encode()).hexdigest()[:10]
 
 
-def apply_box_edits(record, edits: viewer.BoxEdits, user: User | None) -> None:
+def apply_box_edits(record, edits: BoxEdits, user: User | None) -> None:
     """Store one canvas save in ONE transaction: all edits or none (a conflict rolls everything back)."""
     from annotations.geometry import Box
     from db import repository
@@ -583,7 +588,7 @@ def annotation_import_form(user: User | None) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _model_row(info: viewer.CheckpointInfo):
+def _model_row(info: CheckpointInfo):
     """The database row of a checkpoint, registered on first use (hashing the file once per mtime)."""
     return _registered_model(str(info.path), info.path.stat().st_mtime_ns, db_url())
 
@@ -594,7 +599,7 @@ def _registered_model(path: str, mtime: int, url: str):
 
     from db import repository
 
-    info = viewer.checkpoint_info(path)
+    info = checkpoint_info(path)
     with session() as s:
         for row in repository.list_models(s):
             if row.checkpoint_path == str(Path(path).resolve()):
@@ -605,7 +610,7 @@ def _registered_model(path: str, mtime: int, url: str):
         return repository.register_model(s, name, path, modality=info.modality, metadata=info.meta)
 
 
-class DatabaseMapStore(viewer.MapStore):
+class DatabaseMapStore(MapStore):
     """The database map cache (``cached_maps``) for one model and one stored image."""
 
     def __init__(self, model_row, image_row):
@@ -634,7 +639,7 @@ class DatabaseMapStore(viewer.MapStore):
             repository.cache_map(s, self.model_row, self.image_row, method, target, array, seconds=seconds)
 
 
-def map_store(info: viewer.CheckpointInfo | None = None, record=None) -> viewer.MapStore | None:
+def map_store(info: CheckpointInfo | None = None, record=None) -> MapStore | None:
     if info is None or record is None:
         return None
     return DatabaseMapStore(_model_row(info), record)
@@ -652,7 +657,7 @@ def default_models() -> dict[str, str]:
 def set_default_model(path: str, modality: str) -> None:
     from db import repository
 
-    info = viewer.checkpoint_info(path)
+    info = checkpoint_info(path)
     row = _model_row(info)
     with session() as s:
         repository.set_default_model(s, row.id)
@@ -701,7 +706,7 @@ def job_label(job, *, status: bool = True) -> str:
 
 
 def _job_callbacks(job_id: int):
-    """``(report, finish_with, fail)`` writing to the job row; each raises ``viewer.JobCancelled``
+    """``(report, finish_with, fail)`` writing to the job row; each raises ``JobCancelled``
     once the row is finished elsewhere (cancelled on a page), which stops the worker."""
     from db import repository
 
@@ -710,7 +715,7 @@ def _job_callbacks(job_id: int):
             with session() as s:
                 repository.update_job(s, job_id, **fields)
         except repository.JobFinishedError as exc:
-            raise viewer.JobCancelled(str(exc)) from None
+            raise JobCancelled(str(exc)) from None
 
     def report(done: int, total: int, message: str) -> None:
         update(done=done, total=total, message=message, status="running")
@@ -779,7 +784,7 @@ def start_evaluation_job(params: dict | None, user: User | None, *, resume: int 
             raise ValueError(f"evaluation #{resume} cannot be resumed: only a cancelled or failed evaluation "
                              "that no other job has continued can be")
         params = dict(previous.params, resumed_from=resume, out_dir=str(evaluation_folder(previous)))
-    classes = viewer.checkpoint_info(params["model"]).meta.get("classes", [])
+    classes = checkpoint_info(params["model"]).meta.get("classes", [])
     with session_scope(engine(), readonly=True) as s:
         source, summary = evaluation_source(s, params, len(classes))
     # folder masks are files the app never edits; database boxes can change between a job and its resume
@@ -803,7 +808,7 @@ def start_evaluation_job(params: dict | None, user: User | None, *, resume: int 
     report, finish_with, fail = _job_callbacks(job_id)
 
     def work(progress):
-        model, meta = viewer.load_model(params["model"])
+        model, meta = catalogue.load_model(params["model"])
         settings = EvalSettings(split=params["split"], limit=params.get("limit"), target=params["target"],
                                 png=False)
         return evaluate_cohort(model, meta, source, params["methods"], params["metrics"], out_dir,
@@ -811,7 +816,7 @@ def start_evaluation_job(params: dict | None, user: User | None, *, resume: int 
 
     finish = finish_with(lambda result: {"result_path": str(out_dir),
                                          "message": f"{len(result.per_image)} image × method rows"})
-    viewer.run_in_background(work, report=report, finish=finish, fail=fail, name=f"evaluate-{job_id}")
+    run_in_background(work, report=report, finish=finish, fail=fail, name=f"evaluate-{job_id}")
     return job_id
 
 
@@ -917,5 +922,5 @@ def start_training_job(params: dict, user: User | None) -> int:
                      show_progress=False)
 
     finish = finish_with(lambda result: {"result_path": str(out), "message": f"saved {out.name}"})
-    viewer.run_in_background(work, report=report, finish=finish, fail=fail, name=f"train-{job_id}")
+    run_in_background(work, report=report, finish=finish, fail=fail, name=f"train-{job_id}")
     return job_id

@@ -8,7 +8,21 @@ import numpy as np
 import streamlit as st
 
 from pages import common
-from softcam_core import viewer
+from service.catalogue import model_identity
+from service.image_session import ImageSession, MapResult, activation_precision_for
+from softcam_core.explain.specs import BASE_METHODS, METHODS, cascam_methods, method_spec, method_title
+from softcam_core.render import (
+    ComparisonPage,
+    colour_limit,
+    comparison_figure_bytes,
+    display_pixels,
+    map_display_side,
+    map_npy,
+    map_png,
+    overlay_figure,
+    shared_evidence_limit,
+    window_presets,
+)
 
 started = time.perf_counter()  # the page's own time to maps counts from the start of its run
 st.title("Review")
@@ -31,18 +45,18 @@ if loaded is None:
 image, record = loaded
 
 # ---------------------------------------------------------------------------------------------- controls
-from softcam_core.explain import BASE_METHODS, METHODS  # noqa: E402  (after the model so import errors show late)
-
-post_hoc = [m for m in METHODS if m != "softcam"]
+# every method of the registry but the evidence maps (always shown for a SoftCAM net), then CasCAM over each base
+post_hoc = [m for m in METHODS if m != "softcam"] + list(cascam_methods())
 with st.expander("Display and methods", expanded=False, icon=":material/tune:"):
     left, middle, right = st.columns(3)
     with left:
-        methods = st.multiselect("Post-hoc methods", post_hoc, default=["gradcam"] if "gradcam" in post_hoc else [],
-                                 format_func=viewer.method_title, key="review_methods",
-                                 help="Score-CAM, Integrated Gradients, Ablation-CAM, FullGrad and CasCAM are slow: "
-                                      "they run on request and are cached in the database.")
-        cascam_base = st.selectbox("CasCAM stages of", ["(none)"] + [m for m in post_hoc if m in BASE_METHODS],
-                                   format_func=lambda m: m if m == "(none)" else viewer.method_title(m),
+        # the default lives in the session state (not default=) so the CasCAM button below may add to it
+        st.session_state.setdefault("review_methods", ["gradcam"])
+        slow = ", ".join(method_title(m) for m in METHODS if method_spec(m).slow)
+        methods = st.multiselect("Post-hoc methods", post_hoc, format_func=method_title, key="review_methods",
+                                 help=f"{slow} and CasCAM are slow: they run on request and are cached in the database.")
+        cascam_base = st.selectbox("CasCAM stages of", ["(none)"] + [m for m in BASE_METHODS if m != "softcam"],
+                                   format_func=lambda m: m if m == "(none)" else method_title(m),
                                    key="review_cascam")
     with middle:
         opacity = st.slider("Map opacity", 0.0, 1.0, 0.5, 0.05, key="review_opacity")
@@ -50,7 +64,7 @@ with st.expander("Display and methods", expanded=False, icon=":material/tune:"):
                                    help="One colour range (±max over all classes) so evidence is comparable across classes.")
         show_boxes = st.checkbox("Show annotation boxes", value=True, key="review_boxes")
     with right:
-        presets = viewer.window_presets(image)
+        presets = window_presets(image)
         center = width = None
         function = "LINEAR"
         if presets:
@@ -66,15 +80,15 @@ with st.expander("Display and methods", expanded=False, icon=":material/tune:"):
             function = chosen.function
         invert = st.checkbox("Invert", value=False, key="review_invert")
 
-pixels = viewer.display_pixels(image, center=center, width=width, invert=invert, function=function)
+pixels = display_pixels(image, center=center, width=width, invert=invert, function=function)
 boxes = common.image_boxes(record) if show_boxes else []
 
 # ---------------------------------------------------------------------------------------------- prediction
 store = common.map_store(model_info, record)
 try:
-    session = viewer.ImageSession(model, meta, image, viewer.model_identity(model_info.path), store=store)
+    session = ImageSession(model, meta, image, model_identity(model_info.path), store=store)
     # the fast gradient CAMs of the predicted class come out of the prediction's own forward pass
-    prediction = session.predict(with_methods=[m for m in methods if not viewer.is_slow_method(m)])
+    prediction = session.predict(with_methods=[m for m in methods if not method_spec(m).slow])
 except Exception as exc:
     st.error(f"{image.name}: cannot run {model_info.name}: {common.one_line(exc)}")
     st.stop()
@@ -103,34 +117,35 @@ target = st.radio("Maps for class", range(len(classes)), index=prediction.predic
                   key=f"review_target_{len(classes)}")
 
 # ---------------------------------------------------------------------------------------------- maps
-results: list[viewer.MapResult] = []
+results: list[MapResult] = []
 problems: list[str] = []
-evidence = session.evidence_maps()
+# the selected class's evidence map first, then the other classes' (each titled with its class)
+evidence = sorted(session.evidence_maps(), key=lambda r: r.target != target)
 if not evidence:
     st.caption("This is a black-box baseline: it has no SoftCAM evidence maps; only post-hoc maps are shown.")
 results.extend(evidence)
 
 pending = []
 for method in methods:
-    if viewer.is_slow_method(method) and not session.is_cached(method, target):
+    if method_spec(method).slow and not session.is_cached(method, target):
         pending.append(method)
         continue
     try:
         results.append(session.explain(method, target))
     except Exception as exc:
-        problems.append(f"{viewer.method_title(method)}: {common.one_line(exc)}")
+        problems.append(f"{method_title(method)}: {common.one_line(exc)}")
 
 if pending:
-    names = ", ".join(viewer.method_title(m) for m in pending)
+    names = ", ".join(method_title(m) for m in pending)
     if st.button(f"Compute {names}", icon=":material/hourglass_top:", key="review_run_slow"):
         with st.status(f"Computing {names}…", expanded=True) as status:
             bar = st.progress(0.0)
             for index, method in enumerate(pending):
-                status.update(label=f"Computing {viewer.method_title(method)} ({index + 1}/{len(pending)})…")
+                status.update(label=f"Computing {method_title(method)} ({index + 1}/{len(pending)})…")
                 try:
                     results.append(session.explain(method, target))
                 except Exception as exc:
-                    problems.append(f"{viewer.method_title(method)}: {common.one_line(exc)}")
+                    problems.append(f"{method_title(method)}: {common.one_line(exc)}")
                 bar.progress((index + 1) / len(pending))
             status.update(label="Slow methods done and cached", state="complete", expanded=False)
     else:
@@ -138,8 +153,8 @@ if pending:
 for problem in problems:
     st.error(problem)
 
-shared = viewer.symmetric_range([r.image_map for r in results if r.signed]) if shared_scale else None
-scores = {r.title: viewer.activation_precision_for(r, session, [b[:4] for b in boxes]) for r in results}
+shared = shared_evidence_limit(results) if shared_scale else None
+scores = {r.title: activation_precision_for(r, session, [b[:4] for b in boxes]) for r in results}
 
 columns_per_row = 3
 panels = [None] + results  # the image itself first
@@ -148,7 +163,7 @@ for row_start in range(0, len(panels), columns_per_row):
     for column, result in zip(columns, panels[row_start:row_start + columns_per_row]):
         with column:
             if result is None:
-                figure = viewer.overlay_figure(pixels, None, title=f"Image · {image.name}", boxes=boxes,
+                figure = overlay_figure(pixels, None, title=f"Image · {image.name}", boxes=boxes,
                                                crop=session.crop_box())
                 st.plotly_chart(figure, width="stretch", key="review_fig_image",
                                 config={"displaylogo": False})
@@ -156,11 +171,13 @@ for row_start in range(0, len(panels), columns_per_row):
                            + (" · dashed: region the model sees" if session.crop_box() else "")
                            + (f" · {image.spacing[0]:.3f}×{image.spacing[1]:.3f} mm/px" if image.spacing else ""))
                 continue
-            figure = viewer.overlay_figure(
-                pixels, result.image_map, title=result.title, signed=result.signed,
-                zmax=shared if result.signed else None, opacity=opacity, boxes=boxes,
+            shown_title = result.title + (" (selected)" if result.method == "softcam" and result.target == target
+                                          and len(evidence) > 1 else "")
+            figure = overlay_figure(
+                pixels, result.image_map, title=shown_title, signed=result.signed,
+                zmax=colour_limit(result, shared), opacity=opacity, boxes=boxes,
                 colorbar_title="evidence" if result.signed else "saliency", crop=session.crop_box(),
-                heat_max_side=viewer.map_display_side(result.method))
+                heat_max_side=map_display_side(result.method))
             st.plotly_chart(figure, width="stretch", key=f"review_fig_{result.method}_{result.target}",
                             config={"displaylogo": False})
             score = scores.get(result.title)
@@ -171,12 +188,12 @@ for row_start in range(0, len(panels), columns_per_row):
             stem = f"{image.name.rsplit('.', 1)[0]}_{result.method.replace(':', '-')}_{result.target_name}"
             png, npy = st.columns(2)
             # rendered on click only: encoding every map's PNG up front cost ~0.1 s per map per rerun
-            png.download_button("PNG", lambda result=result: viewer.map_png(
+            png.download_button("PNG", lambda result=result: map_png(
                                     pixels, result.image_map, signed=result.signed, opacity=opacity,
-                                    zmax=shared if result.signed else None),
+                                    zmax=colour_limit(result, shared)),
                                 file_name=f"{stem}.png", mime="image/png", key=f"dl_png_{stem}",
                                 icon=":material/image:", width="stretch")
-            npy.download_button("NPY", lambda result=result: viewer.map_npy(result), file_name=f"{stem}.npy",
+            npy.download_button("NPY", lambda result=result: map_npy(result.input_map), file_name=f"{stem}.npy",
                                 mime="application/octet-stream", key=f"dl_npy_{stem}",
                                 icon=":material/data_array:", width="stretch")
 
@@ -186,7 +203,7 @@ st.caption(f"Maps of {image.name} ready in {st.session_state['review_seconds_to_
 
 # ---------------------------------------------------------------------------------------------- CasCAM
 if cascam_base != "(none)":
-    st.subheader(f"CasCAM stages · {viewer.method_title(cascam_base)}")
+    st.subheader(f"CasCAM stages · {method_title(cascam_base)}")
     stages_key = f"cascam_{session.model_id}_{session.image_id}_{cascam_base}_{target}"
     if stages_key not in st.session_state and st.button("Run CasCAM cascade", key="review_run_cascam",
                                                         icon=":material/layers:"):
@@ -203,20 +220,27 @@ if cascam_base != "(none)":
         for index, (column, stage) in enumerate(zip(strip, stages)):
             with column:
                 st.image(stage.masked_input, caption=f"Stage {index + 1}: input", width="stretch")
-                st.image(viewer.map_png(stage.input_pixels, stage.heat, signed=False, opacity=opacity),
+                st.image(map_png(stage.input_pixels, stage.heat, signed=False, opacity=opacity),
                          caption=f"Stage {index + 1}: map · weight {stage.weight:.2f}", width="stretch")
+        combined = f"cascam:{cascam_base}"
+        if combined not in methods:
+            def show_combined(name: str = combined) -> None:  # a callback: runs before the multiselect is drawn
+                st.session_state["review_methods"] = list(st.session_state.get("review_methods", [])) + [name]
+
+            st.button(f"Show the combined {method_title(combined)} map in the grid", key="review_show_cascam",
+                      icon=":material/grid_view:", on_click=show_combined)
     else:
-        st.caption("Each stage masks what the previous stage found and explains the rest; the combined map joins "
-                   "the grid above once computed.")
+        st.caption("Each stage masks what the previous stage found and explains the rest; the combined map is "
+                   f"cached and can be shown in the grid ({method_title('cascam:' + cascam_base)}).")
 
 # ---------------------------------------------------------------------------------------------- export
 st.divider()
-page = viewer.ComparisonPage(image_name=image.name, model_name=model_info.name, prediction=prediction,
+page = ComparisonPage(image_name=image.name, model_name=model_info.name, prediction=prediction,
                              pixels=pixels, maps=results, scores=scores, boxes=boxes, shared_scale=shared_scale)
 export_png, export_pdf, _ = st.columns([1, 1, 3])
-export_png.download_button("Comparison (PNG)", lambda: viewer.comparison_figure_bytes(page, "png", opacity),
+export_png.download_button("Comparison (PNG)", lambda: comparison_figure_bytes(page, "png", opacity),
                            file_name=f"{image.name.rsplit('.', 1)[0]}_comparison.png", mime="image/png",
                            icon=":material/download:", key="dl_comparison_png", width="stretch")
-export_pdf.download_button("Comparison (PDF)", lambda: viewer.comparison_figure_bytes(page, "pdf", opacity),
+export_pdf.download_button("Comparison (PDF)", lambda: comparison_figure_bytes(page, "pdf", opacity),
                            file_name=f"{image.name.rsplit('.', 1)[0]}_comparison.pdf", mime="application/pdf",
                            icon=":material/picture_as_pdf:", key="dl_comparison_pdf", width="stretch")

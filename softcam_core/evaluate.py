@@ -32,7 +32,7 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ import pandas as pd
 import torch
 
 from softcam_core import metrics as M
+from softcam_core.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_ci, holm  # noqa: F401  (re-exported)
 
 METRIC_CHOICES = (
     "topk",
@@ -72,8 +73,6 @@ DELETION_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 TARGET_POLICIES = ("disease", "label", "pred")
 DEFAULT_TOPK = (1, 3, 5, 10, 15, 20)
 DEFAULT_DELETION_STEPS = M.DEFAULT_DELETION_STEPS  # the paper's top-30 patches (SoftCAM App. I)
-BOOTSTRAP_RESAMPLES = 2000
-BOOTSTRAP_SEED = 0
 ID_COLUMNS = ("image", "split", "label", "pred", "correct", "target", "p_target", "method", "seconds")
 # bumped whenever a metric's definition changes, so --resume never mixes rows of two definitions
 METRIC_DEFINITIONS = 2
@@ -93,50 +92,7 @@ EVAL_BATCH_CPU = 8
 
 
 # ----------------------------------------------------------------------------------------------
-# statistics
-
-
-def bootstrap_ci(
-    values: Iterable[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of the finite ``values``.
-
-    ``resamples`` resamples with replacement drawn by ``numpy.random.default_rng(seed)``; the
-    interval is the (1-level)/2 and (1+level)/2 percentiles of the resampled means. One value gives
-    a zero-width interval; none gives (nan, nan).
-    """
-    arr = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=np.float64)
-    arr = arr[np.isfinite(arr)]
-    if arr.size == 0:
-        return math.nan, math.nan
-    if arr.size == 1:
-        return float(arr[0]), float(arr[0])
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    # chunks keep the index matrix small for large cohorts
-    chunk = max(1, 2_000_000 // arr.size)
-    for start in range(0, resamples, chunk):
-        stop = min(resamples, start + chunk)
-        means[start:stop] = arr[rng.integers(0, arr.size, size=(stop - start, arr.size))].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
-
-
-def holm(pvalues: Sequence[float]) -> np.ndarray:
-    """Holm-Bonferroni adjusted p-values (step-down); nan entries stay nan and don't count in m.
-
-    Sorted ascending ``p_(1) <= ... <= p_(m)``: ``adj_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))``.
-    """
-    p = np.asarray(pvalues, dtype=np.float64)
-    out = np.full(p.shape, np.nan)
-    finite = np.flatnonzero(np.isfinite(p))
-    m = finite.size
-    if m == 0:
-        return out
-    order = finite[np.argsort(p[finite], kind="stable")]
-    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])
-    out[order] = np.maximum.accumulate(scaled)
-    return out
+# tables
 
 
 def metric_columns(per_image: pd.DataFrame) -> list[str]:
@@ -387,8 +343,8 @@ def score_map(
 
     ``sal`` (H, W) explains the settings' target class; ``mask`` (H, W) bool; ``label_index`` the
     true class (0 = healthy). ``method``: the map's method; activation consistency is "not
-    applicable" (nan with that reason) for a method outside
-    :data:`softcam_core.explain.SIGNED_METHODS`, whose maps are non-negative by construction.
+    applicable" (nan with that reason) for a method whose spec is not signed
+    (:func:`softcam_core.explain.method_spec`): its maps are non-negative by construction.
     """
     iou, energy = _pct(settings.iou_fraction), _pct(settings.energy_fraction)
     calls: list[tuple[str, Callable[..., float], tuple]] = []
@@ -406,10 +362,10 @@ def score_map(
     if "activation_sensitivity" in chosen:
         calls.append(("activation_sensitivity", M.activation_sensitivity, (sal, mask)))
     if "activation_consistency" in chosen:
-        from softcam_core.explain import SIGNED_METHODS
+        from softcam_core.explain.specs import is_method, method_spec
 
         columns = ("activation_consistency_diseased", "activation_consistency_healthy", "activation_consistency")
-        if method is not None and method not in SIGNED_METHODS:
+        if method is not None and not (is_method(method) and method_spec(method).signed):
             for column in columns:
                 values[column] = math.nan
                 reasons[column] = NOT_SIGNED.format(method=method)

@@ -38,8 +38,8 @@ def _group_column(per_image: pd.DataFrame, group: str | None) -> str:
 
 
 def _mean_ci(values: np.ndarray) -> tuple[float, float, float]:
-    """Mean and 95% percentile-bootstrap interval (:func:`softcam_core.evaluate.bootstrap_ci`) of the finite values."""
-    from softcam_core.evaluate import bootstrap_ci
+    """Mean and 95% percentile-bootstrap interval (:func:`softcam_core.stats.bootstrap_ci`) of the finite values."""
+    from softcam_core.stats import bootstrap_ci
 
     values = values[np.isfinite(values)]
     if values.size == 0:

@@ -46,7 +46,7 @@ import pandas as pd
 
 from softcam_core import claims as C
 from softcam_core import evaluate as E
-from softcam_core.explain.sanity import SANITY_METHODS
+from softcam_core.explain.specs import SANITY_METHODS
 
 MODALITIES = ("fundus", "oct", "cxr")
 HEALTHY = "healthy"  # the synthetic cohorts' negative class
@@ -345,7 +345,7 @@ def _randomisation(steps: Steps, key: str, checkpoint: Path, data: Path, methods
         import torch
 
         from softcam_core.data import CohortFolder
-        from softcam_core.explain.sanity import model_randomisation_test, randomisation_units
+        from softcam_core.explain.randomisation import model_randomisation_test, randomisation_units
         from softcam_core.imaging import load_image, preprocess
         from softcam_core.models import load_checkpoint
 

@@ -16,12 +16,12 @@ from tests.test_app_pages import open_app, texts
 
 def _start_gated_job(kind: str, params: dict, gate: threading.Event, steps: list[int]):
     """A job row run by the app's own job machinery (``pages.common._job_callbacks`` and
-    ``viewer.run_in_background``) whose work reports 10 steps and waits at step 2 until ``gate`` opens,
+    ``run_in_background``) whose work reports 10 steps and waits at step 2 until ``gate`` opens,
     so the page sees it running for as long as the test needs."""
     from db import repository
     from db.session import session_scope
     from pages import common
-    from softcam_core import viewer
+    from service.jobs import run_in_background
 
     with session_scope() as s:
         job_id = repository.create_job(s, kind, total=10, params=params, worker=repository.this_worker()).id
@@ -35,7 +35,7 @@ def _start_gated_job(kind: str, params: dict, gate: threading.Event, steps: list
                 gate.wait(60)
         return "finished"
 
-    thread = viewer.run_in_background(work, report=report, finish=finish_with(lambda result: {"message": result}),
+    thread = run_in_background(work, report=report, finish=finish_with(lambda result: {"message": result}),
                                       fail=fail, min_interval=0.0)
     deadline = time.monotonic() + 30
     while steps != [1, 2] and time.monotonic() < deadline:
@@ -110,7 +110,7 @@ def _cancelled_evaluation(app_home, ground_truth: str, done_methods: list[str]) 
     from db.evaluation import evaluation_source
     from db.session import session_scope
     from pages import common
-    from softcam_core import viewer
+    from service.catalogue import load_model
     from softcam_core.evaluate import EvalSettings, evaluate_cohort
 
     params = {"model": str(app_home["model"]), "cohort": app_home["cohort"], "ground_truth": ground_truth,
@@ -126,7 +126,7 @@ def _cancelled_evaluation(app_home, ground_truth: str, done_methods: list[str]) 
         job_id = job.id
         folder = common.evaluation_folder(job)
     if done_methods:
-        model, meta = viewer.load_model(params["model"])
+        model, meta = load_model(params["model"])
         evaluate_cohort(model, meta, source, done_methods, params["metrics"], folder,
                         progress=lambda *a: None, settings=EvalSettings(split="all", target="disease", png=False))
     with session_scope() as s:

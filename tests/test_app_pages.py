@@ -29,6 +29,32 @@ def texts(elements) -> list[str]:
     return [str(e.value) for e in elements]
 
 
+def charts(at: AppTest) -> list[dict]:
+    """Each plotly chart on the page as ``{"title", "heatmap"}`` (the heatmap trace as plotly JSON, or None)."""
+    import json
+
+    found = []
+    for element in at.get("plotly_chart"):
+        spec = json.loads(element.proto.spec)
+        heatmaps = [t for t in spec.get("data", []) if t.get("type") == "heatmap"]
+        found.append({"title": spec.get("layout", {}).get("title", {}).get("text", ""),
+                      "heatmap": heatmaps[0] if heatmaps else None})
+    return found
+
+
+def heat_values(heatmap: dict):
+    """The z values of a plotly heatmap trace as float64 (H, W): plotly sends numpy arrays base64-encoded."""
+    import base64
+
+    import numpy as np
+
+    z = heatmap["z"]
+    if isinstance(z, dict):
+        shape = tuple(int(v) for v in str(z["shape"]).split(","))
+        return np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"]).reshape(shape).astype(np.float64)
+    return np.asarray(z, dtype=np.float64)
+
+
 def annotated_image(cohort: str) -> tuple[int, str]:
     from db import repository
     from db.session import session_scope
@@ -94,9 +120,9 @@ def test_review_maps_are_cached_in_the_database(app_home):
     assert sorted(row.method for row in rows) == ["forward:evidence", "forward:logits", "gradcam"]
     assert all(row.seconds > 0 for row in rows)
     # a reopened image (fresh session, empty memory cache: as after a restart) runs no forward pass
-    from softcam_core import viewer
+    from service import image_session
 
-    viewer._MAP_CACHE.clear()
+    image_session._MAP_CACHE.clear()
     again = open_app("review")
     assert len(again.get("plotly_chart")) == 4
     assert sum("(cached)" in c for c in texts(again.caption)) == 3  # two SoftCAM maps and Grad-CAM
@@ -112,10 +138,10 @@ def test_review_of_a_slow_method_runs_on_request_and_is_cached_in_the_database(a
     assert not at.exception and not at.error, texts(at.error)
     assert len(at.get("plotly_chart")) == 5
 
-    from db import repository
-    from db.session import session_scope
-    from db.schema import CachedMap
     from sqlalchemy import select
+
+    from db.schema import CachedMap
+    from db.session import session_scope
 
     with session_scope() as s:
         methods = {row.method for row in s.scalars(select(CachedMap))}
@@ -249,6 +275,57 @@ def test_review_cascam_stage_strip(app_home):
     images = at.get("image")
     assert len(images) == 2 * len(stages)  # each stage: its masked input and its map
     assert len(at.get("plotly_chart")) == 4  # the combined CasCAM map is cached, not added unasked
+    # one click puts the cached combined map into the grid: no second cascade, no "compute" button
+    next(b for b in at.button if b.key == "review_show_cascam").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    assert "cascam:gradcam" in at.multiselect(key="review_methods").value
+    titles = [c["title"] for c in charts(at)]
+    assert len(titles) == 5 and any(t.startswith("CasCAM (Grad-CAM) · ") for t in titles), titles
+    assert not any(b.key == "review_run_slow" for b in at.button)
+    assert any("(cached)" in c for c in texts(at.caption))
+
+
+def test_review_draws_every_signed_method_on_a_diverging_scale_centred_at_zero(app_home):
+    import plotly.colors
+
+    from softcam_core.explain import method_spec
+
+    at = open_app("review")
+    methods = ["gradcam", "guided_backprop", "sanity:random", "sanity:edge", "softcam_contrast"]
+    at.multiselect(key="review_methods").set_value(methods).run()
+    assert not at.exception and not at.error, texts(at.error)
+    diverging = [colour for _, colour in plotly.colors.get_colorscale("RdBu_r")]
+    drawn = {}
+    for chart in charts(at)[1:]:
+        title, heat = chart["title"], chart["heatmap"]
+        method = next(m for m in ["softcam_contrast", "softcam"] + methods
+                      if title.startswith(method_spec(m).title + " · "))
+        scale = [colour for _, colour in heat["colorscale"]]
+        drawn[method] = (scale == diverging, heat["zmin"] == -heat["zmax"] and heat["zmax"] > 0)
+    assert set(drawn) == {"softcam", *methods}, drawn
+    for method, (is_diverging, centred) in drawn.items():
+        signed = method_spec(method).signed
+        assert is_diverging == signed and (centred or not signed), (method, is_diverging, centred)
+
+
+def test_review_maps_and_titles_follow_the_selected_class(app_home):
+    import numpy as np
+
+    at = open_app("review")
+    predicted = at.metric[0].value
+    classes = ["healthy", "disease"]  # the tiny model's classes (tests/plugins/app.py)
+    other = classes[1 - classes.index(predicted)]
+    before = {c["title"]: heat_values(c["heatmap"]) for c in charts(at)[1:]}
+    assert f"Grad-CAM · {predicted}" in before and f"SoftCAM · {predicted} (selected)" in before, list(before)
+    at.radio(key="review_target_2").set_value(classes.index(other)).run()
+    assert not at.exception and not at.error, texts(at.error)
+    after = [c for c in charts(at)[1:]]
+    titles = [c["title"] for c in after]
+    assert titles[0] == f"SoftCAM · {other} (selected)", titles
+    post_hoc = [t for t in titles if not t.startswith("SoftCAM · ")]
+    assert post_hoc == [f"Grad-CAM · {other}"], titles
+    gradcam = heat_values(after[titles.index(f"Grad-CAM · {other}")]["heatmap"])
+    assert not np.allclose(np.nan_to_num(gradcam), np.nan_to_num(before[f"Grad-CAM · {predicted}"]))
 
 
 def test_switching_to_a_black_box_baseline_shows_post_hoc_maps_only(app_home):

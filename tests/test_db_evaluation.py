@@ -17,7 +17,7 @@ COHORT = "ward"
 def ward(db_env, synth_cohort):
     """The shared 24-image fundus cohort imported into the database (images, labels, splits, COCO boxes)."""
     from db.session import session_scope
-    from softcam_core.viewer import register_cohort_folder
+    from service.cohorts import register_cohort_folder
 
     folder = synth_cohort("fundus")
     from db import repository

@@ -292,3 +292,42 @@ def test_weights_made_under_inference_mode():
     with pytest.raises(ExplainError, match="inference_mode"):
         explain(net, x, "gradcam", target=0)
     torch.testing.assert_close(explain(net, x, "scorecam", target=0), expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_registry_says_which_maps_carry_a_sign(method):
+    """``method_spec(m).signed`` is what the maps do: unsigned methods never go below 0; signed ones do,
+    on a random ResNet-18 where evidence for and against the class both occur."""
+    from softcam_core.explain import method_spec
+    from softcam_core.models import build_model
+
+    spec = method_spec(method)
+    torch.manual_seed(0)
+    head = "softcam" if spec.needs_softcam else "baseline"
+    model = build_model("resnet18", num_classes=2, head=head).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    options = {"n_steps": 8} if method == "integrated_gradients" else {}
+    maps = explain(model, x, method, target=1, **options)
+    scale = float(maps.abs().max())
+    assert scale > 0, method
+    if spec.signed:
+        assert float(maps.min()) < -1e-3 * scale and float(maps.max()) > 1e-3 * scale, method
+    else:
+        assert float(maps.min()) >= -1e-6 * scale, method
+
+
+def test_the_registry_covers_every_method_and_cascam():
+    from softcam_core.explain import SPECS, cascam_methods, method_spec, method_title
+
+    assert tuple(SPECS) == METHODS
+    assert all(method_spec(m).name == m and method_spec(m).title and method_spec(m).implementation for m in METHODS)
+    assert method_title("gradcampp") == "Grad-CAM++" and method_title("no-such-method") == "no-such-method"
+    for name in cascam_methods():
+        spec = method_spec(name)
+        base = method_spec(name.split(":", 1)[1])
+        assert spec.kind == "cascam" and spec.slow and not spec.signed
+        assert spec.title == f"CasCAM ({base.title})" and spec.needs_gradients == base.needs_gradients
+    assert {m for m in METHODS if method_spec(m).slow} == {"scorecam", "ablationcam", "fullgrad",
+                                                           "integrated_gradients"}
+    with pytest.raises(ValueError, match="unknown method"):
+        method_spec("gradcam++")

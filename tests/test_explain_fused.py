@@ -1,5 +1,5 @@
 """One forward pass for prediction, SoftCAM evidence and gradient CAMs (softcam_core.explain.fused),
-and the Review session that uses it (softcam_core.viewer.ImageSession)."""
+and the Review session that uses it (softcam_core.ImageSession)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from softcam_core import viewer
+from service import image_session
+from service.image_session import ImageSession, MapStore
 from softcam_core.explain import explain
 from softcam_core.explain.fused import FUSABLE_METHODS, forward_with_cams
 from softcam_core.models import build_model
@@ -76,7 +77,7 @@ def test_fused_pass_refuses_methods_that_need_their_own_passes(nets):
         forward_with_cams(nets["softcam"], torch.randn(1, 3, 64, 64), ["gradcam", "scorecam"])
 
 
-class DictStore(viewer.MapStore):
+class DictStore(MapStore):
     """A persistent-store stand-in backed by a dict (the database adapter lives in pages/common.py)."""
 
     def __init__(self):
@@ -97,10 +98,10 @@ def test_review_session_makes_prediction_evidence_and_gradcam_in_one_pass_then_r
     meta = {"classes": ["healthy", "mild", "severe"], "img_size": 96, "mean": [0.5] * 3, "std": [0.25] * 3}
     image = load_image(sorted((real_data / "fundus_kaggle_dr").rglob("*.png"))[0])
     store = DictStore()
-    viewer._MAP_CACHE.clear()
+    image_session._MAP_CACHE.clear()
     calls, handle = counting(model)
     try:
-        first = viewer.ImageSession(model, meta, image, "fused-test", store=store)
+        first = ImageSession(model, meta, image, "fused-test", store=store)
         prediction = first.predict(with_methods=["gradcam", "scorecam"])  # scorecam: not fusable, ignored
         evidence = first.evidence_maps()
         gradcam = first.explain("gradcam", prediction.predicted)
@@ -112,8 +113,8 @@ def test_review_session_makes_prediction_evidence_and_gradcam_in_one_pass_then_r
         np.testing.assert_allclose(evidence[1].input_map, softcam, atol=1e-6)
 
         calls.clear()
-        viewer._MAP_CACHE.clear()  # as after a restart: only the persistent store remains
-        again = viewer.ImageSession(model, meta, image, "fused-test", store=store)
+        image_session._MAP_CACHE.clear()  # as after a restart: only the persistent store remains
+        again = ImageSession(model, meta, image, "fused-test", store=store)
         assert again.predict(with_methods=["gradcam"]).predicted == prediction.predicted
         reopened = again.explain("gradcam", prediction.predicted)
         assert calls == [] and again.forward_was_cached and reopened.cached
@@ -122,3 +123,26 @@ def test_review_session_makes_prediction_evidence_and_gradcam_in_one_pass_then_r
         np.testing.assert_allclose(again.predict().probabilities, prediction.probabilities, atol=1e-7)
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("head, method", [("softcam", "softcam"), ("softcam", "softcam_contrast"),
+                                          ("softcam", "gradcam"), ("softcam", "guided_backprop"),
+                                          ("baseline", "cam"), ("baseline", "gradcam")])
+def test_review_session_maps_follow_the_selected_class_not_the_prediction(nets, real_data, head, method):
+    """Every map and title is of the class asked for: a session that ignored ``target`` fails here."""
+    from softcam_core.imaging import load_image
+
+    model = nets[head]
+    meta = {"classes": ["healthy", "mild", "severe"], "img_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3}
+    image = load_image(sorted((real_data / "fundus_kaggle_dr").rglob("*.png"))[0])
+    image_session._MAP_CACHE.clear()
+    session = ImageSession(model, meta, image, f"target-test-{head}", store=DictStore())
+    predicted = session.predict(with_methods=["gradcam"]).predicted
+    other = (predicted + 1) % 3
+    chosen, default = session.explain(method, other), session.explain(method, predicted)
+    assert chosen.target == other and chosen.target_name == meta["classes"][other]
+    assert chosen.title.endswith(f"· {meta['classes'][other]}")
+    reference = explain(model, session.x, method, target=other)[0].numpy()
+    np.testing.assert_allclose(chosen.input_map, reference, atol=1e-5)
+    assert not np.allclose(chosen.input_map, default.input_map, atol=1e-6)
+    assert session.explain(method).target == predicted  # no target: the predicted class

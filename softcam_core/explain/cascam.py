@@ -60,7 +60,8 @@ import torch
 
 from softcam_core.explain import ebayes
 from softcam_core.explain.layers import model_device, resolve_target_layer
-from softcam_core.explain.methods import BASE_METHODS, _predicted, explain, num_classes_of, resolve_targets
+from softcam_core.explain.methods import _predicted, explain_model, num_classes_of, resolve_targets
+from softcam_core.explain.specs import BASE_METHODS
 
 THRESHOLDS = ("none", "topk", "ebayes")
 UNITS = ("cam", "normalised")
@@ -220,7 +221,7 @@ def to_units(
         return positive * positions if CAM_UNIT_BASES[base] else positive
     # no CAM units: rescale to the peak of this stage's Grad-CAM in CAM units
     options = {} if target_layer is None else {"target_layer": target_layer}
-    reference = explain(model, x, "gradcam", target=targets, **options).clamp_min(0) * positions
+    reference = explain_model(model, x, "gradcam", target=targets, **options).clamp_min(0) * positions
     peak = positive.flatten(1).amax(1)[:, None, None]
     reference_peak = reference.flatten(1).amax(1)[:, None, None]
     return torch.where(peak > 0, positive / peak.clamp_min(1e-30) * reference_peak, torch.zeros_like(positive))
@@ -306,7 +307,7 @@ def cascam(
         # retrain mode: model k explains the original image (its training data carried the masks)
         stage_input = current if stage_models is None else original
         stage_inputs.append(stage_input)
-        raw = explain(stage_model, stage_input, base, target=targets, **base_options)
+        raw = explain_model(stage_model, stage_input, base, target=targets, **base_options)
         stage_maps.append(normalise_positive(raw))
         positive = to_units(stage_model, stage_input, raw, base, units, targets, positions, target_layer)
         suppressed, info = threshold_maps(positive, threshold, topk_percent, ebayes_a)

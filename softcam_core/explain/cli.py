@@ -31,7 +31,8 @@ from softcam_core.explain.cascam import (
     UNITS,
 )
 from softcam_core.explain.retrain import DEFAULT_PATIENCE, DEFAULT_RETRAIN_EPOCHS
-from softcam_core.explain.methods import CASCAM_PREFIX, METHODS, SIGNED_METHODS, explain, file_safe_name, method_problem
+from softcam_core.explain.api import explain
+from softcam_core.explain.specs import CASCAM_PREFIX, METHODS, file_safe_name, method_problem, method_spec
 
 
 def parse_methods(text: str) -> list[str]:
@@ -61,22 +62,14 @@ def parse_target(text: str | None, classes: list[str]) -> int | None:
     return index
 
 
-def input_pixels(x: torch.Tensor, mean, std) -> np.ndarray:
-    """Normalised model input (3, H, W) -> uint8 RGB (H, W, 3) as the model sees it."""
-    mean_t = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    rgb = (x.detach().cpu().float() * std_t + mean_t).clamp(0, 1)
-    return (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-
-
 def run_explain(args: argparse.Namespace) -> int:
     """Handler of ``softcam explain``; returns the exit code."""
     from tqdm import tqdm
 
     from softcam_core.device import default_device
-    from softcam_core.imaging import load_image, preprocess
+    from softcam_core.imaging import denormalise, load_image, preprocess
     from softcam_core.models import load_checkpoint
-    from softcam_core.viewer import map_png
+    from softcam_core.render import map_png
 
     methods = parse_methods(args.methods)
     if args.cascam_retrain and not args.data:
@@ -94,7 +87,7 @@ def run_explain(args: argparse.Namespace) -> int:
     explained = predicted if target is None else target
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pixels = input_pixels(x, meta["mean"], meta["std"])
+    pixels = denormalise(x, meta["mean"], meta["std"])
     cascam_options = {
         "stages": args.cascam_stages, "theta": args.cascam_theta, "lam": args.cascam_lambda,
         "threshold": args.cascam_threshold, "topk_percent": args.cascam_topk, "ebayes_a": args.cascam_ebayes_a,
@@ -124,7 +117,7 @@ def run_explain(args: argparse.Namespace) -> int:
         heat = maps[0].cpu().numpy().astype(np.float32)
         stem = file_safe_name(method)
         np.save(out / f"{stem}.npy", heat)
-        signed = method in SIGNED_METHODS or bool((heat < 0).any())
+        signed = method_spec(method).signed or bool((heat < 0).any())
         (out / f"{stem}.png").write_bytes(map_png(pixels, heat, signed=signed))
         records[method] = {
             "seconds": round(seconds, 6), "npy": f"{stem}.npy", "png": f"{stem}.png", "signed": signed,

@@ -1,4 +1,4 @@
-"""``explain(model, x, method, target=None, **options)``: one verb for every saliency method.
+"""The model methods behind ``explain(model, x, method, target=None, **options)``.
 
 Native maps (``softcam``, ``cam``) are computed here; every post-hoc method is computed by its
 library (torchcam, captum, grad-cam), not rewritten. The only post-processing is bilinear
@@ -7,8 +7,9 @@ that turns (B, 3, H, W) attributions into a map). Values stay raw: no normalisat
 UI and metrics normalise as they need). See docs/explain.md for each method's parameters,
 layer and sign convention.
 
-The model-free sanity baselines (``sanity:edge``, ``sanity:random``, ``sanity:centre``,
-:mod:`softcam_core.explain.sanity`) go through the same verb: they ignore the model and the target.
+This module computes the model methods (:func:`explain_model`); :func:`softcam_core.explain.explain`
+(:mod:`softcam_core.explain.api`) adds CasCAM and the model-free sanity maps, and the names and
+properties of every method live in :mod:`softcam_core.explain.specs`.
 """
 
 from __future__ import annotations
@@ -25,37 +26,11 @@ from torch import nn
 
 from softcam_core.explain.guard import autograd_from, eval_locked, guarded, inference_weights, model_lock
 from softcam_core.explain.layers import ExplainError, cam_head, resolve_target_layer
-from softcam_core.explain.sanity import SANITY_MAPS, SANITY_METHODS, SANITY_PREFIX
+from softcam_core.explain.specs import BASE_METHODS, GRADIENT_METHODS, method_problem
 
-# methods that explain a model; each can be the base of "cascam:<base>"
-BASE_METHODS = (
-    "softcam",
-    "softcam_contrast",
-    "cam",
-    "gradcam",
-    "gradcampp",
-    "xgradcam",
-    "layercam",
-    "scorecam",
-    "hirescam",
-    "eigencam",
-    "ablationcam",
-    "fullgrad",
-    "integrated_gradients",
-    "guided_backprop",
-)
-# every method name explain() takes besides "cascam:<base>": the model methods, then the model-free
-# sanity maps (SANITY_METHODS: "sanity:edge", "sanity:random", "sanity:centre"), the bar a map must beat
-METHODS = BASE_METHODS + SANITY_METHODS
-CASCAM_PREFIX = "cascam:"
-SIGNED_METHODS = frozenset({"softcam", "softcam_contrast", "cam", "integrated_gradients", "guided_backprop",
-                            "sanity:random"})
-# methods that differentiate through the model (autograd cannot use weights made under inference_mode)
-GRADIENT_METHODS = frozenset({"gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "fullgrad",
-                              "integrated_gradients", "guided_backprop"})
-
-# captum announces, on every call, that it hooks the ReLUs (and removes the hooks): not news here
-warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU activations")
+# captum announces, on every GuidedBackprop call, that it hooks the ReLUs (and removes the hooks):
+# not news here; silenced around that call only (a filter set at import would change the caller's warnings)
+_RELU_HOOK_WARNING = "Setting backward hooks on ReLU activations"
 
 IG_DEFAULT_STEPS = 50
 # masked / ablated inputs per forward pass (the libraries' default is 32 for both); docs/explain.md.
@@ -95,34 +70,6 @@ def _fast_layout(
         return
     with inference_weights(model, channels_last=cpu, fold_probe=x if fold_batchnorm else None, keep=keep):
         yield x.contiguous(memory_format=torch.channels_last) if cpu else x
-
-
-def method_problem(name: str) -> str | None:
-    """Why ``name`` is not a method explain() takes (one line), or None when it is one."""
-    if not isinstance(name, str):
-        return f"a method name must be a string, got {name!r}"
-    if name.startswith(CASCAM_PREFIX):
-        base = name[len(CASCAM_PREFIX):]
-        if base in SANITY_METHODS:
-            return (f"{name!r}: CasCAM masks the input by a model's map and explains the model again; "
-                    f"a model-free sanity map cannot be cascaded (use {base!r} itself)")
-        if base in BASE_METHODS:
-            return None
-        return f"unknown CasCAM base {base!r} in {name!r}; choose cascam:<one of {', '.join(BASE_METHODS)}>"
-    if name in METHODS:
-        return None
-    return f"unknown method {name!r}; choose one of {', '.join(METHODS)} or cascam:<method>"
-
-
-def is_method(name: str) -> bool:
-    """True for a name in :data:`METHODS` or ``cascam:<base>`` with ``base`` in :data:`BASE_METHODS`
-    (not CasCAM itself, not a model-free ``sanity:*`` map)."""
-    return method_problem(name) is None
-
-
-def file_safe_name(method: str) -> str:
-    """File stem for a method's outputs: ``cascam:gradcam`` -> ``cascam-gradcam``."""
-    return method.replace(":", "-")
 
 
 def resolve_targets(target: Any, batch: int, num_classes: int | None = None) -> list[int] | None:
@@ -405,7 +352,8 @@ def _guided_backprop(model: nn.Module, x: torch.Tensor, targets: list[int] | Non
     with guarded(model, parameters=False):
         if targets is None:
             targets = _predicted(model, x)
-        with torch.enable_grad():
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_RELU_HOOK_WARNING)
             attributions = GuidedBackprop(model).attribute(x.detach().requires_grad_(True), target=targets)
     return attributions.sum(1)
 
@@ -436,52 +384,22 @@ def resize_to(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
-def explain(
+def explain_model(
     model: nn.Module,
     x: torch.Tensor,
     method: str,
     target: int | Sequence[int] | None = None,
     **options: Any,
 ) -> torch.Tensor:
-    """Saliency maps of ``method`` for a batch (contract).
+    """Maps (B, H, W) float32 on ``x``'s device of one model method (``method`` in :data:`BASE_METHODS`).
 
-    Args:
-        model: SoftCAMNet, BaselineNet, or a torchvision ResNet / VGG / DenseNet / EfficientNet /
-            ConvNeXt classifier returning logits (B, C). Left exactly as found (mode, hooks,
-            parameters, ``requires_grad``, ``.grad``, layers); see :mod:`softcam_core.explain.guard`.
-        x: normalised images (B, 3, H, W); moved to the model's device for the computation.
-        method: one of :data:`METHODS` or ``"cascam:<base>"`` (``base`` in :data:`BASE_METHODS`).
-            The ``sanity:*`` maps ignore ``model`` and ``target`` (which is still checked; ``model``
-            may then be None) and are computed on ``x``'s device.
-        target: None (each image's predicted class), one class index for all images, or one index
-            per image (length B exactly).
-        **options: method options: ``target_layer`` (module or name) for the CAM-style methods;
-            ``batch_size`` (scorecam, ablationcam); ``n_steps``, ``baseline``,
-            ``internal_batch_size``, ``integration``, ``fold_batchnorm`` (integrated_gradients); CasCAM's ``stages``, ``theta``,
-            ``lam``, ``threshold``, ``topk_percent``, ``ebayes_a``, ``units``, ``combine``,
-            ``stage_models`` (defaults: the CasCAM paper's) plus its base method's options;
-            ``sigma`` (sanity:edge, px), ``seed`` and ``stride`` (sanity:random), ``sigma_fraction``
-            (sanity:centre).
-    Returns:
-        float32 tensor (B, H, W) on ``x``'s device: higher = more evidence for the target class;
-        signed for :data:`SIGNED_METHODS` (softcam, softcam_contrast, cam, integrated_gradients,
-        guided_backprop, sanity:random).
-    Raises:
-        ValueError: unknown method or option, bad input shape, bad target.
-        ExplainError (a ValueError): the method does not apply to this model.
+    What :func:`softcam_core.explain.explain` runs for a model method (and CasCAM for each stage);
+    arguments, returns and errors as there.
     """
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(f"x must be a (B, 3, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
-    problem = method_problem(method)
-    if problem is not None:
-        raise ValueError(problem)
-    if method.startswith(SANITY_PREFIX):
-        return _sanity(model, x, method, target, options)
-    if method.startswith(CASCAM_PREFIX):
-        from softcam_core.explain.cascam import cascam
-
-        with model_lock(model):
-            return cascam(model, x, method[len(CASCAM_PREFIX):], target=target, **options).combined
+    if method not in _IMPLEMENTATIONS:
+        raise ValueError(method_problem(method) or f"{method!r} is not a model method; use explain()")
     implementation = _IMPLEMENTATIONS[method]
     # the whole call under the model's (re-entrant) lock: reading the model's classes, device and
     # layers must not interleave with another thread's layer swap (AblationCAM)
@@ -509,17 +427,3 @@ def explain(
     return resize_to(maps.detach().float(), tuple(x.shape[-2:])).to(x.device, torch.float32)
 
 
-def _sanity(model: nn.Module | None, x: torch.Tensor, method: str, target: Any, options: dict) -> torch.Tensor:
-    """A model-free ``sanity:*`` map (B, H, W) float32 on ``x``'s device; ``target`` is only validated."""
-    resolve_targets(target, x.shape[0], None if model is None else num_classes_of(model))
-    with torch.inference_mode(False), torch.no_grad():
-        inputs = x.detach().float()
-        if inputs.is_inference():
-            inputs = inputs.clone()
-        try:
-            maps = SANITY_MAPS[method](inputs, **options)
-        except TypeError as exc:
-            if "unexpected keyword argument" in str(exc):
-                raise ValueError(f"{method}: {exc}") from None
-            raise
-    return maps.to(x.device, torch.float32)

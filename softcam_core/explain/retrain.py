@@ -45,7 +45,8 @@ from softcam_core.explain.cascam import (
     threshold_maps,
     to_units,
 )
-from softcam_core.explain.methods import CASCAM_PREFIX, explain, file_safe_name
+from softcam_core.explain.api import explain
+from softcam_core.explain.specs import CASCAM_PREFIX, file_safe_name
 
 MASK_BATCH = 16
 DEFAULT_RETRAIN_EPOCHS = 10  # the paper's maximum per stage (early stopping usually ends sooner)
@@ -151,8 +152,7 @@ def retrain_stage_models(
 
     from softcam_core.data import CohortFolder
     from softcam_core.device import default_device
-    from softcam_core.explain.cli import input_pixels
-    from softcam_core.imaging import load_image, preprocess
+    from softcam_core.imaging import denormalise, load_image, preprocess
     from softcam_core.models import load_checkpoint
     from softcam_core.training import train
 
@@ -202,7 +202,7 @@ def retrain_stage_models(
                 writer.writerow(["image", "label", "split"])
                 for record, x in zip(records, current):
                     name = f"{record.stem}.png"
-                    Image.fromarray(input_pixels(x, mean, std)).save(folder / "images" / name)
+                    Image.fromarray(denormalise(x, mean, std)).save(folder / "images" / name)
                     writer.writerow([name, record.label, record.split])
             (folder / "synth_meta.json").write_text(json.dumps({"modality": "other", "classes": classes}))
             out = workdir / f"{file_safe_name(method)}-stage{stage}.pt"

@@ -7,15 +7,17 @@ Rules: docs/imaging.md.
 """
 
 from .deid import deid_key, deidentified_bytes, deidentify, pseudonym, remap_uid, safe_metadata
-from .dicom import HU_PRESETS, infer_modality, window
+from .dicom import HU_PRESETS, infer_modality
 from .errors import ImageLoadError
-from .loader import DEFAULT_MAX_PIXELS, infer_photo_modality, load_image
-from .model import MODALITIES, MedicalImage, Window
-from .preprocessing import Geometry, detect_fundus_circle, geometry_for, preprocess
+from .loader import infer_photo_modality, load_image
+from .model import MODALITIES, MedicalImage
+from .preprocessing import Geometry, denormalise, detect_fundus_circle, geometry_for, preprocess
 from .raster import sniff
+from .source import DEFAULT_MAX_PIXELS
+from .windowing import Window, window
 
 __all__ = [
     "DEFAULT_MAX_PIXELS", "Geometry", "HU_PRESETS", "ImageLoadError", "MODALITIES", "MedicalImage", "Window",
-    "deid_key", "deidentified_bytes", "deidentify", "detect_fundus_circle", "geometry_for", "infer_modality",
+    "denormalise", "deid_key", "deidentified_bytes", "deidentify", "detect_fundus_circle", "geometry_for", "infer_modality",
     "infer_photo_modality", "load_image", "preprocess", "pseudonym", "remap_uid", "safe_metadata", "sniff", "window",
 ]

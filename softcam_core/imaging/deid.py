@@ -307,7 +307,7 @@ def _rewrite_tiff(data: bytes, name: str) -> bytes:
     """Re-write every page's pixels losslessly without descriptive tags (Artist, DateTime, HostComputer...)."""
     import tifffile
 
-    from .loader import max_pixels_default
+    from .source import max_pixels_default
 
     cap = max_pixels_default()
     buffer = io.BytesIO()
@@ -331,10 +331,10 @@ def deidentified_bytes(source, *, name: str | None = None, key: bytes | str | No
     byte for byte). TIFF: pages re-written losslessly without descriptive tags. Unreadable input
     raises :class:`ImageLoadError`. The result decodes to the same pixels as the input.
     """
-    from .loader import _read_source
     from .raster import sniff
+    from .source import read_source
 
-    data, label = _read_source(source, name)
+    data, label = read_source(source, name)
     kind = sniff(data)
     try:
         with warnings.catch_warnings(), quiet_logs("pydicom", "tifffile"):

@@ -6,20 +6,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .windowing import Window
+from .windowing import window as window_values
+
 MODALITIES = ("fundus", "oct", "cxr", "other")
-
-
-@dataclass(frozen=True)
-class Window:
-    """A VOI window in modality-LUT units (DICOM PS3.3 C.11.2.1.2).
-
-    ``function`` is the VOI LUT Function: ``LINEAR`` (default), ``LINEAR_EXACT`` or ``SIGMOID``.
-    """
-
-    center: float
-    width: float
-    name: str
-    function: str = "LINEAR"
 
 
 @dataclass
@@ -65,10 +55,8 @@ class MedicalImage:
 
     def rewindow(self, window: "Window") -> np.ndarray:
         """Display pixels (H, W) uint8 for another window; needs ``raw`` (DICOM / 16-bit grey)."""
-        from .dicom import window as apply_window
-
         if self.raw is None:
             raise ValueError(f"{self.name}: no raw values to re-window (8-bit or colour image)")
-        return apply_window(
+        return window_values(
             self.raw, window.center, window.width, invert=bool(self.flags.get("monochrome1")), function=window.function
         )

@@ -223,3 +223,18 @@ def preprocess(image: MedicalImage, size: int, mean=(0.485, 0.456, 0.406), std=(
         channels = np.stack([geometry.resample(pixels[..., c]) / 255.0 for c in range(3)])
     channels = (channels - mean_arr[:, None, None]) / std_arr[:, None, None]
     return torch.from_numpy(np.ascontiguousarray(channels, dtype=np.float32)), geometry
+
+
+def denormalise(x, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> np.ndarray:
+    """The inverse of :func:`preprocess`'s normalisation: a model input as the model sees it.
+
+    ``x``: float tensor or array (3, S, S), normalised. Returns uint8 RGB (S, S, 3): ``x * std + mean``
+    per channel, clipped to [0, 1], times 255, rounded. Used for CasCAM's masked stage inputs and
+    ``softcam explain``'s ``input.png``.
+    """
+    values = x.detach().cpu().float().numpy() if hasattr(x, "detach") else np.asarray(x, dtype=np.float32)
+    if values.ndim != 3 or values.shape[0] != 3:
+        raise ValueError(f"expected a (3, H, W) model input, got shape {tuple(values.shape)}")
+    mean_arr, std_arr = _per_channel(mean, "mean"), _per_channel(std, "std")
+    rgb = np.clip(values * std_arr[:, None, None] + mean_arr[:, None, None], 0.0, 1.0)
+    return (rgb.transpose(1, 2, 0) * 255).round().astype(np.uint8)

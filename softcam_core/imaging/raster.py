@@ -7,9 +7,8 @@ import warnings
 
 import numpy as np
 
-from .dicom import percentile_window, window
 from .errors import ImageLoadError, _one_line, quiet_logs
-from .model import Window
+from .windowing import Window, percentile_window, window
 
 # Formats told apart by their first bytes, never by the file extension.
 _SIGNATURES: tuple[tuple[bytes, str], ...] = (

@@ -60,7 +60,7 @@ def prepare_home(home: Path, *, n_images: int = 6, modality: str = "fundus", ima
         model = make_tiny_checkpoint(home / "models" / f"{modality}_softcam.pt", modality=modality,
                                      arch=arch, img_size=img_size)
         from db.session import get_engine, session_scope, upgrade
-        from softcam_core.viewer import register_cohort_folder
+        from service.cohorts import register_cohort_folder
 
         engine = get_engine()
         upgrade(engine)
@@ -143,7 +143,6 @@ def dicom_from_png(png: Path, out: Path, *, patient_name: str = "Doe^Jane", pati
     """A Secondary Capture DICOM (MONOCHROME2, 8-bit) holding a real radiograph PNG's pixels, with patient
     identifiers in the header (the app must de-identify them). Marked DERIVED / SECONDARY."""
     import numpy as np
-    import pydicom
     from PIL import Image
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid

@@ -1,37 +1,60 @@
-"""Pure functions behind the Streamlit pages (softcam_core.viewer): no browser, no Streamlit."""
+"""Pure functions behind the Streamlit pages (service.*, softcam_core.render): no browser, no Streamlit."""
 
 from __future__ import annotations
 
 import io
-import sys
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from softcam_core import viewer
+from annotations.geometry import box_iou
+from db.session import mask_db_url
+from service.boxes import (
+    canvas_boxes_to_image,
+    canvas_scale,
+    canvas_size,
+    diff_boxes,
+    image_boxes_to_canvas,
+    lesion_labels,
+)
+from service.catalogue import list_checkpoints
+from service.image_session import MapResult, Prediction
+from service.jobs import JobCancelled, run_in_background
+from softcam_core.explain.specs import method_spec, method_title
+from softcam_core.render import (
+    COARSE_MAP_MAX_SIDE,
+    DISPLAY_MAX_SIDE,
+    ComparisonPage,
+    comparison_figure_bytes,
+    map_display_side,
+    map_npy,
+    map_png,
+    overlay_figure,
+    symmetric_range,
+)
 
 
 # ------------------------------------------------------------------------------------ canvas scaling
 def test_canvas_scale_fits_and_keeps_aspect():
-    assert viewer.canvas_scale(1000, 500, 600, 600) == pytest.approx(0.6)
-    assert viewer.canvas_scale(500, 1000, 600, 600) == pytest.approx(0.6)
-    assert viewer.canvas_scale(64, 64, 600, 600) == 4.0  # tiny images enlarged at most 4x
-    assert viewer.canvas_size(1000, 500, 0.6) == (600, 300)
+    assert canvas_scale(1000, 500, 600, 600) == pytest.approx(0.6)
+    assert canvas_scale(500, 1000, 600, 600) == pytest.approx(0.6)
+    assert canvas_scale(64, 64, 600, 600) == 4.0  # tiny images enlarged at most 4x
+    assert canvas_size(1000, 500, 0.6) == (600, 300)
     with pytest.raises(ValueError):
-        viewer.canvas_scale(0, 10, 100, 100)
+        canvas_scale(0, 10, 100, 100)
 
 
 def test_new_canvas_box_maps_to_image_pixels_by_hand():
     # canvas shows a 1000x500 image at 0.6: a box drawn at canvas (60, 30)-(120, 90) is image (100, 50)-(200, 150)
-    boxes = viewer.canvas_boxes_to_image([{"label": "drusen", "left": 60, "top": 30, "width": 60, "height": 60}],
+    boxes = canvas_boxes_to_image([{"label": "drusen", "left": 60, "top": 30, "width": 60, "height": 60}],
                                          0.6, 0.6, 1000, 500)
     assert boxes == [(100.0, 50.0, 200.0, 150.0, "drusen")]
 
 
 def test_boxes_drawn_right_to_left_and_outside_are_normalised_and_clipped():
-    boxes = viewer.canvas_boxes_to_image(
+    boxes = canvas_boxes_to_image(
         [{"label": "a", "left": 50, "top": 50, "width": -20, "height": -10},
          {"label": "b", "left": -10, "top": 90, "width": 30, "height": 40},
          {"label": "c", "left": 200, "top": 200, "width": 10, "height": 10}],  # fully outside: dropped
@@ -49,17 +72,17 @@ def test_untouched_boxes_reload_exactly_whatever_the_canvas_size(x0, y0, w, h, s
 
     box = Box(x0, y0, x0 + w, y0 + h)
     saved = [(box.x0, box.y0, box.x1, box.y1, "lesion")]
-    drawn = viewer.image_boxes_to_canvas(saved, scale)
+    drawn = image_boxes_to_canvas(saved, scale)
     # the canvas hands back what it was given, possibly re-serialised through float32-ish JSON
     returned = [{k: (v if k == "label" else float(np.float64(v))) for k, v in d.items()} for d in drawn]
-    back = viewer.canvas_boxes_to_image(returned, scale, scale, 5000, 5000, originals=saved)
+    back = canvas_boxes_to_image(returned, scale, scale, 5000, 5000, originals=saved)
     assert back == saved
 
 
 def test_moved_box_is_not_snapped_back_to_original():
     saved = [(10.0, 10.0, 20.0, 20.0, "lesion")]
     moved = [{"label": "lesion", "left": 15 * 2.0, "top": 10 * 2.0, "width": 20.0, "height": 20.0}]
-    assert viewer.canvas_boxes_to_image(moved, 2.0, 2.0, 100, 100, originals=saved) == [(15.0, 10.0, 25.0, 20.0, "lesion")]
+    assert canvas_boxes_to_image(moved, 2.0, 2.0, 100, 100, originals=saved) == [(15.0, 10.0, 25.0, 20.0, "lesion")]
 
 
 # ------------------------------------------------------------------------------------ box edits
@@ -68,32 +91,32 @@ def test_diff_boxes_classifies_every_edit():
     edited = [(0, 0, 10, 10, "a"),          # unchanged
               (52, 50, 62, 60, "b"),        # moved: overlaps 2
               (20, 20, 30, 30, "new")]      # new; 3 deleted
-    edits = viewer.diff_boxes(saved, edited)
+    edits = diff_boxes(saved, edited)
     assert edits.unchanged == [1]
     assert edits.update == [(2, (52, 50, 62, 60, "b"))]
     assert edits.delete == [3]
     assert edits.create == [(20, 20, 30, 30, "new")]
     assert edits.summary() == "1 new, 1 changed, 1 deleted"
-    assert viewer.diff_boxes(saved, [b for _, b in saved]).empty
+    assert diff_boxes(saved, [b for _, b in saved]).empty
 
 
 def test_relabelled_box_is_an_update():
-    edits = viewer.diff_boxes([(7, (0, 0, 10, 10, "a"))], [(0, 0, 10, 10, "b")])
+    edits = diff_boxes([(7, (0, 0, 10, 10, "a"))], [(0, 0, 10, 10, "b")])
     assert edits.update == [(7, (0, 0, 10, 10, "b"))] and not edits.create and not edits.delete
 
 
 def test_box_iou_by_hand():
-    assert viewer.box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
-    assert viewer.box_iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0.0
+    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+    assert box_iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0.0
 
 
 def test_lesion_labels_keep_existing_labels():
-    labels = viewer.lesion_labels("oct", ["drusen", "scar"])
+    labels = lesion_labels("oct", ["drusen", "scar"])
     assert labels[0] == "drusen" and labels.count("drusen") == 1 and labels[-1] == "scar"
     from softcam_core.synth import LESION_KINDS
 
     for modality, kinds in LESION_KINDS.items():  # drawn boxes share the synthetic cohorts' labels
-        assert set(kinds) <= set(viewer.lesion_labels(modality))
+        assert set(kinds) <= set(lesion_labels(modality))
 
 
 # ------------------------------------------------------------------------------------ figures and export
@@ -101,7 +124,7 @@ def test_overlay_figure_signed_map_is_centred_with_hover_and_boxes():
     pixels = np.zeros((40, 60), dtype=np.uint8)
     heat = np.zeros((40, 60), dtype=np.float32)
     heat[10, 20], heat[30, 40] = 2.0, -0.5
-    fig = viewer.overlay_figure(pixels, heat, title="SoftCAM · disease", signed=True, opacity=0.4,
+    fig = overlay_figure(pixels, heat, title="SoftCAM · disease", signed=True, opacity=0.4,
                                 boxes=[(5, 5, 15, 25, "lesion")])
     image_trace, heatmap = fig.data
     assert image_trace.type == "image" and heatmap.type == "heatmap"
@@ -116,9 +139,9 @@ def test_overlay_figure_signed_map_is_centred_with_hover_and_boxes():
 def test_overlay_figure_subsamples_large_images_but_keeps_image_coordinates():
     pixels = np.zeros((1000, 2000, 3), dtype=np.uint8)
     heat = np.ones((1000, 2000), dtype=np.float32)
-    fig = viewer.overlay_figure(pixels, heat, zmax=3.0)
+    fig = overlay_figure(pixels, heat, zmax=3.0)
     image_trace, heatmap = fig.data
-    step = int(np.ceil(2000 / viewer.DISPLAY_MAX_SIDE))
+    step = int(np.ceil(2000 / DISPLAY_MAX_SIDE))
     assert image_trace.dx == step and heatmap.dx == step
     assert np.asarray(heatmap.z).shape == (int(np.ceil(1000 / step)), int(np.ceil(2000 / step)))
     assert heatmap.zmax == 3.0
@@ -128,14 +151,14 @@ def test_overlay_figure_subsamples_large_images_but_keeps_image_coordinates():
 def test_cam_maps_are_sent_coarser_than_pixel_level_attributions():
     pixels = np.zeros((512, 512), dtype=np.uint8)
     heat = np.arange(512 * 512, dtype=np.float32).reshape(512, 512)
-    assert viewer.map_display_side("gradcam") == viewer.COARSE_MAP_MAX_SIDE == 128
-    assert viewer.map_display_side("integrated_gradients") == viewer.DISPLAY_MAX_SIDE
-    coarse = viewer.overlay_figure(pixels, heat, heat_max_side=viewer.map_display_side("softcam"))
+    assert map_display_side("gradcam") == COARSE_MAP_MAX_SIDE == 128
+    assert map_display_side("integrated_gradients") == DISPLAY_MAX_SIDE
+    coarse = overlay_figure(pixels, heat, heat_max_side=map_display_side("softcam"))
     image_trace, heatmap = coarse.data
     assert image_trace.dx == 2 and heatmap.dx == 4 and np.asarray(heatmap.z).shape == (128, 128)
     # sample (i, j) covers image pixels 4i..4i+3: its centre is 4i + 1.5 and it holds pixel (4i, 4j)
     assert heatmap.x0 == heatmap.y0 == 1.5 and np.asarray(heatmap.z)[1, 2] == heat[4, 8]
-    fine = viewer.overlay_figure(pixels, heat, heat_max_side=viewer.map_display_side("guided_backprop"))
+    fine = overlay_figure(pixels, heat, heat_max_side=map_display_side("guided_backprop"))
     assert np.asarray(fine.data[1].z).shape == (256, 256)
     # the image is encoded once for every panel of the page
     assert coarse.data[0].source == fine.data[0].source
@@ -143,12 +166,12 @@ def test_cam_maps_are_sent_coarser_than_pixel_level_attributions():
 
 def test_overlay_rejects_a_map_of_the_wrong_shape():
     with pytest.raises(ValueError, match="does not match"):
-        viewer.overlay_figure(np.zeros((10, 10), np.uint8), np.zeros((5, 5), np.float32))
+        overlay_figure(np.zeros((10, 10), np.uint8), np.zeros((5, 5), np.float32))
 
 
 def test_symmetric_range():
-    assert viewer.symmetric_range([np.array([-3.0, 1.0]), np.array([2.0])]) == 3.0
-    assert viewer.symmetric_range([np.zeros(3)]) == 1e-6
+    assert symmetric_range([np.array([-3.0, 1.0]), np.array([2.0])]) == 3.0
+    assert symmetric_range([np.zeros(3)]) == 1e-6
 
 
 def test_map_png_blends_signed_evidence_red_and_blue():
@@ -157,58 +180,49 @@ def test_map_png_blends_signed_evidence_red_and_blue():
     pixels = np.full((4, 4), 128, dtype=np.uint8)
     heat = np.zeros((4, 4), dtype=np.float32)
     heat[0, 0], heat[3, 3] = 1.0, -1.0
-    out = np.asarray(Image.open(io.BytesIO(viewer.map_png(pixels, heat, signed=True, opacity=1.0))))
+    out = np.asarray(Image.open(io.BytesIO(map_png(pixels, heat, signed=True, opacity=1.0))))
     assert out.shape == (4, 4, 3)
     assert out[0, 0, 0] > out[0, 0, 2]  # positive evidence: red
     assert out[3, 3, 2] > out[3, 3, 0]  # negative evidence: blue
 
 
 def test_comparison_export_png_and_pdf():
-    prediction = viewer.Prediction(["healthy", "disease"], np.array([0.25, 0.75]), 0.01)
+    prediction = Prediction(["healthy", "disease"], np.array([0.25, 0.75]), 0.01)
     pixels = np.zeros((32, 32), dtype=np.uint8)
     heat = np.random.default_rng(0).normal(size=(32, 32)).astype(np.float32)
-    result = viewer.MapResult("softcam", 1, "disease", heat, heat, 0.02)
-    page = viewer.ComparisonPage("img.png", "demo", prediction, pixels, [result], {result.title: 0.5},
+    result = MapResult("softcam", 1, "disease", heat, heat, 0.02)
+    page = ComparisonPage("img.png", "demo", prediction, pixels, [result], {result.title: 0.5},
                                  boxes=[(1, 1, 10, 10)])
-    assert viewer.comparison_figure_bytes(page, "png").startswith(b"\x89PNG")
-    assert viewer.comparison_figure_bytes(page, "pdf").startswith(b"%PDF")
+    assert comparison_figure_bytes(page, "png").startswith(b"\x89PNG")
+    assert comparison_figure_bytes(page, "pdf").startswith(b"%PDF")
     with pytest.raises(ValueError):
-        viewer.comparison_figure_bytes(page, "svg")
+        comparison_figure_bytes(page, "svg")
 
 
 def test_map_npy_is_the_input_resolution_map():
     heat = np.arange(12, dtype=np.float32).reshape(3, 4)
-    result = viewer.MapResult("gradcam", 0, "a", heat, np.zeros((6, 8), np.float32), 0.1)
-    assert np.array_equal(np.load(io.BytesIO(viewer.map_npy(result))), heat)
+    result = MapResult("gradcam", 0, "a", heat, np.zeros((6, 8), np.float32), 0.1)
+    assert np.array_equal(np.load(io.BytesIO(map_npy(result.input_map))), heat)
 
 
 def test_prediction_table_sorted():
-    prediction = viewer.Prediction(["a", "b", "c"], np.array([0.2, 0.5, 0.3]), 0.0)
+    prediction = Prediction(["a", "b", "c"], np.array([0.2, 0.5, 0.3]), 0.0)
     assert [r["class"] for r in prediction.table()] == ["b", "c", "a"]
     assert prediction.predicted_name == "b"
 
 
 def test_mask_db_url_hides_password():
-    assert viewer.mask_db_url("postgresql+psycopg://alice:s3cret@db:5432/x") == "postgresql+psycopg://alice:***@db:5432/x"
-    assert viewer.mask_db_url("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db"
+    assert mask_db_url("postgresql+psycopg://alice:s3cret@db:5432/x") == "postgresql+psycopg://alice:***@db:5432/x"
+    assert mask_db_url("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db"
 
 
 def test_method_titles_and_slowness():
-    assert viewer.method_title("gradcampp") == "Grad-CAM++"
-    assert viewer.method_title("cascam:gradcam") == "CasCAM (Grad-CAM)"
-    assert viewer.method_title("sanity:edge") == "Edge (sanity)" and viewer.method_title("softcam_contrast") == "SoftCAM contrast"
-    assert not any(viewer.is_slow_method(m) for m in ("sanity:edge", "sanity:random", "sanity:centre", "softcam_contrast"))
-    assert viewer.is_slow_method("scorecam") and viewer.is_slow_method("cascam:gradcam")
-    assert not viewer.is_slow_method("gradcam")
-
-
-def test_viewer_never_imports_streamlit():
-    import importlib
-    import subprocess
-
-    code = "import softcam_core.viewer, sys; assert 'streamlit' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
-    importlib.import_module("softcam_core.viewer")
+    assert method_title("gradcampp") == "Grad-CAM++"
+    assert method_title("cascam:gradcam") == "CasCAM (Grad-CAM)"
+    assert method_title("sanity:edge") == "Edge (sanity)" and method_title("softcam_contrast") == "SoftCAM contrast"
+    assert not any(method_spec(m).slow for m in ("sanity:edge", "sanity:random", "sanity:centre", "softcam_contrast"))
+    assert method_spec("scorecam").slow and method_spec("cascam:gradcam").slow
+    assert not method_spec("gradcam").slow
 
 
 # ------------------------------------------------------------------------------------ background jobs
@@ -220,7 +234,7 @@ def test_run_in_background_reports_progress_and_result():
             progress(i, 3, f"step {i}")
         return "result"
 
-    viewer.run_in_background(work, report=lambda *a: reports.append(a), finish=finished.append,
+    run_in_background(work, report=lambda *a: reports.append(a), finish=finished.append,
                              fail=failed.append, min_interval=0.0).join(5)
     assert reports == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
     assert finished == ["result"] and failed == []
@@ -234,7 +248,7 @@ def test_run_in_background_throttles_but_always_reports_the_last_step_and_failur
             progress(i, 100, "")
         raise RuntimeError("cohort.csv:\n disk full")
 
-    viewer.run_in_background(work, report=lambda *a: reports.append(a), finish=finished.append,
+    run_in_background(work, report=lambda *a: reports.append(a), finish=finished.append,
                              fail=failed.append, min_interval=60.0).join(5)
     assert reports[-1][:2] == (100, 100) and len(reports) <= 2
     assert finished == [] and failed == ["cohort.csv: disk full"]
@@ -247,7 +261,7 @@ def test_run_in_background_stops_quietly_when_the_job_is_cancelled():
 
     def report(done, total, message):
         if done == 3:
-            raise viewer.JobCancelled("job 1 is cancelled")
+            raise JobCancelled("job 1 is cancelled")
 
     def work(progress):
         for i in range(1, 11):
@@ -255,7 +269,7 @@ def test_run_in_background_stops_quietly_when_the_job_is_cancelled():
             progress(i, 10, "")
         return "result"
 
-    viewer.run_in_background(work, report=report, finish=finished.append, fail=failed.append,
+    run_in_background(work, report=report, finish=finished.append, fail=failed.append,
                              min_interval=0.0).join(5)
     assert steps == [1, 2, 3] and finished == [] and failed == []
 
@@ -263,7 +277,7 @@ def test_run_in_background_stops_quietly_when_the_job_is_cancelled():
 def test_overlay_makes_the_map_transparent_outside_the_model_crop():
     pixels = np.zeros((10, 20), dtype=np.uint8)
     heat = np.ones((10, 20), dtype=np.float32)
-    fig = viewer.overlay_figure(pixels, heat, crop=(5, 0, 15, 10))
+    fig = overlay_figure(pixels, heat, crop=(5, 0, 15, 10))
     z = np.asarray(fig.data[1].z, dtype=float)
     assert np.isnan(z[:, :5]).all() and np.isnan(z[:, 15:]).all() and (z[:, 5:15] == 1).all()
     assert fig.layout.shapes[0].line.dash == "dash"
@@ -275,7 +289,7 @@ def test_list_checkpoints_reads_metadata_skips_training_state_and_reports_bad_fi
     good = make_tiny_checkpoint(tmp_path / "a_softcam.pt", modality="oct")
     (tmp_path / "a_softcam.last.pt").write_bytes(good.read_bytes())  # resumable state: not listed
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
-    found, problems = viewer.list_checkpoints(tmp_path)
+    found, problems = list_checkpoints(tmp_path)
     assert [info.name for info in found] == ["a_softcam"]
     assert found[0].modality == "oct" and found[0].meta["classes"] == ["healthy", "disease"]
     assert "a_softcam — resnet18/softcam, oct, 2 classes" == found[0].label()

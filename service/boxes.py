@@ -1,0 +1,168 @@
+"""Annotation editing on a canvas: canvas <-> image pixel boxes, lesion labels, and what a save changes.
+
+Boxes are ``(x0, y0, x1, y1, label)`` floats in original image pixels, exclusive end (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from annotations.geometry import box_iou
+
+
+def canvas_scale(image_width: int, image_height: int, max_width: int, max_height: int) -> float:
+    """Canvas pixels per image pixel so the whole image fits ``max_width`` x ``max_height``, aspect kept.
+
+    Images smaller than the box are not enlarged beyond 4x (boxes on tiny images stay drawable).
+    """
+    if image_width <= 0 or image_height <= 0:
+        raise ValueError(f"image size must be positive, got {image_width}x{image_height}")
+    return float(min(max_width / image_width, max_height / image_height, 4.0))
+
+
+def canvas_size(image_width: int, image_height: int, scale: float) -> tuple[int, int]:
+    """``(width, height)`` canvas pixels for an image shown at ``scale`` (rounded to whole pixels)."""
+    return max(1, round(image_width * scale)), max(1, round(image_height * scale))
+
+
+def image_boxes_to_canvas(boxes: Sequence[Sequence[Any]], scale_x: float, scale_y: float | None = None) -> list[dict]:
+    """Image-pixel boxes ``(x0, y0, x1, y1, label)`` -> canvas box dicts ``{label, left, top, width, height}``.
+
+    The dicts feed ``streamlit_drawable_canvas.boxes_to_drawing``.
+    """
+    scale_y = scale_x if scale_y is None else scale_y
+    out = []
+    for box in boxes:
+        x0, y0, x1, y1 = (float(v) for v in box[:4])
+        out.append({"label": str(box[4]) if len(box) > 4 else "", "left": x0 * scale_x, "top": y0 * scale_y,
+                    "width": (x1 - x0) * scale_x, "height": (y1 - y0) * scale_y})
+    return out
+
+
+def canvas_boxes_to_image(
+    canvas_boxes: Sequence[dict],
+    scale_x: float,
+    scale_y: float | None,
+    image_width: int,
+    image_height: int,
+    originals: Sequence[Sequence[Any]] = (),
+    tolerance: float = 1e-3,
+) -> list[tuple[float, float, float, float, str]]:
+    """Canvas box dicts -> image-pixel boxes ``(x0, y0, x1, y1, label)``, clipped to the image.
+
+    A canvas box that is (within ``tolerance`` canvas pixels) the drawing of one of ``originals`` —
+    i.e. the user did not move or resize it — returns that original exactly, so a save/reload cycle
+    never drifts by floating-point rounding whatever the canvas size. Boxes of zero area after
+    clipping are dropped.
+    """
+    scale_y = scale_x if scale_y is None else scale_y
+    drawn = image_boxes_to_canvas(originals, scale_x, scale_y)
+    result: list[tuple[float, float, float, float, str]] = []
+    for box in canvas_boxes:
+        label = str(box.get("label", ""))
+        match = None
+        for original, as_drawn in zip(originals, drawn):
+            if all(abs(float(box[k]) - as_drawn[k]) <= tolerance for k in ("left", "top", "width", "height")):
+                match = original
+                break
+        if match is not None:
+            x0, y0, x1, y1 = (float(v) for v in match[:4])
+        else:
+            left, top = float(box["left"]), float(box["top"])
+            width, height = float(box["width"]), float(box["height"])
+            if width < 0:
+                left, width = left + width, -width
+            if height < 0:
+                top, height = top + height, -height
+            x0, y0 = left / scale_x, top / scale_y
+            x1, y1 = (left + width) / scale_x, (top + height) / scale_y
+            x0, x1 = (round(min(max(v, 0.0), image_width), 2) for v in (x0, x1))
+            y0, y1 = (round(min(max(v, 0.0), image_height), 2) for v in (y0, y1))
+        if x1 - x0 <= 0 or y1 - y0 <= 0:
+            continue
+        result.append((x0, y0, x1, y1, label))
+    return result
+
+
+# Lesion labels offered per modality on the Annotate page (the first is the default).
+# Names follow the synthetic cohorts' COCO categories (softcam_core.synth.LESION_KINDS) so drawn and
+# generated boxes share labels.
+LESION_LABELS: dict[str, tuple[str, ...]] = {
+    "fundus": ("hard_exudate", "haemorrhage", "microaneurysm", "soft_exudate", "neovascularisation", "optic_disc"),
+    "oct": ("drusen", "intraretinal_fluid", "subretinal_fluid", "ped", "geographic_atrophy"),
+    "cxr": ("opacity", "consolidation", "nodule", "mass", "effusion", "pneumothorax", "tuberculosis"),
+    "other": ("lesion",),
+}
+
+
+def lesion_labels(modality: str, existing: Iterable[str] = ()) -> list[str]:
+    """Labels for a modality, followed by any label already used on the image (kept selectable)."""
+    labels = list(LESION_LABELS.get(modality, LESION_LABELS["other"]))
+    for label in existing:
+        if label and label not in labels:
+            labels.append(label)
+    return labels
+
+
+@dataclass
+class BoxEdits:
+    """What saving a canvas means for the stored boxes of one image.
+
+    ``create``: new boxes ``(x0, y0, x1, y1, label)``; ``update``: ``(saved id, new box)``;
+    ``delete``: saved ids; ``unchanged``: saved ids kept as they are.
+    """
+
+    create: list[tuple] = field(default_factory=list)
+    update: list[tuple[Any, tuple]] = field(default_factory=list)
+    delete: list[Any] = field(default_factory=list)
+    unchanged: list[Any] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.create or self.update or self.delete)
+
+    def summary(self) -> str:
+        parts = [f"{len(self.create)} new", f"{len(self.update)} changed", f"{len(self.delete)} deleted"]
+        return ", ".join(parts)
+
+
+def diff_boxes(saved: Sequence[tuple[Any, Sequence[Any]]], edited: Sequence[Sequence[Any]],
+               min_iou: float = 0.05) -> BoxEdits:
+    """Match the canvas's boxes to the stored ones.
+
+    Args:
+        saved: ``(id, (x0, y0, x1, y1, label))`` of the stored boxes of one image.
+        edited: ``(x0, y0, x1, y1, label)`` on the canvas now (from :func:`canvas_boxes_to_image`,
+            which returns untouched boxes exactly).
+    An edited box equal to a stored one (coordinates and label) is unchanged; the remaining stored
+    boxes are paired greedily with the remaining edited boxes by IoU (moved, resized or relabelled
+    boxes become updates); stored boxes left over are deletions, edited ones left over are new.
+    """
+    edits = BoxEdits()
+    remaining_saved = list(saved)
+    remaining_edited = [tuple(box) for box in edited]
+    for ident, box in list(remaining_saved):
+        key = (tuple(float(v) for v in box[:4]), str(box[4]) if len(box) > 4 else "")
+        for candidate in remaining_edited:
+            if (tuple(float(v) for v in candidate[:4]), str(candidate[4]) if len(candidate) > 4 else "") == key:
+                edits.unchanged.append(ident)
+                remaining_saved.remove((ident, box))
+                remaining_edited.remove(candidate)
+                break
+    pairs = sorted(
+        ((box_iou(box[:4], candidate[:4]), i, j) for i, (_, box) in enumerate(remaining_saved)
+         for j, candidate in enumerate(remaining_edited)),
+        reverse=True,
+    )
+    used_saved, used_edited = set(), set()
+    for iou, i, j in pairs:
+        if iou < min_iou or i in used_saved or j in used_edited:
+            continue
+        used_saved.add(i)
+        used_edited.add(j)
+        edits.update.append((remaining_saved[i][0], remaining_edited[j]))
+    edits.delete = [ident for i, (ident, _) in enumerate(remaining_saved) if i not in used_saved]
+    edits.create = [box for j, box in enumerate(remaining_edited) if j not in used_edited]
+    return edits
