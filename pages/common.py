@@ -89,6 +89,8 @@ def _start_database(url: str) -> bool:
             repository.create_user(session, DEFAULT_ADMIN, "admin", password, display_name="Administrator")
         # jobs a stopped app process left "running" would otherwise show progress forever
         repository.close_interrupted_jobs(session)
+        # Review opens on the demo's SoftCAM net of each modality unless someone chose another default
+        catalogue.apply_demo_defaults(session)
     register_demo_cohorts()
     return True
 
@@ -235,18 +237,25 @@ def model_selector() -> CheckpointInfo | None:
         return None
     paths = [str(info.path) for info in found]
     current = st.session_state.get("model_path")
-    if current not in paths:  # start with a default model chosen on the Models page, else the newest
-        defaults = [p for p in default_models().values() if p in paths]
-        current = defaults[0] if defaults else paths[0]
+    if current not in paths:  # the default of a modality (Models page, or the demo's), else a SoftCAM net
+        current = str(catalogue.preferred_model(found, default_models()).path)
     st.session_state["model_path"] = current
     st.session_state["model_choice"] = current  # pages may switch the model (e.g. Review's modality hint)
 
     def chosen() -> None:
         st.session_state["model_path"] = st.session_state["model_choice"]
+        st.session_state["model_chosen_by_user"] = True  # Review then keeps it whatever the image
 
     st.selectbox("Model", paths, format_func=lambda p: found[paths.index(p)].label(), key="model_choice",
                  on_change=chosen)
     return found[paths.index(current)]
+
+
+def model_for_modality(modality: str) -> CheckpointInfo | None:
+    """The model to use for images of ``modality`` when the user chose none: its default (Models page or
+    demo), else the newest SoftCAM net of that modality; None when no checkpoint is of that modality."""
+    preferred = catalogue.preferred_model(checkpoints(), default_models(), modality)
+    return preferred if preferred is not None and preferred.modality == modality else None
 
 
 def current_model() -> CheckpointInfo | None:
@@ -595,19 +604,8 @@ def _model_row(info: CheckpointInfo):
 
 @st.cache_resource(max_entries=64, show_spinner=False)
 def _registered_model(path: str, mtime: int, url: str):
-    from pathlib import Path
-
-    from db import repository
-
-    info = checkpoint_info(path)
     with session() as s:
-        for row in repository.list_models(s):
-            if row.checkpoint_path == str(Path(path).resolve()):
-                return row
-        name = info.name
-        if repository.list_models(s) and any(r.name == name for r in repository.list_models(s)):
-            name = f"{info.name}-{mtime}"
-        return repository.register_model(s, name, path, modality=info.modality, metadata=info.meta)
+        return catalogue.registered_model(s, path)
 
 
 class DatabaseMapStore(MapStore):

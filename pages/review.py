@@ -19,6 +19,7 @@ from softcam_core.render import (
     map_display_side,
     map_npy,
     map_png,
+    map_problem,
     overlay_figure,
     shared_evidence_limit,
     window_presets,
@@ -43,6 +44,12 @@ loaded = common.image_picker(page="review", default_modality=model_info.modality
 if loaded is None:
     st.stop()
 image, record = loaded
+# an image of another modality: open it with that modality's model, unless the user picked this one
+if (image.modality not in (model_info.modality, "other") and not st.session_state.get("model_chosen_by_user")):
+    better = common.model_for_modality(image.modality)
+    if better is not None and better.path != model_info.path:
+        st.session_state["model_path"] = str(better.path)
+        st.rerun()
 
 # ---------------------------------------------------------------------------------------------- controls
 # every method of the registry but the evidence maps (always shown for a SoftCAM net), then CasCAM over each base
@@ -100,10 +107,10 @@ with head_left:
               delta_color="off", delta_arrow="off")
     if model_info.modality not in (image.modality, "other") and image.modality != "other":
         st.warning(f"The model was trained on {model_info.modality} images; this is a {image.modality} image.")
-        better = common.default_models().get(image.modality)
-        if better and better != str(model_info.path):
-            if st.button(f"Use the default {image.modality} model", key="review_switch_model"):
-                st.session_state["model_path"] = better
+        better = common.model_for_modality(image.modality)
+        if better is not None and better.path != model_info.path:
+            if st.button(f"Use the {image.modality} model {better.name}", key="review_switch_model"):
+                st.session_state["model_path"] = str(better.path)
                 st.rerun()
     if image.flags.get("burned_in_annotation"):
         st.warning("This DICOM file declares burned-in annotation: text in the pixels may identify the patient.")
@@ -173,13 +180,16 @@ for row_start in range(0, len(panels), columns_per_row):
                 continue
             shown_title = result.title + (" (selected)" if result.method == "softcam" and result.target == target
                                           and len(evidence) > 1 else "")
-            figure = overlay_figure(
-                pixels, result.image_map, title=shown_title, signed=result.signed,
+            problem = map_problem(result.input_map)
+            figure = overlay_figure(  # a degenerate map is not drawn: one flat colour would look like a finding
+                pixels, None if problem else result.image_map, title=shown_title, signed=result.signed,
                 zmax=colour_limit(result, shared), opacity=opacity, boxes=boxes,
                 colorbar_title="evidence" if result.signed else "saliency", crop=session.crop_box(),
                 heat_max_side=map_display_side(result.method))
             st.plotly_chart(figure, width="stretch", key=f"review_fig_{result.method}_{result.target}",
                             config={"displaylogo": False})
+            if problem:
+                st.warning(f"{result.title}: {problem}. Nothing is drawn.", icon=":material/warning:")
             score = scores.get(result.title)
             caption = f"{result.seconds:.2f} s" + (" (cached)" if result.cached else "")
             caption += (f" · activation precision {score:.3f}" if score is not None

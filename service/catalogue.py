@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,3 +128,70 @@ def model_identity(path: str | Path) -> str:
     path = Path(path)
     stat = path.stat()
     return f"{path.name}:{stat.st_mtime_ns}:{stat.st_size}"
+
+
+MODALITY_ORDER = ("fundus", "oct", "cxr", "other")
+
+
+def preferred_model(found: Sequence[CheckpointInfo], defaults: dict[str, str],
+                    modality: str | None = None) -> CheckpointInfo | None:
+    """The model a page opens on when the user chose none.
+
+    ``found``: checkpoints (:func:`list_checkpoints`, newest first); ``defaults``: ``{modality: path}``
+    chosen on the Models page (or set by the demo). Order: the default of ``modality`` (when given),
+    the defaults in :data:`MODALITY_ORDER`, the newest SoftCAM net (of ``modality`` first), the newest
+    checkpoint. A black-box baseline is never preferred over a SoftCAM net: Review exists to show
+    the evidence maps.
+    """
+    by_path = {str(info.path): info for info in found}
+    order = ([modality] if modality else []) + [m for m in MODALITY_ORDER if m != modality]
+    for wanted in order:
+        if defaults.get(wanted) in by_path:
+            return by_path[defaults[wanted]]
+    softcam = [info for info in found if info.head == "softcam"]
+    for candidates in ([i for i in softcam if i.modality == modality], softcam, list(found)):
+        if candidates:
+            return candidates[0]
+    return None
+
+
+def registered_model(session, path: str | Path):
+    """The database row (``db.schema.Model``) of a checkpoint, registered on first use (found by its path)."""
+    from db import repository
+
+    path = Path(path)
+    info = checkpoint_info(path)
+    resolved = str(path.resolve())
+    rows = repository.list_models(session)
+    for row in rows:
+        if row.checkpoint_path == resolved:
+            return row
+    name = info.name if not any(r.name == info.name for r in rows) else f"{info.name}-{path.stat().st_mtime_ns}"
+    return repository.register_model(session, name, path, modality=info.modality, metadata=info.meta)
+
+
+def apply_demo_defaults(session, report_path: str | Path | None = None) -> dict[str, str]:
+    """Make the demo's SoftCAM model (``demo_report.json`` ``default_models``) the default of every
+    modality that has no default yet; a default chosen on the Models page is never replaced.
+
+    Returns ``{modality: checkpoint path}`` of the defaults set now (empty without a demo report).
+    """
+    import json
+
+    from db import repository
+    from softcam_core.demo import REPORT_NAME
+    from softcam_core.paths import softcam_home
+
+    report_path = Path(report_path) if report_path is not None else softcam_home() / REPORT_NAME
+    try:
+        wanted = json.loads(report_path.read_text(encoding="utf-8")).get("default_models") or {}
+    except (OSError, ValueError):
+        return {}
+    applied = {}
+    for modality, checkpoint in wanted.items():
+        if repository.get_default_model(session, modality) is not None or not Path(checkpoint).is_file():
+            continue
+        row = registered_model(session, checkpoint)
+        repository.set_default_model(session, row)
+        applied[modality] = str(checkpoint)
+    return applied

@@ -176,6 +176,9 @@ def prepare_demo(
     report["cpu_seconds"] = round(_cpu_seconds() - cpu_started, 1)
     report["load_average"] = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
     report["passed"] = all(e["passed"] for e in report["modalities"].values())
+    # the models Review opens on: the SoftCAM net of each modality (service.catalogue.apply_demo_defaults
+    # makes them the database defaults at app start, for modalities whose default nobody chose yet)
+    report["default_models"] = {m: e["softcam"]["checkpoint"] for m, e in report["modalities"].items()}
     report_path = assets["report"]
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

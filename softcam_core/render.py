@@ -117,6 +117,36 @@ def symmetric_range(maps: Iterable[np.ndarray]) -> float:
     return max(peak, 1e-6)
 
 
+# a map whose values span less than this fraction of their own magnitude is drawn as one colour
+MIN_RELATIVE_RANGE = 1e-6
+
+
+def map_problem(values: np.ndarray) -> str | None:
+    """Why a map would show nothing, in one line, or None when it has something to show.
+
+    Degenerate: empty; any non-finite value (NaN, inf); all zero; constant; or nearly constant,
+    i.e. ``max - min < MIN_RELATIVE_RANGE * max |value|`` (e.g. 1000 +- 1e-4: float noise, which a
+    min-max colour scale would blow up into a pattern). Pages show the message instead of a heatmap;
+    ``softcam explain`` writes it into summary.json. Pure; pinned in tests/test_service.py.
+    """
+    values = np.asarray(values)
+    if values.size == 0:
+        return "the map is empty"
+    finite = np.isfinite(values)
+    if not finite.all():
+        return f"the map has {int((~finite).sum())} non-finite values (NaN or inf) of {values.size}"
+    peak = float(np.abs(values).max())
+    if peak == 0.0:
+        return "the map is all zero: the method found no evidence (for gradient methods, often saturated or dead units)"
+    low, high = float(values.min()), float(values.max())
+    if high == low:
+        return f"the map is constant ({high:.3g} everywhere): it ranks no pixel above another"
+    if high - low < MIN_RELATIVE_RANGE * peak:
+        return (f"the map is nearly constant ({low:.6g} to {high:.6g}: a range below {MIN_RELATIVE_RANGE:g} of its "
+                "magnitude is numerical noise)")
+    return None
+
+
 def shared_evidence_limit(maps: Iterable[Any]) -> float | None:
     """The colour limit (+-) the SoftCAM evidence maps of one image share (one map per class, so the
     classes compare), or None without any. ``maps``: objects with ``.method`` and ``.image_map``.
@@ -306,6 +336,9 @@ def comparison_figure_bytes(page: ComparisonPage, fmt: str = "png", opacity: flo
             ax.imshow(blended)
             score = page.scores.get(result.title)
             caption = f"{result.seconds:.2f} s" + (f" · act. precision {score:.3f}" if score is not None else "")
+            problem = map_problem(result.image_map)
+            if problem:  # the export says so too, rather than a flat colour
+                caption += "\nDEGENERATE: " + problem.split(" (")[0].split(":")[0]
             ax.set_title(f"{result.title}\n{caption}", fontsize=8)
         for box in page.boxes:
             x0, y0, x1, y1 = (float(v) for v in box[:4])

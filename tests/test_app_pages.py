@@ -338,3 +338,37 @@ def test_switching_to_a_black_box_baseline_shows_post_hoc_maps_only(app_home):
     assert at.session_state["model_path"] == str(baseline)
     assert len(at.get("plotly_chart")) == 2  # the image and Grad-CAM; a black box has no evidence maps
     assert any("black-box baseline" in c for c in texts(at.caption))
+
+
+def test_review_opens_on_a_softcam_net_even_when_a_black_box_is_newer(app_home):
+    from tests.plugins.app import make_tiny_checkpoint
+
+    make_tiny_checkpoint(app_home["model"].parent / "fundus_baseline.pt", head="baseline")  # the newest file
+    at = open_app("review")
+    assert not at.exception and not at.error, texts(at.error)
+    assert at.session_state["model_path"] == str(app_home["model"])
+    assert any(c["title"].startswith("SoftCAM · ") for c in charts(at))
+
+
+def test_review_warns_of_degenerate_maps_instead_of_drawing_them(app_home):
+    """A SoftCAM net whose evidence layer is all zero: its evidence maps are all zero and Grad-CAM's
+    gradients vanish; each panel says so, and no flat heatmap is drawn."""
+    import torch
+
+    from softcam_core.models import build_model, save_checkpoint
+
+    model = build_model("resnet18", 2, "softcam")
+    with torch.no_grad():
+        for parameter in model.evidence.parameters():
+            parameter.zero_()
+    meta = {"arch": "resnet18", "head": "softcam", "classes": ["healthy", "disease"], "img_size": 64,
+            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "modality": "fundus",
+            "l1": 0.0, "l2": 0.0, "data_hash": "zero", "metrics": {}}
+    path = save_checkpoint(app_home["model"].parent / "fundus_zero.pt", model, meta)
+    at = open_app()
+    at.sidebar.selectbox(key="model_choice").set_value(str(path)).run()
+    assert not at.exception and not at.error, texts(at.error)
+    warnings = [w for w in texts(at.warning) if "Nothing is drawn" in w]
+    assert len(warnings) == 3 and all("all zero" in w for w in warnings), texts(at.warning)
+    drawn = charts(at)
+    assert len(drawn) == 4 and all(c["heatmap"] is None for c in drawn), [c["title"] for c in drawn]

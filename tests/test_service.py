@@ -294,3 +294,72 @@ def test_list_checkpoints_reads_metadata_skips_training_state_and_reports_bad_fi
     assert found[0].modality == "oct" and found[0].meta["classes"] == ["healthy", "disease"]
     assert "a_softcam — resnet18/softcam, oct, 2 classes" == found[0].label()
     assert len(problems) == 1 and problems[0].startswith("broken.pt:")
+
+
+# ------------------------------------------------------------------------------------ model catalogue
+def _info(name: str, modality: str, head: str, modified: float):
+    from pathlib import Path
+
+    from service.catalogue import CheckpointInfo
+
+    return CheckpointInfo(Path(f"/models/{name}.pt"), {"modality": modality, "head": head, "classes": ["a", "b"]},
+                          1.0, modified)
+
+
+def test_preferred_model_is_a_default_then_a_softcam_net_never_a_newer_black_box():
+    from service.catalogue import preferred_model
+
+    cxr_base, cxr_soft = _info("cxr_baseline", "cxr", "baseline", 9), _info("cxr_softcam", "cxr", "softcam", 8)
+    oct_soft, fundus_soft = _info("oct_softcam", "oct", "softcam", 5), _info("fundus_softcam", "fundus", "softcam", 3)
+    found = [cxr_base, cxr_soft, oct_soft, fundus_soft]  # newest first, as list_checkpoints returns them
+    assert preferred_model(found, {}) is cxr_soft  # the newest is a black box: skipped
+    assert preferred_model(found, {}, "oct") is oct_soft
+    defaults = {"cxr": str(cxr_base.path), "fundus": str(fundus_soft.path)}
+    assert preferred_model(found, defaults) is fundus_soft  # defaults in modality order
+    assert preferred_model(found, defaults, "cxr") is cxr_base  # a chosen default wins, black box or not
+    assert preferred_model(found, {"oct": "/gone.pt"}, "oct") is oct_soft
+    assert preferred_model([cxr_base], {}) is cxr_base and preferred_model([], {}) is None
+
+
+def test_the_demo_sets_each_modality_default_once_and_never_over_a_chosen_one(tmp_path, monkeypatch):
+    import json
+
+    from db import repository
+    from db.session import get_engine, session_scope, upgrade
+    from service.catalogue import apply_demo_defaults, registered_model
+    from tests.plugins.app import make_tiny_checkpoint
+
+    monkeypatch.setenv("SOFTCAM_HOME", str(tmp_path))
+    engine = get_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    upgrade(engine)
+    fundus = make_tiny_checkpoint(tmp_path / "models" / "fundus_softcam.pt", modality="fundus")
+    oct_soft = make_tiny_checkpoint(tmp_path / "models" / "oct_softcam.pt", modality="oct")
+    oct_base = make_tiny_checkpoint(tmp_path / "models" / "oct_baseline.pt", modality="oct", head="baseline")
+    report = tmp_path / "demo_report.json"
+    with session_scope(engine) as s:
+        assert apply_demo_defaults(s, report) == {}  # no demo yet: nothing to do
+        repository.set_default_model(s, registered_model(s, oct_base))  # someone chose the OCT baseline
+    report.write_text(json.dumps({"default_models": {"fundus": str(fundus), "oct": str(oct_soft)}}))
+    with session_scope(engine) as s:
+        assert apply_demo_defaults(s, report) == {"fundus": str(fundus)}
+    with session_scope(engine) as s:
+        assert repository.get_default_model(s, "fundus").checkpoint_path == str(fundus.resolve())
+        assert repository.get_default_model(s, "oct").checkpoint_path == str(oct_base.resolve())
+        assert apply_demo_defaults(s, report) == {}  # idempotent
+        assert len(repository.list_models(s)) == 2
+
+
+# ------------------------------------------------------------------------------------ degenerate maps
+def test_map_problem_names_each_degenerate_map_by_hand():
+    from softcam_core.render import map_problem
+
+    assert map_problem(np.array([[0.0, 1.0], [0.5, 0.2]])) is None
+    assert map_problem(np.array([[1e-9, 2e-9], [0.0, 0.0]])) is None  # tiny but structured: drawable
+    assert map_problem(np.array([[-3.0, 2.0]])) is None
+    assert "empty" in map_problem(np.zeros((0, 3)))
+    assert "all zero" in map_problem(np.zeros((4, 4)))
+    assert "1 non-finite" in map_problem(np.array([[0.0, np.nan], [1.0, 2.0]]))
+    assert "2 non-finite" in map_problem(np.array([np.inf, -np.inf, 1.0]))
+    assert "constant (0.7 everywhere)" in map_problem(np.full((3, 3), 0.7))
+    assert "nearly constant" in map_problem(np.array([1000.0, 1000.0 + 1e-4]))  # 1e-7 of the magnitude
+    assert map_problem(np.array([1000.0, 1000.0 + 1e-2])) is None  # 1e-5: real, if small, contrast

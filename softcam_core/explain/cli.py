@@ -69,7 +69,7 @@ def run_explain(args: argparse.Namespace) -> int:
     from softcam_core.device import default_device
     from softcam_core.imaging import denormalise, load_image, preprocess
     from softcam_core.models import load_checkpoint
-    from softcam_core.render import map_png
+    from softcam_core.render import map_png, map_problem
 
     methods = parse_methods(args.methods)
     if args.cascam_retrain and not args.data:
@@ -122,6 +122,7 @@ def run_explain(args: argparse.Namespace) -> int:
         records[method] = {
             "seconds": round(seconds, 6), "npy": f"{stem}.npy", "png": f"{stem}.png", "signed": signed,
             "min": float(heat.min()), "max": float(heat.max()),
+            "problem": map_problem(heat),  # None, or why the map shows nothing (render.map_problem)
         }
     summary = {
         "model": str(args.model),
