@@ -495,11 +495,9 @@ def get_image(session: Session, ref: int | str, cohort: Cohort | None = None) ->
     return image
 
 
-def list_images(session: Session, cohort: Cohort | str | None = None, *, modality: str | None = None,
-                label: str | None = None, split: str | None = None, search: str | None = None,
-                annotated: bool | None = None, limit: int | None = None, offset: int = 0) -> list[Image]:
-    """Images in import order, filtered. ``search`` matches pseudonym, hash prefix or stored name."""
-    query = select(Image)
+def _image_filter(session: Session, query, cohort: Cohort | str | None, modality: str | None, label: str | None,
+                  split: str | None, search: str | None, annotated: bool | None, not_annotated_by):
+    """``query`` (over Image) with :func:`list_images`' filters, all in SQL."""
     if cohort is not None:
         query = query.where(Image.cohort_id == (get_cohort(session, cohort) if isinstance(cohort, str) else cohort).id)
     if modality:
@@ -515,14 +513,34 @@ def list_images(session: Session, cohort: Cohort | str | None = None, *, modalit
     if annotated is not None:
         live = select(Annotation.id).where(Annotation.image_id == Image.id, Annotation.deleted_at.is_(None)).exists()
         query = query.where(live if annotated else ~live)
+    if not_annotated_by is not None:
+        mine = select(Annotation.id).where(Annotation.image_id == Image.id, Annotation.deleted_at.is_(None),
+                                           Annotation.author_id == _user_id(session, not_annotated_by)).exists()
+        query = query.where(~mine)
+    return query
+
+
+def list_images(session: Session, cohort: Cohort | str | None = None, *, modality: str | None = None,
+                label: str | None = None, split: str | None = None, search: str | None = None,
+                annotated: bool | None = None, not_annotated_by: User | str | int | None = None,
+                limit: int | None = None, offset: int = 0) -> list[Image]:
+    """Images in import order, filtered in one query. ``search`` matches pseudonym, hash prefix or stored
+    name; ``annotated``: with (True) or without (False) a live annotation by anyone;
+    ``not_annotated_by``: without a live annotation by that user (an annotator's queue)."""
+    query = _image_filter(session, select(Image), cohort, modality, label, split, search, annotated, not_annotated_by)
     query = query.order_by(Image.id).offset(offset)
     if limit is not None:
         query = query.limit(limit)
     return list(session.scalars(query))
 
 
-def count_images(session: Session, cohort: Cohort) -> int:
-    return session.scalar(select(func.count()).where(Image.cohort_id == cohort.id)) or 0
+def count_images(session: Session, cohort: Cohort | str | None = None, *, modality: str | None = None,
+                 label: str | None = None, split: str | None = None, search: str | None = None,
+                 annotated: bool | None = None, not_annotated_by: User | str | int | None = None) -> int:
+    """How many images :func:`list_images` would return with these filters (one COUNT query)."""
+    query = _image_filter(session, select(func.count(Image.id)), cohort, modality, label, split, search, annotated,
+                          not_annotated_by)
+    return int(session.scalar(query) or 0)
 
 
 def set_image_label(session: Session, image: Image, label: str | None = None, split: str | None = None) -> Image:

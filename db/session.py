@@ -47,8 +47,20 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection):
-        mode = connection.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+        options = connection.get_execution_options()
+        mode = options.get("sqlite_begin", "IMMEDIATE")
+        # a read-only scope that writes fails loudly instead of losing the write in its rollback; set
+        # before BEGIN (a query-only connection cannot even BEGIN IMMEDIATE), and per transaction, since
+        # the pool hands the same connection to read and write scopes
+        connection.exec_driver_sql(f"PRAGMA query_only = {'ON' if options.get('softcam_readonly') else 'OFF'}")
         connection.exec_driver_sql("BEGIN" if mode == "DEFERRED" else f"BEGIN {mode}")
+
+
+def _configure_server(engine: Engine) -> None:
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection):
+        if connection.get_execution_options().get("softcam_readonly") and engine.dialect.name == "postgresql":
+            connection.exec_driver_sql("SET TRANSACTION READ ONLY")
 
 
 def get_engine(url: str | None = None) -> Engine:
@@ -74,6 +86,7 @@ def get_engine(url: str | None = None) -> Engine:
             _configure_sqlite(engine)
         else:
             engine = create_engine(url, pool_pre_ping=True)
+            _configure_server(engine)
         _engines[url] = engine
         return engine
 
@@ -90,18 +103,18 @@ def dispose_engines() -> None:
 def session_scope(engine: Engine | str | None = None, *, readonly: bool = False) -> Iterator[Session]:
     """One transaction: commit on success, roll back on any exception (then re-raise).
 
-    ``engine`` may be an Engine, a URL or None (the default database). ``readonly=True`` starts a
-    deferred transaction on SQLite (no write lock) and rolls back at the end.
+    ``engine`` may be an Engine, a URL or None (the default database). ``readonly=True`` is a read-only
+    transaction: deferred on SQLite (no write lock; ``PRAGMA query_only``), ``READ ONLY`` on
+    PostgreSQL; a write in it raises instead of being rolled back unseen. It rolls back at the end
+    (by closing the session, so the objects it returns keep the attributes they loaded).
     """
     if not isinstance(engine, Engine):
         engine = get_engine(engine)
-    bind = engine.execution_options(sqlite_begin="DEFERRED") if readonly else engine
+    bind = engine.execution_options(sqlite_begin="DEFERRED", softcam_readonly=True) if readonly else engine
     session = Session(bind=bind, expire_on_commit=False)
     try:
         yield session
-        if readonly:
-            session.rollback()
-        else:
+        if not readonly:  # a read-only scope ends in close(): it rolls back without expiring what was read
             session.commit()
     except BaseException:
         session.rollback()

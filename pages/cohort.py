@@ -28,7 +28,7 @@ METRIC_TITLES = {
 }
 
 checkpoints = common.checkpoints()
-with common.session() as _s:
+with common.read_session() as _s:
     choices = {c["name"]: c for c in evaluation.evaluation_cohorts(_s, common.cohort_folders())}
 if not checkpoints or not choices:
     st.info("A cohort metric needs a model and a cohort: images in the database (Data page, `softcam images "
@@ -72,7 +72,7 @@ with st.form("cohort_run"):
         limit = st.number_input("At most this many images (0 = all)", 0, 100000, 0, step=10)
         box_label = None
         if ground_truth == "database":
-            with common.session() as _s:
+            with common.read_session() as _s:
                 labels = evaluation.box_labels(_s, cohort_name)
             box_label = st.selectbox("Boxes", [None, *labels], key="cohort_box_label",
                                      format_func=lambda v: "every label" if v is None else f"labelled {v}")

@@ -17,8 +17,8 @@ from service import catalogue
 from service.boxes import BoxEdits
 from service.catalogue import CheckpointInfo, checkpoint_info, list_checkpoints
 from service.cohorts import find_cohort_folders, register_cohort_folder
-from service.image_session import MapStore
-from service.jobs import JobCancelled, run_in_background
+from service.image_session import DatabaseMapStore, MapStore
+from service import jobs
 from softcam_core.paths import db_url
 
 ROLES = ("clinician", "annotator", "researcher", "admin")
@@ -96,10 +96,18 @@ def _start_database(url: str) -> bool:
 
 
 def session():
-    """Context manager: one database transaction (``db.session.session_scope``)."""
+    """Context manager: one read-write database transaction (``db.session.session_scope``)."""
     from db.session import session_scope
 
     return session_scope(engine())
+
+
+def read_session():
+    """Context manager: one read-only transaction, for what a page shows (no SQLite write lock; a write
+    in it raises)."""
+    from db.session import session_scope
+
+    return session_scope(engine(), readonly=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,7 +133,7 @@ def current_user() -> User | None:
         from db import repository
 
         name = str(st.user.get("email") or st.user.get("name"))
-        with session() as s:
+        with read_session() as s:
             account = repository.get_user(s, name)
             role = account.role if account is not None else "clinician"  # unknown OIDC users may review
             user_id = account.id if account is not None else None
@@ -224,7 +232,7 @@ def default_model_path(modality: str | None = None) -> str | None:
     """The default checkpoint for a modality as chosen on the Models page (database), else None."""
     from db import repository
 
-    with session() as s:
+    with read_session() as s:
         return repository.get_default_model(s, modality) if modality else None
 
 
@@ -335,7 +343,7 @@ def record_title(record) -> str:
 def _cohort_select(page: str, default_modality: str | None = None):
     from db import repository
 
-    with session() as s:
+    with read_session() as s:
         cohorts = repository.list_cohorts(s)
     if not cohorts:
         return None
@@ -392,7 +400,7 @@ def image_picker(page: str, default_modality: str | None = None):
     if cohort is None:
         st.info("No cohort yet: import images on the Data page or upload one.", icon=":material/info:")
         return None
-    with session() as s:
+    with read_session() as s:
         labels = sorted({i.label for i in repository.list_images(s, cohort) if i.label})
     with columns[1]:
         search = st.text_input("Search", key=f"{page}_search", placeholder="name or pseudonym")
@@ -402,7 +410,7 @@ def image_picker(page: str, default_modality: str | None = None):
         split = st.selectbox("Split", ["all", "train", "val", "test"], key=f"{page}_split")
     with columns[4]:
         annotated = st.selectbox("Annotations", ["all", "annotated", "not annotated"], key=f"{page}_annotated")
-    with session() as s:
+    with read_session() as s:
         records = repository.list_images(
             s, cohort, search=search or None, label=None if label == "all" else label,
             split=None if split == "all" else split,
@@ -459,12 +467,9 @@ def cohort_image_picker(page: str, queue_for: User | None = None):
         return None
     with top[1]:
         scope = st.selectbox("Show", ["my queue (not annotated by me)", "all images"], key=f"{page}_scope")
-    with session() as s:
-        if scope.startswith("my queue") and queue_for is not None and queue_for.id is not None:
-            records = [r for r in repository.list_images(s, cohort)
-                       if not repository.list_annotations(s, r, author=queue_for.id)]
-        else:
-            records = repository.list_images(s, cohort)
+    with read_session() as s:  # the queue is one query, however large the cohort
+        mine = scope.startswith("my queue") and queue_for is not None and queue_for.id is not None
+        records = repository.list_images(s, cohort, not_annotated_by=queue_for.id if mine else None)
     if not records:
         st.success("Queue empty: every image of this cohort has your annotations.", icon=":material/task_alt:")
         return None
@@ -498,7 +503,7 @@ def saved_boxes(record) -> list[tuple[tuple[int, int], tuple]]:
 
     if record is None:
         return []
-    with session() as s:
+    with read_session() as s:
         rows = repository.list_annotations(s, record.id)
         out = []
         for row in rows:
@@ -546,7 +551,7 @@ def annotation_import_form(user: User | None) -> None:
 
     from db import repository
 
-    with session() as s:
+    with read_session() as s:
         cohorts = [c.name for c in repository.list_cohorts(s)]
     if not cohorts:
         st.info("Import images first (Data page).")
@@ -608,46 +613,18 @@ def _registered_model(path: str, mtime: int, url: str):
         return catalogue.registered_model(s, path)
 
 
-class DatabaseMapStore(MapStore):
-    """The database map cache (``cached_maps``) for one model and one stored image."""
-
-    def __init__(self, model_row, image_row):
-        self.model_row, self.image_row = model_row, image_row
-
-    @staticmethod
-    def _parse(key: str) -> tuple[str, int]:
-        _, _, method, target = key.split("|")
-        return method, int(target)
-
-    def get(self, key):
-        from db import repository
-
-        method, target = self._parse(key)
-        with session() as s:
-            hit = repository.get_cached_map(s, self.model_row, self.image_row, method, target)
-        if hit is None:
-            return None
-        return hit[0], float(hit[1] or 0.0)
-
-    def put(self, key, array, seconds):
-        from db import repository
-
-        method, target = self._parse(key)
-        with session() as s:
-            repository.cache_map(s, self.model_row, self.image_row, method, target, array, seconds=seconds)
-
-
 def map_store(info: CheckpointInfo | None = None, record=None) -> MapStore | None:
+    """The database map cache for this model and stored image (None for an image not in the database)."""
     if info is None or record is None:
         return None
-    return DatabaseMapStore(_model_row(info), record)
+    return DatabaseMapStore(engine(), _model_row(info), record)
 
 
 def default_models() -> dict[str, str]:
     """``{modality: checkpoint path}`` of the default models chosen on the Models page."""
     from db import repository
 
-    with session() as s:
+    with read_session() as s:
         return {row.modality: row.checkpoint_path for row in repository.list_models(s)
                 if row.is_default and row.modality}
 
@@ -669,14 +646,14 @@ def set_default_model(path: str, modality: str) -> None:
 def list_jobs(kind: str) -> list:
     from db import repository
 
-    with session() as s:
+    with read_session() as s:
         return repository.list_jobs(s, kind)
 
 
 def get_job(job_id: int):
     from db import repository
 
-    with session() as s:
+    with read_session() as s:
         try:
             return repository.get_job(s, job_id)
         except repository.NotFoundError:
@@ -684,65 +661,15 @@ def get_job(job_id: int):
 
 
 def job_label(job, *, status: bool = True) -> str:
-    """One line naming a job: ``#id · cohort · model · methods · ground truth · status · created``.
-
-    ``status=False`` for a select box: Streamlit keeps showing the label a select box's chosen
-    option had when it was picked, so a status in it would go stale while the job runs."""
-    params = job.params or {}
-    when = job.created_at.strftime("%Y-%m-%d %H:%M") if job.created_at else ""
-    what = params.get("cohort") or params.get("name") or ""
-    model = Path(params["model"]).stem if params.get("model") else ""
-    truth = ""
-    if job.kind == "evaluate":
-        from db.evaluation import ground_truth_text
-
-        truth = ground_truth_text(params)
-    resumed = f"resumes #{params['resumed_from']}" if params.get("resumed_from") else ""
-    parts = [f"#{job.id}", what, model, ", ".join(params.get("methods", [])), truth, resumed,
-             job.status if status else "", when]
-    return " · ".join(p for p in parts if p)
-
-
-def _job_callbacks(job_id: int):
-    """``(report, finish_with, fail)`` writing to the job row; each raises ``JobCancelled``
-    once the row is finished elsewhere (cancelled on a page), which stops the worker."""
-    from db import repository
-
-    def update(**fields) -> None:
-        try:
-            with session() as s:
-                repository.update_job(s, job_id, **fields)
-        except repository.JobFinishedError as exc:
-            raise JobCancelled(str(exc)) from None
-
-    def report(done: int, total: int, message: str) -> None:
-        update(done=done, total=total, message=message, status="running")
-
-    def finish_with(fields_of):
-        """The ``finish`` callback: marks the job done with ``fields_of(result)`` (a dict)."""
-        return lambda result: update(status="done", **fields_of(result))
-
-    def fail(message: str) -> None:
-        update(status="failed", error=message)
-
-    return report, finish_with, fail
+    return jobs.job_label(job, status=status)
 
 
 def evaluation_folder(job) -> Path:
-    """Where an ``evaluate`` job writes its tables: its own folder, or the one of the job it resumes."""
-    from softcam_core.paths import softcam_home
-
-    return Path((job.params or {}).get("out_dir") or softcam_home() / "evaluations" / f"job-{job.id}")
+    return jobs.evaluation_folder(job)
 
 
-def resumable(job, jobs: list) -> bool:
-    """Whether ``job`` (one of ``jobs``) is a cancelled or failed evaluation that no queued, running
-    or finished job has continued yet."""
-    if job.kind != "evaluate" or job.status not in ("cancelled", "failed"):
-        return False
-    folder = evaluation_folder(job)
-    return not any(other.id != job.id and other.status in ("queued", "running", "done")
-                   and evaluation_folder(other) == folder for other in jobs)
+def resumable(job, listed: list) -> bool:
+    return jobs.resumable(job, listed)
 
 
 def cancel_job_and_tell(job_id: int, user: User | None) -> None:
@@ -758,86 +685,12 @@ def cancel_job_and_tell(job_id: int, user: User | None) -> None:
 
 
 def start_evaluation_job(params: dict | None, user: User | None, *, resume: int | None = None) -> int:
-    """Create an ``evaluate`` job row and run ``evaluate_cohort`` in a background thread.
-
-    ``params["ground_truth"]``: ``"database"`` scores against the cohort's boxes in the database
-    (read once, now: :func:`db.evaluation.evaluation_source`), ``"folder"`` against the cohort
-    folder's ``masks/``. The job row records the choice and a summary (images, how many with boxes).
-
-    ``resume``: the id of a cancelled or failed evaluation to continue instead (``params`` unused):
-    same parameters, same folder, and the image × method pairs it finished are kept
-    (``evaluate_cohort(resume=True)``). Refused with ValueError when another job already continues
-    it, or when the cohort's labels or boxes changed since it started (the rows would mix two
-    ground truths)."""
-    from db import repository
-    from db.evaluation import DatabaseCohort, evaluation_source
-    from db.session import session_scope
-    from softcam_core.evaluate import EvalSettings, evaluate_cohort
-
-    previous = None
-    if resume is not None:
-        jobs = list_jobs("evaluate")
-        previous = next((job for job in jobs if job.id == resume), None)
-        if previous is None or not resumable(previous, jobs):
-            raise ValueError(f"evaluation #{resume} cannot be resumed: only a cancelled or failed evaluation "
-                             "that no other job has continued can be")
-        params = dict(previous.params, resumed_from=resume, out_dir=str(evaluation_folder(previous)))
-    classes = checkpoint_info(params["model"]).meta.get("classes", [])
-    with session_scope(engine(), readonly=True) as s:
-        source, summary = evaluation_source(s, params, len(classes))
-    # folder masks are files the app never edits; database boxes can change between a job and its resume
-    digest = (source.digest(params.get("split", "test"), params.get("limit"))
-              if isinstance(source, DatabaseCohort) else None)
-    if previous is not None and digest is not None:
-        recorded = previous.params.get("ground_truth_digest")
-        if recorded is None:
-            raise ValueError(f"evaluation #{resume} did not record the boxes it was scored against; "
-                             "start a new evaluation")
-        if digest != recorded:
-            raise ValueError(f"the labels or boxes of cohort {params.get('cohort')!r} changed since evaluation "
-                             f"#{resume} started; start a new evaluation")
-    params = dict(params, ground_truth=params.get("ground_truth") or "folder", ground_truth_summary=summary,
-                  ground_truth_digest=digest)
-    with session() as s:
-        job = repository.create_job(s, "evaluate", params=params, user=user.id if user else None,
-                                    message="queued", worker=repository.this_worker())
-        out_dir = evaluation_folder(job)
-        job_id = job.id
-    report, finish_with, fail = _job_callbacks(job_id)
-
-    def work(progress):
-        model, meta = catalogue.load_model(params["model"])
-        settings = EvalSettings(split=params["split"], limit=params.get("limit"), target=params["target"],
-                                png=False)
-        return evaluate_cohort(model, meta, source, params["methods"], params["metrics"], out_dir,
-                               progress=progress, resume=previous is not None, settings=settings)
-
-    finish = finish_with(lambda result: {"result_path": str(out_dir),
-                                         "message": f"{len(result.per_image)} image × method rows"})
-    run_in_background(work, report=report, finish=finish, fail=fail, name=f"evaluate-{job_id}")
-    return job_id
+    """``service.jobs.start_evaluation_job`` on the app's database, as ``user``."""
+    return jobs.start_evaluation_job(engine(), params, user.id if user else None, resume=resume)
 
 
 def load_evaluation(result_path: str):
-    """The tables of a finished evaluation folder (per_image, cohort, paired, deletion curves), or None."""
-    from pathlib import Path
-
-    import pandas as pd
-
-    from softcam_core.evaluate import EvaluationResult
-
-    folder = Path(result_path)
-    if not (folder / "per_image.csv").is_file():
-        return None
-
-    def read(name: str) -> pd.DataFrame:
-        path = folder / name
-        return pd.read_csv(path, dtype={"image": str}) if path.is_file() else pd.DataFrame()
-
-    files = {p.stem + ("" if p.suffix == ".csv" else p.suffix): p for p in sorted(folder.rglob("*"))
-             if p.is_file() and p.suffix in (".csv", ".parquet", ".html", ".png")}
-    return EvaluationResult(folder, read("per_image.csv"), read("cohort.csv"), read("paired.csv"),
-                            read("deletion_curves.csv"), files)
+    return jobs.load_evaluation(result_path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -848,13 +701,12 @@ def load_evaluation(result_path: str):
 def cohort_summaries() -> list[dict]:
     from db import repository
 
-    with session() as s:
+    with read_session() as s:
         rows = []
         for cohort in repository.list_cohorts(s):
-            images = repository.list_images(s, cohort)
-            annotated = repository.list_images(s, cohort, annotated=True)
-            rows.append({"cohort": cohort.name, "modality": cohort.modality or "mixed", "images": len(images),
-                         "annotated": len(annotated),
+            rows.append({"cohort": cohort.name, "modality": cohort.modality or "mixed",
+                         "images": repository.count_images(s, cohort),
+                         "annotated": repository.count_images(s, cohort, annotated=True),
                          "created": cohort.created_at.strftime("%Y-%m-%d %H:%M") if cohort.created_at else ""})
     return rows
 
@@ -887,38 +739,5 @@ def row_of(item) -> dict:
 
 
 def start_training_job(params: dict, user: User | None) -> int:
-    """Create a ``train`` job row and run ``softcam_core.training.train`` in a background thread; the
-    step callback stores ``epoch/step`` progress in the job row, so the Models page shows it live."""
-    import re
-
-    from db import repository
-    from softcam_core.paths import models_dir
-    from softcam_core.training import train
-
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", params["name"]).strip("._") or "model"
-    out = models_dir() / f"{name}.pt"
-    if out.exists():
-        raise ValueError(f"{out.name}: a checkpoint with this name exists; choose another name")
-    with session() as s:
-        job = repository.create_job(s, "train", params=dict(params, out=str(out)), user=user.id if user else None,
-                                    total=params["epochs"], message="starting", worker=repository.this_worker())
-        job_id = job.id
-    report, finish_with, fail = _job_callbacks(job_id)
-
-    def work(progress):
-        def on_step(epoch: int, step: int, metrics: dict) -> None:
-            steps = int(metrics.get("steps") or 1)
-            epochs = int(metrics.get("epochs") or params["epochs"])
-            # epoch and step count from 0; an epoch row arrives after the epoch's last step
-            done = epoch * steps + step + 1 if metrics.get("phase") == "train" else (epoch + 1) * steps
-            summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
-                                if isinstance(v, float) and k not in ("lr", "epoch"))
-            progress(min(done, epochs * steps), epochs * steps, f"epoch {epoch + 1}/{epochs} · {summary}")
-
-        return train(params["data"], out, arch=params["arch"], head=params["head"], l1=params["l1"],
-                     l2=params["l2"], epochs=params["epochs"], img_size=params["img_size"], progress=on_step,
-                     show_progress=False)
-
-    finish = finish_with(lambda result: {"result_path": str(out), "message": f"saved {out.name}"})
-    run_in_background(work, report=report, finish=finish, fail=fail, name=f"train-{job_id}")
-    return job_id
+    """``service.jobs.start_training_job`` on the app's database, as ``user``."""
+    return jobs.start_training_job(engine(), params, user.id if user else None)

@@ -96,6 +96,38 @@ class MapStore:
         raise NotImplementedError
 
 
+class DatabaseMapStore(MapStore):
+    """The database map cache (``cached_maps``, ``db.repository.cache_map``) for one model and one
+    stored image; each get and put is its own short transaction on ``engine``."""
+
+    def __init__(self, engine, model_row, image_row):
+        self.engine, self.model_row, self.image_row = engine, model_row, image_row
+
+    @staticmethod
+    def _parse(key: str) -> tuple[str, int]:
+        _, _, method, target = key.split("|")
+        return method, int(target)
+
+    def get(self, key: str) -> tuple[np.ndarray, float] | None:
+        from db import repository
+        from db.session import session_scope
+
+        method, target = self._parse(key)
+        with session_scope(self.engine, readonly=True) as s:
+            hit = repository.get_cached_map(s, self.model_row, self.image_row, method, target)
+        if hit is None:
+            return None
+        return hit[0], float(hit[1] or 0.0)
+
+    def put(self, key: str, array: np.ndarray, seconds: float) -> None:
+        from db import repository
+        from db.session import session_scope
+
+        method, target = self._parse(key)
+        with session_scope(self.engine) as s:
+            repository.cache_map(s, self.model_row, self.image_row, method, target, array, seconds=seconds)
+
+
 def map_key(model_id: str, image_id: str, method: str, target: int) -> str:
     """Cache key of one map: model identity, image identity, method and target class."""
     return f"{model_id}|{image_id}|{method}|{int(target)}"

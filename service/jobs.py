@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 ProgressReport = Callable[[int, int, str], None]  # (done, total, message)
@@ -54,3 +55,193 @@ def run_in_background(
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
     return thread
+
+
+# ----------------------------------------------------------------------------------- jobs in the database
+# Each function takes the SQLAlchemy engine of the database the jobs live in (the pages pass theirs,
+# the CLI and tests theirs) and opens its own short transactions.
+
+
+def job_label(job, *, status: bool = True) -> str:
+    """One line naming a job: ``#id · cohort · model · methods · ground truth · status · created``.
+
+    ``status=False`` for a select box: Streamlit keeps showing the label a select box's chosen
+    option had when it was picked, so a status in it would go stale while the job runs."""
+    params = job.params or {}
+    when = job.created_at.strftime("%Y-%m-%d %H:%M") if job.created_at else ""
+    what = params.get("cohort") or params.get("name") or ""
+    model = Path(params["model"]).stem if params.get("model") else ""
+    truth = ""
+    if job.kind == "evaluate":
+        from db.evaluation import ground_truth_text
+
+        truth = ground_truth_text(params)
+    resumed = f"resumes #{params['resumed_from']}" if params.get("resumed_from") else ""
+    parts = [f"#{job.id}", what, model, ", ".join(params.get("methods", [])), truth, resumed,
+             job.status if status else "", when]
+    return " · ".join(p for p in parts if p)
+
+
+def job_callbacks(engine, job_id: int):
+    """``(report, finish_with, fail)`` writing to the job row; each raises :class:`JobCancelled`
+    once the row is finished elsewhere (cancelled on a page), which stops the worker."""
+    from db import repository
+    from db.session import session_scope
+
+    def update(**fields) -> None:
+        try:
+            with session_scope(engine) as s:
+                repository.update_job(s, job_id, **fields)
+        except repository.JobFinishedError as exc:
+            raise JobCancelled(str(exc)) from None
+
+    def report(done: int, total: int, message: str) -> None:
+        update(done=done, total=total, message=message, status="running")
+
+    def finish_with(fields_of):
+        """The ``finish`` callback: marks the job done with ``fields_of(result)`` (a dict)."""
+        return lambda result: update(status="done", **fields_of(result))
+
+    def fail(message: str) -> None:
+        update(status="failed", error=message)
+
+    return report, finish_with, fail
+
+
+def evaluation_folder(job) -> Path:
+    """Where an ``evaluate`` job writes its tables: its own folder, or the one of the job it resumes."""
+    from softcam_core.paths import softcam_home
+
+    return Path((job.params or {}).get("out_dir") or softcam_home() / "evaluations" / f"job-{job.id}")
+
+
+def resumable(job, jobs: list) -> bool:
+    """Whether ``job`` (one of ``jobs``) is a cancelled or failed evaluation that no queued, running
+    or finished job has continued yet."""
+    if job.kind != "evaluate" or job.status not in ("cancelled", "failed"):
+        return False
+    folder = evaluation_folder(job)
+    return not any(other.id != job.id and other.status in ("queued", "running", "done")
+                   and evaluation_folder(other) == folder for other in jobs)
+
+
+def start_evaluation_job(engine, params: dict | None, user_id: int | None, *, resume: int | None = None) -> int:
+    """Create an ``evaluate`` job row and run ``evaluate_cohort`` in a background thread; returns its id.
+
+    ``params["ground_truth"]``: ``"database"`` scores against the cohort's boxes in the database
+    (read once, now: :func:`db.evaluation.evaluation_source`), ``"folder"`` against the cohort
+    folder's ``masks/``. The job row records the choice and a summary (images, how many with boxes).
+
+    ``resume``: the id of a cancelled or failed evaluation to continue instead (``params`` unused):
+    same parameters, same folder, and the image × method pairs it finished are kept
+    (``evaluate_cohort(resume=True)``). Refused with ValueError when another job already continues
+    it, or when the cohort's labels or boxes changed since it started (the rows would mix two
+    ground truths)."""
+    from db import repository
+    from db.evaluation import DatabaseCohort, evaluation_source
+    from db.session import session_scope
+    from service.catalogue import checkpoint_info, load_model
+    from softcam_core.evaluate import EvalSettings, evaluate_cohort
+
+    previous = None
+    if resume is not None:
+        with session_scope(engine, readonly=True) as s:
+            jobs = repository.list_jobs(s, "evaluate")
+        previous = next((job for job in jobs if job.id == resume), None)
+        if previous is None or not resumable(previous, jobs):
+            raise ValueError(f"evaluation #{resume} cannot be resumed: only a cancelled or failed evaluation "
+                             "that no other job has continued can be")
+        params = dict(previous.params, resumed_from=resume, out_dir=str(evaluation_folder(previous)))
+    classes = checkpoint_info(params["model"]).meta.get("classes", [])
+    with session_scope(engine, readonly=True) as s:
+        source, summary = evaluation_source(s, params, len(classes))
+    # folder masks are files the app never edits; database boxes can change between a job and its resume
+    digest = (source.digest(params.get("split", "test"), params.get("limit"))
+              if isinstance(source, DatabaseCohort) else None)
+    if previous is not None and digest is not None:
+        recorded = previous.params.get("ground_truth_digest")
+        if recorded is None:
+            raise ValueError(f"evaluation #{resume} did not record the boxes it was scored against; "
+                             "start a new evaluation")
+        if digest != recorded:
+            raise ValueError(f"the labels or boxes of cohort {params.get('cohort')!r} changed since evaluation "
+                             f"#{resume} started; start a new evaluation")
+    params = dict(params, ground_truth=params.get("ground_truth") or "folder", ground_truth_summary=summary,
+                  ground_truth_digest=digest)
+    with session_scope(engine) as s:
+        job = repository.create_job(s, "evaluate", params=params, user=user_id,
+                                    message="queued", worker=repository.this_worker())
+        out_dir = evaluation_folder(job)
+        job_id = job.id
+    report, finish_with, fail = job_callbacks(engine, job_id)
+
+    def work(progress):
+        model, meta = load_model(params["model"])
+        settings = EvalSettings(split=params["split"], limit=params.get("limit"), target=params["target"],
+                                png=False)
+        return evaluate_cohort(model, meta, source, params["methods"], params["metrics"], out_dir,
+                               progress=progress, resume=previous is not None, settings=settings)
+
+    finish = finish_with(lambda result: {"result_path": str(out_dir),
+                                         "message": f"{len(result.per_image)} image × method rows"})
+    run_in_background(work, report=report, finish=finish, fail=fail, name=f"evaluate-{job_id}")
+    return job_id
+
+
+def load_evaluation(result_path: str | Path):
+    """The tables of a finished evaluation folder (per_image, cohort, paired, deletion curves), or None."""
+    import pandas as pd
+
+    from softcam_core.evaluate import EvaluationResult
+
+    folder = Path(result_path)
+    if not (folder / "per_image.csv").is_file():
+        return None
+
+    def read(name: str) -> pd.DataFrame:
+        path = folder / name
+        return pd.read_csv(path, dtype={"image": str}) if path.is_file() else pd.DataFrame()
+
+    files = {p.stem + ("" if p.suffix == ".csv" else p.suffix): p for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.suffix in (".csv", ".parquet", ".html", ".png")}
+    return EvaluationResult(folder, read("per_image.csv"), read("cohort.csv"), read("paired.csv"),
+                            read("deletion_curves.csv"), files)
+
+
+def start_training_job(engine, params: dict, user_id: int | None) -> int:
+    """Create a ``train`` job row and run ``softcam_core.training.train`` in a background thread; the
+    step callback stores ``epoch/step`` progress in the job row, so the Models page shows it live."""
+    import re
+
+    from db import repository
+    from db.session import session_scope
+    from softcam_core.paths import models_dir
+    from softcam_core.training import train
+
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", params["name"]).strip("._") or "model"
+    out = models_dir() / f"{name}.pt"
+    if out.exists():
+        raise ValueError(f"{out.name}: a checkpoint with this name exists; choose another name")
+    with session_scope(engine) as s:
+        job = repository.create_job(s, "train", params=dict(params, out=str(out)), user=user_id,
+                                    total=params["epochs"], message="starting", worker=repository.this_worker())
+        job_id = job.id
+    report, finish_with, fail = job_callbacks(engine, job_id)
+
+    def work(progress):
+        def on_step(epoch: int, step: int, metrics: dict) -> None:
+            steps = int(metrics.get("steps") or 1)
+            epochs = int(metrics.get("epochs") or params["epochs"])
+            # epoch and step count from 0; an epoch row arrives after the epoch's last step
+            done = epoch * steps + step + 1 if metrics.get("phase") == "train" else (epoch + 1) * steps
+            summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+                                if isinstance(v, float) and k not in ("lr", "epoch"))
+            progress(min(done, epochs * steps), epochs * steps, f"epoch {epoch + 1}/{epochs} · {summary}")
+
+        return train(params["data"], out, arch=params["arch"], head=params["head"], l1=params["l1"],
+                     l2=params["l2"], epochs=params["epochs"], img_size=params["img_size"], progress=on_step,
+                     show_progress=False)
+
+    finish = finish_with(lambda result: {"result_path": str(out), "message": f"saved {out.name}"})
+    run_in_background(work, report=report, finish=finish, fail=fail, name=f"train-{job_id}")
+    return job_id

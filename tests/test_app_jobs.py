@@ -15,17 +15,17 @@ from tests.test_app_pages import open_app, texts
 
 
 def _start_gated_job(kind: str, params: dict, gate: threading.Event, steps: list[int]):
-    """A job row run by the app's own job machinery (``pages.common._job_callbacks`` and
+    """A job row run by the app's own job machinery (``service.jobs.job_callbacks`` and
     ``run_in_background``) whose work reports 10 steps and waits at step 2 until ``gate`` opens,
     so the page sees it running for as long as the test needs."""
     from db import repository
     from db.session import session_scope
     from pages import common
-    from service.jobs import run_in_background
+    from service.jobs import job_callbacks, run_in_background
 
     with session_scope() as s:
         job_id = repository.create_job(s, kind, total=10, params=params, worker=repository.this_worker()).id
-    report, finish_with, fail = common._job_callbacks(job_id)
+    report, finish_with, fail = job_callbacks(common.engine(), job_id)
 
     def work(progress):
         for step in range(1, 11):

@@ -177,6 +177,15 @@ def test_annotator_queue_and_image_listing(session):
     repo.set_image_label(session, images[2], "normal", "test")
     assert [i.id for i in repo.list_images(session, cohort, label="normal", split="test")] == [images[2].id]
     assert [label.name for label in repo.get_cohort(session, "c").labels] == ["normal"]
+    # the annotator queue and the counts are single SQL queries over the same filters
+    assert [i.id for i in repo.list_images(session, cohort, not_annotated_by=alice)] == [images[1].id, images[2].id]
+    assert [i.id for i in repo.list_images(session, cohort, not_annotated_by="bob")] == [images[0].id, images[2].id]
+    assert repo.count_images(session, cohort) == 3 and repo.count_images(session, cohort, annotated=True) == 2
+    assert repo.count_images(session, cohort, not_annotated_by=alice.id) == 2
+    assert repo.count_images(session, "c", label="normal", split="test") == 1
+    deleted = repo.list_annotations(session, images[0], author=alice.id)[0]
+    repo.delete_annotation(session, deleted.id, alice, expected_version=deleted.version)
+    assert repo.count_images(session, cohort, not_annotated_by=alice) == 3  # a deleted box no longer counts
 
 
 # --- models, maps, metrics, jobs ---------------------------------------------------------------

@@ -200,3 +200,31 @@ def test_app_instances_upgrading_together(db_url):
     assert revisions == [head_revision()] * 4
     with session_scope(engine, readonly=True) as s:
         assert s.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
+
+
+def test_a_read_only_scope_reads_without_the_write_lock_and_refuses_writes(engine):
+    """Page reads run in read-only scopes: they never queue behind a writer on SQLite, and a write in
+    one (a bug) raises instead of vanishing in the scope's rollback."""
+    import sqlalchemy.exc
+    from sqlalchemy import select
+
+    from db import repository
+    from db.schema import User
+
+    with session_scope(engine) as s:
+        repository.create_user(s, "reader-test", "annotator", "pw-123456")
+    with session_scope(engine) as writer:  # an open write transaction holds SQLite's write lock
+        writer.add(User(username="pending-writer", role="annotator", password_hash="x"))
+        writer.flush()
+        with session_scope(engine, readonly=True) as reader:  # reads at once, sees only committed rows
+            names = set(reader.scalars(select(User.username)))
+        assert "reader-test" in names and "pending-writer" not in names
+    with pytest.raises(sqlalchemy.exc.DBAPIError):
+        with session_scope(engine, readonly=True) as s:
+            s.add(User(username="sneaky", role="annotator", password_hash="x"))
+            s.flush()
+    with session_scope(engine) as s:  # the connection went back to the pool writable
+        s.add(User(username="after", role="annotator", password_hash="x"))
+    with session_scope(engine, readonly=True) as s:
+        names = set(s.scalars(select(User.username)))
+    assert "after" in names and "sneaky" not in names

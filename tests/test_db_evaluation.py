@@ -120,11 +120,16 @@ def test_unlabeled_images_are_left_out_when_their_class_is_needed(ward, db_env):
         assert summary["with_boxes"] == sum(1 for r in kept.split("test") if kept.boxes(r.stem))
         text = ground_truth_text(dict(params, ground_truth_summary=summary))
         assert text == f"database boxes ({summary['with_boxes']} of {test_images} images with boxes)"
+    # a cohort whose train images lost their labels: changed in a transaction that is rolled back after
+    from sqlalchemy.orm import Session
+
+    with Session(db_env) as s:
+        for image in repository.list_images(s, COHORT, split="train"):
+            image.label = None
+        s.flush()
         with pytest.raises(ValueError, match="no image to score in split 'train'.*no class label"):
-            for image in repository.list_images(s, COHORT, split="train"):
-                image.label = None
-            s.flush()
             evaluation_source(s, dict(params, split="train", metrics=["activation_consistency"]), 2)
+        s.rollback()
 
 
 def test_evaluate_cohort_scores_maps_against_database_boxes(ward, db_env, tiny_checkpoint, tmp_path):
