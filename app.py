@@ -1,7 +1,7 @@
 """SoftCAM Review — Streamlit entry point: sign-in, navigation by role, and the sidebar.
 
 Run with ``streamlit run app.py`` (``make run``). Pages live in ``pages/``; all logic lives in
-``softcam_core``, ``annotations`` and ``db``.
+``service``, ``softcam_core``, ``annotations`` and ``db`` (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ if user is None:
     st.navigation([st.Page(common.sign_in_page, title="Sign in", icon=":material/login:")], position="hidden").run()
     st.stop()
 
+common.keep_signed_in()
 allowed = [PAGES[key] for key in common.pages_for_role(user.role)]
 navigation = st.navigation({"SoftCAM Review": allowed})
 common.sidebar(user)

@@ -29,6 +29,7 @@ ROLE_PAGES = {
     "researcher": ("review", "annotate", "cohort", "models", "data"),
     "admin": ("review", "annotate", "cohort", "models", "data"),
 }
+SESSION_PARAM = "session"  # URL query parameter holding the signed sign-in token (service.signin)
 DEFAULT_ADMIN = "admin"
 DEFAULT_ADMIN_PASSWORD = "softcam-admin"  # printed in the README; the sidebar asks to change it
 
@@ -129,6 +130,18 @@ def current_user() -> User | None:
         return user
     if isinstance(user, dict):  # set by tests / AppTest
         return User(user.get("id"), user["name"], user.get("role", "clinician"))
+    token = st.query_params.get(SESSION_PARAM)
+    if token:  # a reload (new browser session) of a signed-in page: the URL carries a signed token
+        from db.session import session_scope
+        from service.signin import user_for_token
+
+        with session_scope(engine(), readonly=True) as s:
+            account = user_for_token(s, token)
+            user = User(account.id, account.username, account.role) if account is not None else None
+        if user is not None:
+            st.session_state["user"], st.session_state[SESSION_PARAM] = user, token
+            return user
+        del st.query_params[SESSION_PARAM]  # expired or refused: back to the sign-in form
     if _oidc_configured() and getattr(st.user, "is_logged_in", False):
         from db import repository
 
@@ -158,13 +171,17 @@ def sign_in_page() -> None:
             password = st.text_input("Password", type="password", key="sign_in_password")
             submitted = st.form_submit_button("Sign in", type="primary", width="stretch")
         if submitted:
+            from service.signin import issue_token
+
             with session() as s:
                 account = repository.verify_password(s, name.strip(), password)
                 user = User(account.id, account.username, account.role) if account is not None else None
+                token = issue_token(account.id, account.password_hash) if account is not None else None
             if user is None:
                 st.error("Unknown user name or wrong password.")
             else:
-                st.session_state["user"] = user
+                st.session_state["user"], st.session_state[SESSION_PARAM] = user, token
+                keep_signed_in()
                 st.rerun()
         st.caption(f"Database: {masked_db_url()}")
 
@@ -188,8 +205,19 @@ def change_password_form(user: User) -> None:
                     st.success("Password changed.")
 
 
+def keep_signed_in() -> None:
+    """Put the session's sign-in token into the page URL (every run: Streamlit drops query parameters
+    when the page changes), so that reloading the page keeps the user signed in."""
+    token = st.session_state.get(SESSION_PARAM)
+    if token and st.query_params.get(SESSION_PARAM) != token:
+        st.query_params[SESSION_PARAM] = token
+
+
 def sign_out() -> None:
     st.session_state.pop("user", None)
+    st.session_state.pop(SESSION_PARAM, None)
+    if SESSION_PARAM in st.query_params:
+        del st.query_params[SESSION_PARAM]
     if _oidc_configured():
         st.logout()
 

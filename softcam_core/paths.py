@@ -37,3 +37,29 @@ def images_dir() -> Path:
     path = softcam_home() / "images"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def secret_key(file_name: str, env_var: str) -> bytes:
+    """A server secret: the environment variable ``env_var`` when set, else ``SOFTCAM_HOME/<file_name>``,
+    made on first use (64 random hex characters, mode 0600). Two processes starting together agree on
+    one key: the file appears complete or not at all (written aside, then hard-linked into place)."""
+    import secrets
+    import tempfile
+
+    value = os.environ.get(env_var)
+    if value:
+        return value.encode("utf-8")
+    path = softcam_home() / file_name
+    if not path.exists():
+        fd, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{file_name}.")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32))
+            os.chmod(scratch, 0o600)
+            try:
+                os.link(scratch, path)
+            except FileExistsError:  # another process made it first: use theirs
+                pass
+        finally:
+            os.unlink(scratch)
+    return path.read_text().strip().encode("utf-8")

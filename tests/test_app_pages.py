@@ -372,3 +372,28 @@ def test_review_warns_of_degenerate_maps_instead_of_drawing_them(app_home):
     assert len(warnings) == 3 and all("all zero" in w for w in warnings), texts(at.warning)
     drawn = charts(at)
     assert len(drawn) == 4 and all(c["heatmap"] is None for c in drawn), [c["title"] for c in drawn]
+
+
+def test_sign_in_survives_a_reload_through_its_signed_token_and_sign_out_ends_it(app_home):
+    at = open_app(user=None)
+    at.text_input(key="sign_in_name").input("admin")
+    at.text_input(key="sign_in_password").input("softcam-admin")
+    at.button[0].click().run()
+    assert at.title[0].value == "Review"
+    token = at.query_params["session"]
+    token = token[0] if isinstance(token, list) else token
+    assert token.startswith("v1.")
+    # a reload: a new browser session (empty session state) on the same URL
+    reloaded = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    reloaded.query_params["session"] = token
+    reloaded.run()
+    assert not reloaded.exception and reloaded.title[0].value == "Review"
+    assert reloaded.session_state["user"].name == "admin"
+    # a tampered token signs in no one
+    forged = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    forged.query_params["session"] = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+    forged.run()
+    assert not forged.exception and forged.title[0].value == "SoftCAM Review"  # the sign-in form
+    # signing out takes the token out of the URL: a reload then shows the sign-in form
+    reloaded.sidebar.button(key="sign_out").click().run()
+    assert "session" not in reloaded.query_params and "user" not in reloaded.session_state

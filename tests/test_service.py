@@ -363,3 +363,46 @@ def test_map_problem_names_each_degenerate_map_by_hand():
     assert "constant (0.7 everywhere)" in map_problem(np.full((3, 3), 0.7))
     assert "nearly constant" in map_problem(np.array([1000.0, 1000.0 + 1e-4]))  # 1e-7 of the magnitude
     assert map_problem(np.array([1000.0, 1000.0 + 1e-2])) is None  # 1e-5: real, if small, contrast
+
+
+# ------------------------------------------------------------------------------------ sign-in tokens
+def test_sign_in_tokens_expire_and_refuse_tampering_and_foreign_keys():
+    from service.signin import issue_token, password_stamp, token_user_id
+
+    key, other = b"k" * 32, b"o" * 32
+    token = issue_token(7, "scrypt$hash", key=key, now=1000.0, lifetime=60)
+    assert token.startswith("v1.7.1060.")
+    assert token_user_id(token, key=key, now=1059.9) == (7, password_stamp("scrypt$hash"))
+    assert token_user_id(token, key=key, now=1060.0) is None  # expired at the second it says
+    assert token_user_id(token, key=other, now=1000.0) is None  # another server's key
+    forged = token.replace("v1.7.", "v1.1.", 1)  # someone else's id under the same signature
+    assert token_user_id(forged, key=key, now=1000.0) is None
+    longer = token.replace(".1060.", ".9999999999.", 1)
+    assert token_user_id(longer, key=key, now=1000.0) is None
+    for junk in (None, "", "v1.7", "v2." + token[3:], "x" * 500, token + "x"):
+        assert token_user_id(junk, key=key, now=1000.0) is None
+
+
+def test_a_token_signs_in_the_active_account_until_its_password_changes(tmp_path):
+    from db import repository
+    from db.session import get_engine, session_scope, upgrade
+    from service.signin import issue_token, user_for_token
+
+    engine = get_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    upgrade(engine)
+    key = b"s" * 32
+    with session_scope(engine) as s:
+        user = repository.create_user(s, "reader", "clinician", "first-password")
+        token = issue_token(user.id, user.password_hash, key=key)
+    with session_scope(engine, readonly=True) as s:
+        assert user_for_token(s, token, key=key).username == "reader"
+    with session_scope(engine) as s:
+        repository.set_password(s, "reader", "second-password")
+    with session_scope(engine, readonly=True) as s:
+        assert user_for_token(s, token, key=key) is None  # a password change ends the session
+        fresh = issue_token(user.id, repository.get_user(s, "reader").password_hash, key=key)
+        assert user_for_token(s, fresh, key=key).id == user.id
+    with session_scope(engine) as s:
+        repository.get_user(s, "reader").active = False
+    with session_scope(engine, readonly=True) as s:
+        assert user_for_token(s, fresh, key=key) is None  # a disabled account

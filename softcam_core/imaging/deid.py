@@ -13,8 +13,6 @@ import datetime as dt
 import hashlib
 import hmac
 import io
-import os
-import secrets
 import warnings
 
 from .errors import ImageLoadError, _one_line, is_decoder_failure, quiet_logs
@@ -59,17 +57,9 @@ MAX_DATE_SHIFT_DAYS = 3650
 
 def deid_key() -> bytes:
     """The pseudonymisation secret (``SOFTCAM_DEID_KEY`` or ``SOFTCAM_HOME/deid.key``, made on first use)."""
-    env = os.environ.get("SOFTCAM_DEID_KEY")
-    if env:
-        return env.encode("utf-8")
-    from softcam_core.paths import softcam_home
+    from softcam_core.paths import secret_key
 
-    path = softcam_home() / "deid.key"
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32))
-    return path.read_text().strip().encode("utf-8")
+    return secret_key("deid.key", "SOFTCAM_DEID_KEY")
 
 
 def _key_bytes(key: bytes | str | None) -> bytes:

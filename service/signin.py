@@ -1,0 +1,78 @@
+"""Signed, expiring sign-in tokens, so a signed-in user stays signed in across a browser reload.
+
+Streamlit's session state dies with the browser tab's connection; the token lives in the page URL
+(``?session=...``) instead and is checked on every fresh session. A token is
+``v1.<user id>.<expiry, POSIX seconds>.<password stamp>.<HMAC-SHA256 signature>``, signed with the
+server secret ``SOFTCAM_SESSION_KEY`` (else ``SOFTCAM_HOME/session.key``, made on first use). The
+password stamp is a digest of the account's password hash: changing the password ends every
+session. Expired, tampered or foreign tokens, and tokens of disabled or deleted accounts, are
+refused. The user's role is read from the database, never from the token.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+
+SESSION_SECONDS = 8 * 3600  # one working day
+_VERSION = "v1"
+
+
+def session_key() -> bytes:
+    from softcam_core.paths import secret_key
+
+    return secret_key("session.key", "SOFTCAM_SESSION_KEY")
+
+
+def password_stamp(password_hash: str | None) -> str:
+    """12 hex characters identifying the account's current password hash (no secret is derivable)."""
+    return hashlib.sha256((password_hash or "").encode("utf-8")).hexdigest()[:12]
+
+
+def _signature(key: bytes, body: str) -> str:
+    digest = hmac.new(key, body.encode("ascii"), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
+
+
+def issue_token(user_id: int, password_hash: str | None, *, key: bytes | None = None, now: float | None = None,
+                lifetime: float = SESSION_SECONDS) -> str:
+    """A token for ``user_id`` valid ``lifetime`` seconds from ``now`` (default: the clock)."""
+    expires = int((time.time() if now is None else now) + lifetime)
+    body = f"{_VERSION}.{int(user_id)}.{expires}.{password_stamp(password_hash)}"
+    return f"{body}.{_signature(key or session_key(), body)}"
+
+
+def token_user_id(token: str | None, *, key: bytes | None = None, now: float | None = None) -> tuple[int, str] | None:
+    """``(user id, password stamp)`` of a well-signed, unexpired token, else None (never raises)."""
+    if not token or not isinstance(token, str) or len(token) > 200:
+        return None
+    parts = token.split(".")
+    if len(parts) != 5 or parts[0] != _VERSION:
+        return None
+    body, signature = ".".join(parts[:4]), parts[4]
+    if not hmac.compare_digest(_signature(key or session_key(), body), signature):
+        return None
+    try:
+        user_id, expires = int(parts[1]), int(parts[2])
+    except ValueError:
+        return None
+    if (time.time() if now is None else now) >= expires:
+        return None
+    return user_id, parts[3]
+
+
+def user_for_token(session, token: str | None, *, key: bytes | None = None, now: float | None = None):
+    """The active ``db.schema.User`` a token signs in, else None: bad or expired token, unknown or
+    disabled account, or a password changed since the token was issued."""
+    from db.schema import User
+
+    found = token_user_id(token, key=key, now=now)
+    if found is None:
+        return None
+    user_id, stamp = found
+    user = session.get(User, user_id)
+    if user is None or not user.active or not hmac.compare_digest(password_stamp(user.password_hash), stamp):
+        return None
+    return user
