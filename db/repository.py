@@ -612,7 +612,7 @@ def save_annotation(session: Session, image: Image | int, geometry: Geometry, la
     now = utcnow()
     if annotation_id is None:
         annotation = Annotation(image_id=image.id, kind=geometry.kind, geometry=geometry.to_json(), label=label,
-                                author_id=user_id, updated_by_id=user_id, created_at=now, updated_at=now, version=1,
+                                author_id=user_id, updated_by_id=user_id, created_at=now, updated_at=now,
                                 provenance=provenance, source_file=source_file)
         session.add(annotation)
         session.flush()
@@ -622,21 +622,38 @@ def save_annotation(session: Session, image: Image | int, geometry: Geometry, la
 
     if expected_version is None:
         raise RepositoryError("updating an annotation needs expected_version (the version you loaded)")
-    current = _load_for_change(session, annotation_id, expected_version)
-    before = _state(current)
-    result = session.execute(
-        update(Annotation)
-        .where(Annotation.id == annotation_id, Annotation.version == expected_version, Annotation.deleted_at.is_(None))
-        .values(kind=geometry.kind, geometry=geometry.to_json(), label=label, version=expected_version + 1,
-                updated_at=now, updated_by_id=user_id)
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:
+    return _change(session, annotation_id, expected_version, user_id, "update", deleted=False,
+                   kind=geometry.kind, geometry=geometry.to_json(), label=label)
+
+
+def _change(session: Session, annotation_id: int, expected_version: int, user_id: int | None, action: str, *,
+            deleted: bool, **values) -> Annotation:
+    """The one optimistic-locking path of every annotation change (update, delete, restore).
+
+    The annotation must be at ``expected_version`` (the version the user loaded) and live
+    (``deleted=False``) or deleted (``deleted=True``); the change is then an ORM UPDATE guarded by
+    ``version_id_col`` (``WHERE version = expected_version``), so two sessions cannot both win: the
+    loser gets :class:`ConflictError` naming who changed it and when. Writes the audit row.
+    """
+    from sqlalchemy.orm.exc import StaleDataError
+
+    current = _reload_or_missing(session, annotation_id)
+    if current.version != expected_version or (current.deleted_at is not None) != deleted:
         _raise_conflict(session, annotation_id, expected_version)
-    annotation = _reload(session, annotation_id)
-    _audit(session, annotation, user_id, "update", before, _state(annotation))
+    before = _state(current)
+    for name, value in dict(values, updated_at=utcnow(), updated_by_id=user_id).items():
+        setattr(current, name, value)
+    try:
+        session.flush()
+    except StaleDataError:
+        # another transaction committed a change between our read and our UPDATE (PostgreSQL: read
+        # committed). The failed flush voids this transaction: roll it back (the caller's scope is
+        # all-or-nothing anyway) and read who won for the message
+        session.rollback()
+        _raise_conflict(session, annotation_id, expected_version)
+    _audit(session, current, user_id, action, before, _state(current))
     session.flush()
-    return annotation
+    return current
 
 
 def _reload(session: Session, annotation_id: int) -> Annotation:
@@ -644,13 +661,11 @@ def _reload(session: Session, annotation_id: int) -> Annotation:
                            .execution_options(populate_existing=True)).one()
 
 
-def _load_for_change(session: Session, annotation_id: int, expected_version: int) -> Annotation:
+def _reload_or_missing(session: Session, annotation_id: int) -> Annotation:
     current = session.scalars(select(Annotation).where(Annotation.id == annotation_id)
                               .execution_options(populate_existing=True)).first()
     if current is None:
         raise NotFoundError(f"no annotation {annotation_id}")
-    if current.version != expected_version or current.deleted_at is not None:
-        _raise_conflict(session, annotation_id, expected_version)
     return current
 
 
@@ -667,43 +682,15 @@ def _raise_conflict(session: Session, annotation_id: int, expected_version: int)
 def delete_annotation(session: Session, annotation_id: int, user: User | str | int | None = None, *,
                       expected_version: int) -> Annotation:
     """Soft delete: the row stays (``deleted_at`` set, version + 1) with an audit entry."""
-    user_id = _user_id(session, user)
-    current = _load_for_change(session, annotation_id, expected_version)
-    before = _state(current)
-    now = utcnow()
-    result = session.execute(
-        update(Annotation)
-        .where(Annotation.id == annotation_id, Annotation.version == expected_version, Annotation.deleted_at.is_(None))
-        .values(deleted_at=now, version=expected_version + 1, updated_at=now, updated_by_id=user_id)
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:
-        _raise_conflict(session, annotation_id, expected_version)
-    annotation = _reload(session, annotation_id)
-    _audit(session, annotation, user_id, "delete", before, _state(annotation))
-    session.flush()
-    return annotation
+    return _change(session, annotation_id, expected_version, _user_id(session, user), "delete", deleted=False,
+                   deleted_at=utcnow())
 
 
 def restore_annotation(session: Session, annotation_id: int, user: User | str | int | None = None, *,
                        expected_version: int) -> Annotation:
     """Undo a soft delete (audited)."""
-    user_id = _user_id(session, user)
-    current = _reload(session, annotation_id)
-    if current.version != expected_version or current.deleted_at is None:
-        _raise_conflict(session, annotation_id, expected_version)
-    before = _state(current)
-    now = utcnow()
-    result = session.execute(
-        update(Annotation).where(Annotation.id == annotation_id, Annotation.version == expected_version)
-        .values(deleted_at=None, version=expected_version + 1, updated_at=now, updated_by_id=user_id)
-        .execution_options(synchronize_session=False))
-    if result.rowcount != 1:
-        _raise_conflict(session, annotation_id, expected_version)
-    annotation = _reload(session, annotation_id)
-    _audit(session, annotation, user_id, "restore", before, _state(annotation))
-    session.flush()
-    return annotation
+    return _change(session, annotation_id, expected_version, _user_id(session, user), "restore", deleted=True,
+                   deleted_at=None)
 
 
 def list_annotations(session: Session, image: Image | int, *, include_deleted: bool = False,
@@ -943,14 +930,6 @@ def export_dicom_seg(session: Session, cohort: Cohort | str, out_dir: str | Path
 
 # --- models ------------------------------------------------------------------------------------
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def register_model(session: Session, name: str, checkpoint_path: str | Path, *, modality: str | None = None,
                    metadata: dict | None = None, default: bool = False) -> Model:
     """Record a checkpoint (its sha256 computed now). Re-registering a name updates path, hash and
@@ -963,6 +942,8 @@ def register_model(session: Session, name: str, checkpoint_path: str | Path, *, 
         model = Model(name=name, checkpoint_path=str(path), sha256="", modality=modality)
         session.add(model)
     model.checkpoint_path = str(path.resolve())
+    from softcam_core.models import file_sha256
+
     model.sha256 = file_sha256(path)
     model.modality = modality or model.modality
     model.metadata_json = _jsonable(metadata or model.metadata_json or {})

@@ -179,6 +179,10 @@ class Annotation(Base):
     author: Mapped[User | None] = relationship(foreign_keys=[author_id])
     updated_by: Mapped[User | None] = relationship(foreign_keys=[updated_by_id])
 
+    # optimistic locking by the ORM: every UPDATE says "WHERE version = <the version loaded>" and sets
+    # version + 1; no row matched (someone else changed it first) raises StaleDataError
+    __mapper_args__ = {"version_id_col": version}
+
 
 class AnnotationAudit(Base):
     """One row per change of an annotation: who, when, what, and the state before and after."""

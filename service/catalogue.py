@@ -83,20 +83,13 @@ _META_CACHE: dict[tuple, dict] = {}
 
 def checkpoint_info(path: str | Path) -> CheckpointInfo:
     """Metadata of one checkpoint without keeping its weights in memory (cached by mtime)."""
-    import torch
-
-    from softcam_core.models import CHECKPOINT_FORMAT, CheckpointError
+    from softcam_core.models import read_checkpoint
 
     path = Path(path)
     key = _file_key(path)
     meta = _META_CACHE.get(key)
     if meta is None:
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{path.name}: not a readable checkpoint ({exc.__class__.__name__})") from None
-        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{path.name}: not a SoftCAM Review checkpoint")
+        payload = read_checkpoint(path)
         meta = dict(payload.get("meta") or {})
         _META_CACHE[key] = meta
     stat = path.stat()

@@ -366,11 +366,12 @@ def inference_layout(model: nn.Module, device: str | torch.device) -> nn.Module:
     return model
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> tuple[nn.Module, dict]:
-    """Load a checkpoint written by :func:`save_checkpoint`; returns ``(model in eval mode, meta)``.
+def read_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> dict:
+    """The payload of a checkpoint file (``{"format", "meta", "state_dict", ...}``), its header checked;
+    weights stay tensors (no model is built). ``torch.load(weights_only=True)``: no code runs.
 
     Raises:
-        CheckpointError: the file is absent, corrupt, not ours, or its weights don't fit its arch.
+        CheckpointError: the file is absent, unreadable or not a SoftCAM Review checkpoint.
     """
     path = Path(path)
     if not path.is_file():
@@ -381,6 +382,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
         raise CheckpointError(f"{path}: not a readable checkpoint ({exc.__class__.__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a SoftCAM Review checkpoint (no '{CHECKPOINT_FORMAT}' header)")
+    return payload
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> tuple[nn.Module, dict]:
+    """Load a checkpoint written by :func:`save_checkpoint`; returns ``(model in eval mode, meta)``.
+
+    Raises:
+        CheckpointError: the file is absent, corrupt, not ours, or its weights don't fit its arch.
+    """
+    path = Path(path)
+    payload = read_checkpoint(path, map_location)
     meta = payload.get("meta") or {}
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:

@@ -228,3 +228,35 @@ def test_a_read_only_scope_reads_without_the_write_lock_and_refuses_writes(engin
     with session_scope(engine, readonly=True) as s:
         names = set(s.scalars(select(User.username)))
     assert "after" in names and "sneaky" not in names
+
+
+def test_a_change_committed_between_read_and_write_is_a_conflict_not_a_lost_update(engine):
+    """The window the ORM's version_id_col closes: the other user commits after this session read the
+    annotation (at the version the user loaded) and before its UPDATE. That UPDATE matches no row
+    (``WHERE version = 1``) and the save is refused, naming the winner."""
+    from sqlalchemy import event
+
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite serialises writers with BEGIN IMMEDIATE: no other commit can fall in the window")
+    [image_id, _] = _make_images(engine)
+    with session_scope(engine) as s:
+        annotation_id = repo.save_annotation(s, image_id, Box(1, 1, 9, 9), "lesion", "alice").id
+    with pytest.raises(repo.ConflictError, match="changed by bob.*you edited version 1"):
+        with session_scope(engine) as mine:
+            fired = []
+
+            def bob_saves_first(session, flush_context, instances):
+                if fired:
+                    return
+                fired.append(True)
+                with session_scope(engine) as theirs:
+                    repo.save_annotation(theirs, image_id, Box(2, 2, 9, 9), "bob's", "bob",
+                                         annotation_id=annotation_id, expected_version=1)
+
+            event.listen(mine, "before_flush", bob_saves_first)
+            repo.save_annotation(mine, image_id, Box(3, 3, 9, 9), "alice's", "alice",
+                                 annotation_id=annotation_id, expected_version=1)
+    with session_scope(engine, readonly=True) as s:
+        [row] = repo.list_annotations(s, image_id)
+        assert (row.version, row.label) == (2, "bob's")
+        assert [h.action for h in repo.annotation_history(s, annotation_id)] == ["create", "update"]

@@ -435,3 +435,22 @@ def test_tiff_variants(tmp_path):
     indices = np.ones((6, 6), np.uint8)
     tifffile.imwrite(tmp_path / "pal.tif", indices, photometric="palette", colormap=palette)
     assert load_image(tmp_path / "pal.tif").pixels[0, 0].tolist() == [255, 0, 0]
+
+
+def test_jpeg_segments_walk_the_marker_structure_by_hand():
+    from softcam_core.imaging.jpeg import JpegStructureError, segments
+
+    # SOI, APP0 (length 4), fill byte, RST0 (standalone), SOF0 (length 11: 8 bit, 3 x 5 px), SOS, scan data
+    data = (b"\xff\xd8" + b"\xff\xe0\x00\x04ab" + b"\xff" + b"\xff\xd0"
+            + b"\xff\xc0\x00\x0b\x08\x00\x03\x00\x05\x01\x01\x11\x00" + b"\xff\xda\x00\x04\x01\x00" + b"\x12\x34")
+    found = [(s.marker, s.start, s.end) for s in segments(data)]
+    assert found == [(0xE0, 2, 8), (0xD0, 9, 11), (0xC0, 11, 24), (0xDA, 24, 30)]
+    assert [s.is_frame_header for s in segments(data)] == [False, False, True, False]
+    from softcam_core.imaging.raster import peek_size
+
+    assert peek_size(data, "jpeg") == (5, 3)
+    for broken, reason in ((data[:20], "truncated"), (data[:8] + b"\x00" + data[8:], "corrupt"),
+                           (data[:24], "without image scan")):
+        with pytest.raises(JpegStructureError, match=reason):
+            list(segments(broken))
+        assert peek_size(broken, "jpeg") in (None, (5, 3))

@@ -271,26 +271,21 @@ def _strip_png(data: bytes, name: str) -> bytes:
 def _strip_jpeg(data: bytes, name: str) -> bytes:
     """Drop APP1..APP13, APP15 (EXIF, XMP, maker notes, ...) and COM; keep APP0 (JFIF), APP2 ICC
     profiles and APP14 (Adobe colour transform), which decoding needs."""
-    out, pos = [b"\xff\xd8"], 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            raise ImageLoadError(name, "corrupt JPEG marker structure")
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0xDA:  # start of scan: the rest is entropy-coded data
-            out.append(data[pos:])
-            return b"".join(out)
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        end = pos + 2 + length
-        if length < 2 or end > len(data):
-            raise ImageLoadError(name, "truncated JPEG segment")
-        icc = marker == 0xE2 and data[pos + 4 : pos + 16] == b"ICC_PROFILE\x00"  # colour, not identity
-        if icc or not (0xE1 <= marker <= 0xED or marker in (0xEF, 0xFE)):
-            out.append(data[pos:end])
-        pos = end
-    raise ImageLoadError(name, "JPEG without image scan")
+    from .jpeg import SOS, JpegStructureError, segments
+
+    out = [b"\xff\xd8"]
+    try:
+        for segment in segments(data):
+            marker, pos = segment.marker, segment.start
+            if marker == SOS:  # start of scan: the rest is entropy-coded data, kept byte for byte
+                out.append(data[pos:])
+                return b"".join(out)
+            icc = marker == 0xE2 and data[pos + 4 : pos + 16] == b"ICC_PROFILE\x00"  # colour, not identity
+            if icc or not (0xE1 <= marker <= 0xED or marker in (0xEF, 0xFE)):
+                out.append(data[pos:segment.end])
+    except JpegStructureError as exc:
+        raise ImageLoadError(name, str(exc)) from None
+    raise AssertionError("segments() ends at SOS or raises")  # pragma: no cover
 
 
 def _rewrite_tiff(data: bytes, name: str) -> bytes:

@@ -367,30 +367,27 @@ def repair_sequential_jpeg(stream: bytes) -> bytes | None:
     have no meaning; IJG libjpeg (used by most DICOM viewers) only warns, libjpeg-turbo/pylibjpeg
     refuse. pydicom's ``JPEG-lossy.dcm`` is such a file.
     """
-    pos, sequential = 2, False
-    data = bytearray(stream)
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-            continue
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if marker in (0xC0, 0xC1):
-            sequential = True
-        elif 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return None  # progressive / lossless / arithmetic: the scan fields mean something there
-        if marker == 0xDA:
-            if not sequential or length < 6:
-                return None
-            ns = data[pos + 4]
-            spectral = pos + 5 + 2 * ns
-            if spectral + 2 >= len(data) or tuple(data[spectral : spectral + 3]) == (0, 63, 0):
-                return None
-            data[spectral : spectral + 3] = bytes((0, 63, 0))
-            return bytes(data)
-        pos += 2 + length
+    from .jpeg import SOS, JpegStructureError, segments
+
+    sequential = False
+    try:
+        for segment in segments(stream):
+            if segment.marker in (0xC0, 0xC1):
+                sequential = True
+            elif segment.is_frame_header:
+                return None  # progressive / lossless / arithmetic: the scan fields mean something there
+            if segment.marker == SOS:
+                pos = segment.start
+                if not sequential or segment.end - pos < 8:
+                    return None
+                spectral = pos + 5 + 2 * stream[pos + 4]
+                if spectral + 2 >= len(stream) or tuple(stream[spectral : spectral + 3]) == (0, 63, 0):
+                    return None
+                data = bytearray(stream)
+                data[spectral : spectral + 3] = bytes((0, 63, 0))
+                return bytes(data)
+    except JpegStructureError:
+        return None
     return None
 
 

@@ -131,20 +131,15 @@ def peek_size(data: bytes, kind: str) -> tuple[int, int] | None:
     if kind == "png" and len(data) >= 24 and data[12:16] == b"IHDR":
         return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     if kind == "jpeg":
-        pos = 2
-        while pos + 9 <= len(data):
-            if data[pos] != 0xFF:
-                return None
-            marker = data[pos + 1]
-            if marker == 0xFF:
-                pos += 1
-                continue
-            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-                return int.from_bytes(data[pos + 7 : pos + 9], "big"), int.from_bytes(data[pos + 5 : pos + 7], "big")
-            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-                pos += 2
-                continue
-            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        from .jpeg import JpegStructureError, segments
+
+        try:
+            for segment in segments(data):
+                if segment.is_frame_header and segment.end - segment.start >= 9:
+                    p = segment.start
+                    return int.from_bytes(data[p + 7 : p + 9], "big"), int.from_bytes(data[p + 5 : p + 7], "big")
+        except JpegStructureError:
+            return None
     return None
 
 
