@@ -89,7 +89,7 @@ def checkpoint_info(path: str | Path) -> CheckpointInfo:
     key = _file_key(path)
     meta = _META_CACHE.get(key)
     if meta is None:
-        payload = read_checkpoint(path)
+        payload = read_checkpoint(path, label=path.name)
         meta = dict(payload.get("meta") or {})
         _META_CACHE[key] = meta
     stat = path.stat()

@@ -366,22 +366,24 @@ def inference_layout(model: nn.Module, device: str | torch.device) -> nn.Module:
     return model
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> dict:
+def read_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu", label: str | None = None) -> dict:
     """The payload of a checkpoint file (``{"format", "meta", "state_dict", ...}``), its header checked;
     weights stay tensors (no model is built). ``torch.load(weights_only=True)``: no code runs.
+    ``label`` names the file in error messages (default: its path; the app shows the file name).
 
     Raises:
         CheckpointError: the file is absent, unreadable or not a SoftCAM Review checkpoint.
     """
     path = Path(path)
+    label = label or str(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+        raise CheckpointError(f"{label}: checkpoint not found")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({exc.__class__.__name__})") from None
+        raise CheckpointError(f"{label}: not a readable checkpoint ({exc.__class__.__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a SoftCAM Review checkpoint (no '{CHECKPOINT_FORMAT}' header)")
+        raise CheckpointError(f"{label}: not a SoftCAM Review checkpoint (no '{CHECKPOINT_FORMAT}' header)")
     return payload
 
 

@@ -1,0 +1,328 @@
+"""Images: import (decoded, de-identified, content-addressed), name keys, listing, class labels."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import secrets
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterable, Iterator
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from annotations.formats import (
+    leading_token,
+)
+from db.repository.base import NotFoundError, Progress, RepositoryError, _jsonable, _write_atomically
+from db.repository.cohorts import add_cohort, ensure_label, get_cohort
+from db.repository.users import _user_id
+from db.schema import (
+    Annotation,
+    Cohort,
+    Image,
+    ImageKey,
+    Setting,
+    User,
+)
+
+_KEY_SETTING = "name_hmac_key"
+
+
+def _hmac_key(session: Session) -> bytes:
+    setting = session.get(Setting, _KEY_SETTING)
+    if setting is None:
+        try:
+            with session.begin_nested():
+                session.add(Setting(key=_KEY_SETTING, value=secrets.token_hex(32)))
+        except IntegrityError:  # another process created it first
+            pass
+        setting = session.get(Setting, _KEY_SETTING)
+    return bytes.fromhex(setting.value)
+
+
+def _digest(key: bytes, kind: str, value: str) -> str:
+    return hmac.new(key, f"{kind}\x00{value.strip().lower()}".encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+
+
+def _name_keys(name: str) -> dict[str, str]:
+    base = PurePosixPath(name.replace("\\", "/")).name
+    stem = PurePosixPath(base).stem
+    return {"name": base, "stem": stem, "token": leading_token(stem)}
+
+
+_DICOM_ID_KEYWORDS = {"patient": "PatientID", "sop": "SOPInstanceUID", "study": "StudyInstanceUID",
+                      "accession": "AccessionNumber"}
+
+
+def _dicom_ids(data: bytes) -> dict[str, str]:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    except Exception:  # noqa: BLE001 - ids are optional; load_image already judged the file
+        return {}
+    ids = {}
+    for kind, keyword in _DICOM_ID_KEYWORDS.items():
+        value = str(ds.get(keyword, "") or "").strip()
+        if value:
+            ids[kind] = value
+    return ids
+
+
+# --- images ------------------------------------------------------------------------------------
+
+@dataclass
+class AcceptedImage:
+    name: str            # as given (shown to the importing user only, never stored for DICOM)
+    image_id: int
+    pseudonym: str
+    new: bool
+
+
+@dataclass
+class RejectedImage:
+    name: str
+    reason: str
+
+
+@dataclass
+class ImageImportResult:
+    accepted: list[AcceptedImage] = field(default_factory=list)
+    rejected: list[RejectedImage] = field(default_factory=list)
+
+    @property
+    def new(self) -> int:
+        return sum(a.new for a in self.accepted)
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ".bmp", ""}
+_EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif", "dicom": ".dcm"}
+
+
+def _iter_sources(paths: Iterable[str | Path]) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """(display name, reader) for every file under the given files, folders and zips."""
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for child in sorted(p for p in path.rglob("*") if p.is_file()):
+                if child.name.startswith(".") or child.suffix.lower() not in IMAGE_SUFFIXES | {".zip"}:
+                    continue
+                yield from _iter_sources([child]) if child.suffix.lower() == ".zip" else [
+                    (str(child.relative_to(path)), child.read_bytes)]
+        elif path.suffix.lower() == ".zip" and path.is_file():
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    members = sorted(archive.namelist())
+            except zipfile.BadZipFile:
+                yield path.name, _unreadable("not a valid zip file")
+                continue
+            for member in members:
+                base = PurePosixPath(member).name
+                if member.endswith("/") or base.startswith(".") or "__MACOSX" in member:
+                    continue
+                if PurePosixPath(member).suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                yield f"{path.name}:{member}", (lambda p=path, m=member: _read_member(p, m))
+        else:
+            yield str(path), path.read_bytes
+
+
+def _read_member(archive: Path, member: str) -> bytes:
+    with zipfile.ZipFile(archive) as zf:
+        return zf.read(member)
+
+
+def _unreadable(reason: str) -> Callable[[], bytes]:
+    def read() -> bytes:
+        raise RepositoryError(reason)
+
+    return read
+
+
+@dataclass
+class _PreparedImage:
+    name: str
+    base: str
+    row: dict[str, Any]
+    keys: dict[str, str]
+
+
+def import_images(session: Session, paths: Iterable[str | Path], cohort: Cohort | str, modality: str | None = None,
+                  *, progress: Progress | None = None, commit_every: int | None = None) -> ImageImportResult:
+    """Import image files, folders (recursive) and zips into ``cohort``.
+
+    Each file is decoded with :func:`softcam_core.imaging.load_image` (rejected with its reason if
+    that fails), de-identified with ``deidentified_bytes`` and stored content-addressed as
+    ``SOFTCAM_HOME/images/<sha256>.<ext>``. Idempotent: a file already in the cohort (same source or
+    stored hash) is accepted again without a new row. DICOM file names are not stored (they often
+    carry patient ids); keyed hashes of names and DICOM ids let annotation files still match.
+
+    ``commit_every=N`` (bulk imports, the CLI) commits after every N files and decodes files
+    outside any transaction, so a long import never holds the SQLite write lock for more than one
+    short batch and annotators keep saving meanwhile. Without it everything stays in the caller's
+    transaction.
+    """
+    from softcam_core.imaging import ImageLoadError, deidentified_bytes, load_image, sniff
+    from softcam_core.paths import images_dir, softcam_home
+
+    if isinstance(cohort, str):
+        cohort = add_cohort(session, cohort, modality=modality)
+    cohort_id = cohort.id
+    key = _hmac_key(session)
+    known: dict[str, tuple[int, str]] = {}
+    for image_id, pseudonym, sha, source_sha in session.execute(
+            select(Image.id, Image.pseudonym, Image.sha256, Image.source_sha256).where(Image.cohort_id == cohort_id)):
+        known[sha] = known[source_sha] = (image_id, pseudonym)
+    if commit_every:
+        session.commit()  # decode the first files without holding the write lock
+    sources = list(_iter_sources(paths))
+    result = ImageImportResult()
+    pending: list[_PreparedImage] = []
+
+    def write_pending() -> None:
+        for item in pending:
+            row = item.row
+            existing = session.scalar(select(Image).where(
+                Image.cohort_id == cohort_id, or_(Image.sha256 == row["sha256"], Image.source_sha256 == row["source_sha256"])))
+            if existing is not None:  # another process imported it meanwhile
+                result.accepted.append(AcceptedImage(item.name, existing.id, existing.pseudonym, False))
+                continue
+            image = Image(cohort_id=cohort_id, **row)
+            session.add(image)
+            session.flush()
+            session.add_all(ImageKey(image_id=image.id, kind=k, digest=d) for k, d in sorted(item.keys.items()))
+            session.flush()
+            known[image.sha256] = known[image.source_sha256] = (image.id, image.pseudonym)
+            result.accepted.append(AcceptedImage(item.name, image.id, image.pseudonym, True))
+        pending.clear()
+        if commit_every:
+            session.commit()
+
+    for done, (name, read) in enumerate(sources, start=1):
+        try:
+            try:
+                data = read()
+            except OSError as exc:
+                raise RepositoryError(f"cannot read ({exc.strerror or exc})") from None
+            source_sha = hashlib.sha256(data).hexdigest()
+            if source_sha in known:
+                result.accepted.append(AcceptedImage(name, *known[source_sha], False))
+                continue
+            base = PurePosixPath(name.split(":")[-1].replace("\\", "/")).name
+            image = load_image(data, name=base, modality=modality)
+            stored = deidentified_bytes(data, name=base)
+            sha = hashlib.sha256(stored).hexdigest()
+            if sha in known:
+                result.accepted.append(AcceptedImage(name, *known[sha], False))
+                continue
+            kind = sniff(data)
+            extension = _EXTENSIONS.get(kind or "", Path(base).suffix.lower() or ".bin")
+            target = images_dir() / f"{sha}{extension}"
+            _write_atomically(target, stored)
+            names = dict(_name_keys(base))
+            if kind == "dicom":
+                names.update(_dicom_ids(data))
+            pending.append(_PreparedImage(name, base, dict(
+                pseudonym=f"img-{sha[:16]}", sha256=sha, source_sha256=source_sha, modality=image.modality,
+                original_name=None if kind == "dicom" else base, extension=extension,
+                stored_path=target.relative_to(softcam_home()).as_posix(), width=image.width, height=image.height,
+                burned_in=bool(image.flags.get("burned_in_annotation")), metadata_json=_jsonable(image.metadata),
+            ), {k: _digest(key, k, v) for k, v in names.items()}))
+        except (ImageLoadError, RepositoryError) as exc:
+            message = str(exc)
+            prefix = f"{PurePosixPath(name).name}: "
+            result.rejected.append(RejectedImage(name, message[len(prefix):] if message.startswith(prefix) else message))
+        finally:
+            if pending and (not commit_every or len(pending) >= commit_every):
+                write_pending()
+            if progress:
+                progress(done, len(sources))
+    if pending:
+        write_pending()
+    return result
+
+
+def image_path(image: Image) -> Path:
+    """Absolute path of the stored (de-identified) file."""
+    from softcam_core.paths import softcam_home
+
+    return softcam_home() / image.stored_path
+
+
+def get_image(session: Session, ref: int | str, cohort: Cohort | None = None) -> Image:
+    """Image by id, pseudonym or sha256 (optionally within ``cohort``)."""
+    if isinstance(ref, int):
+        image = session.get(Image, ref)
+    else:
+        query = select(Image).where(or_(Image.pseudonym == ref, Image.sha256 == ref))
+        if cohort is not None:
+            query = query.where(Image.cohort_id == cohort.id)
+        image = session.scalars(query.order_by(Image.id)).first()
+    if image is None:
+        raise NotFoundError(f"no image {ref!r}")
+    return image
+
+
+def _image_filter(session: Session, query, cohort: Cohort | str | None, modality: str | None, label: str | None,
+                  split: str | None, search: str | None, annotated: bool | None, not_annotated_by):
+    """``query`` (over Image) with :func:`list_images`' filters, all in SQL."""
+    if cohort is not None:
+        query = query.where(Image.cohort_id == (get_cohort(session, cohort) if isinstance(cohort, str) else cohort).id)
+    if modality:
+        query = query.where(Image.modality == modality)
+    if label is not None:
+        query = query.where(Image.label == label)
+    if split is not None:
+        query = query.where(Image.split == split)
+    if search:
+        like = f"%{search.strip()}%"
+        query = query.where(or_(Image.pseudonym.ilike(like), Image.sha256.ilike(f"{search.strip()}%"),
+                                Image.original_name.ilike(like)))
+    if annotated is not None:
+        live = select(Annotation.id).where(Annotation.image_id == Image.id, Annotation.deleted_at.is_(None)).exists()
+        query = query.where(live if annotated else ~live)
+    if not_annotated_by is not None:
+        mine = select(Annotation.id).where(Annotation.image_id == Image.id, Annotation.deleted_at.is_(None),
+                                           Annotation.author_id == _user_id(session, not_annotated_by)).exists()
+        query = query.where(~mine)
+    return query
+
+
+def list_images(session: Session, cohort: Cohort | str | None = None, *, modality: str | None = None,
+                label: str | None = None, split: str | None = None, search: str | None = None,
+                annotated: bool | None = None, not_annotated_by: User | str | int | None = None,
+                limit: int | None = None, offset: int = 0) -> list[Image]:
+    """Images in import order, filtered in one query. ``search`` matches pseudonym, hash prefix or stored
+    name; ``annotated``: with (True) or without (False) a live annotation by anyone;
+    ``not_annotated_by``: without a live annotation by that user (an annotator's queue)."""
+    query = _image_filter(session, select(Image), cohort, modality, label, split, search, annotated, not_annotated_by)
+    query = query.order_by(Image.id).offset(offset)
+    if limit is not None:
+        query = query.limit(limit)
+    return list(session.scalars(query))
+
+
+def count_images(session: Session, cohort: Cohort | str | None = None, *, modality: str | None = None,
+                 label: str | None = None, split: str | None = None, search: str | None = None,
+                 annotated: bool | None = None, not_annotated_by: User | str | int | None = None) -> int:
+    """How many images :func:`list_images` would return with these filters (one COUNT query)."""
+    query = _image_filter(session, select(func.count(Image.id)), cohort, modality, label, split, search, annotated,
+                          not_annotated_by)
+    return int(session.scalar(query) or 0)
+
+
+def set_image_label(session: Session, image: Image, label: str | None = None, split: str | None = None) -> Image:
+    if split is not None and split not in ("train", "val", "test"):
+        raise RepositoryError(f"split must be train, val or test, got {split!r}")
+    image.label = label
+    if split is not None:
+        image.split = split
+    if label:
+        ensure_label(session, image.cohort, label)
+    session.flush()
+    return image
