@@ -24,6 +24,13 @@ class CheckpointInfo:
         return self.path.stem
 
     @property
+    def checkpoint_meta(self):
+        """The metadata typed and validated (:class:`softcam_core.models.CheckpointMeta`)."""
+        from softcam_core.models import CheckpointMeta
+
+        return CheckpointMeta.from_dict(self.meta, source=self.path.name)
+
+    @property
     def modality(self) -> str:
         return str(self.meta.get("modality", "other"))
 
@@ -83,7 +90,7 @@ _META_CACHE: dict[tuple, dict] = {}
 
 def checkpoint_info(path: str | Path) -> CheckpointInfo:
     """Metadata of one checkpoint without keeping its weights in memory (cached by mtime)."""
-    from softcam_core.models import read_checkpoint
+    from softcam_core.models import CheckpointMeta, read_checkpoint
 
     path = Path(path)
     key = _file_key(path)
@@ -91,6 +98,7 @@ def checkpoint_info(path: str | Path) -> CheckpointInfo:
     if meta is None:
         payload = read_checkpoint(path, label=path.name)
         meta = dict(payload.get("meta") or {})
+        CheckpointMeta.from_dict(meta, source=path.name)  # a checkpoint the app cannot use is a listed problem
         _META_CACHE[key] = meta
     stat = path.stat()
     return CheckpointInfo(path=path, meta=meta, size_mb=stat.st_size / 1e6, modified=stat.st_mtime)

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 import torchvision
+
+from softcam_core.backbones import BACKBONES, backbone_of
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 VGGS = tuple(f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn"))
@@ -99,38 +102,17 @@ def _last_conv(module: nn.Module) -> nn.Conv2d:
 
 def _split_backbone(model: nn.Module) -> tuple[nn.Module, int, nn.Module | None, str]:
     """Return (features, feature_channels, fc_or_None, family) of a torchvision classifier."""
-    tv = torchvision.models
     if isinstance(model, BaselineNet):
         fc = model.fc if isinstance(model.fc, nn.Linear) else None
         channels = [m for m in model.fc.modules() if isinstance(m, nn.Linear)][0].in_features
         return model.features, channels, fc, "baseline"
-    if isinstance(model, tv.ResNet):
-        features = nn.Sequential(
-            model.conv1, model.bn1, model.relu, model.maxpool,
-            model.layer1, model.layer2, model.layer3, model.layer4,
+    backbone = backbone_of(model)
+    if backbone is None:
+        raise TypeError(
+            f"unsupported model type {type(model).__name__}: expected a torchvision "
+            f"{', '.join(row.model_type.__name__ for row in BACKBONES)}"
         )
-        return features, model.fc.in_features, model.fc, "resnet"
-    if isinstance(model, tv.VGG):
-        return model.features, 512, None, "vgg"
-    if isinstance(model, tv.DenseNet):
-        # torchvision applies ReLU after the final norm inside DenseNet.forward, not in .features
-        features = nn.Sequential(model.features, nn.ReLU(inplace=False))
-        return features, model.classifier.in_features, model.classifier, "densenet"
-    if isinstance(model, tv.EfficientNet):
-        # classifier = Dropout + Linear after GAP: in eval mode the Linear alone maps pooled features
-        linear = model.classifier[-1]
-        return model.features, linear.in_features, linear, "efficientnet"
-    if isinstance(model, tv.ConvNeXt):
-        # ConvNeXt normalises the pooled vector; SoftCAM moves that LayerNorm2d before the head so it
-        # acts on each feature-map position (a norm does not commute with the mean, so FC weights
-        # are not copied here: the converted logits would differ anyway)
-        norm = model.classifier[0]
-        linear = model.classifier[-1]
-        return nn.Sequential(model.features, norm), linear.in_features, None, "convnext"
-    raise TypeError(
-        f"unsupported model type {type(model).__name__}: expected a torchvision ResNet, VGG, "
-        "DenseNet, EfficientNet or ConvNeXt"
-    )
+    return backbone.features(model), backbone.channels(model), backbone.classifier(model), backbone.family
 
 
 def evidence_head(family: str, in_channels: int, num_classes: int, dropout: float = 0.5) -> nn.Module:
@@ -313,6 +295,73 @@ def file_sha256(path: str | Path) -> str:
 REQUIRED_META = ("arch", "head", "classes", "img_size", "mean", "std", "modality")
 
 
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What a checkpoint records about its model, typed (the ``meta`` dict, validated).
+
+    arch: torchvision name (``"resnet18"``); head: ``"softcam"`` | ``"baseline"``; classes: class
+    names, the negative ("no disease") class first; img_size: model input side (px); mean, std:
+    per-channel normalisation of [0, 1] intensities; modality: ``"fundus"`` | ``"oct"`` | ``"cxr"`` |
+    ``"other"``; l1, l2: the ElasticNet weights it was trained with; data_hash: the cohort it was
+    trained on (or None); metrics: its recorded metrics; extra: every other key, kept as is.
+    """
+
+    arch: str
+    head: str
+    classes: tuple[str, ...]
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    modality: str
+    l1: float = 0.0
+    l2: float = 0.0
+    data_hash: str | None = None
+    metrics: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @classmethod
+    def from_dict(cls, meta: dict[str, Any], source: str = "checkpoint") -> "CheckpointMeta":
+        """Validate and type a ``meta`` dict. Raises CheckpointError naming ``source`` and the problem."""
+        missing = [k for k in REQUIRED_META if k not in meta]
+        if missing:
+            raise CheckpointError(f"{source}: checkpoint metadata lacks {', '.join(missing)}")
+        try:
+            typed = cls(
+                arch=str(meta["arch"]), head=str(meta["head"]), classes=tuple(str(c) for c in meta["classes"]),
+                img_size=int(meta["img_size"]), mean=tuple(float(v) for v in meta["mean"]),
+                std=tuple(float(v) for v in meta["std"]), modality=str(meta["modality"]),
+                l1=float(meta.get("l1") or 0.0), l2=float(meta.get("l2") or 0.0),
+                data_hash=None if meta.get("data_hash") is None else str(meta["data_hash"]),
+                metrics=dict(meta.get("metrics") or {}),
+                extra={k: v for k, v in meta.items() if k not in _META_FIELDS},
+            )
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{source}: malformed checkpoint metadata ({exc})") from None
+        problems = [f"head {typed.head!r} is not softcam or baseline" if typed.head not in ("softcam", "baseline") else "",
+                    "fewer than two classes" if typed.num_classes < 2 else "",
+                    f"img_size {typed.img_size} is not positive" if typed.img_size <= 0 else "",
+                    "mean and std need 1 or 3 values each" if {len(typed.mean), len(typed.std)} - {1, 3} else "",
+                    "std must be positive" if any(v <= 0 for v in typed.std) else ""]
+        problems = [p for p in problems if p]
+        if problems:
+            raise CheckpointError(f"{source}: bad checkpoint metadata: {'; '.join(problems)}")
+        return typed
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``meta`` dict a checkpoint stores (``num_classes`` included)."""
+        out = {k: getattr(self, k) for k in _META_FIELDS if k not in ("num_classes", "extra")}
+        out.update(classes=list(self.classes), mean=list(self.mean), std=list(self.std), num_classes=self.num_classes)
+        return {**self.extra, **out}
+
+
+_META_FIELDS = ("arch", "head", "classes", "img_size", "mean", "std", "modality", "l1", "l2", "data_hash", "metrics",
+                "num_classes", "extra")
+
+
 def _plain(value: Any) -> Any:
     """Metadata as plain Python types (dict, list, str, int, float, bool, None), so checkpoints load
     with ``torch.load(weights_only=True)``: numpy scalars, paths, tuples and str subclasses such as
@@ -333,10 +382,12 @@ def _plain(value: Any) -> Any:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
-    """Write ``model``'s weights with their metadata (see :data:`REQUIRED_META`) atomically."""
-    missing = [k for k in REQUIRED_META if k not in meta]
-    if missing:
-        raise ValueError(f"checkpoint metadata lacks {', '.join(missing)}")
+    """Write ``model``'s weights with their metadata (validated as :class:`CheckpointMeta`) atomically.
+
+    Raises:
+        ValueError: the metadata lacks a field or has a bad value (CheckpointError is a ValueError).
+    """
+    CheckpointMeta.from_dict(meta, source=Path(path).name)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -396,9 +447,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     path = Path(path)
     payload = read_checkpoint(path, map_location)
     meta = payload.get("meta") or {}
-    missing = [k for k in REQUIRED_META if k not in meta]
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint metadata lacks {', '.join(missing)}")
+    CheckpointMeta.from_dict(meta, source=str(path))
     try:
         model = build_model(meta["arch"], len(meta["classes"]), meta["head"])
         model.load_state_dict(payload["state_dict"])

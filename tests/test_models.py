@@ -235,3 +235,22 @@ def test_init_from_local_weights_never_downloads(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match="junk.pth: cannot read initial weights"):
         build_model("resnet18", 2, init=tmp_path / "junk.pth")
+
+
+def test_checkpoint_meta_types_validates_and_round_trips_by_hand():
+    from softcam_core.models import CheckpointError, CheckpointMeta
+
+    meta = {"arch": "resnet18", "head": "softcam", "classes": ["healthy", "diseased"], "img_size": "224",
+            "mean": [0.5, 0.5, 0.5], "std": [0.25], "modality": "oct", "l1": 0.01, "epochs": 9}
+    typed = CheckpointMeta.from_dict(meta)
+    assert typed.img_size == 224 and typed.classes == ("healthy", "diseased") and typed.num_classes == 2
+    assert typed.l2 == 0.0 and typed.data_hash is None and typed.extra == {"epochs": 9}
+    stored = typed.to_dict()
+    assert stored["num_classes"] == 2 and stored["epochs"] == 9 and stored["classes"] == ["healthy", "diseased"]
+    assert CheckpointMeta.from_dict(stored) == typed  # what save_checkpoint writes reads back the same
+    for broken, reason in ((dict(meta, head="gap"), "head 'gap'"), (dict(meta, classes=["one"]), "two classes"),
+                           (dict(meta, std=[0.2, 0.0, 0.2]), "std must be positive"),
+                           (dict(meta, mean=[0.5, 0.5]), "1 or 3 values"), (dict(meta, img_size="big"), "malformed"),
+                           ({k: v for k, v in meta.items() if k != "modality"}, "lacks modality")):
+        with pytest.raises(CheckpointError, match=reason):
+            CheckpointMeta.from_dict(broken, source="m.pt")

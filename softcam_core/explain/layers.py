@@ -1,6 +1,7 @@
 """Which layer post-hoc methods hook, and the GAP + Linear head that classic CAM needs.
 
-The target layer is the last feature map before pooling / the evidence head:
+The target layer is the last feature map before pooling / the evidence head (for torchvision models:
+the ``target_layer`` column of :data:`softcam_core.backbones.BACKBONES`):
 
 =====================  =====================
 model                  target layer
@@ -21,9 +22,9 @@ overrides the choice.
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
+from softcam_core.backbones import backbone_of
 from softcam_core.models import BaselineNet, SoftCAMNet
 
 
@@ -49,13 +50,11 @@ def resolve_target_layer(model: nn.Module, target_layer: nn.Module | str | None 
         return modules[target_layer]
     if target_layer is not None:
         raise ExplainError(f"target_layer must be a module or its name, got {type(target_layer).__name__}")
-    tv = torchvision.models
     if isinstance(model, (SoftCAMNet, BaselineNet)):
         return model.features
-    if isinstance(model, tv.ResNet):
-        return model.layer4
-    if isinstance(model, (tv.VGG, tv.DenseNet, tv.EfficientNet, tv.ConvNeXt)):
-        return model.features
+    backbone = backbone_of(model)
+    if backbone is not None:
+        return backbone.target_layer(model)
     raise ExplainError(
         f"no automatic target layer for {type(model).__name__}; pass target_layer= (a module or its name)"
     )
@@ -70,7 +69,6 @@ def cam_head(model: nn.Module) -> tuple[nn.Module, nn.Linear, bool]:
     Raises:
         ExplainError: the model has another head (SoftCAM evidence head, VGG MLP, ConvNeXt norm).
     """
-    tv = torchvision.models
     if isinstance(model, SoftCAMNet):
         raise ExplainError("'cam' needs a GAP + Linear classifier; a SoftCAM net explains itself: use 'softcam'")
     if isinstance(model, BaselineNet):
@@ -80,15 +78,12 @@ def cam_head(model: nn.Module) -> tuple[nn.Module, nn.Linear, bool]:
             f"'cam' needs a GAP + single Linear head; this {model.arch} baseline has a "
             f"{type(model.fc).__name__} head (e.g. VGG's MLP)"
         )
-    if isinstance(model, tv.ResNet):
-        return model.layer4, model.fc, False
-    if isinstance(model, tv.DenseNet):
-        # DenseNet.forward applies ReLU to .features before pooling
-        return model.features, model.classifier, True
-    if isinstance(model, tv.EfficientNet):
-        linear = model.classifier[-1]  # Dropout then Linear after the pool
-        return model.features, linear, False
-    raise ExplainError(f"'cam' needs a GAP + single Linear head; {type(model).__name__} has none")
+    backbone = backbone_of(model)
+    linear = backbone.classifier(model) if backbone is not None else None
+    if linear is None:
+        reason = backbone.no_linear_reason if backbone is not None else f"{type(model).__name__} has none"
+        raise ExplainError(f"'cam' needs a GAP + single Linear head; {reason}")
+    return backbone.target_layer(model), linear, backbone.relu_before_pool
 
 
 def model_device(model: nn.Module) -> torch.device:
