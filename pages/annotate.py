@@ -25,9 +25,12 @@ draw_tab, import_tab = st.tabs(["Draw boxes", "Import annotation file"])
 
 
 def draw_boxes() -> None:
-    message = st.session_state.pop("annotate_saved_message", None)
-    if message:  # shown before the picker: a saved image may have left the queue
-        st.success(message, icon=":material/check_circle:")
+    # shown before the picker (a saved image may have left the queue), and on every run until the next
+    # save or reload: a one-shot message popped by the run after the save was lost whenever another
+    # rerun (the new image's canvas reporting in) interrupted that run, though the save had happened
+    saved_message = st.session_state.get("annotate_saved_message")
+    if saved_message and saved_message[0] == st.session_state.get("annotate_generation", 0):
+        st.success(saved_message[1], icon=":material/check_circle:")
     picked = common.cohort_image_picker(page="annotate", queue_for=user)
     if picked is None:
         return
@@ -87,7 +90,8 @@ def draw_boxes() -> None:
                 st.error(f"Not saved: {common.one_line(exc)}")
             else:
                 st.session_state["annotate_generation"] = generation + 1
-                st.session_state["annotate_saved_message"] = f"Saved {edits.summary()} on {image.name}."
+                st.session_state["annotate_saved_message"] = (generation + 1,
+                                                              f"Saved {edits.summary()} on {image.name}.")
                 st.rerun()
     if edited:
         st.dataframe([{"label": b[4], "x0": b[0], "y0": b[1], "x1": b[2], "y1": b[3]} for b in edited],
