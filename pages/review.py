@@ -240,13 +240,13 @@ if cascam_base != "(none)":
             st.button(f"Show the combined {method_title(combined)} map in the grid", key="review_show_cascam",
                       icon=":material/grid_view:", on_click=show_combined)
     else:
-        st.caption("Each stage masks what the previous stage found and explains the rest; the combined map is "
-                   f"cached and can be shown in the grid ({method_title('cascam:' + cascam_base)}).")
+        st.caption("Each stage masks what the previous stage found and explains the rest; once run, the combined "
+                   f"map is cached and can be shown in the grid ({method_title('cascam:' + cascam_base)}).")
 
 # ---------------------------------------------------------------------------------------------- export
 st.divider()
 page = ComparisonPage(image_name=image.name, model_name=model_info.name, prediction=prediction,
-                             pixels=pixels, maps=results, scores=scores, boxes=boxes, shared_scale=shared_scale)
+                      pixels=pixels, maps=results, scores=scores, boxes=boxes, shared_scale=shared_scale)
 export_png, export_pdf, _ = st.columns([1, 1, 3])
 export_png.download_button("Comparison (PNG)", lambda: comparison_figure_bytes(page, "png", opacity),
                            file_name=f"{image.name.rsplit('.', 1)[0]}_comparison.png", mime="image/png",
