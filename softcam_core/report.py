@@ -123,7 +123,9 @@ class Steps:
 
     ``run(key, settings, fn)`` returns the recorded result when the step finished before with the
     same settings, else runs ``fn()`` (which must itself continue partial work: training resume,
-    evaluation resume) and records what it returns (JSON-able) and its seconds.
+    evaluation resume) and records what it returns (JSON-able) and its seconds. The synthetic
+    generator's version is part of every step's settings: a changed generator redoes the cohorts
+    and everything trained or scored on them, never mixing old results with new images.
     """
 
     def __init__(self, path: Path, log: Callable[[str], None] = print):
@@ -131,9 +133,15 @@ class Steps:
         self.log = log
         self.records: dict[str, dict] = json.loads(path.read_text()) if path.is_file() else {}
 
+    @staticmethod
+    def fingerprint(settings: dict) -> dict:
+        from softcam_core.synth import GENERATOR_VERSION
+
+        return json.loads(json.dumps(dict(settings, generator_version=GENERATOR_VERSION)))
+
     def done(self, key: str, settings: dict) -> bool:
         record = self.records.get(key)
-        return record is not None and record.get("settings") == json.loads(json.dumps(settings))
+        return record is not None and record.get("settings") == self.fingerprint(settings)
 
     def run(self, key: str, settings: dict, fn: Callable[[], Any]) -> Any:
         if self.done(key, settings):
@@ -142,7 +150,7 @@ class Steps:
         start = time.perf_counter()
         result = fn()
         seconds = time.perf_counter() - start
-        self.records[key] = {"settings": json.loads(json.dumps(settings)), "seconds": round(seconds, 1),
+        self.records[key] = {"settings": self.fingerprint(settings), "seconds": round(seconds, 1),
                              "result": json.loads(json.dumps(result, default=str))}
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.records, indent=1))

@@ -84,7 +84,15 @@ def test_steps_skip_finished_work_with_same_settings(tmp_path):
     assert again.run("a", {"x": 1}, lambda: calls.append(2) or {"v": 2}) == {"v": 1}
     assert again.run("a", {"x": 2}, lambda: calls.append(3) or {"v": 3}) == {"v": 3}  # other settings: rerun
     assert calls == [1, 3]
-    assert json.loads((tmp_path / "steps.json").read_text())["a"]["settings"] == {"x": 2}
+    from softcam_core.synth import GENERATOR_VERSION
+
+    recorded = json.loads((tmp_path / "steps.json").read_text())
+    assert recorded["a"]["settings"] == {"x": 2, "generator_version": GENERATOR_VERSION}
+    # a step recorded by another generator version (older images) is redone, not reused
+    recorded["a"]["settings"]["generator_version"] = GENERATOR_VERSION - 1
+    (tmp_path / "steps.json").write_text(json.dumps(recorded))
+    older = R.Steps(tmp_path / "steps.json", log=lambda s: None)
+    assert older.run("a", {"x": 2}, lambda: calls.append(4) or {"v": 4}) == {"v": 4} and calls == [1, 3, 4]
 
 
 def test_cli_options_quick_preset_and_round_trip():
