@@ -57,10 +57,9 @@ post_hoc = [m for m in METHODS if m != "softcam"] + list(cascam_methods())
 with st.expander("Display and methods", expanded=False, icon=":material/tune:"):
     left, middle, right = st.columns(3)
     with left:
-        # the default lives in the session state (not default=) so the CasCAM button below may add to it
-        st.session_state.setdefault("review_methods", ["gradcam"])
         slow = ", ".join(method_title(m) for m in METHODS if method_spec(m).slow)
-        methods = st.multiselect("Post-hoc methods", post_hoc, format_func=method_title, key="review_methods",
+        methods = st.multiselect("Post-hoc methods", post_hoc, default=["gradcam"], format_func=method_title,
+                                 key="review_methods",
                                  help=f"{slow} and CasCAM are slow: they run on request and are cached in the database.")
         cascam_base = st.selectbox("CasCAM stages of", ["(none)"] + [m for m in BASE_METHODS if m != "softcam"],
                                    format_func=lambda m: m if m == "(none)" else method_title(m),
@@ -87,6 +86,9 @@ with st.expander("Display and methods", expanded=False, icon=":material/tune:"):
             function = chosen.function
         invert = st.checkbox("Invert", value=False, key="review_invert")
 
+# combined CasCAM maps put into the grid by the CasCAM section's button (kept apart from the multiselect's
+# own state, which Streamlit owns)
+methods = methods + [m for m in st.session_state.get("review_extra_methods", []) if m not in methods]
 pixels = display_pixels(image, center=center, width=width, invert=invert, function=function)
 boxes = common.image_boxes(record) if show_boxes else []
 
@@ -234,8 +236,8 @@ if cascam_base != "(none)":
                          caption=f"Stage {index + 1}: map · weight {stage.weight:.2f}", width="stretch")
         combined = f"cascam:{cascam_base}"
         if combined not in methods:
-            def show_combined(name: str = combined) -> None:  # a callback: runs before the multiselect is drawn
-                st.session_state["review_methods"] = list(st.session_state.get("review_methods", [])) + [name]
+            def show_combined(name: str = combined) -> None:
+                st.session_state["review_extra_methods"] = st.session_state.get("review_extra_methods", []) + [name]
 
             st.button(f"Show the combined {method_title(combined)} map in the grid", key="review_show_cascam",
                       icon=":material/grid_view:", on_click=show_combined)
