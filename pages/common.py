@@ -290,7 +290,8 @@ def model_selector() -> CheckpointInfo | None:
 def model_for_modality(modality: str) -> CheckpointInfo | None:
     """The model to use for images of ``modality`` when the user chose none: its default (Models page or
     demo), else the newest SoftCAM net of that modality; None when no checkpoint is of that modality."""
-    preferred = catalogue.preferred_model(checkpoints(), default_models(), modality)
+    found, _ = list_checkpoints()  # its problems are already in the sidebar (model_selector): not twice
+    preferred = catalogue.preferred_model(found, default_models(), modality)
     return preferred if preferred is not None and preferred.modality == modality else None
 
 
