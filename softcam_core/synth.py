@@ -37,7 +37,7 @@ from scipy import ndimage
 
 from annotations.geometry import Box
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 MODALITIES = ("fundus", "oct", "cxr")
 LESION_KINDS = {
     "fundus": ("hard_exudate", "haemorrhage", "microaneurysm"),
@@ -50,6 +50,8 @@ SPLITS = ("train", "val", "test")
 IMAGE_SUFFIX = {"fundus": ".png", "oct": ".png", "cxr": ".dcm"}
 # burned-in text of the shortcut artifact, per modality (a site stamp, a device tag, a lead side marker)
 ARTIFACT_TEXT = {"fundus": "S2", "oct": "HD2", "cxr": "L"}
+# depth of the OCT RPE at the scan centre, as a fraction of the B-scan height (uniform between)
+OCT_RPE_DEPTH = (0.32, 0.95)
 
 # random streams per image. The background and the lesion-like events (their number, kinds, sizes,
 # shapes and places) never see the label; only which events take the lesion's form does (drawn
@@ -634,8 +636,11 @@ def _render_oct(size, forms, rng_bg, rng_lesion, rng_noise, draw_lesions):
     x = xx[0]
     u = (x - width / 2) / width  # -0.5 .. 0.5
     fovea_x = width * rng_bg.uniform(0.42, 0.58)
-    # RPE (top of the band) curves like the back of the eye, tilted by the scan angle
-    rpe = height * (rng_bg.uniform(0.52, 0.6) - rng_bg.uniform(0.0, 0.35) * u**2 + rng_bg.uniform(-0.08, 0.08) * u)
+    # RPE (top of the band) curves like the back of the eye, tilted by the scan angle. Its depth in the
+    # frame varies as much as a B-scan's does when the operator places it: drusen (on the RPE) can sit
+    # anywhere from a third of the way down to near the bottom, so a fixed location prior (a centred
+    # Gaussian) does not find them
+    rpe = height * (rng_bg.uniform(*OCT_RPE_DEPTH) - rng_bg.uniform(0.0, 0.35) * u**2 + rng_bg.uniform(-0.08, 0.08) * u)
     pit = np.exp(-0.5 * ((x - fovea_x) / (width * rng_bg.uniform(0.06, 0.08))) ** 2)
     nasal = 1.0 if rng_bg.random() < 0.5 else -1.0
     side = np.clip(nasal * (x - fovea_x) / width, -0.5, 0.5)  # > 0 towards the optic nerve
@@ -760,7 +765,7 @@ def _render_oct(size, forms, rng_bg, rng_lesion, rng_noise, draw_lesions):
     img = img * speckle + 0.03 * np.abs(rng_noise.standard_normal((height, width)))
     pixels = np.clip(np.rint(255 * np.clip(img, 0, 1) ** 0.9), 0, 255).astype(np.uint8)
 
-    return Rendered(pixels, lesions, confounders=confounders), (0, 0, width, height), ["top-left", "top-right"]
+    return Rendered(pixels, lesions, confounders=confounders), (0, 0, width, height), ["top-left", "top-right", "bottom-left", "bottom-right"]
 
 
 def _oct_events(rng: np.random.Generator, width: int, height: int) -> list[tuple[float, float]]:
