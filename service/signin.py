@@ -3,7 +3,7 @@
 Streamlit's session state dies with the browser tab's connection; the token lives in the page URL
 (``?session=...``) instead and is checked on every fresh session. A token is
 ``v1.<user id>.<expiry, POSIX seconds>.<password stamp>.<HMAC-SHA256 signature>``, signed with the
-server secret ``SOFTCAM_SESSION_KEY`` (else ``SOFTCAM_HOME/session.key``, made on first use). The
+server secret ``SOFTCAM_SESSION_KEY`` (else ``session.key`` in the key folder, made on first use). The
 password stamp is a digest of the account's password hash: changing the password ends every
 session. Expired, tampered or foreign tokens, and tokens of disabled or deleted accounts, are
 refused. The user's role is read from the database, never from the token.

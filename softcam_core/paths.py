@@ -1,4 +1,4 @@
-"""Where the app keeps its data: ``SOFTCAM_HOME`` and ``SOFTCAM_DB_URL``."""
+"""Where the app keeps its data (``SOFTCAM_HOME``, ``SOFTCAM_DB_URL``) and, apart from it, its keys (``SOFTCAM_KEY_DIR``)."""
 
 from __future__ import annotations
 
@@ -39,22 +39,50 @@ def images_dir() -> Path:
     return path
 
 
-def secret_key(file_name: str, env_var: str) -> bytes:
-    """A server secret: the environment variable ``env_var`` when set, else ``SOFTCAM_HOME/<file_name>``,
-    made on first use (64 random hex characters, mode 0600). Two processes starting together agree on
-    one key: the file appears complete or not at all (written aside, then hard-linked into place)."""
+def key_dir() -> Path:
+    """Folder of the server's secrets (pseudonym, file-name and sign-in keys), apart from the data they
+    protect: ``SOFTCAM_KEY_DIR``, else ``$XDG_CONFIG_HOME/softcam-review/keys/<id of SOFTCAM_HOME>``
+    (``~/.config`` without XDG_CONFIG_HOME), so that a copy of ``SOFTCAM_HOME`` or of the database
+    holds no key. Created with mode 0700."""
+    configured = os.environ.get("SOFTCAM_KEY_DIR")
+    if configured:
+        path = Path(configured).expanduser().resolve()
+    else:
+        import hashlib
+
+        config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config").expanduser()
+        home_id = hashlib.sha256(str(softcam_home()).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        path = config / "softcam-review" / "keys" / home_id
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    home = softcam_home()
+    if path == home or home in path.parents:
+        raise RuntimeError(f"the key folder {path} lies inside the data folder {home}; set SOFTCAM_KEY_DIR elsewhere")
+    return path
+
+
+def secret_key(file_name: str, env_var: str, legacy: bytes | None = None) -> bytes:
+    """A server secret: the environment variable ``env_var`` when set, else ``<key_dir()>/<file_name>``,
+    made on first use (64 random hex characters, or ``legacy``, a key this server used before, as
+    hex; mode 0600). Two processes starting together agree on one key: the file appears complete or
+    not at all (written aside, flushed, then hard-linked into place)."""
     import secrets
     import tempfile
 
     value = os.environ.get(env_var)
     if value:
         return value.encode("utf-8")
-    path = softcam_home() / file_name
+    folder = key_dir()
+    path = folder / file_name
+    moved = softcam_home() / file_name  # where versions before the key folder kept it
+    if not path.exists() and moved.is_file() and moved.read_text().strip():
+        legacy = moved.read_text().strip().encode("ascii")
     if not path.exists():
-        fd, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{file_name}.")
+        fd, scratch = tempfile.mkstemp(dir=folder, prefix=f".{file_name}.")
         try:
             with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_hex(32))
+                handle.write(legacy.decode("ascii") if legacy else secrets.token_hex(32))
+                handle.flush()
+                os.fsync(handle.fileno())
             os.chmod(scratch, 0o600)
             try:
                 os.link(scratch, path)
@@ -62,4 +90,6 @@ def secret_key(file_name: str, env_var: str) -> bytes:
                 pass
         finally:
             os.unlink(scratch)
+    if moved.is_file() and path.exists():
+        moved.unlink(missing_ok=True)  # the key no longer sits beside the data it protects
     return path.read_text().strip().encode("utf-8")

@@ -31,6 +31,7 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     """Each test gets its own SOFTCAM_HOME so nothing touches the user's data."""
     home = tmp_path_factory.mktemp("softcam_home")
     monkeypatch.setenv("SOFTCAM_HOME", str(home))
+    monkeypatch.setenv("SOFTCAM_KEY_DIR", str(tmp_path_factory.mktemp("softcam_keys")))
     monkeypatch.delenv("SOFTCAM_DB_URL", raising=False)
     yield home
 

@@ -67,7 +67,7 @@ def test_basic_profile_removes_identifiers():
     assert str(clean.PatientName) == clean.PatientID and clean.PatientID.startswith("P-")
     assert not any(tag.is_private for tag in clean.keys())
     assert not any(0x5000 <= tag.group <= 0x50FF or 0x6000 <= tag.group <= 0x60FF for tag in clean.keys())
-    assert "PatientSex" not in clean and "PatientBirthDate" not in clean
+    assert not clean.get("PatientSex") and not clean.get("PatientBirthDate")  # Table E.1-1: Z (emptied)
     assert clean.BurnedInAnnotation == "YES"
     assert clean.SOPClassUID == original.SOPClassUID  # registered UIDs kept
     assert clean.PixelData == original.PixelData
@@ -87,7 +87,7 @@ def test_dates_shift_consistently_and_uids_remap_consistently():
 
     assert (day(cb.StudyDate) - day(ca.StudyDate)).days == 10  # interval kept
     assert (day(a.StudyDate) - day(ca.StudyDate)).days == (day(b.StudyDate) - day(cb.StudyDate)).days
-    assert ca.AcquisitionDateTime[8:] == "083000" and ca.AcquisitionDateTime[:8] == ca.StudyDate
+    assert ca.AcquisitionDateTime == ca.StudyDate  # a date-time keeps only its shifted date: times of day go
     # same study UID -> same new UID; the nested reference follows its instance
     assert ca.StudyInstanceUID == cb.StudyInstanceUID != a.StudyInstanceUID
     assert ca.StudyInstanceUID == remap_uid(a.StudyInstanceUID, KEY)
@@ -107,12 +107,276 @@ def test_keep_patient_characteristics_option():
     assert "113108" in [c.CodeValue for c in kept.DeidentificationMethodCodeSequence]
 
 
-def test_default_key_lives_in_softcam_home(_isolated_home):
+def test_default_key_lives_in_the_key_folder_apart_from_the_data(_isolated_home, tmp_path, monkeypatch):
+    from softcam_core.paths import key_dir
+
     ds = _rich_dataset()
     first = deidentify(ds)
-    assert (_isolated_home / "deid.key").exists()
-    assert oct((_isolated_home / "deid.key").stat().st_mode & 0o777) == "0o600"
+    folder = key_dir()
+    assert (folder / "deid.key").is_file() and not (_isolated_home / "deid.key").exists()
+    assert _isolated_home not in folder.parents
+    assert oct((folder / "deid.key").stat().st_mode & 0o777) == "0o600"
+    assert len((folder / "deid.key").read_text().strip()) == 64
     assert deidentify(ds).PatientID == first.PatientID
+    # a key an earlier version kept beside the data moves to the key folder and keeps its pseudonyms
+    monkeypatch.setenv("SOFTCAM_KEY_DIR", str(tmp_path / "new-keys"))
+    (_isolated_home / "deid.key").write_text("ab" * 32)
+    moved = deidentify(ds)
+    assert moved.PatientID == deidentify(ds, key=("ab" * 32).encode()).PatientID
+    assert (tmp_path / "new-keys" / "deid.key").read_text() == "ab" * 32 and not (_isolated_home / "deid.key").exists()
+    # a key folder inside the data folder would travel with every copy of it: refused
+    monkeypatch.setenv("SOFTCAM_KEY_DIR", str(_isolated_home / "keys"))
+    with pytest.raises(RuntimeError, match="inside the data folder"):
+        key_dir()
+
+
+def test_default_key_folder_is_per_data_folder_under_the_user_config(_isolated_home, tmp_path, monkeypatch):
+    from softcam_core.paths import key_dir
+
+    monkeypatch.delenv("SOFTCAM_KEY_DIR")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    first = key_dir()
+    assert first.parent == tmp_path / "config" / "softcam-review" / "keys"
+    assert oct(first.stat().st_mode & 0o777) == "0o700"
+    monkeypatch.setenv("SOFTCAM_HOME", str(tmp_path / "other-home"))
+    assert key_dir() != first
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole of Table E.1-1
+
+
+def _vr_of(rule) -> str:
+    """The VR to give the attribute of a table row (pydicom's dictionary; by name for attributes newer
+    than it)."""
+    from pydicom.datadict import dictionary_VR
+
+    tag = _concrete_tag(rule.tag)
+    try:
+        return dictionary_VR(tag).split(" or ")[0]
+    except KeyError:
+        name = rule.name.lower()
+        for word, vr in (("sequence", "SQ"), ("datetime", "DT"), ("uid", "UI"), ("date", "DA"), ("time", "TM")):
+            if name.endswith(word):
+                return vr
+        return "LO"
+
+
+def _concrete_tag(text: str) -> int:
+    """``(60xx,3000)`` -> 0x60023000 (a masked row tested on group 6002 / 5002, not the first one)."""
+    digits = text.strip("()").replace(",", "")
+    value = int(digits.replace("x", "0"), 16)
+    return value | (0x00020000 if "x" in digits[:4] else 0)
+
+
+def _token(vr: str, index: int):
+    """A value for ``vr`` that appears nowhere else, and its bytes as written (None: numeric)."""
+    if vr == "UI":
+        return f"1.2.826.0.1.3680043.10.5{index:04d}.77", None
+    if vr in ("US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"):
+        return 31000 + index, None
+    if vr in ("OB", "OW", "OD", "OF", "OL", "OV", "UN"):
+        return f"TK{index:04d}".encode(), None
+    if vr == "DA":
+        return "19{:02d}{:02d}{:02d}".format(10 + index % 80, 1 + index % 12, 1 + index % 28), None
+    if vr == "DT":
+        return "19{:02d}0102030405".format(10 + index % 80), None
+    if vr == "TM":
+        return "{:02d}{:02d}17".format(index % 24, index % 60), None
+    if vr == "AS":
+        return f"{index % 999:03d}Y", None
+    if vr == "CS":
+        return f"TK{index:04d}", None
+    if vr == "DS":
+        return f"7{index:04d}.5", None
+    if vr == "IS":
+        return str(70000 + index), None
+    if vr == "PN":
+        return f"Token^Person{index:04d}", None
+    if vr == "AE":
+        return f"AETK{index:04d}", None
+    return f"TOKEN-{index:04d}-SECRET", None
+
+
+def _dataset_with(rule, index):
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import FileMetaDataset
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.10.1.1"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    tag, vr = _concrete_tag(rule.tag), _vr_of(rule)
+    if vr == "SQ":
+        item = Dataset()
+        item.ReferencedSOPInstanceUID = f"1.2.826.0.1.3680043.10.6{index:04d}.1"
+        item.CodeMeaning = f"TOKEN-{index:04d}-NESTED"
+        value = Sequence([item])
+    else:
+        value = _token(vr, index)[0]
+    (ds.file_meta if tag >> 16 == 2 else ds).add(DataElement(tag, vr, value))
+    return ds, tag, vr, value
+
+
+def _written(ds) -> bytes:
+    """The dataset's bytes as a file holds them, file meta included (command elements too)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    if getattr(ds, "file_meta", None) is not None:
+        write_file_meta_info(buffer, ds.file_meta, enforce_standard=False)
+    write_dataset(buffer, ds)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("dates", ["remove", "shift"])
+def test_every_attribute_of_table_e1_1_gets_its_action(dates):
+    """One dataset per table row, its attribute set to a value found nowhere else; after
+    de-identification the row's action (resolved as RESOLVED_ACTION says) holds."""
+    from softcam_core.imaging.deid import RESOLVED_ACTION, TABLE_EDITION, profile_table
+
+    rules = profile_table()
+    assert TABLE_EDITION == "2026c" and len(rules) >= 650
+    checked = {}
+    for index, rule in enumerate(rules):
+        ds, tag, vr, value = _dataset_with(rule, index)
+        clean = deidentify(ds, key=KEY, dates=dates)
+        if tag >> 16 == 2:  # file meta: MediaStorageSOPInstanceUID, remapped like the instance it names
+            assert rule.action == "U" and clean.file_meta[tag].value == remap_uid(value, KEY), rule
+            checked[rule.action] = checked.get(rule.action, 0) + 1
+            continue
+        action = RESOLVED_ACTION[rule.action]
+        where = (rule.tag, rule.name, rule.action, vr)
+        token_text = str(value) if vr != "SQ" else f"TOKEN-{index:04d}-NESTED"
+        if vr not in ("US", "SS", "UL", "SL", "FL", "FD", "UV", "SV", "SQ"):
+            assert token_text.encode() not in _written(clean) or (action == "U*"), where
+        if rule.keyword in ("PatientName", "PatientID"):
+            assert clean[tag].value == clean.PatientID and clean.PatientID.startswith("P-"), where
+        elif dates == "shift" and vr in ("DA", "DT") and rule.keyword != "PatientBirthDate":
+            shifted = clean[tag].value
+            assert shifted and len(shifted) == 8 and shifted != str(value)[:8], where  # moved back, date only
+        elif action == "X":
+            assert tag not in clean, where
+        elif action == "Z":
+            assert tag in clean and not clean[tag].value, where
+        elif action == "D":
+            assert tag in clean, where
+            if vr == "UI":
+                assert clean[tag].value == remap_uid(value, KEY), where
+            elif vr == "SQ":
+                assert len(clean[tag].value) == 0, where
+            else:
+                assert clean[tag].value not in (None, "", b"") and clean[tag].value != value, where
+        elif action == "U":
+            if vr == "UI":
+                assert clean[tag].value == remap_uid(value, KEY), where
+            else:
+                assert tag in clean and clean[tag].value != value, where
+        elif action == "U*":  # kept, its references remapped, the same way as the instance they name
+            nested = clean[tag].value[0]
+            assert nested.ReferencedSOPInstanceUID == remap_uid(value[0].ReferencedSOPInstanceUID, KEY), where
+        else:
+            raise AssertionError(f"no check for {action}")
+        checked[rule.action] = checked.get(rule.action, 0) + 1
+    assert set(checked) == set(RESOLVED_ACTION), checked
+
+
+def test_table_matches_the_maintained_profile():
+    """The CSV is what tools/make_deid_table.py makes from dicom-anonymizer's copy of the standard."""
+    pytest.importorskip("dicomanonymizer", reason="dicom-anonymizer (requirements-test.txt) regenerates the table")
+    import importlib.util
+    from pathlib import Path
+
+    from softcam_core.imaging.deid import TABLE_EDITION, TABLE_PATH
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "make_deid_table.py"
+    spec = importlib.util.spec_from_file_location("make_deid_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.EDITION == TABLE_EDITION
+    assert TABLE_PATH.read_text() == module.render()
+
+
+# the leaks a check found in the subset this replaced, and the kinds of element no table row names
+LEAKS = {
+    "ImagingServiceRequestComments": "LT", "RequestedProcedureComments": "LT", "ClinicalTrialSubjectID": "LO",
+    "ClinicalTrialSponsorName": "LO", "ClinicalTrialSiteName": "LO", "AcquisitionDeviceProcessingDescription": "LO",
+    "StudyTime": "TM", "AcquisitionTime": "TM", "ReasonForTheRequestedProcedure": "LO",
+    "CommentsOnThePerformedProcedureStep": "ST",
+}
+
+
+def test_the_known_leaks_and_unnamed_elements_are_gone():
+    ds = _rich_dataset()
+    for index, (keyword, vr) in enumerate(LEAKS.items()):
+        value = f"LEAK{index:02d}XYZ" if vr != "TM" else f"1{index % 10}3117"
+        setattr(ds, keyword, value)
+    report = Dataset()
+    report.ValueType, report.TextValue = "TEXT", "Findings for LEAKREPORT Doe"
+    ds.ContentSequence = Sequence([report])
+    ds.file_meta.SendingApplicationEntityTitle = "LEAKSENDER"
+    ds.file_meta.SourceApplicationEntityTitle = "LEAKSOURCE"
+    ds.add_new(0x00280005, "US", 4242)  # ImageDimensions: retired
+    ds.add_new(0x00091001, "UN", b"LEAKUNKNOWN!")  # private, unknown content
+    ds.add_new(0x00190010, "LO", "ACME")
+    ds.add_new(0x00191002, "UN", b"LEAKPRIVATEUN")
+    ds.add_new(0x60020022, "LO", "LEAKOVERLAYDESC")  # overlay description, a row the table does not name
+    originals = {keyword: str(ds.get(keyword)) for keyword in LEAKS}
+    written = _written(deidentify(ds, key=KEY))
+    for keyword, value in originals.items():
+        assert value.encode() not in written, keyword
+    for token in (b"LEAKREPORT", b"LEAKSENDER", b"LEAKSOURCE", b"LEAKUNKNOWN", b"LEAKPRIVATEUN", b"LEAKOVERLAYDESC"):
+        assert token not in written, token
+    clean = deidentify(ds, key=KEY)
+    assert 0x00280005 not in clean and not clean.ContentSequence
+
+
+def test_dates_removed_option():
+    ds = _rich_dataset()
+    ds.ContentDate, ds.InstanceCreationDate = "20200110", "20200110"
+    clean = deidentify(ds, key=KEY, dates="remove")
+    assert b"2020" not in _written(clean).replace(str(clean.SOPInstanceUID).encode(), b"")
+    assert not clean.get("StudyDate") and "SeriesDate" not in clean and "AcquisitionDateTime" not in clean
+    assert clean.LongitudinalTemporalInformationModified == "REMOVED"
+    assert [c.CodeValue for c in clean.DeidentificationMethodCodeSequence] == ["113100"]
+    with pytest.raises(ValueError, match="dates"):
+        deidentify(ds, key=KEY, dates="keep")
+
+
+def test_audit_names_every_element_and_never_its_value():
+    from softcam_core.imaging.deid import audit
+
+    ds = _rich_dataset()
+    ds.ClinicalTrialSponsorName = "Sponsor LEAK"
+    rows = audit(ds)
+    by_path = {row.path: row for row in rows}
+    assert by_path["PatientName"].action == "replace" and "Z" in by_path["PatientName"].reason
+    assert by_path["ClinicalTrialSponsorName"].action == "replace"
+    assert by_path["InstitutionName"].action == "remove" and "X/Z/D" in by_path["InstitutionName"].reason
+    assert by_path["ReferencedImageSequence"].action == "walk"
+    assert by_path["ReferencedImageSequence[0].PatientName"].action == "replace"
+    assert by_path["ReferencedImageSequence[0].ReferencedSOPInstanceUID"].action == "remap"
+    assert by_path["StudyDate"].action == "shift" and audit(ds, dates="remove")[0] is not None
+    assert {row.path for row in rows if row.action == "remove" and row.reason == "private attribute"} >= {"(0009,1010)"}
+    assert "Sponsor LEAK" not in repr(rows) and "Doe" not in repr(rows)
+
+
+def test_cli_deid_check_prints_what_happens_to_each_attribute(tmp_path, capsys):
+    from softcam_core.cli import main as cli_main
+
+    path = tmp_path / "Doe_John_19450212.dcm"
+    ds = _rich_dataset()
+    ds.ClinicalTrialSiteName = "Site LEAK"
+    ds.save_as(path)
+    assert cli_main(["deid", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "ClinicalTrialSiteName" in out and "Table E.1-1 Z" in out and "2026c" in out
+    assert "Site LEAK" not in out and "Archibald" not in out
+    assert cli_main(["deid", "check", str(tmp_path / "missing.dcm")]) == 2
+    assert "missing.dcm" in capsys.readouterr().err
 
 
 def _fixture_files():

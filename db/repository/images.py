@@ -5,20 +5,25 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
-import secrets
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Iterator
 
 from sqlalchemy import func, or_, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from annotations.formats import (
     leading_token,
 )
-from db.repository.base import NotFoundError, Progress, RepositoryError, _jsonable, _write_atomically
+from db.repository.base import (
+    NotFoundError,
+    Progress,
+    RepositoryError,
+    _jsonable,
+    _write_atomically,
+)
 from db.repository.cohorts import add_cohort, ensure_label, get_cohort
 from db.repository.users import _user_id
 from db.schema import (
@@ -34,15 +39,29 @@ _KEY_SETTING = "name_hmac_key"
 
 
 def _hmac_key(session: Session) -> bytes:
+    """The key of the file-name and identifier hashes (``names.key`` in the key folder, see
+    :func:`softcam_core.paths.secret_key`; ``SOFTCAM_NAMES_KEY`` overrides). Databases made before the
+    key folder kept it in their ``settings`` table, beside the hashes it protects: such a key moves
+    to the key folder and its row is deleted (on the first writable session)."""
+    from softcam_core.paths import secret_key
+
     setting = session.get(Setting, _KEY_SETTING)
-    if setting is None:
+    key = secret_key("names.key", "SOFTCAM_NAMES_KEY", legacy=setting.value.encode("ascii") if setting else None)
+    if setting is not None:
         try:
             with session.begin_nested():
-                session.add(Setting(key=_KEY_SETTING, value=secrets.token_hex(32)))
-        except IntegrityError:  # another process created it first
+                session.delete(setting)
+        except DBAPIError:  # a read-only session: the next write deletes it
             pass
-        setting = session.get(Setting, _KEY_SETTING)
-    return bytes.fromhex(setting.value)
+    return bytes.fromhex(key.decode("ascii")) if _is_hex(key) else hashlib.sha256(key).digest()
+
+
+def _is_hex(key: bytes) -> bool:
+    try:
+        bytes.fromhex(key.decode("ascii"))
+    except ValueError:
+        return False
+    return True
 
 
 def _digest(key: bytes, kind: str, value: str) -> str:
@@ -167,7 +186,12 @@ def import_images(session: Session, paths: Iterable[str | Path], cohort: Cohort 
     short batch and annotators keep saving meanwhile. Without it everything stays in the caller's
     transaction.
     """
-    from softcam_core.imaging import ImageLoadError, deidentified_bytes, load_image, sniff
+    from softcam_core.imaging import (
+        ImageLoadError,
+        deidentified_bytes,
+        load_image,
+        sniff,
+    )
     from softcam_core.paths import images_dir, softcam_home
 
     if isinstance(cohort, str):
