@@ -69,10 +69,14 @@ def _images_import(args: argparse.Namespace) -> int:
     finally:
         close()
     for item in result.accepted:
-        print(f"accepted  {item.name} -> {item.pseudonym}{'' if item.new else ' (already imported)'}")
+        held = f" HELD: {item.quarantine_reason}" if item.quarantine_reason else ""
+        print(f"accepted  {item.name} -> {item.pseudonym}{'' if item.new else ' (already imported)'}{held}")
     for item in result.rejected:
         print(f"rejected  {item.name}: {item.reason}")
     print(f"{len(result.accepted)} accepted ({result.new} new), {len(result.rejected)} rejected into cohort {args.cohort!r}")
+    if result.quarantined:
+        print(f"{len(result.quarantined)} held in quarantine (possible burned-in text): hidden from reviewers "
+              "until an admin releases them on the Data page")
     return 1 if result.rejected else 0
 
 

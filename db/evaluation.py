@@ -153,10 +153,12 @@ def load_database_cohort(session: Session, cohort: Cohort | str, *, box_label: s
     otherwise they are left out and counted per split.
     """
     from .repository import get_cohort, image_path
+    from .repository.images import _visible
 
     cohort = get_cohort(session, cohort) if isinstance(cohort, str) else cohort
     classes = [label.name for label in sorted(cohort.labels, key=lambda c: c.position)]
-    images = list(session.scalars(select(Image).where(Image.cohort_id == cohort.id).order_by(Image.id)))
+    # images held for possible burned-in text are not evaluated (their maps would be shown) until released
+    images = list(session.scalars(select(Image).where(Image.cohort_id == cohort.id, _visible()).order_by(Image.id)))
     for image in images:  # a label missing from the class list (set outside set_image_label) goes last
         if image.label and image.label not in classes:
             classes.append(image.label)

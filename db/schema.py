@@ -118,7 +118,9 @@ class User(Base):
 
 
 class Image(Base):
-    """An imported, de-identified image stored at ``SOFTCAM_HOME/<stored_path>``."""
+    """An imported, de-identified image stored at ``SOFTCAM_HOME/<stored_path>``. Neither its original
+    file name nor a hash of the file as given is kept (see ``image_keys`` for how annotation files
+    still find it)."""
 
     __tablename__ = "images"
     __table_args__ = (UniqueConstraint("cohort_id", "sha256"), UniqueConstraint("cohort_id", "pseudonym"))
@@ -126,9 +128,7 @@ class Image(Base):
     cohort_id: Mapped[int] = mapped_column(ForeignKey("cohorts.id", ondelete="CASCADE"), index=True)
     pseudonym: Mapped[str] = mapped_column(String(64), index=True)
     sha256: Mapped[str] = mapped_column(String(64), index=True)           # of the stored (de-identified) file
-    source_sha256: Mapped[str] = mapped_column(String(64), index=True)    # of the file as given
     modality: Mapped[str] = mapped_column(String(32))
-    original_name: Mapped[str | None] = mapped_column(String(500))        # kept only for non-DICOM files
     extension: Mapped[str] = mapped_column(String(16))
     stored_path: Mapped[str] = mapped_column(String(500))                 # relative to SOFTCAM_HOME
     width: Mapped[int | None] = mapped_column(Integer)
@@ -136,6 +136,15 @@ class Image(Base):
     label: Mapped[str | None] = mapped_column(String(200))
     split: Mapped[str | None] = mapped_column(String(16))
     burned_in: Mapped[bool] = mapped_column(Boolean, default=False)
+    # why the image may show burned-in text (None: it is not held); hidden from reviewers until released
+    quarantine_reason: Mapped[str | None] = mapped_column(String(200))
+    released_by: Mapped[int | None] = mapped_column(Integer)             # the admin's user id
+    released_at: Mapped[datetime | None] = mapped_column()
+
+    @property
+    def quarantined(self) -> bool:
+        """Held for possible burned-in text and not yet released by an admin."""
+        return self.quarantine_reason is not None and self.released_at is None
     metadata_json: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -359,12 +359,12 @@ def load_record(record):
     from db import repository
 
     path = repository.image_path(record)
-    name = record.original_name or f"{record.pseudonym}{record.extension}"
+    name = f"{record.pseudonym}{record.extension}"  # the original file name is not kept
     return _load_stored_image(str(path), name, record.modality, path.stat().st_mtime)
 
 
 def record_title(record) -> str:
-    name = record.original_name or record.pseudonym
+    name = record.pseudonym
     extra = " · ".join(v for v in (record.label, record.split) if v)
     return f"{name}" + (f" ({extra})" if extra else "")
 
@@ -432,7 +432,7 @@ def image_picker(page: str, default_modality: str | None = None):
     with read_session() as s:
         labels = sorted({i.label for i in repository.list_images(s, cohort) if i.label})
     with columns[1]:
-        search = st.text_input("Search", key=f"{page}_search", placeholder="name or pseudonym")
+        search = st.text_input("Search", key=f"{page}_search", placeholder="pseudonym, exact file name or DICOM id")
     with columns[2]:
         label = st.selectbox("Class", ["all"] + labels, key=f"{page}_label")
     with columns[3]:
@@ -481,6 +481,10 @@ def import_upload(name: str, data: bytes, cohort: str = "Uploads"):
             result = repository.import_images(s, [path], cohort)
             if result.rejected:
                 raise ValueError(f"{Path(name).name}: {result.rejected[0].reason}")
+            held = result.accepted[0].quarantine_reason
+            if held:
+                raise ValueError(f"{Path(name).name} was imported as {result.accepted[0].pseudonym} and is held in "
+                                 f"quarantine ({held}): an admin releases it on the Data page after looking at it")
             return repository.get_image(s, result.accepted[0].image_id)
 
 
@@ -759,6 +763,27 @@ def import_images(sources, cohort: str, modality: str | None, user: User | None)
                 paths.append(source)
         with session() as s:
             return repository.import_images(s, paths, cohort, modality=modality)
+
+
+def held_images() -> list:
+    """Images held in quarantine for possible burned-in text (every cohort), oldest first."""
+    from db import repository
+
+    with read_session() as s:
+        records = repository.list_images(s, quarantined=True)
+        for record in records:
+            record.cohort_name = record.cohort.name  # read while the session is open
+        return records
+
+
+def release_image(image_id: int, user: User | None) -> None:
+    """Release one held image; ``db.repository.release_image`` checks that ``user`` is an active admin."""
+    from db import repository
+
+    if user is None or user.id is None:
+        raise PermissionError("sign in as an admin to release an image")
+    with session() as s:
+        repository.release_image(s, repository.get_image(s, int(image_id)), user.id)
 
 
 def row_of(item) -> dict:

@@ -20,9 +20,10 @@ else:
     st.caption("No cohort in the database yet.")
 
 st.subheader("Import images")
-st.caption("DICOM files are de-identified on import (PS3.15 basic profile subset); only the de-identified copy "
-           "is stored. Zip archives and folders are searched recursively; several files of one DICOM series "
-           "become one image each.")
+st.caption("DICOM files are de-identified on import (the whole PS3.15 Table E.1-1 basic profile); only the "
+           "de-identified copy is stored, and no original file name. Zip archives and folders are searched "
+           "recursively; several files of one DICOM series become one image each. An image that may show "
+           "burned-in text is held in quarantine until an admin releases it below.")
 with st.form("import_images", clear_on_submit=True):
     left, right = st.columns(2)
     with left:
@@ -70,11 +71,41 @@ if submitted:
 
 report = st.session_state.get("data_last_report")
 if report is not None:
-    accepted, rejected = st.columns(2)
+    accepted, held_now, rejected = st.columns(3)
     accepted.metric("Accepted", len(report.accepted))
+    held_now.metric("Held (burned-in text)", len(report.quarantined),
+                    help="Accepted but hidden from reviewers until an admin releases them.")
     rejected.metric("Rejected", len(report.rejected))
     if report.accepted:
         st.dataframe([common.row_of(item) for item in report.accepted], hide_index=True, width="stretch")
     if report.rejected:
         st.markdown("**Rejected**")
         st.dataframe([common.row_of(item) for item in report.rejected], hide_index=True, width="stretch")
+
+held = common.held_images()
+if user is not None and user.role == "admin":
+    st.subheader("Quarantine")
+    st.caption("Images that may show burned-in text (BurnedInAnnotation YES, or unknown on ultrasound, secondary "
+               "captures, endoscopy and camera photos). Reviewers do not see them and they are not evaluated. "
+               "Look at each one; release it only if no patient identity is visible in its pixels.")
+    if not held:
+        st.caption("No image is held.")
+    for record in held:
+        with st.expander(f"{record.pseudonym} · {record.cohort_name}"):
+            st.text(record.quarantine_reason)
+            try:
+                image = common.load_record(record)
+            except Exception as exc:
+                st.error(common.one_line(exc))
+            else:
+                st.image(image.pixels, caption=record.pseudonym, width="stretch", clamp=True)
+            if st.button("Release", key=f"release_{record.id}", icon=":material/lock_open:"):
+                try:
+                    common.release_image(record.id, user)
+                except Exception as exc:
+                    st.error(common.one_line(exc))
+                else:
+                    st.rerun()
+elif held:
+    st.info(f"{len(held)} imported image(s) are held for possible burned-in text until an admin releases them.",
+            icon=":material/lock:")

@@ -30,7 +30,7 @@ def rsna(app_home, real_data) -> Path:
 
 
 def _live_boxes() -> list[tuple[str, tuple[float, float, float, float], str, str]]:
-    """(original file name, (x0, y0, x1, y1), label, provenance) of every live box of the cohort."""
+    """(image pseudonym, (x0, y0, x1, y1), label, provenance) of every live box of the cohort."""
     from db import repository
     from db.session import session_scope
 
@@ -39,8 +39,19 @@ def _live_boxes() -> list[tuple[str, tuple[float, float, float, float], str, str
         for image in repository.list_images(s, COHORT):
             for row in repository.list_annotations(s, image):
                 box = repository.annotation_geometry(row)
-                out.append((image.original_name, (box.x0, box.y0, box.x1, box.y1), row.label, row.provenance))
+                out.append((image.pseudonym, (box.x0, box.y0, box.x1, box.y1), row.label, row.provenance))
         return sorted(out)
+
+
+def _pseudonym(file_name: str) -> str:
+    """The pseudonym of the image imported from ``file_name`` (found by its name's keyed hash; the
+    name itself is not stored)."""
+    from db import repository
+    from db.session import session_scope
+
+    with session_scope(readonly=True) as s:
+        [image] = repository.list_images(s, COHORT, search=file_name)
+        return image.pseudonym
 
 
 def _upload(name: str, data: bytes, fmt: str = "rsna"):
@@ -71,8 +82,8 @@ def test_a_good_rsna_file_is_imported_and_counted(rsna):
     assert {label for _, _, label, _ in boxes} == {"Lung Opacity"}
     assert {provenance for *_, provenance in boxes} == {"imported"}
     # RSNA x, y, width, height -> x0, y0, x0 + width, y0 + height, in the image's own pixels
-    assert ("4b048bdc-0a0a-43ed-aa0d-5971e433874b.png", (637.0, 276.0, 825.0, 558.0), "Lung Opacity", "imported") in boxes
-    assert ("bce1a9aa-127b-4535-9e96-d1ca41d72e0c.png", (634.0, 240.0, 891.0, 850.0), "Lung Opacity", "imported") in boxes
+    assert (_pseudonym("4b048bdc-0a0a-43ed-aa0d-5971e433874b.png"), (637.0, 276.0, 825.0, 558.0), "Lung Opacity", "imported") in boxes
+    assert (_pseudonym("bce1a9aa-127b-4535-9e96-d1ca41d72e0c.png"), (634.0, 240.0, 891.0, 850.0), "Lung Opacity", "imported") in boxes
 
     again = _upload("stage_2_train_labels.csv", data)  # the same file twice adds nothing
     assert _reports(again) == ["stage_2_train_labels.csv: 0 annotation(s) added on 4 image(s); 8 already present."]

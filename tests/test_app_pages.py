@@ -61,7 +61,7 @@ def annotated_image(cohort: str) -> tuple[int, str]:
 
     with session_scope() as s:
         record = repository.list_images(s, cohort, annotated=True)[0]
-        return record.id, record.original_name
+        return record.id, record.pseudonym
 
 
 def test_sign_in_with_the_first_run_admin_account(app_home):

@@ -35,7 +35,7 @@ def test_migrated_database_matches_the_models(engine):
 
     from db.schema import Base
 
-    assert current_revision(engine) == head_revision() == "0003_job_worker"
+    assert current_revision(engine) == head_revision() == "0004_phi_quarantine"
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     assert upgrade(engine) == head_revision()  # idempotent: the app calls it on every start
@@ -111,7 +111,7 @@ def test_users_roles_and_passwords(session):
 
 def _fake_image(session, cohort, n: int = 0, width: int = 64, height: int = 48) -> Image:
     sha = hashlib.sha256(str(n).encode()).hexdigest()
-    image = Image(cohort_id=cohort.id, pseudonym=f"img-{sha[:16]}", sha256=sha, source_sha256=sha, modality="cxr",
+    image = Image(cohort_id=cohort.id, pseudonym=f"img-{sha[:16]}", sha256=sha, modality="cxr",
                   extension=".png", stored_path=f"images/{sha}.png", width=width, height=height, metadata_json={})
     session.add(image)
     session.flush()
@@ -382,7 +382,8 @@ def test_oct_masks_import_and_csv_round_trip(session, real_data, tmp_path):
     by_kind = {k: [r for r in rows if r.kind == k] for k in ("mask", "box")}
     assert len(by_kind["mask"]) == 3
     assert all(b.provenance == "derived" and b.derived_from_id in {m.id for m in by_kind["mask"]} for b in by_kind["box"])
-    mask_12 = next(m for m in by_kind["mask"] if m.image.original_name == "12-Input.tif")
+    [image_12] = repo.list_images(session, cohort, search="12-Input.tif")  # by the keyed hash of its name
+    mask_12 = next(m for m in by_kind["mask"] if m.image_id == image_12.id)
     png = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(masks / "12-drusen-derived.png")) != 0
     assert np.array_equal(repo.annotation_geometry(mask_12).array, png)
     with open(folder / "derived_drusen_boxes.csv") as fh:
@@ -429,7 +430,8 @@ def test_exports_carry_pseudonyms_only(session, tmp_path):
     result = repo.import_images(session, [dicom], "private")
     assert not result.rejected, result.rejected
     image = repo.get_image(session, result.accepted[0].image_id)
-    assert image.original_name is None and SECRET_ID not in json.dumps(image.metadata_json)
+    row = session.execute(select(Image.__table__).where(Image.id == image.id)).one()
+    assert not any(SECRET_ID in str(value) for value in row) and SECRET_ID not in json.dumps(image.metadata_json)
     # an RSNA file keyed by the DICOM PatientID still finds the image (keyed hash, not the stored id)
     labels = tmp_path / "labels.csv"
     labels.write_text(f"patientId,x,y,width,height,Target\n{SECRET_ID},10,12,20,22,1\n")
@@ -459,7 +461,7 @@ def test_cli_commands(db_env, real_data, tmp_path, capsys):
 
     folder = real_data / "cxr_rsna_png"
     assert main(["db", "upgrade"]) == 0
-    assert "0003_job_worker" in capsys.readouterr().out
+    assert "0004_phi_quarantine" in capsys.readouterr().out
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"")
     assert main(["images", "import", str(folder / "images"), str(junk), "--cohort", "rsna", "--modality", "cxr"]) == 1
@@ -550,3 +552,88 @@ def test_postgres_params_skip_with_a_reason_when_no_server(monkeypatch):
     reason = db_plugin.pg_unavailable_reason()
     assert reason.startswith("no PostgreSQL server at postgresql+psycopg://postgres@127.0.0.1:1/test: ")
     assert db_plugin.pg_unavailable_reason() is reason  # checked once per session
+
+
+def _dicom_file(tmp_path, name: str, **attributes) -> Path:
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    if "BurnedInAnnotation" in ds and attributes.get("BurnedInAnnotation") is None:
+        del ds.BurnedInAnnotation
+    path = tmp_path / name
+    ds.save_as(path)
+    return path
+
+
+def test_images_that_may_show_burned_in_text_are_held_until_an_admin_releases_them(session, tmp_path):
+    from db.evaluation import load_database_cohort
+
+    files = [_dicom_file(tmp_path, "yes.dcm", BurnedInAnnotation="YES"),
+             _dicom_file(tmp_path, "us.dcm", Modality="US", BurnedInAnnotation=None),  # unknown, on ultrasound
+             _dicom_file(tmp_path, "ct.dcm", BurnedInAnnotation=None),  # unknown, but CT does not burn text in
+             _dicom_file(tmp_path, "no.dcm", Modality="US", BurnedInAnnotation="NO")]
+    result = repo.import_images(session, files, "held")
+    assert not result.rejected
+    reasons = {item.name.split("/")[-1]: item.quarantine_reason for item in result.accepted}
+    assert reasons["yes.dcm"] == "BurnedInAnnotation is YES"
+    assert "absent on ultrasound" in reasons["us.dcm"]
+    assert reasons["ct.dcm"] is None and reasons["no.dcm"] is None
+    assert len(result.quarantined) == 2
+    held_ids = {item.image_id for item in result.quarantined}
+    # hidden from every listing a reviewer, an annotator's queue or an evaluation reads
+    visible = {image.id for image in repo.list_images(session, "held")}
+    assert visible.isdisjoint(held_ids) and len(visible) == 2
+    assert repo.count_images(session, "held") == 2 and repo.count_images(session, "held", quarantined=True) == 2
+    assert {image.id for image in repo.list_images(session, "held", quarantined=True)} == held_ids
+    queue = []
+    while (image := repo.next_unannotated_image(session, "held", after_id=queue[-1] if queue else None)) is not None:
+        queue.append(image.id)
+    assert set(queue) == visible
+    repo.set_class_labels(session, repo.get_cohort(session, "held"), ["healthy", "diseased"])
+    for image in repo.list_images(session, "held", quarantined=None):
+        repo.set_image_label(session, image, "healthy", "test")
+    assert len(load_database_cohort(session, "held").split("test")) == 2
+    # a re-import reports the hold again
+    again = repo.import_images(session, files[:1], "held")
+    assert again.accepted[0].quarantine_reason == "BurnedInAnnotation is YES" and not again.accepted[0].new
+    # only an admin releases; the release is recorded
+    repo.create_user(session, "ann", "annotator", "pw")
+    repo.create_user(session, "root", "admin", "pw")
+    image = repo.get_image(session, next(iter(held_ids)))
+    with pytest.raises(PermissionError, match="admin"):
+        repo.release_image(session, image, "ann")
+    assert image.quarantined
+    repo.release_image(session, image, "root")
+    assert not image.quarantined and image.released_by == repo.get_user(session, "root").id and image.released_at
+    assert image.id in {i.id for i in repo.list_images(session, "held")}
+
+
+def test_no_original_file_name_or_hash_of_the_identified_file_is_stored(session, tmp_path):
+    from PIL import Image as PILImage
+    from PIL import PngImagePlugin
+
+    pixels = np.random.default_rng(3).integers(0, 255, (32, 40, 3), dtype=np.uint8)
+    path = tmp_path / "Doe_Jane_19450212_fundus.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "Jane Doe, clinic 7")  # so the file as given differs from its stored copy
+    PILImage.fromarray(pixels).save(path, pnginfo=info)
+    original_sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    result = repo.import_images(session, [path], "names")
+    [accepted] = result.accepted
+    assert accepted.new
+    dump = []
+    for table in Image.metadata.sorted_tables:
+        for row in session.execute(select(table)):
+            dump.append(repr(tuple(row)))
+    text_dump = "\n".join(dump)
+    assert "Doe_Jane" not in text_dump and "19450212" not in text_dump and original_sha not in text_dump
+    # the keyed hash of the name still finds it, and a second import of the same file adds nothing
+    assert [i.id for i in repo.list_images(session, "names", search="Doe_Jane_19450212_fundus.png")] == [accepted.image_id]
+    assert [i.id for i in repo.list_images(session, "names", search="Doe_Jane_19450212_fundus")] == [accepted.image_id]
+    assert repo.list_images(session, "names", search="Jane") == []  # no partial match on a name nobody stored
+    assert not repo.import_images(session, [path], "names").accepted[0].new

@@ -28,7 +28,7 @@ def _make_images(engine, count: int = 2) -> list[int]:
         ids = []
         for n in range(count):
             sha = hashlib.sha256(f"image-{n}".encode()).hexdigest()
-            image = Image(cohort_id=cohort.id, pseudonym=f"img-{sha[:16]}", sha256=sha, source_sha256=sha,
+            image = Image(cohort_id=cohort.id, pseudonym=f"img-{sha[:16]}", sha256=sha,
                           modality="cxr", extension=".png", stored_path=f"images/{sha}.png", width=1000, height=1000,
                           metadata_json={})
             s.add(image)

@@ -53,6 +53,7 @@ from db.repository.images import (  # noqa: F401
     image_path,
     import_images,
     list_images,
+    release_image,
     set_image_label,
 )
 from db.repository.jobs import (  # noqa: F401

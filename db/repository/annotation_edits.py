@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from annotations.geometry import Geometry, geometry_from_json
 from db.repository.base import ConflictError, NotFoundError, RepositoryError
 from db.repository.cohorts import get_cohort
+from db.repository.images import _visible
 from db.repository.users import _user_id
 from db.schema import (
     ANNOTATION_KINDS,
@@ -185,7 +186,7 @@ def next_unannotated_image(session: Session, cohort: Cohort | str, user: User | 
     live = select(Annotation.id).where(Annotation.image_id == Image.id, Annotation.deleted_at.is_(None))
     if user is not None:
         live = live.where(Annotation.author_id == _user_id(session, user))
-    query = select(Image).where(Image.cohort_id == cohort.id, ~live.exists())
+    query = select(Image).where(Image.cohort_id == cohort.id, ~live.exists(), _visible())  # held images wait for an admin
     if after_id is not None:
         query = query.where(Image.id > after_id)
     skip = list(skip)

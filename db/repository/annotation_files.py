@@ -43,8 +43,8 @@ class _Resolved:
 
 
 class CohortResolver:
-    """Finds the image an annotation file names, within one cohort: pseudonym, content hash (stored
-    or source file), file name, stem, DICOM PatientID / SOP / Study UID (RSNA ``patientId``), or,
+    """Finds the image an annotation file names, within one cohort: pseudonym, content hash (of the
+    stored file), file name, stem, DICOM PatientID / SOP / Study UID (RSNA ``patientId``), or,
     for masks, a unique leading token of the stem."""
 
     def __init__(self, session: Session, cohort: Cohort):
@@ -53,7 +53,7 @@ class CohortResolver:
         self.images = {i.id: i for i in images}
         self.by_text: dict[str, set[int]] = {}
         for i in images:
-            for text in (i.pseudonym, i.sha256, i.source_sha256):
+            for text in (i.pseudonym, i.sha256):
                 self.by_text.setdefault(text.lower(), set()).add(i.id)
         self.by_digest: dict[str, set[int]] = {}
         if images:
@@ -192,7 +192,7 @@ def import_annotations(session: Session, path: str | Path, fmt: str, cohort: Coh
 def export_images(session: Session, cohort: Cohort | str) -> list[ExportImage]:
     """Every image of the cohort with its live annotations, keyed by pseudonym only."""
     cohort = get_cohort(session, cohort) if isinstance(cohort, str) else cohort
-    images = list_images(session, cohort)
+    images = list_images(session, cohort, quarantined=None)
     by_image: dict[int, list[ExportAnnotation]] = {i.id: [] for i in images}
     if images:
         query = (select(Annotation).join(Image).where(Image.cohort_id == cohort.id, Annotation.deleted_at.is_(None))
@@ -217,7 +217,7 @@ def export_dicom_seg(session: Session, cohort: Cohort | str, out_dir: str | Path
 
     cohort = get_cohort(session, cohort) if isinstance(cohort, str) else cohort
     written = []
-    for image in list_images(session, cohort):
+    for image in list_images(session, cohort, quarantined=None):
         if image.extension != ".dcm":
             continue
         masks = []

@@ -97,10 +97,11 @@ def _dicom_ids(data: bytes) -> dict[str, str]:
 
 @dataclass
 class AcceptedImage:
-    name: str            # as given (shown to the importing user only, never stored for DICOM)
+    name: str            # as given: shown to the importing user only, never stored
     image_id: int
     pseudonym: str
     new: bool
+    quarantine_reason: str | None = None  # held for possible burned-in text (see Image.quarantine_reason)
 
 
 @dataclass
@@ -117,6 +118,11 @@ class ImageImportResult:
     @property
     def new(self) -> int:
         return sum(a.new for a in self.accepted)
+
+    @property
+    def quarantined(self) -> list[AcceptedImage]:
+        """Accepted images held in quarantine (possible burned-in text) until an admin releases them."""
+        return [a for a in self.accepted if a.quarantine_reason]
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ".bmp", ""}
@@ -177,9 +183,13 @@ def import_images(session: Session, paths: Iterable[str | Path], cohort: Cohort 
 
     Each file is decoded with :func:`softcam_core.imaging.load_image` (rejected with its reason if
     that fails), de-identified with ``deidentified_bytes`` and stored content-addressed as
-    ``SOFTCAM_HOME/images/<sha256>.<ext>``. Idempotent: a file already in the cohort (same source or
-    stored hash) is accepted again without a new row. DICOM file names are not stored (they often
-    carry patient ids); keyed hashes of names and DICOM ids let annotation files still match.
+    ``SOFTCAM_HOME/images/<sha256>.<ext>``. Idempotent: a file already in the cohort (same
+    de-identified content; de-identification is deterministic for one key) is accepted again without
+    a new row. Neither file names (they often carry patient names or ids) nor a hash of the file as
+    given are stored; keyed hashes of names and DICOM ids (key apart from the database) let
+    annotation files still match. An image that may show burned-in text
+    (:func:`softcam_core.imaging.burned_in_text_risk`) is held in quarantine: reported in the result,
+    hidden from every listing until an admin releases it (:func:`release_image`).
 
     ``commit_every=N`` (bulk imports, the CLI) commits after every N files and decodes files
     outside any transaction, so a long import never holds the SQLite write lock for more than one
@@ -188,6 +198,7 @@ def import_images(session: Session, paths: Iterable[str | Path], cohort: Cohort 
     """
     from softcam_core.imaging import (
         ImageLoadError,
+        burned_in_text_risk,
         deidentified_bytes,
         load_image,
         sniff,
@@ -198,10 +209,10 @@ def import_images(session: Session, paths: Iterable[str | Path], cohort: Cohort 
         cohort = add_cohort(session, cohort, modality=modality)
     cohort_id = cohort.id
     key = _hmac_key(session)
-    known: dict[str, tuple[int, str]] = {}
-    for image_id, pseudonym, sha, source_sha in session.execute(
-            select(Image.id, Image.pseudonym, Image.sha256, Image.source_sha256).where(Image.cohort_id == cohort_id)):
-        known[sha] = known[source_sha] = (image_id, pseudonym)
+    known: dict[str, tuple[int, str, str | None]] = {}
+    for image_id, pseudonym, sha, reason in session.execute(
+            select(Image.id, Image.pseudonym, Image.sha256, Image.quarantine_reason).where(Image.cohort_id == cohort_id)):
+        known[sha] = (image_id, pseudonym, reason)
     if commit_every:
         session.commit()  # decode the first files without holding the write lock
     sources = list(_iter_sources(paths))
@@ -211,18 +222,17 @@ def import_images(session: Session, paths: Iterable[str | Path], cohort: Cohort 
     def write_pending() -> None:
         for item in pending:
             row = item.row
-            existing = session.scalar(select(Image).where(
-                Image.cohort_id == cohort_id, or_(Image.sha256 == row["sha256"], Image.source_sha256 == row["source_sha256"])))
+            existing = session.scalar(select(Image).where(Image.cohort_id == cohort_id, Image.sha256 == row["sha256"]))
             if existing is not None:  # another process imported it meanwhile
-                result.accepted.append(AcceptedImage(item.name, existing.id, existing.pseudonym, False))
+                result.accepted.append(AcceptedImage(item.name, existing.id, existing.pseudonym, False, existing.quarantine_reason))
                 continue
             image = Image(cohort_id=cohort_id, **row)
             session.add(image)
             session.flush()
             session.add_all(ImageKey(image_id=image.id, kind=k, digest=d) for k, d in sorted(item.keys.items()))
             session.flush()
-            known[image.sha256] = known[image.source_sha256] = (image.id, image.pseudonym)
-            result.accepted.append(AcceptedImage(item.name, image.id, image.pseudonym, True))
+            known[image.sha256] = (image.id, image.pseudonym, image.quarantine_reason)
+            result.accepted.append(AcceptedImage(item.name, image.id, image.pseudonym, True, image.quarantine_reason))
         pending.clear()
         if commit_every:
             session.commit()
@@ -233,16 +243,13 @@ def import_images(session: Session, paths: Iterable[str | Path], cohort: Cohort 
                 data = read()
             except OSError as exc:
                 raise RepositoryError(f"cannot read ({exc.strerror or exc})") from None
-            source_sha = hashlib.sha256(data).hexdigest()
-            if source_sha in known:
-                result.accepted.append(AcceptedImage(name, *known[source_sha], False))
-                continue
             base = PurePosixPath(name.split(":")[-1].replace("\\", "/")).name
             image = load_image(data, name=base, modality=modality)
             stored = deidentified_bytes(data, name=base)
             sha = hashlib.sha256(stored).hexdigest()
             if sha in known:
-                result.accepted.append(AcceptedImage(name, *known[sha], False))
+                image_id, pseudonym, reason = known[sha]
+                result.accepted.append(AcceptedImage(name, image_id, pseudonym, False, reason))
                 continue
             kind = sniff(data)
             extension = _EXTENSIONS.get(kind or "", Path(base).suffix.lower() or ".bin")
@@ -252,10 +259,10 @@ def import_images(session: Session, paths: Iterable[str | Path], cohort: Cohort 
             if kind == "dicom":
                 names.update(_dicom_ids(data))
             pending.append(_PreparedImage(name, base, dict(
-                pseudonym=f"img-{sha[:16]}", sha256=sha, source_sha256=source_sha, modality=image.modality,
-                original_name=None if kind == "dicom" else base, extension=extension,
+                pseudonym=f"img-{sha[:16]}", sha256=sha, modality=image.modality, extension=extension,
                 stored_path=target.relative_to(softcam_home()).as_posix(), width=image.width, height=image.height,
                 burned_in=bool(image.flags.get("burned_in_annotation")), metadata_json=_jsonable(image.metadata),
+                quarantine_reason=burned_in_text_risk(image.metadata),
             ), {k: _digest(key, k, v) for k, v in names.items()}))
         except (ImageLoadError, RepositoryError) as exc:
             message = str(exc)
@@ -292,21 +299,36 @@ def get_image(session: Session, ref: int | str, cohort: Cohort | None = None) ->
     return image
 
 
+def _visible():
+    """SQL condition: the image is not held in quarantine (never held, or released by an admin)."""
+    return or_(Image.quarantine_reason.is_(None), Image.released_at.is_not(None))
+
+
+_SEARCH_KINDS = ("name", "stem", "token", *_DICOM_ID_KEYWORDS)
+
+
 def _image_filter(session: Session, query, cohort: Cohort | str | None, modality: str | None, label: str | None,
-                  split: str | None, search: str | None, annotated: bool | None, not_annotated_by):
+                  split: str | None, search: str | None, annotated: bool | None, not_annotated_by,
+                  quarantined: bool | None = False):
     """``query`` (over Image) with :func:`list_images`' filters, all in SQL."""
     if cohort is not None:
         query = query.where(Image.cohort_id == (get_cohort(session, cohort) if isinstance(cohort, str) else cohort).id)
+    if quarantined is not None:
+        query = query.where(~_visible() if quarantined else _visible())
     if modality:
         query = query.where(Image.modality == modality)
     if label is not None:
         query = query.where(Image.label == label)
     if split is not None:
         query = query.where(Image.split == split)
-    if search:
-        like = f"%{search.strip()}%"
-        query = query.where(or_(Image.pseudonym.ilike(like), Image.sha256.ilike(f"{search.strip()}%"),
-                                Image.original_name.ilike(like)))
+    if search and search.strip():
+        text = search.strip()
+        key = _hmac_key(session)
+        # the original name and DICOM ids are not stored: a search matches their keyed hashes exactly
+        digests = {_digest(key, kind, value) for kind, value in _name_keys(text).items()}
+        digests |= {_digest(key, kind, text) for kind in _SEARCH_KINDS}
+        named = select(ImageKey.id).where(ImageKey.image_id == Image.id, ImageKey.digest.in_(sorted(digests))).exists()
+        query = query.where(or_(Image.pseudonym.ilike(f"%{text}%"), Image.sha256.ilike(f"{text}%"), named))
     if annotated is not None:
         live = select(Annotation.id).where(Annotation.image_id == Image.id, Annotation.deleted_at.is_(None)).exists()
         query = query.where(live if annotated else ~live)
@@ -320,11 +342,14 @@ def _image_filter(session: Session, query, cohort: Cohort | str | None, modality
 def list_images(session: Session, cohort: Cohort | str | None = None, *, modality: str | None = None,
                 label: str | None = None, split: str | None = None, search: str | None = None,
                 annotated: bool | None = None, not_annotated_by: User | str | int | None = None,
-                limit: int | None = None, offset: int = 0) -> list[Image]:
-    """Images in import order, filtered in one query. ``search`` matches pseudonym, hash prefix or stored
-    name; ``annotated``: with (True) or without (False) a live annotation by anyone;
-    ``not_annotated_by``: without a live annotation by that user (an annotator's queue)."""
-    query = _image_filter(session, select(Image), cohort, modality, label, split, search, annotated, not_annotated_by)
+                quarantined: bool | None = False, limit: int | None = None, offset: int = 0) -> list[Image]:
+    """Images in import order, filtered in one query. ``search`` matches a pseudonym, a hash prefix,
+    or exactly an original file name, stem or DICOM id (through their keyed hashes; none is stored);
+    ``annotated``: with (True) or without (False) a live annotation by anyone; ``not_annotated_by``:
+    without a live annotation by that user (an annotator's queue); ``quarantined``: False (default)
+    only images a reviewer may see, True only those held for possible burned-in text, None all."""
+    query = _image_filter(session, select(Image), cohort, modality, label, split, search, annotated, not_annotated_by,
+                          quarantined)
     query = query.order_by(Image.id).offset(offset)
     if limit is not None:
         query = query.limit(limit)
@@ -333,11 +358,27 @@ def list_images(session: Session, cohort: Cohort | str | None = None, *, modalit
 
 def count_images(session: Session, cohort: Cohort | str | None = None, *, modality: str | None = None,
                  label: str | None = None, split: str | None = None, search: str | None = None,
-                 annotated: bool | None = None, not_annotated_by: User | str | int | None = None) -> int:
+                 annotated: bool | None = None, not_annotated_by: User | str | int | None = None,
+                 quarantined: bool | None = False) -> int:
     """How many images :func:`list_images` would return with these filters (one COUNT query)."""
     query = _image_filter(session, select(func.count(Image.id)), cohort, modality, label, split, search, annotated,
-                          not_annotated_by)
+                          not_annotated_by, quarantined)
     return int(session.scalar(query) or 0)
+
+
+def release_image(session: Session, image: Image, by: User | str | int) -> Image:
+    """Release an image held for possible burned-in text: an admin has looked at it. Recorded with
+    the admin's id and the time; releasing an image that is not held is a no-op."""
+    from db.schema import utcnow
+
+    user_id = _user_id(session, by)
+    user = session.get(User, user_id)
+    if user is None or user.role != "admin" or not user.active:
+        raise PermissionError("only an active admin can release an image from quarantine")
+    if image.quarantined:
+        image.released_by, image.released_at = user_id, utcnow()
+        session.flush()
+    return image
 
 
 def set_image_label(session: Session, image: Image, label: str | None = None, split: str | None = None) -> Image:

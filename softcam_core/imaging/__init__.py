@@ -6,7 +6,7 @@ path from a MedicalImage to a model input; ``deidentify`` / ``deidentified_bytes
 Rules: docs/imaging.md.
 """
 
-from .deid import deid_key, deidentified_bytes, deidentify, pseudonym, remap_uid, safe_metadata
+from .deid import burned_in_text_risk, deid_key, deidentified_bytes, deidentify, pseudonym, remap_uid, safe_metadata
 from .dicom import HU_PRESETS, infer_modality
 from .errors import ImageLoadError
 from .loader import infer_photo_modality, load_image
@@ -18,6 +18,6 @@ from .windowing import Window, window
 
 __all__ = [
     "DEFAULT_MAX_PIXELS", "Geometry", "HU_PRESETS", "ImageLoadError", "MODALITIES", "MedicalImage", "Window",
-    "denormalise", "deid_key", "deidentified_bytes", "deidentify", "detect_fundus_circle", "geometry_for", "infer_modality",
+    "burned_in_text_risk", "denormalise", "deid_key", "deidentified_bytes", "deidentify", "detect_fundus_circle", "geometry_for", "infer_modality",
     "infer_photo_modality", "load_image", "preprocess", "pseudonym", "remap_uid", "safe_metadata", "sniff", "window",
 ]

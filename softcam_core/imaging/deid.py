@@ -480,6 +480,37 @@ def safe_metadata(ds, key: bytes | str | None = None) -> dict:
     return {k: v for k, v in meta.items() if v is not None}
 
 
+# Kinds of image that often carry text burned into the pixels (annotations, names on the screen): an
+# unknown BurnedInAnnotation on them holds the image, as YES does on any image
+BURN_IN_MODALITIES = {"US": "ultrasound", "XC": "an external-camera photograph", "ES": "endoscopy", "SC": "a secondary capture"}
+BURN_IN_SOP_CLASS_WORDS = {"Secondary Capture": "a secondary capture", "Ultrasound": "ultrasound"}
+
+
+def burned_in_text_risk(metadata: dict) -> str | None:
+    """Why an image may show burned-in text, or None. ``metadata``: :func:`safe_metadata`'s fields
+    (``burned_in_annotation``, ``dicom_modality``, ``sop_class``).
+
+    BurnedInAnnotation YES holds any image; a value other than YES or NO (absent included) holds a
+    secondary capture, ultrasound, endoscopy or external-camera image, kinds that burn text in.
+    Non-DICOM images carry no such attribute and are not held. Pixel-level scrubbing is not done:
+    a held image waits for an admin, who looks at it and releases it.
+    """
+    if metadata.get("format") != "DICOM":
+        return None
+    value = str(metadata.get("burned_in_annotation") or "").upper()
+    if value == "YES":
+        return "BurnedInAnnotation is YES"
+    if value == "NO":
+        return None
+    kind = BURN_IN_MODALITIES.get(str(metadata.get("dicom_modality") or "").upper())
+    sop_class = str(metadata.get("sop_class") or "")
+    kind = kind or next((name for word, name in BURN_IN_SOP_CLASS_WORDS.items() if word in sop_class), None)
+    if kind is None:
+        return None
+    said = "absent" if not value else "neither YES nor NO"
+    return f"BurnedInAnnotation is {said} on {kind}, a kind of image that often shows burned-in text"
+
+
 # PNG chunks that carry only rendering information; everything else ancillary (tEXt, zTXt, iTXt,
 # eXIf, tIME, private chunks) may hold names, dates or device ids and is dropped.
 _PNG_KEEP = {b"IHDR", b"PLTE", b"IDAT", b"IEND", b"tRNS", b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"sBIT", b"pHYs",
