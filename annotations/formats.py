@@ -28,13 +28,15 @@ import json
 import math
 import re
 import warnings
-import xml.etree.ElementTree as ET
+import xml.etree.ElementTree as ET  # writing only; reading goes through defusedxml
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
+import defusedxml.ElementTree as DefusedET
 import numpy as np
+from defusedxml import DefusedXmlException
 
 from .geometry import Box, Geometry, Mask, mask_to_boxes
 
@@ -188,12 +190,18 @@ def _members(path: Path, suffixes: Sequence[str]) -> list[tuple[str, bytes]]:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
         return [(str(p.relative_to(path)), p.read_bytes()) for p in files]
     if path.suffix.lower() == ".zip":
+        from annotations.archive import ArchiveError, read_member, safe_members
+
         try:
             with zipfile.ZipFile(path) as zf:
-                names = sorted(n for n in zf.namelist() if PurePosixPath(n).suffix.lower() in suffixes)
-                return [(n, zf.read(n)) for n in names]
+                members, _ = safe_members(zf, path.name)  # links and paths leaving the archive are not read
+                members = sorted((m for m in members if PurePosixPath(m.filename).suffix.lower() in suffixes),
+                                 key=lambda m: m.filename)
+                return [(m.filename, read_member(zf, m, path.name)) for m in members]
         except zipfile.BadZipFile:
             raise AnnotationFormatError(f"{path.name}: not a valid zip file") from None
+        except ArchiveError as exc:
+            raise AnnotationFormatError(str(exc)) from None
     return [(path.name, path.read_bytes())]
 
 
@@ -306,9 +314,13 @@ def read_voc(path: Path, resolve: Resolver) -> ImportReport:
     for name, blob in members:
         report.rows += 1
         try:
-            root = ET.fromstring(blob)
+            # defusedxml refuses entity declarations (billion laughs) and external entities / DTDs (XXE)
+            root = DefusedET.fromstring(blob, forbid_dtd=True)
         except ET.ParseError as exc:
             report.error(name, f"not valid XML ({exc})")
+            continue
+        except DefusedXmlException as exc:
+            report.error(name, f"refused: the XML declares a DTD or entities ({type(exc).__name__}), which VOC files never need")
             continue
         if root.tag != "annotation":
             report.error(name, f"root element is <{root.tag}>, expected <annotation>")

@@ -745,11 +745,14 @@ def cohort_summaries() -> list[dict]:
 
 
 def import_images(sources, cohort: str, modality: str | None, user: User | None):
-    """Import uploaded ``(name, bytes)`` pairs and server paths through ``db.repository.import_images``."""
+    """Import uploaded ``(name, bytes)`` pairs and server paths (already checked by
+    ``service.cohorts.server_import_folder``) through ``db.repository.import_images``; nothing outside
+    the upload folder and the import root is read, links that leave them included."""
     import tempfile
     from pathlib import Path
 
     from db import repository
+    from softcam_core.paths import import_root
 
     with tempfile.TemporaryDirectory() as folder:
         paths = []
@@ -761,8 +764,9 @@ def import_images(sources, cohort: str, modality: str | None, user: User | None)
                 paths.append(path)
             else:
                 paths.append(source)
+        roots = [Path(folder)] + ([import_root()] if import_root() is not None else [])
         with session() as s:
-            return repository.import_images(s, paths, cohort, modality=modality)
+            return repository.import_images(s, paths, cohort, modality=modality, confine_to=roots)
 
 
 def held_images() -> list:

@@ -3,12 +3,12 @@ accepted and rejected and why."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import streamlit as st
 
 from pages import common
+from service.cohorts import ServerFolderError, server_import_folder
 from softcam_core.imaging import MODALITIES
+from softcam_core.paths import import_root
 
 st.title("Data")
 user = common.current_user()
@@ -37,20 +37,20 @@ with st.form("import_images", clear_on_submit=True):
                                 help="auto: DICOM files say; photographs are guessed from their content.")
     with right:
         uploads = st.file_uploader("Files or zip archives", accept_multiple_files=True, key="data_files")
-        folder = st.text_input("…or a folder on the server", placeholder="/data/study42",
-                               help="Imported recursively; the folder must be readable by the app's server.")
+        root = import_root()
+        folder = st.text_input("…or a folder on the server", placeholder=f"{root}/study42",
+                               help=f"Imported recursively, from under {root} only.") if root is not None else ""
     submitted = st.form_submit_button("Import", type="primary", icon=":material/upload:")
 
 if submitted:
     name = new_name.strip() if cohort == "(new cohort)" else cohort
-    sources: list[tuple[str, bytes] | Path] = [(f.name, f.getvalue()) for f in uploads or []]
+    sources: list = [(f.name, f.getvalue()) for f in uploads or []]
     if folder.strip():
-        path = Path(folder.strip()).expanduser()
-        if not path.exists():
-            st.error(f"{path}: no such file or folder on the server.")
+        try:
+            sources.append(server_import_folder(folder))
+        except ServerFolderError as exc:
+            st.error(str(exc))
             sources = []
-        else:
-            sources.append(path)
     if not name:
         st.error("Name the new cohort.")
     elif not sources:

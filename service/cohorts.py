@@ -55,3 +55,28 @@ def register_cohort_folder(session, folder: str | Path, name: str, modality: str
     if coco.is_file():
         repository.import_annotations(session, coco, "coco", cohort, user)
     return result
+
+
+class ServerFolderError(PermissionError):
+    """A server folder the app will not read; the message names the import root, never the path."""
+
+
+def server_import_folder(text: str) -> Path:
+    """The folder (or file) ``text`` names, for the app's "folder on the server" import.
+
+    Only paths under the configured import root (``SOFTCAM_IMPORT_ROOT``,
+    :func:`softcam_core.paths.import_root`) are read, with symbolic links resolved; relative paths
+    are taken from the root. Raises :class:`ServerFolderError` when no root is configured or the
+    path is outside it or does not exist. The message says the same in both cases, so it does not
+    tell whether a path exists outside the root.
+    """
+    from softcam_core.paths import import_root, within
+
+    root = import_root()
+    if root is None:
+        raise ServerFolderError("server-folder import is off (no SOFTCAM_IMPORT_ROOT is configured)")
+    path = Path(text.strip()).expanduser()
+    path = path if path.is_absolute() else root / path
+    if not within(path, root):
+        raise ServerFolderError(f"only files and folders that exist under the import folder {root} can be imported")
+    return path.resolve()

@@ -39,6 +39,22 @@ def images_dir() -> Path:
     return path
 
 
+def import_root() -> Path | None:
+    """The only server folder the app's "folder on the server" import reads under
+    (``SOFTCAM_IMPORT_ROOT``), or None: no server-folder import from the app (the field is hidden)."""
+    configured = os.environ.get("SOFTCAM_IMPORT_ROOT")
+    return Path(configured).expanduser().resolve() if configured else None
+
+
+def within(path: Path, root: Path) -> bool:
+    """True when ``path``, with every symbolic link resolved, lies in ``root`` (itself included)."""
+    try:
+        resolved = Path(path).resolve(strict=True)
+    except (OSError, RuntimeError):
+        return False
+    return resolved == root or root in resolved.parents
+
+
 def key_dir() -> Path:
     """Folder of the server's secrets (pseudonym, file-name and sign-in keys), apart from the data they
     protect: ``SOFTCAM_KEY_DIR``, else ``$XDG_CONFIG_HOME/softcam-review/keys/<id of SOFTCAM_HOME>``

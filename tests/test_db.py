@@ -637,3 +637,68 @@ def test_no_original_file_name_or_hash_of_the_identified_file_is_stored(session,
     assert [i.id for i in repo.list_images(session, "names", search="Doe_Jane_19450212_fundus")] == [accepted.image_id]
     assert repo.list_images(session, "names", search="Jane") == []  # no partial match on a name nobody stored
     assert not repo.import_images(session, [path], "names").accepted[0].new
+
+
+# --- hostile archives and folders ---------------------------------------------------------------
+
+def _png_bytes(seed: int = 0) -> bytes:
+    import io as _io
+
+    from PIL import Image as PILImage
+
+    buffer = _io.BytesIO()
+    PILImage.fromarray(np.random.default_rng(seed).integers(0, 255, (16, 16), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_zip_members_that_leave_the_archive_or_are_links_are_not_read(session, tmp_path):
+    archive = tmp_path / "hostile.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("ok/good.png", _png_bytes(1))
+        zf.writestr("../escape.png", _png_bytes(2))
+        zf.writestr("/abs/root.png", _png_bytes(3))
+        link = zipfile.ZipInfo("link.png")
+        link.create_system = 3
+        link.external_attr = (0o120777 << 16)  # a symbolic link to /etc/passwd
+        zf.writestr(link, "/etc/passwd")
+    result = repo.import_images(session, [archive], "zips")
+    assert [a.name for a in result.accepted] == ["hostile.zip:ok/good.png"]
+    reasons = {r.name: r.reason for r in result.rejected}
+    assert "path with '..'" in reasons["hostile.zip:../escape.png"]
+    assert "absolute path" in reasons["hostile.zip:/abs/root.png"]
+    assert "symbolic link" in reasons["hostile.zip:link.png"]
+
+
+def test_a_zip_bomb_is_refused_before_it_is_expanded(session, tmp_path):
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("scan.dcm", b"\0" * (8 * 1024**2))  # 8 MiB of zeros: ~8 KiB compressed, 1000x
+        zf.writestr("fine.png", _png_bytes())
+    result = repo.import_images(session, [bomb], "bombs")
+    assert not result.accepted and len(result.rejected) == 1
+    assert "zip bomb" in result.rejected[0].reason
+    assert repo.count_images(session, quarantined=None) == 0
+    many = tmp_path / "many.zip"
+    from annotations.archive import ArchiveError, ArchiveLimits, safe_members
+
+    with zipfile.ZipFile(many, "w") as zf:
+        for index in range(30):
+            zf.writestr(f"{index}.png", b"x")
+    with zipfile.ZipFile(many) as zf, pytest.raises(ArchiveError, match="holds 30 files"):
+        safe_members(zf, "many.zip", ArchiveLimits(max_members=20))
+    with zipfile.ZipFile(many) as zf, pytest.raises(ArchiveError, match="expands to more than"):
+        safe_members(zf, "many.zip", ArchiveLimits(max_total_bytes=10))
+
+
+def test_confined_import_reads_nothing_outside_its_folders(session, tmp_path):
+    root = tmp_path / "root"
+    (root / "study").mkdir(parents=True)
+    (root / "study" / "inside.png").write_bytes(_png_bytes(1))
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    (outside / "outside.png").write_bytes(_png_bytes(2))
+    (root / "study" / "sneaky.png").symlink_to(outside / "outside.png")  # a link that leaves the root
+    result = repo.import_images(session, [root / "study", outside], "confined", confine_to=[root])
+    assert [a.name for a in result.accepted] == ["inside.png"]
+    reasons = {r.name: r.reason for r in result.rejected}
+    assert "leaves the import folder" in reasons["sneaky.png"] and "not under the import folder" in reasons["secret"]

@@ -276,3 +276,34 @@ def test_every_export_format_reads_back_identically(tmp_path_factory, boxes, fmt
     written = sorted((img.file_name, *a.geometry.to_json().values(), a.label) for img in export for a in img.boxes())
     read = sorted((a.image, *a.geometry.to_json().values(), a.label) for a in report.annotations)
     assert read == written
+
+
+def test_voc_refuses_entity_bombs_and_external_entities(tmp_path):
+    """Billion laughs and XXE: each file is refused with a reason (nothing expanded or fetched), the
+    well-formed files of the same folder still read."""
+    folder = tmp_path / "voc"
+    folder.mkdir()
+    (folder / "good.xml").write_text(
+        "<annotation><filename>a.png</filename><object><name>lesion</name><bndbox><xmin>1</xmin><ymin>1</ymin>"
+        "<xmax>10</xmax><ymax>5</ymax></bndbox></object></annotation>")
+    laughs = '<!DOCTYPE lolz [<!ENTITY lol "lol">' + "".join(
+        f'<!ENTITY lol{i} "{("&lol" + str(i - 1) + ";") * 10 if i > 1 else "&lol;" * 10}">' for i in range(1, 10)) + "]>"
+    (folder / "bomb.xml").write_text(laughs + "<annotation><filename>&lol9;</filename></annotation>")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("PATIENT SECRET")
+    (folder / "xxe.xml").write_text(f'<!DOCTYPE a [<!ENTITY x SYSTEM "file://{secret}">]>'
+                                    "<annotation><filename>&x;</filename></annotation>")
+    report = read_annotations(folder, "voc", folder_resolver(IMAGES))
+    errors = {e.location: e.problem for e in report.errors}
+    assert set(errors) == {"bomb.xml", "xxe.xml"}
+    assert all("refused" in message for message in errors.values())
+    assert "PATIENT SECRET" not in repr(report.errors)
+
+
+def test_zipped_annotations_skip_members_outside_the_archive(tmp_path):
+    archive = tmp_path / "labels.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("a.txt", "0 0.5 0.5 0.2 0.2\n")
+        zf.writestr("../b.txt", "0 0.5 0.5 0.2 0.2\n")
+    report = read_annotations(archive, "yolo", folder_resolver(IMAGES))
+    assert report.rows == 1  # only the member inside the archive was read

@@ -406,3 +406,25 @@ def test_a_token_signs_in_the_active_account_until_its_password_changes(tmp_path
         repository.get_user(s, "reader").active = False
     with session_scope(engine, readonly=True) as s:
         assert user_for_token(s, fresh, key=key) is None  # a disabled account
+
+
+def test_server_folder_import_only_reads_under_the_import_root(tmp_path, monkeypatch):
+    from service.cohorts import ServerFolderError, server_import_folder
+
+    root = tmp_path / "imports"
+    (root / "study42").mkdir(parents=True)
+    (tmp_path / "private").mkdir()
+    (root / "escape").symlink_to(tmp_path / "private")
+    monkeypatch.delenv("SOFTCAM_IMPORT_ROOT", raising=False)
+    with pytest.raises(ServerFolderError, match="off"):
+        server_import_folder(str(root / "study42"))
+    monkeypatch.setenv("SOFTCAM_IMPORT_ROOT", str(root))
+    assert server_import_folder(str(root / "study42")) == (root / "study42").resolve()
+    assert server_import_folder("study42") == (root / "study42").resolve()  # relative to the root
+    messages = []
+    for hostile in ("../private", str(tmp_path / "private"), "escape", "/etc", "does-not-exist", str(tmp_path / "nope")):
+        with pytest.raises(ServerFolderError) as info:
+            server_import_folder(hostile)
+        messages.append(str(info.value))
+    # one message for all of them: it names the root, never the path, and does not tell what exists
+    assert len(set(messages)) == 1 and str(root.resolve()) in messages[0] and "private" not in messages[0]

@@ -8,12 +8,13 @@ import io
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from annotations.archive import ArchiveError, read_member, safe_members
 from annotations.formats import (
     leading_token,
 )
@@ -129,26 +130,45 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ".
 _EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif", "dicom": ".dcm"}
 
 
-def _iter_sources(paths: Iterable[str | Path]) -> Iterator[tuple[str, Callable[[], bytes]]]:
-    """(display name, reader) for every file under the given files, folders and zips."""
+def _iter_sources(paths: Iterable[str | Path], confine_to: Sequence[Path] | None = None) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """(display name, reader) for every file under the given files, folders and zips; with
+    ``confine_to`` (folders), a file whose real path (symbolic links resolved) lies in none of them
+    is not read."""
+    from softcam_core.paths import within
+
+    def allowed(path: Path) -> bool:
+        return confine_to is None or any(within(path, Path(root).resolve()) for root in confine_to)
+
     for raw in paths:
         path = Path(raw)
+        if not allowed(path):
+            yield path.name, _unreadable("not under the import folder")
+            continue
         if path.is_dir():
             for child in sorted(p for p in path.rglob("*") if p.is_file()):
                 if child.name.startswith(".") or child.suffix.lower() not in IMAGE_SUFFIXES | {".zip"}:
+                    continue
+                if not allowed(child):
+                    yield str(child.relative_to(path)), _unreadable("a link that leaves the import folder: not read")
                     continue
                 yield from _iter_sources([child]) if child.suffix.lower() == ".zip" else [
                     (str(child.relative_to(path)), child.read_bytes)]
         elif path.suffix.lower() == ".zip" and path.is_file():
             try:
                 with zipfile.ZipFile(path) as archive:
-                    members = sorted(archive.namelist())
+                    members, skipped = safe_members(archive, path.name)
             except zipfile.BadZipFile:
                 yield path.name, _unreadable("not a valid zip file")
                 continue
-            for member in members:
+            except ArchiveError as exc:
+                yield path.name, _unreadable(str(exc).removeprefix(f"{path.name}: "))
+                continue
+            for member, reason in skipped:
+                yield f"{path.name}:{member}", _unreadable(f"not read: {reason}")
+            for info in sorted(members, key=lambda m: m.filename):
+                member = info.filename
                 base = PurePosixPath(member).name
-                if member.endswith("/") or base.startswith(".") or "__MACOSX" in member:
+                if base.startswith(".") or "__MACOSX" in member:
                     continue
                 if PurePosixPath(member).suffix.lower() not in IMAGE_SUFFIXES:
                     continue
@@ -158,8 +178,11 @@ def _iter_sources(paths: Iterable[str | Path]) -> Iterator[tuple[str, Callable[[
 
 
 def _read_member(archive: Path, member: str) -> bytes:
-    with zipfile.ZipFile(archive) as zf:
-        return zf.read(member)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            return read_member(zf, zf.getinfo(member), archive.name)
+    except (ArchiveError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+        raise RepositoryError(str(exc).removeprefix(f"{archive.name}: ")) from None
 
 
 def _unreadable(reason: str) -> Callable[[], bytes]:
@@ -178,7 +201,8 @@ class _PreparedImage:
 
 
 def import_images(session: Session, paths: Iterable[str | Path], cohort: Cohort | str, modality: str | None = None,
-                  *, progress: Progress | None = None, commit_every: int | None = None) -> ImageImportResult:
+                  *, progress: Progress | None = None, commit_every: int | None = None,
+                  confine_to: Sequence[Path] | None = None) -> ImageImportResult:
     """Import image files, folders (recursive) and zips into ``cohort``.
 
     Each file is decoded with :func:`softcam_core.imaging.load_image` (rejected with its reason if
@@ -194,7 +218,8 @@ def import_images(session: Session, paths: Iterable[str | Path], cohort: Cohort 
     ``commit_every=N`` (bulk imports, the CLI) commits after every N files and decodes files
     outside any transaction, so a long import never holds the SQLite write lock for more than one
     short batch and annotators keep saving meanwhile. Without it everything stays in the caller's
-    transaction.
+    transaction. ``confine_to`` (the app's imports: the import root and the upload folder): files
+    whose real path lies in none of these folders are rejected, not read.
     """
     from softcam_core.imaging import (
         ImageLoadError,
@@ -215,7 +240,7 @@ def import_images(session: Session, paths: Iterable[str | Path], cohort: Cohort 
         known[sha] = (image_id, pseudonym, reason)
     if commit_every:
         session.commit()  # decode the first files without holding the write lock
-    sources = list(_iter_sources(paths))
+    sources = list(_iter_sources(paths, confine_to))
     result = ImageImportResult()
     pending: list[_PreparedImage] = []
 

@@ -43,6 +43,11 @@ def make_tiny_checkpoint(path: Path, classes=("healthy", "disease"), modality: s
     return save_checkpoint(path, model, meta)
 
 
+def server_keys(home: Path) -> Path:
+    """The key folder of a server run on ``home`` (beside it, never inside)."""
+    return home.parent / f"{home.name}-keys"
+
+
 def prepare_home(home: Path, *, n_images: int = 6, modality: str = "fundus", image_size: int = 128,
                  arch: str = "resnet18", img_size: int = 64) -> dict:
     """Fill ``home`` like a small demo: one synthetic cohort imported into the database and one model.
@@ -54,6 +59,9 @@ def prepare_home(home: Path, *, n_images: int = 6, modality: str = "fundus", ima
 
     home.mkdir(parents=True, exist_ok=True)
     old = os.environ.get("SOFTCAM_HOME")
+    old_keys = os.environ.get("SOFTCAM_KEY_DIR")
+    if old != str(home):  # a server's home (run_server): the keys the server will use
+        os.environ["SOFTCAM_KEY_DIR"] = str(server_keys(home))
     os.environ["SOFTCAM_HOME"] = str(home)
     try:
         cohort_dir = make_cohort(modality, n_images, 0, home / "demo" / modality, size=image_size)
@@ -68,10 +76,11 @@ def prepare_home(home: Path, *, n_images: int = 6, modality: str = "fundus", ima
         with session_scope(engine) as session:
             register_cohort_folder(session, cohort_dir, name, modality=modality)
     finally:
-        if old is None:
-            os.environ.pop("SOFTCAM_HOME", None)
-        else:
-            os.environ["SOFTCAM_HOME"] = old
+        for variable, value in (("SOFTCAM_HOME", old), ("SOFTCAM_KEY_DIR", old_keys)):
+            if value is None:
+                os.environ.pop(variable, None)
+            else:
+                os.environ[variable] = value
     return {"cohort": name, "cohort_dir": cohort_dir, "model": model}
 
 
@@ -85,7 +94,8 @@ def app_home(_isolated_home) -> dict:
 def run_server(home: Path, log_path: Path, timeout: float = 90.0):
     """``streamlit run app.py`` on a free port with its own SOFTCAM_HOME; yields the base URL."""
     port = free_port()
-    env = dict(os.environ, SOFTCAM_HOME=str(home), SOFTCAM_DEVICE="cpu", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, SOFTCAM_HOME=str(home), SOFTCAM_KEY_DIR=str(server_keys(home)), SOFTCAM_DEVICE="cpu",
+               PYTHONUNBUFFERED="1")
     env.pop("SOFTCAM_DB_URL", None)
     command = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
                "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
