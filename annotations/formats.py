@@ -38,6 +38,7 @@ import defusedxml.ElementTree as DefusedET
 import numpy as np
 from defusedxml import DefusedXmlException
 
+from .cells import neutralise, restore
 from .geometry import Box, Geometry, Mask, mask_to_boxes
 
 IMPORT_FORMATS = ("coco", "voc", "rsna", "yolo", "csv", "mask")
@@ -410,7 +411,8 @@ def _csv_rows(path: Path, required: Sequence[str]) -> tuple[list[tuple[int, dict
     rows = []
     for row in reader:
         # reader.line_num is the physical line just read (header is line 1)
-        rows.append((reader.line_num, {k: (v or "").strip() for k, v in row.items() if k is not None}))
+        # a cell our own export neutralised for spreadsheets ('=x) reads back as what was written (=x)
+        rows.append((reader.line_num, {k: restore((v or "").strip()) for k, v in row.items() if k is not None}))
     return rows, path.name
 
 
@@ -458,9 +460,9 @@ def write_rsna(out: Path, images: Sequence["ExportImage"]) -> Path:
         for img in images:
             boxes = img.boxes()
             if not boxes:
-                writer.writerow([img.ref, "", "", "", "", 0])
+                writer.writerow([neutralise(img.ref), "", "", "", "", 0])
             for ann in boxes:
-                writer.writerow([img.ref, *(format_number(v) for v in ann.geometry.to_xywh()), 1])
+                writer.writerow([neutralise(img.ref), *(format_number(v) for v in ann.geometry.to_xywh()), 1])
     return out
 
 
@@ -504,10 +506,11 @@ def write_csv(out: Path, images: Sequence["ExportImage"]) -> Path:
         for img in images:
             boxes = img.boxes()
             if not boxes:
-                writer.writerow([img.ref, "", "", "", "", ""])
+                writer.writerow([neutralise(img.ref), "", "", "", "", ""])
             for ann in boxes:
                 b = ann.geometry
-                writer.writerow([img.ref, *(format_number(v) for v in (b.x0, b.y0, b.x1, b.y1)), ann.label or ""])
+                writer.writerow([neutralise(img.ref), *(format_number(v) for v in (b.x0, b.y0, b.x1, b.y1)),
+                                 neutralise(ann.label or "")])
     return out
 
 

@@ -192,6 +192,7 @@ def load_evaluation(result_path: str | Path):
     """The tables of a finished evaluation folder (per_image, cohort, paired, deletion curves), or None."""
     import pandas as pd
 
+    from annotations.cells import restore_frame
     from softcam_core.evaluate import EvaluationResult
 
     folder = Path(result_path)
@@ -200,7 +201,7 @@ def load_evaluation(result_path: str | Path):
 
     def read(name: str) -> pd.DataFrame:
         path = folder / name
-        return pd.read_csv(path, dtype={"image": str}) if path.is_file() else pd.DataFrame()
+        return restore_frame(pd.read_csv(path, dtype={"image": str})) if path.is_file() else pd.DataFrame()
 
     files = {p.stem + ("" if p.suffix == ".csv" else p.suffix): p for p in sorted(folder.rglob("*"))
              if p.is_file() and p.suffix in (".csv", ".parquet", ".html", ".png")}

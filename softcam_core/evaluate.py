@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from annotations.cells import neutralise, neutralise_frame, restore, restore_frame
 from softcam_core import metrics as M
 from softcam_core.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_ci, holm  # noqa: F401  (re-exported)
 
@@ -516,7 +517,7 @@ def _read_done(per_image: Path, header: list[str]) -> set[tuple[str, str]]:
             writer.writerow(header)
             writer.writerows(good)
     image_col, method_col = header.index("image"), header.index("method")
-    return {(r[image_col], r[method_col]) for r in good}
+    return {(restore(r[image_col]), restore(r[method_col])) for r in good}
 
 
 def _append_rows(path: Path, header: list[str], rows: list[dict[str, Any]]) -> None:
@@ -526,8 +527,8 @@ def _append_rows(path: Path, header: list[str], rows: list[dict[str, Any]]) -> N
     new = not path.exists() or path.stat().st_size == 0
     if new:
         writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    for row in rows:  # text cells neutralised for spreadsheets (annotations.cells), numbers untouched
+        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else neutralise(v)) for k, v in row.items()})
     with path.open("a", newline="", encoding="utf-8") as handle:
         handle.write(buffer.getvalue())
         handle.flush()
@@ -890,7 +891,7 @@ def finalise(
     """Write cohort / paired tables, Parquet copies and figures from the streamed CSVs."""
     settings = settings or EvalSettings()
     out_dir = Path(out_dir)
-    per_image = pd.read_csv(out_dir / "per_image.csv", dtype={"image": str, "notes": str})
+    per_image = restore_frame(pd.read_csv(out_dir / "per_image.csv", dtype={"image": str, "notes": str}))
     if items is not None:
         per_image = per_image[per_image["image"].isin(items)]
     if methods is not None:
@@ -899,14 +900,14 @@ def finalise(
     curves_path = out_dir / "deletion_curves.csv"
     curves = pd.DataFrame()
     if curves_path.exists():
-        curves = pd.read_csv(curves_path, dtype={"image": str})
+        curves = restore_frame(pd.read_csv(curves_path, dtype={"image": str}))
         curves = curves.drop_duplicates(["image", "method"], keep="last")
         curves = curves.merge(per_image[["image", "method"]], on=["image", "method"]).reset_index(drop=True)
     cohort = summarise(per_image, resamples=settings.resamples, seed=settings.seed)
     paired = paired_tests(per_image)
     files = {"per_image": out_dir / "per_image.csv", "cohort": out_dir / "cohort.csv", "paired": out_dir / "paired.csv"}
-    cohort.to_csv(files["cohort"], index=False)
-    paired.to_csv(files["paired"], index=False)
+    neutralise_frame(cohort).to_csv(files["cohort"], index=False)
+    neutralise_frame(paired).to_csv(files["paired"], index=False)
     for name, table in (("per_image", per_image), ("cohort", cohort), ("paired", paired)):
         path = out_dir / f"{name}.parquet"
         table.to_parquet(path, index=False)

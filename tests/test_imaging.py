@@ -308,6 +308,13 @@ def test_decompression_bomb_is_refused_before_decoding():
     assert "too large" in _one_line_error(small, name="s.png", max_pixels=5000)
     dicom = make_dicom_bytes(np.zeros((100, 100), np.uint8))
     assert "too large" in _one_line_error(dicom, name="s.dcm", max_pixels=5000)
+    # a header that claims 60,000 frames of 4096 x 4096 (a terabyte) is refused before any decoding,
+    # though its pixel data hold only one small frame
+    cine = make_dicom_bytes(np.zeros((4, 4), np.uint8), NumberOfFrames=60000)
+    cine = cine.replace(b"\x28\x00\x10\x00US\x02\x00\x04\x00", b"\x28\x00\x10\x00US\x02\x00\x00\x10")  # Rows 4096
+    cine = cine.replace(b"\x28\x00\x11\x00US\x02\x00\x04\x00", b"\x28\x00\x11\x00US\x02\x00\x00\x10")  # Columns 4096
+    message = _one_line_error(cine, name="cine.dcm")
+    assert "too large" in message and "60000 frames" in message and "before decoding" in message
 
 
 def test_sniff():

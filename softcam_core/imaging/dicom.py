@@ -212,6 +212,11 @@ def _to_uint8_colour(arr: np.ndarray, bits: int) -> np.ndarray:
     return np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
 
 
+# Rows x Columns x NumberOfFrames x SamplesPerPixel a header may claim (checked before any decoding):
+# a 2,000-frame 1024 x 1024 cine loop fits, a header that asks for terabytes does not
+MAX_SAMPLES_ALL_FRAMES = 2 * 1024**3
+
+
 def decode_dicom(data: bytes, name: str, frame: int, max_pixels: int) -> DicomPixels:
     """Decode one frame of a DICOM file to display pixels, raw values and windows.
 
@@ -236,6 +241,9 @@ def decode_dicom(data: bytes, name: str, frame: int, max_pixels: int) -> DicomPi
         raise ImageLoadError(name, f"invalid DICOM image geometry ({rows}x{cols}, {frames} frames, {samples} samples)")
     if rows * cols > max_pixels:
         raise ImageLoadError(name, f"image too large: {cols}x{rows} = {rows * cols / 1e6:.0f} MP exceeds the {max_pixels / 1e6:.0f} MP limit")
+    if rows * cols * frames * samples > MAX_SAMPLES_ALL_FRAMES:
+        raise ImageLoadError(name, f"image too large: {frames} frames of {cols}x{rows} x {samples} samples exceed the "
+                                   f"{MAX_SAMPLES_ALL_FRAMES / 1e9:.1f} G sample limit (read from the header, before decoding)")
     if not 0 <= frame < frames:
         raise ImageLoadError(name, f"frame {frame} out of range (file has {frames} frame{'s' if frames != 1 else ''})")
     ts = ds.file_meta.TransferSyntaxUID
