@@ -38,6 +38,7 @@ demo: venv
 	$(BIN)/softcam demo --home "$(SOFTCAM_HOME)"
 
 run: demo
+	@echo "First start: the admin's random password goes to first-admin-password in the key folder (path printed below)."
 	$(BIN)/streamlit run app.py --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
 
 test: test-deps

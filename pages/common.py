@@ -7,6 +7,7 @@ jobs, cohort folders), ``softcam_core.render``, ``db.repository`` and ``annotati
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,10 @@ import streamlit as st
 
 from db.session import mask_db_url
 from service import catalogue
+from service import annotations as annotation_service
+from service import images as image_service
 from service.boxes import BoxEdits
+from service.signin import change_password, create_first_admin
 from service.catalogue import CheckpointInfo, checkpoint_info, list_checkpoints
 from service.cohorts import find_cohort_folders, register_cohort_folder
 from service.image_session import DatabaseMapStore, MapStore
@@ -30,8 +34,6 @@ ROLE_PAGES = {
     "admin": ("review", "annotate", "cohort", "models", "data"),
 }
 SESSION_PARAM = "session"  # URL query parameter holding the signed sign-in token (service.signin)
-DEFAULT_ADMIN = "admin"
-DEFAULT_ADMIN_PASSWORD = "softcam-admin"  # printed in the README; the sidebar asks to change it
 
 
 @dataclass(frozen=True)
@@ -85,9 +87,10 @@ def _start_database(url: str) -> bool:
     from db.session import session_scope
 
     with session_scope(_engine_for(url)) as session:
-        if not repository.list_users(session):
-            password = os.environ.get("SOFTCAM_ADMIN_PASSWORD") or DEFAULT_ADMIN_PASSWORD
-            repository.create_user(session, DEFAULT_ADMIN, "admin", password, display_name="Administrator")
+        created = create_first_admin(session)
+        if created is not None and created[1] is not None:  # printed once, in the server's terminal
+            print(f"SoftCAM Review: first sign-in as {created[0]!r}; its random password is in {created[1]} "
+                  "(delete the file after signing in and changing it)", file=sys.stderr, flush=True)
         # jobs a stopped app process left "running" would otherwise show progress forever
         repository.close_interrupted_jobs(session)
         # Review opens on the demo's SoftCAM net of each modality unless someone chose another default
@@ -187,21 +190,22 @@ def sign_in_page() -> None:
 
 
 def change_password_form(user: User) -> None:
-    """Change the signed-in user's password (the first-run admin password is in the README)."""
-    from db import repository
+    """Change the signed-in user's password (the first-run admin's random password is in the key folder)."""
 
     with st.form("change_password", clear_on_submit=True):
         current = st.text_input("Current password", type="password")
         new = st.text_input("New password", type="password")
         again = st.text_input("New password again", type="password")
         if st.form_submit_button("Change password"):
-            with session() as s:
-                if repository.verify_password(s, user.name, current) is None:
-                    st.error("The current password is wrong.")
-                elif len(new) < 8 or new != again:
-                    st.error("The new password must have at least 8 characters and match its repetition.")
+            if new != again:
+                st.error("The new password and its repetition differ.")
+            else:
+                try:
+                    with session() as s:
+                        change_password(s, user.id, current, new)
+                except (ValueError, PermissionError) as exc:
+                    st.error(f"{one_line(exc)[:1].upper()}{one_line(exc)[1:]}.")
                 else:
-                    repository.set_password(s, user.name, new)
                     st.success("Password changed.")
 
 
@@ -417,7 +421,7 @@ def image_picker(page: str, default_modality: str | None = None):
             st.info("Upload an image to review it.", icon=":material/upload_file:")
             return None
         try:
-            record = import_upload(upload.name, upload.getvalue())
+            record = import_upload(upload.name, upload.getvalue(), current_user())
             return load_record(record), record
         except Exception as exc:
             st.error(one_line(exc))
@@ -467,25 +471,17 @@ def image_picker(page: str, default_modality: str | None = None):
         return None
 
 
-def import_upload(name: str, data: bytes, cohort: str = "Uploads"):
+def import_upload(name: str, data: bytes, user: User | None, cohort: str = "Uploads"):
     """Import one uploaded file (de-identified) and return its image row; bad files raise with one line."""
     import tempfile
     from pathlib import Path
 
-    from db import repository
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / Path(name).name
         path.write_bytes(data)
         with session() as s:
-            result = repository.import_images(s, [path], cohort)
-            if result.rejected:
-                raise ValueError(f"{Path(name).name}: {result.rejected[0].reason}")
-            held = result.accepted[0].quarantine_reason
-            if held:
-                raise ValueError(f"{Path(name).name} was imported as {result.accepted[0].pseudonym} and is held in "
-                                 f"quarantine ({held}): an admin releases it on the Data page after looking at it")
-            return repository.get_image(s, result.accepted[0].image_id)
+            return image_service.upload_for_review(s, user.id if user else None, path, cohort)
 
 
 def cohort_image_picker(page: str, queue_for: User | None = None):
@@ -559,18 +555,8 @@ def boxes_signature(saved) -> str:
 
 def apply_box_edits(record, edits: BoxEdits, user: User | None) -> None:
     """Store one canvas save in ONE transaction: all edits or none (a conflict rolls everything back)."""
-    from annotations.geometry import Box
-    from db import repository
-
-    user_id = user.id if user is not None else None
     with session() as s:
-        for (annotation_id, version), box in edits.update:
-            repository.save_annotation(s, record.id, Box(*box[:4]), box[4] or None, user_id,
-                                       annotation_id=annotation_id, expected_version=version)
-        for annotation_id, version in edits.delete:
-            repository.delete_annotation(s, annotation_id, user_id, expected_version=version)
-        for box in edits.create:
-            repository.save_annotation(s, record.id, Box(*box[:4]), box[4] or None, user_id)
+        annotation_service.apply_box_edits(s, user.id if user is not None else None, record.id, edits)
 
 
 ANNOTATION_FORMATS = {"coco": "COCO JSON", "voc": "Pascal VOC XML (file or zip)", "rsna": "RSNA pneumonia CSV",
@@ -611,8 +597,8 @@ def annotation_import_form(user: User | None) -> None:
         path.write_bytes(upload.getvalue())
         try:
             with session() as s:
-                result = repository.import_annotations(s, path, fmt, cohort, user.id if user else None,
-                                                       label=label or None)
+                result = annotation_service.import_annotation_file(s, user.id if user else None, path, fmt, cohort,
+                                                            label=label or None)
         except repository.AnnotationImportError as exc:
             report = exc.report
             st.error(f"{upload.name}: {len(report.errors)} bad row(s) of {report.rows}; nothing was imported.")
@@ -662,13 +648,12 @@ def default_models() -> dict[str, str]:
                 if row.is_default and row.modality}
 
 
-def set_default_model(path: str, modality: str) -> None:
-    from db import repository
+def set_default_model(path: str, modality: str, user: User | None) -> None:
 
     info = checkpoint_info(path)
     row = _model_row(info)
     with session() as s:
-        repository.set_default_model(s, row.id)
+        catalogue.set_default_model(s, user.id if user else None, row.id)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -751,7 +736,6 @@ def import_images(sources, cohort: str, modality: str | None, user: User | None)
     import tempfile
     from pathlib import Path
 
-    from db import repository
     from softcam_core.paths import import_root
 
     with tempfile.TemporaryDirectory() as folder:
@@ -766,7 +750,8 @@ def import_images(sources, cohort: str, modality: str | None, user: User | None)
                 paths.append(source)
         roots = [Path(folder)] + ([import_root()] if import_root() is not None else [])
         with session() as s:
-            return repository.import_images(s, paths, cohort, modality=modality, confine_to=roots)
+            return image_service.import_images(s, user.id if user else None, paths, cohort, modality=modality,
+                                        confine_to=roots)
 
 
 def held_images() -> list:
@@ -781,13 +766,9 @@ def held_images() -> list:
 
 
 def release_image(image_id: int, user: User | None) -> None:
-    """Release one held image; ``db.repository.release_image`` checks that ``user`` is an active admin."""
-    from db import repository
-
-    if user is None or user.id is None:
-        raise PermissionError("sign in as an admin to release an image")
+    """Release one held image (``service.images.release_image``: admins only)."""
     with session() as s:
-        repository.release_image(s, repository.get_image(s, int(image_id)), user.id)
+        image_service.release_image(s, user.id if user else None, image_id)
 
 
 def row_of(item) -> dict:

@@ -50,7 +50,7 @@ if checkpoints:
                                   format_func=lambda p: next(i.name for i in checkpoints if str(i.path) == p))
             if chosen is not None and chosen != current:
                 if st.button("Make default", key=f"make_default_{modality}", disabled=user.role not in ("admin", "researcher")):
-                    common.set_default_model(chosen, modality)
+                    common.set_default_model(chosen, modality, user)
                     st.rerun()
 else:
     st.info("No checkpoint yet: train one below, or run `make run` to prepare the demo models.")

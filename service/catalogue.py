@@ -196,3 +196,12 @@ def apply_demo_defaults(session, report_path: str | Path | None = None) -> dict[
         repository.set_default_model(session, row)
         applied[modality] = str(checkpoint)
     return applied
+
+
+def set_default_model(session, user_id: int | None, model_id: int) -> None:
+    """Make a registered model the default of its modality, as ``user_id`` (a researcher or admin)."""
+    from db import repository
+    from service.access import require
+
+    require(session, user_id, "manage_models")
+    repository.set_default_model(session, int(model_id))

@@ -136,13 +136,17 @@ def start_evaluation_job(engine, params: dict | None, user_id: int | None, *, re
     same parameters, same folder, and the image × method pairs it finished are kept
     (``evaluate_cohort(resume=True)``). Refused with ValueError when another job already continues
     it, or when the cohort's labels or boxes changed since it started (the rows would mix two
-    ground truths)."""
+    ground truths). ``user_id`` must be a researcher or admin (:mod:`service.access`)."""
     from db import repository
     from db.evaluation import DatabaseCohort, evaluation_source
     from db.session import session_scope
     from service.catalogue import checkpoint_info, load_model
     from softcam_core.evaluate import EvalSettings, evaluate_cohort
 
+    from service.access import require
+
+    with session_scope(engine, readonly=True) as s:
+        require(s, user_id, "run_jobs")
     previous = None
     if resume is not None:
         with session_scope(engine, readonly=True) as s:
@@ -219,6 +223,10 @@ def start_training_job(engine, params: dict, user_id: int | None) -> int:
     from softcam_core.paths import models_dir
     from softcam_core.training import train
 
+    from service.access import require
+
+    with session_scope(engine, readonly=True) as s:
+        require(s, user_id, "run_jobs")
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", params["name"]).strip("._") or "model"
     out = models_dir() / f"{name}.pt"
     if out.exists():

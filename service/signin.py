@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from pathlib import Path
 import time
 
 SESSION_SECONDS = 8 * 3600  # one working day
@@ -76,3 +77,51 @@ def user_for_token(session, token: str | None, *, key: bytes | None = None, now:
     if user is None or not user.active or not hmac.compare_digest(password_stamp(user.password_hash), stamp):
         return None
     return user
+
+
+MIN_PASSWORD_LENGTH = 8
+
+
+def change_password(session, user_id: int | None, current: str, new: str) -> None:
+    """Change the signed-in user's own password. ValueError (one line) when ``current`` is wrong or
+    ``new`` is shorter than :data:`MIN_PASSWORD_LENGTH`; tokens issued before stop working (their
+    stamp is of the old hash)."""
+    from db import repository
+    from service.access import require
+
+    user = require(session, user_id, "change_own_password")
+    if repository.verify_password(session, user.username, current) is None:
+        raise ValueError("the current password is wrong")
+    if len(new) < MIN_PASSWORD_LENGTH:
+        raise ValueError(f"the new password must have at least {MIN_PASSWORD_LENGTH} characters")
+    repository.set_password(session, user.username, new)
+
+
+FIRST_ADMIN = "admin"
+FIRST_ADMIN_PASSWORD_FILE = "first-admin-password"
+
+
+def create_first_admin(session) -> tuple[str, Path | None] | None:
+    """On a database without any user, create the account ``admin`` (role admin). Its password is
+    ``SOFTCAM_ADMIN_PASSWORD`` when set, else a random one (16 URL-safe characters) written once to
+    ``first-admin-password`` in the key folder (mode 0600; delete it after signing in). There is no
+    published default password. Returns ``(user name, password file or None)``; None when users exist."""
+    import os
+    import secrets
+
+    from db import repository
+    from softcam_core.paths import key_dir
+
+    if repository.list_users(session):
+        return None
+    password = os.environ.get("SOFTCAM_ADMIN_PASSWORD")
+    path = None
+    if not password:
+        password = secrets.token_urlsafe(12)
+        path = key_dir() / FIRST_ADMIN_PASSWORD_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(password + "\n")
+        os.chmod(path, 0o600)
+    repository.create_user(session, FIRST_ADMIN, "admin", password, display_name="Administrator")
+    return FIRST_ADMIN, path

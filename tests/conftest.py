@@ -26,12 +26,16 @@ def real_data() -> Path:
     return REAL_DATA
 
 
+TEST_ADMIN_PASSWORD = "test-admin-pw"  # tests only: the app itself has no default password
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
     """Each test gets its own SOFTCAM_HOME so nothing touches the user's data."""
     home = tmp_path_factory.mktemp("softcam_home")
     monkeypatch.setenv("SOFTCAM_HOME", str(home))
     monkeypatch.setenv("SOFTCAM_KEY_DIR", str(tmp_path_factory.mktemp("softcam_keys")))
+    monkeypatch.setenv("SOFTCAM_ADMIN_PASSWORD", TEST_ADMIN_PASSWORD)  # the first-run admin of app tests
     monkeypatch.delenv("SOFTCAM_DB_URL", raising=False)
     yield home
 

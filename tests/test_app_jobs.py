@@ -181,7 +181,7 @@ def test_a_cancelled_evaluation_resumes_in_its_folder_keeping_the_rows_it_finish
     with pytest.raises(KeyError):
         at.button(key=f"cohort_resume_{old_id}")  # continued already: no second resume into the folder
     with pytest.raises(ValueError, match=f"evaluation #{old_id} cannot be resumed"):
-        common.start_evaluation_job(None, None, resume=old_id)
+        common.start_evaluation_job(None, common.User(1, "admin", "admin"), resume=old_id)
 
 
 def test_resuming_is_refused_when_the_boxes_changed_since_the_evaluation_started(app_home):

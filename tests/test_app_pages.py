@@ -71,7 +71,7 @@ def test_sign_in_with_the_first_run_admin_account(app_home):
     at.text_input(key="sign_in_password").input("wrong")
     at.button[0].click().run()
     assert "wrong password" in " ".join(texts(at.error))
-    at.text_input(key="sign_in_password").input("softcam-admin")
+    at.text_input(key="sign_in_password").input("test-admin-pw")
     at.button[0].click().run()
     assert not at.exception
     assert at.title[0].value == "Review"
@@ -221,12 +221,23 @@ def test_models_page_lists_the_checkpoint_and_sets_a_default(app_home):
     assert common.default_models() == {"fundus": str(app_home["model"])}
 
 
-def test_data_page_imports_a_folder_and_reports_rejections(app_home, tmp_path, real_data):
-    folder = tmp_path / "incoming"
-    folder.mkdir()
+def test_data_page_imports_a_folder_and_reports_rejections(app_home, tmp_path, real_data, monkeypatch):
+    at = open_app("data")
+    assert not any(t.label.startswith("…or a folder") for t in at.text_input)  # no import root: no field
+    root = tmp_path / "imports"
+    folder = root / "incoming"
+    folder.mkdir(parents=True)
     fundus = sorted((real_data / "fundus_kaggle_dr").rglob("*.png"))[0]
     (folder / fundus.name).write_bytes(fundus.read_bytes())
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    monkeypatch.setenv("SOFTCAM_IMPORT_ROOT", str(root))
+    # a folder outside the root is refused with a message that names the root, not the path
+    at = open_app("data")
+    at.selectbox(key="data_cohort_choice").set_value("(new cohort)")
+    at.text_input(key="data_new_cohort").input("Clinic A")
+    next(t for t in at.text_input if t.label.startswith("…or a folder")).input(str(tmp_path))
+    at.button[0].click().run()
+    assert any(str(root.resolve()) in e and str(tmp_path) + " " not in e for e in texts(at.error)), texts(at.error)
     at = open_app("data")
     at.selectbox(key="data_cohort_choice").set_value("(new cohort)")
     at.text_input(key="data_new_cohort").input("Clinic A")
@@ -234,7 +245,7 @@ def test_data_page_imports_a_folder_and_reports_rejections(app_home, tmp_path, r
     at.button[0].click().run()
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, texts(at.error)
-    assert [m.value for m in at.metric] == ["1", "1"]
+    assert [m.value for m in at.metric] == ["1", "0", "1"]  # accepted, held, rejected
     rejected = at.dataframe[-1].value
     assert rejected["name"][0] == "broken.png" and rejected["reason"][0]
     assert "Clinic A" in list(at.dataframe[0].value["cohort"])
@@ -376,7 +387,7 @@ def test_review_warns_of_degenerate_maps_instead_of_drawing_them(app_home):
 def test_sign_in_survives_a_reload_through_its_signed_token_and_sign_out_ends_it(app_home):
     at = open_app(user=None)
     at.text_input(key="sign_in_name").input("admin")
-    at.text_input(key="sign_in_password").input("softcam-admin")
+    at.text_input(key="sign_in_password").input("test-admin-pw")
     at.button[0].click().run()
     assert at.title[0].value == "Review"
     token = at.query_params["session"]

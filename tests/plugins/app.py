@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("SOFTCAM_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
-ADMIN = ("admin", "softcam-admin")
+ADMIN = ("admin", "test-admin-pw")  # tests/conftest.py TEST_ADMIN_PASSWORD
 
 
 def free_port() -> int:
@@ -95,6 +95,7 @@ def run_server(home: Path, log_path: Path, timeout: float = 90.0):
     """``streamlit run app.py`` on a free port with its own SOFTCAM_HOME; yields the base URL."""
     port = free_port()
     env = dict(os.environ, SOFTCAM_HOME=str(home), SOFTCAM_KEY_DIR=str(server_keys(home)), SOFTCAM_DEVICE="cpu",
+               SOFTCAM_ADMIN_PASSWORD=ADMIN[1],
                PYTHONUNBUFFERED="1")
     env.pop("SOFTCAM_DB_URL", None)
     command = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
