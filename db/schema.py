@@ -207,6 +207,21 @@ class AnnotationAudit(Base):
     after: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
+class AuditEvent(Base):
+    """One security event: a sign-in (ok, failed, refused while locked), a quarantine release, an
+    account change. ``subject`` is the account name for existing accounts and a keyed hash of the
+    typed name otherwise (a password typed into the name field must not be stored in clear)."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_subject_at", "subject", "at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    event: Mapped[str] = mapped_column(String(40))
+    subject: Mapped[str] = mapped_column(String(200))
+    actor_id: Mapped[int | None] = mapped_column(Integer)      # the signed-in user who acted, if any
+    detail: Mapped[str | None] = mapped_column(String(500))
+
+
 class Model(Base):
     """A registered classifier checkpoint."""
 

@@ -6,7 +6,6 @@ jobs, cohort folders), ``softcam_core.render``, ``db.repository`` and ``annotati
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,14 +173,15 @@ def sign_in_page() -> None:
             password = st.text_input("Password", type="password", key="sign_in_password")
             submitted = st.form_submit_button("Sign in", type="primary", width="stretch")
         if submitted:
-            from service.signin import issue_token
+            from service.signin import issue_token, sign_in
 
-            with session() as s:
-                account = repository.verify_password(s, name.strip(), password)
+            with session() as s:  # committed whatever the outcome: failed sign-ins are kept (rate limit, audit)
+                result = sign_in(s, name, password)
+                account = result.user
                 user = User(account.id, account.username, account.role) if account is not None else None
                 token = issue_token(account.id, account.password_hash) if account is not None else None
             if user is None:
-                st.error("Unknown user name or wrong password.")
+                st.error(result.message)
             else:
                 st.session_state["user"], st.session_state[SESSION_PARAM] = user, token
                 keep_signed_in()

@@ -50,5 +50,12 @@ def release_image(session, user_id: int | None, image_id: int):
     """Release an image held for possible burned-in text (an admin, who has looked at it)."""
     from db import repository
 
+    from service.signin import record_event
+
     user = require(session, user_id, "release_images")
-    return repository.release_image(session, repository.get_image(session, int(image_id)), user.id)
+    image = repository.get_image(session, int(image_id))
+    was_held, reason = image.quarantined, image.quarantine_reason
+    repository.release_image(session, image, user.id)
+    if was_held:
+        record_event(session, "image_released", image.pseudonym, actor_id=user.id, detail=reason)
+    return image

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from dataclasses import dataclass
 from pathlib import Path
 import time
 
@@ -125,3 +126,71 @@ def create_first_admin(session) -> tuple[str, Path | None] | None:
         os.chmod(path, 0o600)
     repository.create_user(session, FIRST_ADMIN, "admin", password, display_name="Administrator")
     return FIRST_ADMIN, path
+
+
+# rate limit of failed sign-ins, per account name typed: this many failures within the window lock
+# the name for the rest of the window (even with the right password), so guessing a password costs
+# MAX_FAILED_SIGN_INS tries per SIGN_IN_WINDOW
+MAX_FAILED_SIGN_INS = 5
+SIGN_IN_WINDOW_MINUTES = 15
+
+
+@dataclass(frozen=True)
+class SignInResult:
+    """``user`` (the database account) when the sign-in succeeded, else None with ``message``."""
+
+    user: object | None
+    message: str | None = None
+
+
+def audit_subject(session, typed_name: str) -> str:
+    """What the audit log records for a typed account name: the name when such an account exists,
+    else ``unknown:<keyed hash>`` (a password typed into the name field is never stored in clear)."""
+    from db import repository
+    from db.repository.images import _digest, _hmac_key
+
+    name = typed_name.strip()
+    if repository.get_user(session, name) is not None:
+        return name
+    return "unknown:" + _digest(_hmac_key(session), "sign-in", name)[:16]
+
+
+def record_event(session, event: str, subject: str, *, actor_id: int | None = None, detail: str | None = None,
+                 now=None) -> None:
+    """Append one row to the audit log (``db.schema.AuditEvent``)."""
+    from db.schema import AuditEvent, utcnow
+
+    session.add(AuditEvent(event=event, subject=subject[:200], actor_id=actor_id, detail=(detail or None) and detail[:500],
+                           at=now or utcnow()))
+    session.flush()
+
+
+def sign_in(session, typed_name: str, password: str, *, now=None) -> SignInResult:
+    """Check a local sign-in and write it to the audit log (ok, failed, or refused while locked).
+
+    After :data:`MAX_FAILED_SIGN_INS` failures of one typed name within
+    :data:`SIGN_IN_WINDOW_MINUTES` minutes, that name is refused until the window has passed, the
+    right password included. The messages do not tell whether an account exists. The caller commits
+    the session whatever the outcome (the failures must be kept).
+    """
+    from datetime import timedelta
+
+    from sqlalchemy import func, select
+
+    from db import repository
+    from db.schema import AuditEvent, utcnow
+
+    now = now or utcnow()
+    subject = audit_subject(session, typed_name)
+    since = now - timedelta(minutes=SIGN_IN_WINDOW_MINUTES)
+    failures = session.scalar(select(func.count(AuditEvent.id)).where(
+        AuditEvent.subject == subject, AuditEvent.event == "sign_in_failed", AuditEvent.at > since)) or 0
+    if failures >= MAX_FAILED_SIGN_INS:
+        record_event(session, "sign_in_locked", subject, now=now)
+        return SignInResult(None, f"Too many failed sign-ins for this name: try again in {SIGN_IN_WINDOW_MINUTES} minutes.")
+    account = repository.verify_password(session, typed_name.strip(), password)
+    if account is None:
+        record_event(session, "sign_in_failed", subject, now=now)
+        return SignInResult(None, "Unknown user name or wrong password.")
+    record_event(session, "sign_in", subject, actor_id=account.id, now=now)
+    return SignInResult(account)

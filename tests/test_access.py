@@ -156,3 +156,37 @@ def test_the_first_admin_gets_a_random_password_written_once_and_no_default(sess
     assert repo.verify_password(session, name, password) is not None
     assert repo.verify_password(session, name, "softcam-admin") is None  # the old published default is gone
     assert create_first_admin(session) is None  # once: users exist now
+
+
+def test_failed_sign_ins_are_rate_limited_and_written_to_the_audit_log(session):
+    from datetime import timedelta
+
+    from db.schema import AuditEvent, utcnow
+    from service.signin import MAX_FAILED_SIGN_INS, SIGN_IN_WINDOW_MINUTES, sign_in
+
+    repo.create_user(session, "alice", "annotator", "right-password")
+    now = utcnow()
+    assert sign_in(session, "alice", "right-password", now=now).user is not None
+    for attempt in range(MAX_FAILED_SIGN_INS):
+        result = sign_in(session, "alice", f"guess-{attempt}", now=now + timedelta(seconds=attempt))
+        assert result.user is None and result.message == "Unknown user name or wrong password."
+    locked = sign_in(session, "alice", "right-password", now=now + timedelta(minutes=1))
+    assert locked.user is None and "Too many failed sign-ins" in locked.message  # even the right password
+    later = now + timedelta(minutes=SIGN_IN_WINDOW_MINUTES, seconds=MAX_FAILED_SIGN_INS + 1)
+    assert sign_in(session, "alice", "right-password", now=later).user is not None  # the window has passed
+    events = [(e.event, e.subject) for e in session.scalars(select(AuditEvent).order_by(AuditEvent.id))]
+    assert events[0] == ("sign_in", "alice") and events.count(("sign_in_failed", "alice")) == MAX_FAILED_SIGN_INS
+    assert ("sign_in_locked", "alice") in events and events[-1] == ("sign_in", "alice")
+    # a password typed into the name field is not stored in clear
+    sign_in(session, "my-Secret-pw!", "x", now=later)
+    last = session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc())).first()
+    assert last.event == "sign_in_failed" and last.subject.startswith("unknown:") and "Secret" not in last.subject
+
+
+def test_releasing_a_held_image_is_audited(session, world):
+    from db.schema import AuditEvent
+    from service import images
+
+    images.release_image(session, world["users"]["admin"], world["held"])
+    [event] = session.scalars(select(AuditEvent).where(AuditEvent.event == "image_released"))
+    assert event.actor_id == world["users"]["admin"] and event.detail == "BurnedInAnnotation is YES"
