@@ -32,8 +32,12 @@ if user is None:
     st.navigation([st.Page(common.sign_in_page, title="Sign in", icon=":material/login:")], position="hidden").run()
     st.stop()
 
-common.keep_signed_in()
 allowed = [PAGES[key] for key in common.pages_for_role(user.role)]
+if not allowed:
+    # an identity the provider vouches for but no admin has given an account (or a role) yet
+    st.navigation([st.Page(common.no_role_page, title="No access yet", icon=":material/lock:")], position="hidden").run()
+    st.stop()
+common.keep_signed_in()
 navigation = st.navigation({"SoftCAM Review": allowed})
 common.sidebar(user)
 navigation.run()

@@ -165,6 +165,33 @@ def _users_password(args: argparse.Namespace) -> int:
     return 0
 
 
+def _users_change(args: argparse.Namespace) -> int:
+    """``users role|deactivate|activate|link``: one account change, written to the audit log (by the
+    operator at the shell; the app's own checks read the role again on the user's next action)."""
+    from .repository import get_user
+    from .repository.audit import record_event
+    from .session import get_engine, session_scope, upgrade
+
+    engine = get_engine()
+    upgrade(engine)
+    with session_scope(engine) as session:
+        user = get_user(session, args.username)
+        if user is None:
+            raise ValueError(f"no user {args.username!r}")
+        if args.users_command == "role":
+            if args.role not in ROLES:
+                raise ValueError(f"role {args.role!r} is not one of {', '.join(ROLES)}")
+            detail, user.role = f"{user.role} -> {args.role}", args.role
+        elif args.users_command == "link":
+            detail, user.oidc_subject = "OIDC subject linked", args.subject.strip() or None
+        else:
+            user.active = args.users_command == "activate"
+            detail = args.users_command + "d"
+        record_event(session, f"user_{args.users_command}", user.username, detail=detail)
+    print(f"user {args.username}: {detail}")
+    return 0
+
+
 def _users_list(args: argparse.Namespace) -> int:
     from .repository import list_users
     from .session import get_engine, session_scope, upgrade
@@ -200,6 +227,19 @@ def register_cli(subparsers) -> None:
     upw.add_argument("username")
     upw.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     upw.set_defaults(func=_users_password)
+    urole = users_sub.add_parser("role", help="change an account's role (applies on the user's next action)")
+    urole.add_argument("username")
+    urole.add_argument("role", choices=ROLES)
+    urole.set_defaults(func=_users_change)
+    for action, text in (("deactivate", "stop an account from signing in or acting (applies at once)"),
+                         ("activate", "let a deactivated account sign in again")):
+        change = users_sub.add_parser(action, help=text)
+        change.add_argument("username")
+        change.set_defaults(func=_users_change)
+    ulink = users_sub.add_parser("link", help="link an account to the OIDC provider's subject ('sub' claim)")
+    ulink.add_argument("username")
+    ulink.add_argument("subject")
+    ulink.set_defaults(func=_users_change)
     ulist = users_sub.add_parser("list", help="list accounts and roles")
     ulist.set_defaults(func=_users_list)
 

@@ -108,6 +108,7 @@ class ClassLabel(Base):
 
 class User(Base):
     __tablename__ = "users"
+    __table_args__ = (Index("uq_users_oidc_subject", "oidc_subject", unique=True),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     username: Mapped[str] = mapped_column(String(120), unique=True)
     display_name: Mapped[str | None] = mapped_column(String(200))
@@ -115,6 +116,8 @@ class User(Base):
     password_hash: Mapped[str | None] = mapped_column(String(400))  # "scrypt$n$r$p$salt_hex$hash_hex"
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # the OIDC provider's subject ("sub" claim) this account signs in as; never a display name
+    oidc_subject: Mapped[str | None] = mapped_column(String(255))
 
 
 class Image(Base):

@@ -52,7 +52,8 @@ def masked_db_url() -> str:
 
 
 def pages_for_role(role: str) -> tuple[str, ...]:
-    return ROLE_PAGES.get(role, ROLE_PAGES["clinician"])
+    """The pages ``role`` is offered; none for an unknown role (an identity without an account)."""
+    return ROLE_PAGES.get(role, ())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,12 +127,26 @@ def _oidc_configured() -> bool:
 
 
 def current_user() -> User | None:
-    """The signed-in user: local account from the session, or the OIDC identity when configured."""
+    """The signed-in user: local account from the session, or the OIDC identity when configured. The
+    account is re-read on every run (request): a deactivated account is signed out, a changed role
+    applies at once."""
     user = st.session_state.get("user")
-    if isinstance(user, User):
-        return user
     if isinstance(user, dict):  # set by tests / AppTest
         return User(user.get("id"), user["name"], user.get("role", "clinician"))
+    # (duck-typed: a rerun may re-import this module, and the stored User is then of the old class)
+    if user is not None and getattr(user, "id", None) is not None:
+        from service.signin import current_account
+
+        with read_session() as s:
+            account = current_account(s, user.id)
+            fresh = User(account.id, account.username, account.role) if account is not None else None
+        if fresh is None:
+            sign_out()
+            return None
+        st.session_state["user"] = fresh
+        return fresh
+    if user is not None:
+        return User(user.id, user.name, user.role)
     token = st.query_params.get(SESSION_PARAM)
     if token:  # a reload (new browser session) of a signed-in page: the URL carries a signed token
         from db.session import session_scope
@@ -145,21 +160,21 @@ def current_user() -> User | None:
             return user
         del st.query_params[SESSION_PARAM]  # expired or refused: back to the sign-in form
     if _oidc_configured() and getattr(st.user, "is_logged_in", False):
-        from db import repository
+        from service.signin import NO_ROLE, oidc_account
 
-        name = str(st.user.get("email") or st.user.get("name"))
+        claims = {key: st.user.get(key) for key in ("sub", "email", "email_verified", "name")}
         with read_session() as s:
-            account = repository.get_user(s, name)
-            role = account.role if account is not None else "clinician"  # unknown OIDC users may review
-            user_id = account.id if account is not None else None
-        st.session_state["user"] = User(user_id, name, role)
-        return st.session_state["user"]
+            account = oidc_account(s, claims)
+            user = (User(account.id, account.username, account.role) if account is not None
+                    else User(None, str(claims.get("email") or claims.get("name") or "unknown"), NO_ROLE))
+        if account is not None:
+            st.session_state["user"] = user
+        return user  # an unknown identity gets no role (no page) until an admin grants one
     return None
 
 
 def sign_in_page() -> None:
     """Local sign-in form (or the OIDC button when ``[auth]`` is configured in secrets)."""
-    from db import repository
 
     left, middle, right = st.columns([1, 1.2, 1])
     with middle:
@@ -215,6 +230,17 @@ def keep_signed_in() -> None:
     token = st.session_state.get(SESSION_PARAM)
     if token and st.query_params.get(SESSION_PARAM) != token:
         st.query_params[SESSION_PARAM] = token
+
+
+def no_role_page() -> None:
+    """What a signed-in identity without an account sees: nothing of the data, and how to get access."""
+    user = current_user()
+    st.title("No access yet")
+    st.text(f"Signed in as: {user.name if user else 'unknown'}")  # the provider's text, shown as text
+    st.info("No account of this app is linked to this identity, so it has no role. Ask an admin to run "
+            "`softcam users add <your email> --role <role>` or `softcam users link <account> <subject>`.",
+            icon=":material/lock:")
+    st.button("Sign out", on_click=sign_out)
 
 
 def sign_out() -> None:

@@ -50,7 +50,7 @@ def release_image(session, user_id: int | None, image_id: int):
     """Release an image held for possible burned-in text (an admin, who has looked at it)."""
     from db import repository
 
-    from service.signin import record_event
+    from db.repository.audit import record_event
 
     user = require(session, user_id, "release_images")
     image = repository.get_image(session, int(image_id))

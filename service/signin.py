@@ -155,16 +155,6 @@ def audit_subject(session, typed_name: str) -> str:
     return "unknown:" + _digest(_hmac_key(session), "sign-in", name)[:16]
 
 
-def record_event(session, event: str, subject: str, *, actor_id: int | None = None, detail: str | None = None,
-                 now=None) -> None:
-    """Append one row to the audit log (``db.schema.AuditEvent``)."""
-    from db.schema import AuditEvent, utcnow
-
-    session.add(AuditEvent(event=event, subject=subject[:200], actor_id=actor_id, detail=(detail or None) and detail[:500],
-                           at=now or utcnow()))
-    session.flush()
-
-
 def sign_in(session, typed_name: str, password: str, *, now=None) -> SignInResult:
     """Check a local sign-in and write it to the audit log (ok, failed, or refused while locked).
 
@@ -178,6 +168,7 @@ def sign_in(session, typed_name: str, password: str, *, now=None) -> SignInResul
     from sqlalchemy import func, select
 
     from db import repository
+    from db.repository.audit import record_event
     from db.schema import AuditEvent, utcnow
 
     now = now or utcnow()
@@ -194,3 +185,42 @@ def sign_in(session, typed_name: str, password: str, *, now=None) -> SignInResul
         return SignInResult(None, "Unknown user name or wrong password.")
     record_event(session, "sign_in", subject, actor_id=account.id, now=now)
     return SignInResult(account)
+
+
+NO_ROLE = "none"  # an identity the provider vouches for, but no admin has given an account yet
+
+
+def oidc_account(session, claims: dict):
+    """The active account an OIDC identity signs in as, or None (no role until an admin grants one).
+
+    Matches the provider's subject (``sub``) against ``users.oidc_subject``; else a *verified* email
+    (``email_verified`` true) against an account named by that email that is not linked to another
+    subject. Never a display-name claim: a user whose provider name is "admin" is not the admin.
+    """
+    from sqlalchemy import select
+
+    from db import repository
+    from db.schema import User
+
+    subject = str(claims.get("sub") or "").strip()
+    if subject:
+        user = session.scalar(select(User).where(User.oidc_subject == subject))
+        if user is not None:
+            return user if user.active else None
+    email = str(claims.get("email") or "").strip()
+    if email and claims.get("email_verified") is True:
+        user = repository.get_user(session, email)
+        if user is not None and user.active and user.oidc_subject in (None, subject or None):
+            return user
+    return None
+
+
+def current_account(session, user_id: int | None):
+    """The account behind a signed-in session, re-read on every request: None when it was
+    deactivated or deleted (the session ends), else the row with its current role."""
+    from db.schema import User
+
+    if user_id is None:
+        return None
+    user = session.get(User, int(user_id))
+    return user if user is not None and user.active else None

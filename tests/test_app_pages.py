@@ -407,3 +407,38 @@ def test_sign_in_survives_a_reload_through_its_signed_token_and_sign_out_ends_it
     # signing out takes the token out of the URL: a reload then shows the sign-in form
     reloaded.sidebar.button(key="sign_out").click().run()
     assert "session" not in reloaded.query_params and "user" not in reloaded.session_state
+
+
+def test_a_deactivated_account_is_signed_out_on_its_next_request_and_a_new_role_applies_at_once(app_home):
+    from db import repository
+    from db.session import session_scope
+    from pages.common import User
+
+    with session_scope() as s:
+        user_id = repository.create_user(s, "res", "researcher", "research-pw").id
+
+    def next_request():
+        """The next run of a session in which "res" signed in as a researcher (the state it keeps)."""
+        at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+        at.session_state["user"] = User(user_id, "res", "researcher")
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+
+    at = next_request()
+    assert at.title[0].value == "Review" and at.session_state["user"].role == "researcher"
+    with session_scope() as s:
+        repository.get_user(s, "res").role = "annotator"
+    at = next_request()
+    assert at.session_state["user"].role == "annotator"  # read from the database on this request
+    with session_scope() as s:
+        repository.get_user(s, "res").active = False
+    at = next_request()
+    assert at.title[0].value == "SoftCAM Review" and "user" not in at.session_state  # signed out
+
+
+def test_an_oidc_identity_without_an_account_gets_no_page():
+    from pages.common import pages_for_role
+    from service.signin import NO_ROLE
+
+    assert pages_for_role(NO_ROLE) == () and pages_for_role("anything-else") == ()
