@@ -163,7 +163,7 @@ def compact_summary(cohort: pd.DataFrame) -> pd.DataFrame:
 
 job = next(j for j in jobs if j.id == job_id)  # the snapshot the selector's label was drawn from
 finished = f" {job.finished_at:%Y-%m-%d %H:%M} UTC" if job.finished_at else ""
-st.caption(f"Status: **{job.status}**{finished} · Ground truth: {evaluation.ground_truth_text(job.params or {})}")
+st.caption(f"Status: **{job.status}**{finished} · Ground truth: {common.plain(evaluation.ground_truth_text(job.params or {}))}")
 if job.status in ("queued", "running"):
     job_progress(job_id, job.status)
     # outside the polling fragment: a click there could land while the fragment redraws itself
@@ -173,9 +173,9 @@ if job.status in ("queued", "running"):
                    "Rows already written are kept: Resume continues from them.")
 if job.status in ("failed", "cancelled"):
     if job.status == "failed":
-        st.error(f"Evaluation failed: {job.error}")
+        st.error(f"Evaluation failed: {common.plain(job.error)}")
     else:
-        st.info(f"Evaluation {job.message or 'cancelled'} after {job.progress_done}/{job.progress_total or '?'} "
+        st.info(f"Evaluation {common.plain(job.message or 'cancelled')} after {job.progress_done}/{job.progress_total or '?'} "
                 "image × method.")
     if common.resumable(job, jobs) and st.button(
             "Resume", key=f"cohort_resume_{job.id}", icon=":material/play_arrow:",
@@ -193,7 +193,7 @@ if job.status != "done" or not job.result_path:
 
 result = common.load_evaluation(job.result_path)
 if result is None:
-    st.warning(f"The results of job {job.id} are no longer at {job.result_path}.")
+    st.warning(f"The results of job {job.id} are no longer at {common.plain(job.result_path)}.")
     st.stop()
 
 st.subheader("Cohort summary")

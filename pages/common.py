@@ -6,6 +6,7 @@ jobs, cohort folders), ``softcam_core.render``, ``db.repository`` and ``annotati
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +44,18 @@ class User:
 
 
 def one_line(exc: BaseException) -> str:
-    """An exception as the one-line message users see (never a traceback)."""
-    return " ".join(str(exc).split()) or exc.__class__.__name__
+    """An exception as the one-line message users see (never a traceback), as *text*: its Markdown
+    characters escaped, since messages quote user text (file, cohort and label names)."""
+    return plain(" ".join(str(exc).split()) or exc.__class__.__name__)
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:&])")
+
+
+def plain(text) -> str:
+    """``text`` (user text: names, labels, messages) escaped so that Streamlit's Markdown shows it
+    verbatim: no link, image, emphasis, HTML or LaTeX can come out of it."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", str(text))
 
 
 def masked_db_url() -> str:
@@ -259,7 +270,7 @@ def sign_out() -> None:
 
 def sidebar(user: User) -> None:
     with st.sidebar:
-        st.markdown(f"**{user.name}** · {user.role}")
+        st.markdown(f"**{plain(user.name)}** · {user.role}")
         left, right = st.columns(2)
         left.button("Sign out", on_click=sign_out, key="sign_out", type="tertiary")
         if user.id is not None and not _oidc_configured():
@@ -627,12 +638,12 @@ def annotation_import_form(user: User | None) -> None:
                                                             label=label or None)
         except repository.AnnotationImportError as exc:
             report = exc.report
-            st.error(f"{upload.name}: {len(report.errors)} bad row(s) of {report.rows}; nothing was imported.")
+            st.error(f"{plain(upload.name)}: {len(report.errors)} bad row(s) of {report.rows}; nothing was imported.")
             st.dataframe([{"where": e.location, "problem": e.problem} for e in report.errors],
                          hide_index=True, width="stretch")
             return
         except Exception as exc:
-            st.error(f"{upload.name}: {one_line(exc)}")
+            st.error(f"{plain(upload.name)}: {one_line(exc)}")
             return
     # rerun so the Draw tab (drawn earlier in this run) shows the imported boxes; the report survives it
     st.session_state["annotation_import_report"] = (

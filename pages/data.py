@@ -56,14 +56,14 @@ if submitted:
     elif not sources:
         st.error("Choose files, a zip archive or a folder to import.")
     else:
-        with st.status(f"Importing into {name}…", expanded=True) as status:
+        with st.status(f"Importing into {common.plain(name)}…", expanded=True) as status:
             try:
                 report = common.import_images(sources, name, None if modality == "auto" else modality, user)
             except Exception as exc:
                 status.update(label="Import failed", state="error")
                 st.error(common.one_line(exc))
             else:
-                status.update(label=f"Imported into {name}: {len(report.accepted)} accepted, "
+                status.update(label=f"Imported into {common.plain(name)}: {len(report.accepted)} accepted, "
                                     f"{len(report.rejected)} rejected", state="complete")
                 st.session_state["data_last_report"] = report
                 st.session_state["data_cohort"] = name
@@ -91,7 +91,7 @@ if user is not None and user.role == "admin":
     if not held:
         st.caption("No image is held.")
     for record in held:
-        with st.expander(f"{record.pseudonym} · {record.cohort_name}"):
+        with st.expander(f"{record.pseudonym} · {common.plain(record.cohort_name)}"):
             st.text(record.quarantine_reason)
             try:
                 image = common.load_record(record)

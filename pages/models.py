@@ -101,11 +101,11 @@ if jobs:
                 st.progress(min(job.progress_done / total, 1.0) if total else 0.0,
                             text=f"{label} · {job.message or ''}")
             elif job.status == "failed":
-                st.error(f"{label}: {job.error}")
+                st.error(f"{common.plain(label)}: {common.plain(job.error)}")
             elif job.status == "cancelled":
-                st.info(f"{label}: {job.message or 'cancelled'}")
+                st.info(f"{common.plain(label)}: {common.plain(job.message or 'cancelled')}")
             else:
-                st.success(f"{label}: {job.message or 'done'}")
+                st.success(f"{common.plain(label)}: {common.plain(job.message or 'done')}")
 
     running = [job for job in jobs[:5] if job.status in ("queued", "running")]
     training_progress(frozenset(job.id for job in running))

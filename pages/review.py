@@ -36,7 +36,7 @@ if model_info is None:
 try:
     model, meta = common.load_model(model_info.path)
 except Exception as exc:
-    st.error(f"{model_info.path.name}: {common.one_line(exc)}")
+    st.error(f"{common.plain(model_info.path.name)}: {common.one_line(exc)}")
     st.stop()
 
 # ---------------------------------------------------------------------------------------------- image
@@ -99,7 +99,7 @@ try:
     # the fast gradient CAMs of the predicted class come out of the prediction's own forward pass
     prediction = session.predict(with_methods=[m for m in methods if not method_spec(m).slow])
 except Exception as exc:
-    st.error(f"{image.name}: cannot run {model_info.name}: {common.one_line(exc)}")
+    st.error(f"{common.plain(image.name)}: cannot run {common.plain(model_info.name)}: {common.one_line(exc)}")
     st.stop()
 
 classes = prediction.classes
@@ -210,7 +210,7 @@ for row_start in range(0, len(panels), columns_per_row):
                                 icon=":material/data_array:", width="stretch")
 
 st.session_state["review_seconds_to_maps"] = time.perf_counter() - started
-st.caption(f"Maps of {image.name} ready in {st.session_state['review_seconds_to_maps']:.2f} s on "
+st.caption(f"Maps of {common.plain(image.name)} ready in {st.session_state['review_seconds_to_maps']:.2f} s on "
            f"{common.device_text()}.")
 
 # ---------------------------------------------------------------------------------------------- CasCAM

@@ -702,3 +702,19 @@ def test_confined_import_reads_nothing_outside_its_folders(session, tmp_path):
     assert [a.name for a in result.accepted] == ["inside.png"]
     reasons = {r.name: r.reason for r in result.rejected}
     assert "leaves the import folder" in reasons["sneaky.png"] and "not under the import folder" in reasons["secret"]
+
+
+def test_a_cohort_named_like_sql_is_stored_and_listed_as_its_name(session, tmp_path):
+    """Every statement is parameterised: the name is data, and the images table survives it."""
+    name = "x'); DROP TABLE images;--"
+    result = repo.import_images(session, [_png_file(tmp_path / "a.png")], name)
+    assert not result.rejected
+    repo.set_class_labels(session, repo.get_cohort(session, name), ["healthy", "x'; DELETE FROM users;--"])
+    assert name in [c.name for c in repo.list_cohorts(session)]
+    assert repo.count_images(session, name) == 1 and repo.list_images(session, name, search=name) == []
+    assert session.scalar(select(func.count()).select_from(Image)) == 1
+
+
+def _png_file(path):
+    path.write_bytes(_png_bytes(5))
+    return path

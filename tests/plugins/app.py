@@ -49,11 +49,12 @@ def server_keys(home: Path) -> Path:
 
 
 def prepare_home(home: Path, *, n_images: int = 6, modality: str = "fundus", image_size: int = 128,
-                 arch: str = "resnet18", img_size: int = 64) -> dict:
+                 arch: str = "resnet18", img_size: int = 64, then=None) -> dict:
     """Fill ``home`` like a small demo: one synthetic cohort imported into the database and one model.
 
     ``image_size``: side of the synthetic images (px); ``arch`` / ``img_size``: the (untrained,
-    seeded) SoftCAM model and its input side. Returns ``{"cohort": name, "cohort_dir": Path, "model": Path}``.
+    seeded) SoftCAM model and its input side. ``then(session, cohort_dir)``: more set-up in the same
+    environment and transaction. Returns ``{"cohort": name, "cohort_dir": Path, "model": Path}``.
     """
     from softcam_core.synth import make_cohort
 
@@ -75,6 +76,8 @@ def prepare_home(home: Path, *, n_images: int = 6, modality: str = "fundus", ima
         name = f"demo-{modality}"
         with session_scope(engine) as session:
             register_cohort_folder(session, cohort_dir, name, modality=modality)
+            if then is not None:
+                then(session, cohort_dir)
     finally:
         for variable, value in (("SOFTCAM_HOME", old), ("SOFTCAM_KEY_DIR", old_keys)):
             if value is None:
