@@ -216,6 +216,8 @@ def read_coco(path: Path, resolve: Resolver) -> ImportReport:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as exc:
         raise AnnotationFormatError(f"{path.name}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except RecursionError:
+        raise AnnotationFormatError(f"{path.name}: JSON nested too deeply to be a COCO file") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise AnnotationFormatError(f"{path.name}: not a COCO file (no 'images' list)")
     annotations = data.get("annotations") or []
@@ -403,16 +405,22 @@ def write_voc(out: Path, images: Sequence["ExportImage"]) -> Path:
 def _csv_rows(path: Path, required: Sequence[str]) -> tuple[list[tuple[int, dict[str, str]]], str]:
     text = _read_text(path)
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = [h.strip() for h in (reader.fieldnames or [])]
+    try:
+        header = [h.strip() for h in (reader.fieldnames or [])]
+    except csv.Error as exc:
+        raise AnnotationFormatError(f"{path.name}: not a readable CSV header ({exc})") from None
     missing = [c for c in required if c not in header]
     if missing:
         raise AnnotationFormatError(f"{path.name}: header lacks column(s) {', '.join(missing)} (found: {', '.join(header) or 'nothing'})")
     reader.fieldnames = header
     rows = []
-    for row in reader:
-        # reader.line_num is the physical line just read (header is line 1)
-        # a cell our own export neutralised for spreadsheets ('=x) reads back as what was written (=x)
-        rows.append((reader.line_num, {k: restore((v or "").strip()) for k, v in row.items() if k is not None}))
+    try:
+        for row in reader:
+            # reader.line_num is the physical line just read (header is line 1)
+            # a cell our own export neutralised for spreadsheets ('=x) reads back as what was written (=x)
+            rows.append((reader.line_num, {k: restore((v or "").strip()) for k, v in row.items() if k is not None}))
+    except csv.Error as exc:  # a field over csv's limit (131,072 characters), a NUL byte, a broken quote
+        raise AnnotationFormatError(f"{path.name}: not a readable CSV file near line {reader.line_num} ({exc})") from None
     return rows, path.name
 
 
@@ -596,14 +604,26 @@ def write_yolo(out: Path, images: Sequence["ExportImage"]) -> Path:
 
 # --- masks -------------------------------------------------------------------------------------
 
-def read_mask_array(blob: bytes, name: str) -> np.ndarray:
-    """Decode a mask image to ``(H, W)`` bool (non-zero = foreground); colour masks use any channel."""
+def read_mask_array(blob: bytes, name: str, expected: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode a mask image to ``(H, W)`` bool (non-zero = foreground); colour masks use any channel.
+
+    ``expected`` (H, W): the image's size, checked on the header before any pixel is decoded, so a
+    mask that claims 30,000 x 30,000 pixels is refused without allocating them."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(blob)) as img:
-            arr = np.asarray(img)
-    except (UnidentifiedImageError, OSError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(blob)) as img:
+                width, height = img.size
+                if expected is not None and (height, width) != tuple(expected):
+                    raise ValueError(f"mask is {width}x{height} but the image is {expected[1]}x{expected[0]}")
+                arr = np.asarray(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ValueError(f"mask image too large ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"not a readable image ({exc})") from None
     if arr.ndim == 3:
         arr = arr[..., :3].any(axis=2) if arr.shape[2] >= 3 else arr[..., 0]
@@ -629,12 +649,9 @@ def read_masks(path: Path, resolve: Resolver, label: str | None = None) -> Impor
         if image is None:
             continue
         try:
-            arr = read_mask_array(blob, name)
+            arr = read_mask_array(blob, name, (image.height, image.width) if image.width and image.height else None)
         except ValueError as exc:
             report.error(name, str(exc))
-            continue
-        if image.width and image.height and arr.shape != (image.height, image.width):
-            report.error(name, f"mask is {arr.shape[1]}x{arr.shape[0]} but the image is {image.width}x{image.height}")
             continue
         if not arr.any():
             continue  # an empty mask says "no lesion": nothing to store
