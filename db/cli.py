@@ -65,7 +65,7 @@ def _images_import(args: argparse.Namespace) -> int:
         with session_scope(engine) as session:
             cohort = add_cohort(session, args.cohort, modality=args.modality)
             result = import_images(session, args.paths, cohort, modality=args.modality, progress=update,
-                                   commit_every=16)
+                                   commit_every=16, dates=args.dates)
     finally:
         close()
     for item in result.accepted:
@@ -249,6 +249,8 @@ def register_cli(subparsers) -> None:
     imp.add_argument("paths", nargs="+", metavar="PATH", help="image files (PNG, JPEG, TIFF, DICOM), folders or zips")
     imp.add_argument("--cohort", required=True, help="cohort name (created if new)")
     imp.add_argument("--modality", choices=("fundus", "oct", "cxr", "other"), help="override the detected modality")
+    imp.add_argument("--dates", choices=("shift", "remove"), default="shift",
+                     help="DICOM dates: shift back by a per-patient offset (default; intervals kept) or remove them")
     imp.set_defaults(func=_images_import)
 
     ann = subparsers.add_parser("annotations", help="import or export annotation files")

@@ -202,7 +202,7 @@ class _PreparedImage:
 
 def import_images(session: Session, paths: Iterable[str | Path], cohort: Cohort | str, modality: str | None = None,
                   *, progress: Progress | None = None, commit_every: int | None = None,
-                  confine_to: Sequence[Path] | None = None) -> ImageImportResult:
+                  confine_to: Sequence[Path] | None = None, dates: str = "shift") -> ImageImportResult:
     """Import image files, folders (recursive) and zips into ``cohort``.
 
     Each file is decoded with :func:`softcam_core.imaging.load_image` (rejected with its reason if
@@ -219,7 +219,8 @@ def import_images(session: Session, paths: Iterable[str | Path], cohort: Cohort 
     outside any transaction, so a long import never holds the SQLite write lock for more than one
     short batch and annotators keep saving meanwhile. Without it everything stays in the caller's
     transaction. ``confine_to`` (the app's imports: the import root and the upload folder): files
-    whose real path lies in none of these folders are rejected, not read.
+    whose real path lies in none of these folders are rejected, not read. ``dates``: ``"shift"``
+    (default: DICOM dates move back by a per-patient offset) or ``"remove"`` (the table's actions).
     """
     from softcam_core.imaging import (
         ImageLoadError,
@@ -270,7 +271,7 @@ def import_images(session: Session, paths: Iterable[str | Path], cohort: Cohort 
                 raise RepositoryError(f"cannot read ({exc.strerror or exc})") from None
             base = PurePosixPath(name.split(":")[-1].replace("\\", "/")).name
             image = load_image(data, name=base, modality=modality)
-            stored = deidentified_bytes(data, name=base)
+            stored = deidentified_bytes(data, name=base, dates=dates)
             sha = hashlib.sha256(stored).hexdigest()
             if sha in known:
                 image_id, pseudonym, reason = known[sha]

@@ -575,7 +575,7 @@ def _rewrite_tiff(data: bytes, name: str) -> bytes:
 
 
 def deidentified_bytes(source, *, name: str | None = None, key: bytes | str | None = None,
-                       keep_patient_characteristics: bool = False) -> bytes:
+                       keep_patient_characteristics: bool = False, dates: str = "shift") -> bytes:
     """The bytes to store for an imported file, without identifying metadata.
 
     DICOM: :func:`deidentify` then re-encoded in the same transfer syntax (pixel data untouched).
@@ -591,7 +591,7 @@ def deidentified_bytes(source, *, name: str | None = None, key: bytes | str | No
     try:
         with warnings.catch_warnings(), quiet_logs("pydicom", "tifffile"):
             warnings.simplefilter("ignore")
-            return _deidentified_bytes(data, label, kind, key, keep_patient_characteristics)
+            return _deidentified_bytes(data, label, kind, key, keep_patient_characteristics, dates)
     except ImageLoadError:
         raise
     except BaseException as exc:
@@ -600,7 +600,8 @@ def deidentified_bytes(source, *, name: str | None = None, key: bytes | str | No
         raise ImageLoadError(label, f"cannot write a de-identified copy ({_one_line(exc, 150)})") from None
 
 
-def _deidentified_bytes(data: bytes, label: str, kind: str | None, key, keep_patient_characteristics: bool) -> bytes:
+def _deidentified_bytes(data: bytes, label: str, kind: str | None, key, keep_patient_characteristics: bool,
+                        dates: str = "shift") -> bytes:
     import pydicom
 
     from .dicom import read_dataset
@@ -615,7 +616,7 @@ def _deidentified_bytes(data: bytes, label: str, kind: str | None, key, keep_pat
     if kind != "dicom":
         raise ImageLoadError(label, describe_unknown(data))
     ds = read_dataset(data, label)
-    clean = deidentify(ds, key=key, keep_patient_characteristics=keep_patient_characteristics)
+    clean = deidentify(ds, key=key, keep_patient_characteristics=keep_patient_characteristics, dates=dates)
     meta = clean.file_meta
     if "SOPClassUID" in clean and "MediaStorageSOPClassUID" not in meta:
         meta.MediaStorageSOPClassUID = clean.SOPClassUID
