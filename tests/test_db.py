@@ -718,3 +718,60 @@ def test_a_cohort_named_like_sql_is_stored_and_listed_as_its_name(session, tmp_p
 def _png_file(path):
     path.write_bytes(_png_bytes(5))
     return path
+
+
+def test_a_dicom_with_phi_in_fifty_attributes_leaves_none_in_the_database_files_or_exports(session, tmp_path):
+    """The issue's held-out check, rebuilt: PHI tokens in 50 text attributes that Table E.1-1 names
+    (top level, nested in a kept sequence, private, file meta) and a file named after the patient.
+    After import and every export, no token is in the stored file, the database or an export."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.datadict import dictionary_VR
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from softcam_core.imaging.deid import profile_table
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    tokens = []
+    text_vrs = ("LO", "SH", "ST", "LT", "UT", "PN", "UC")
+    rules = [r for r in profile_table() if r.keyword and "x" not in r.tag]
+    for rule in rules:
+        try:
+            vr = dictionary_VR(rule.keyword).split(" or ")[0]
+        except KeyError:
+            continue
+        if vr in text_vrs and len(tokens) < 46:
+            token = f"PHITOKEN{len(tokens):03d}"
+            setattr(ds, rule.keyword, token if vr != "PN" else f"{token}^Jane")
+            tokens.append(token)
+    item = Dataset()
+    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    item.PatientName = "PHITOKENNESTED^X"
+    item.ImageComments = "PHITOKENNESTEDCOMMENT"
+    ds.ReferencedImageSequence = Sequence([item])
+    ds.add_new(0x00110010, "LO", "HOSPITAL PRIVATE")
+    ds.add_new(0x00111001, "LO", "PHITOKENPRIVATE")
+    ds.file_meta.SourceApplicationEntityTitle = "PHITOKENAE"
+    tokens += ["PHITOKENNESTED", "PHITOKENNESTEDCOMMENT", "PHITOKENPRIVATE", "PHITOKENAE"]
+    assert len(tokens) == 50
+    path = tmp_path / "Doe_Jane_PHITOKENFILE.dcm"
+    ds.save_as(path)
+    tokens.append("PHITOKENFILE")
+    result = repo.import_images(session, [path], "phi")
+    assert not result.rejected, result.rejected
+    image = repo.get_image(session, result.accepted[0].image_id)
+    repo.save_annotation(session, image, Box(1, 1, 9, 9), "lesion", None)
+    blobs = {"stored file": repo.image_path(image).read_bytes()}
+    for table in Image.metadata.sorted_tables:
+        blobs[f"table {table.name}"] = repr([tuple(row) for row in session.execute(select(table))]).encode()
+    for fmt, name in (("coco", "x.json"), ("voc", "voc.zip"), ("rsna", "r.csv"), ("yolo", "y.zip"), ("csv", "p.csv")):
+        out = repo.export_annotations(session, fmt, "phi", tmp_path / "out" / name)
+        if out.suffix == ".zip":
+            with zipfile.ZipFile(out) as zf:
+                blobs[fmt] = b"".join(zf.read(n) + n.encode() for n in zf.namelist())
+        else:
+            blobs[fmt] = out.read_bytes()
+    for where, blob in blobs.items():
+        leaked = [t for t in tokens if t.encode() in blob]
+        assert not leaked and b"Doe_Jane" not in blob, (where, leaked)
