@@ -104,7 +104,7 @@ def prepared_server(home: Path, options: dict):
 
     prepared = prepare_home(home, n_images=options["n_images"], image_size=options["image_size"],
                             arch=options["arch"], img_size=options["img_size"])
-    names = sorted(p.name for p in (prepared["cohort_dir"] / "images").iterdir())[: options["n_images"]]
+    names = prepared["image_names"][: options["n_images"]]  # pseudonyms: file names are not stored
     return run_server(home, home / "server.log", timeout=180.0), names
 
 

@@ -26,7 +26,11 @@ def open_app(page: str | None = None, user: dict | None = ADMIN, timeout: float 
 
 
 def texts(elements) -> list[str]:
-    return [str(e.value) for e in elements]
+    """What the user reads in these elements: their Markdown with the escapes that
+    ``pages.common.plain`` adds to user text taken out again (``boxes\\.csv`` reads ``boxes.csv``)."""
+    import re
+
+    return [re.sub(r"\\([\\`*_{}\[\]()#+\-.!|<>~$:&])", r"\1", str(e.value)) for e in elements]
 
 
 def charts(at: AppTest) -> list[dict]:

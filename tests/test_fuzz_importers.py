@@ -19,7 +19,10 @@ EXPECTED_ERRORS = {"images": "RejectedImage", "checkpoints": "CheckpointError"}
 def test_every_importer_refuses_hostile_files_cleanly_and_within_2_gb(tmp_path):
     marker = Path("/tmp/softcam-fuzz-pwned")
     marker.unlink(missing_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # a clean environment: nothing the rest of the test session set (caps, devices, thread counts)
+    env = {key: os.environ[key] for key in ("PATH", "LANG", "LC_ALL", "TMPDIR") if key in os.environ}
+    env.update(PYTHONPATH=str(ROOT), HOME=str(tmp_path / "home"), SOFTCAM_HOME=str(tmp_path / "softcam_home"),
+               SOFTCAM_KEY_DIR=str(tmp_path / "keys"), SOFTCAM_DEVICE="cpu")
     done = subprocess.run([sys.executable, "-m", "tests.plugins.fuzz_importers", str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -35,5 +38,7 @@ def test_every_importer_refuses_hostile_files_cleanly_and_within_2_gb(tmp_path):
         assert row["message"] and "Traceback" not in row["message"], where
         assert row["before"] == row["after"], where  # the database is unchanged
     assert not marker.exists(), "the pickled checkpoint ran code"
-    assert peak < MEMORY_LIMIT_BYTES, f"peak {peak / 1024**2:.0f} MiB"
+    largest = sorted(rows, key=lambda row: -row["peak_rss_bytes"])[:3]
+    assert peak < MEMORY_LIMIT_BYTES, (f"peak {peak / 1024**2:.0f} MiB, reached by", [
+        (row["importer"], row["file"], round(row["peak_rss_bytes"] / 1024**2)) for row in largest])
     print(f"fuzz: {len(rows)} hostile files refused; peak memory {peak / 1024**2:.0f} MiB")

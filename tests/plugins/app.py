@@ -54,7 +54,8 @@ def prepare_home(home: Path, *, n_images: int = 6, modality: str = "fundus", ima
 
     ``image_size``: side of the synthetic images (px); ``arch`` / ``img_size``: the (untrained,
     seeded) SoftCAM model and its input side. ``then(session, cohort_dir)``: more set-up in the same
-    environment and transaction. Returns ``{"cohort": name, "cohort_dir": Path, "model": Path}``.
+    environment and transaction. Returns ``{"cohort": name, "cohort_dir": Path, "model": Path,
+    "pseudonyms": [image pseudonyms in import order], "image_names": [the names the pages show]}``.
     """
     from softcam_core.synth import make_cohort
 
@@ -76,6 +77,12 @@ def prepare_home(home: Path, *, n_images: int = 6, modality: str = "fundus", ima
         name = f"demo-{modality}"
         with session_scope(engine) as session:
             register_cohort_folder(session, cohort_dir, name, modality=modality)
+            from db import repository
+
+            # what the image pickers show: pseudonyms (file names are not stored), in import order
+            images = repository.list_images(session, name)
+            pseudonyms = [image.pseudonym for image in images]
+            image_names = [f"{image.pseudonym}{image.extension}" for image in images]  # MedicalImage.name
             if then is not None:
                 then(session, cohort_dir)
     finally:
@@ -84,7 +91,8 @@ def prepare_home(home: Path, *, n_images: int = 6, modality: str = "fundus", ima
                 os.environ.pop(variable, None)
             else:
                 os.environ[variable] = value
-    return {"cohort": name, "cohort_dir": cohort_dir, "model": model}
+    return {"cohort": name, "cohort_dir": cohort_dir, "model": model, "pseudonyms": pseudonyms,
+            "image_names": image_names}
 
 
 @pytest.fixture
@@ -170,6 +178,7 @@ def dicom_from_png(png: Path, out: Path, *, patient_name: str = "Doe^Jane", pati
     ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.Modality, ds.ImageType = "OT", ["DERIVED", "SECONDARY"]
+    ds.BurnedInAnnotation = "NO"  # a converted radiograph without text: not held in quarantine at upload
     ds.PatientName, ds.PatientID, ds.BodyPartExamined = patient_name, patient_id, "CHEST"
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"

@@ -156,7 +156,13 @@ def run(out_dir: Path) -> list[dict]:
             return [session.scalar(select(func.count()).select_from(Image)),
                     session.scalar(select(func.count()).select_from(Annotation))]
 
+    import resource
+
     rows = []
+
+    def peak() -> int:  # the process's peak resident memory so far, bytes (ru_maxrss is KiB on Linux)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
     for name, data in image_corpus().items():
         path = files / "images" / name
         path.parent.mkdir(exist_ok=True)
@@ -172,6 +178,7 @@ def run(out_dir: Path) -> list[dict]:
         except Exception as exc:
             row.update(outcome="crash", error_type=type(exc).__name__, message=str(exc)[:300])
         row["after"] = counts()
+        row["peak_rss_bytes"] = peak()
         rows.append(row)
     for fmt, name, data in annotation_corpus():
         path = files / "annotations" / fmt / name
@@ -188,6 +195,7 @@ def run(out_dir: Path) -> list[dict]:
         except Exception as exc:
             row.update(outcome="crash", error_type=type(exc).__name__, message=str(exc)[:300])
         row["after"] = counts()
+        row["peak_rss_bytes"] = peak()
         rows.append(row)
     for name, data in checkpoint_corpus().items():
         path = files / "checkpoints" / name
@@ -201,11 +209,9 @@ def run(out_dir: Path) -> list[dict]:
             row.update(outcome="rejected", error_type=type(exc).__name__, message=str(exc)[:300])
         except Exception as exc:
             row.update(outcome="crash", error_type=type(exc).__name__, message=str(exc)[:300])
+        row["peak_rss_bytes"] = peak()
         rows.append(row)
-    import resource
-
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # this process's peak resident memory
-    (out_dir / "results.json").write_text(json.dumps({"rows": rows, "peak_rss_bytes": peak_kib * 1024}, indent=1))
+    (out_dir / "results.json").write_text(json.dumps({"rows": rows, "peak_rss_bytes": peak()}, indent=1))
     return rows
 
 
