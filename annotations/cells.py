@@ -29,19 +29,21 @@ def restore(value: Any) -> Any:
     return value
 
 
-def neutralise_frame(frame):
-    """A copy of a pandas DataFrame with :func:`neutralise` applied to every text cell."""
+def _text_cells(frame, fn):
+    from pandas.api.types import is_object_dtype, is_string_dtype
+
     out = frame.copy()
     for column in out.columns:
-        if out[column].dtype == object or str(out[column].dtype).startswith("string"):
-            out[column] = out[column].map(neutralise)
+        if is_object_dtype(out[column]) or is_string_dtype(out[column]):  # pandas 3 has a str dtype
+            out[column] = out[column].map(fn)
     return out
+
+
+def neutralise_frame(frame):
+    """A copy of a pandas DataFrame with :func:`neutralise` applied to every text cell."""
+    return _text_cells(frame, neutralise)
 
 
 def restore_frame(frame):
     """A copy of a pandas DataFrame with :func:`restore` applied to every text cell."""
-    out = frame.copy()
-    for column in out.columns:
-        if out[column].dtype == object or str(out[column].dtype).startswith("string"):
-            out[column] = out[column].map(restore)
-    return out
+    return _text_cells(frame, restore)

@@ -331,3 +331,15 @@ def _plain_csv(tmp_path, body: str):
     path = tmp_path / "in.csv"
     path.write_text("image,x0,y0,x1,y1,label\n" + body)
     return path
+
+
+def test_evaluation_tables_neutralise_text_cells_of_every_dtype():
+    """pandas 3 reads text as its own ``str`` dtype: the frame helpers must reach it too."""
+    import pandas as pd
+
+    from annotations.cells import neutralise_frame, restore_frame
+
+    frame = pd.DataFrame({"image": ["=cmd|' /C calc'!A0", "ok"], "value": [-1.5, 2.0]})
+    safe = neutralise_frame(frame)
+    assert safe["image"].tolist() == ["'=cmd|' /C calc'!A0", "ok"] and safe["value"].tolist() == [-1.5, 2.0]
+    assert restore_frame(safe).equals(frame)
