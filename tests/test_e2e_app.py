@@ -58,6 +58,21 @@ def assert_no_exception(page) -> None:
     assert exceptions.count() == 0, exceptions.first.inner_text()
 
 
+# true once the component holding this upper (mouse) canvas shows its background image: any
+# non-transparent pixel on another canvas of its root, sampled on a grid
+CANVAS_READY = """(upper) => {
+    if (!upper.isConnected) return false;
+    const root = upper.closest('.canvas-root') || upper.getRootNode();
+    for (const canvas of root.querySelectorAll('canvas')) {
+        if (canvas === upper || !canvas.width || !canvas.height) continue;
+        const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+        const step = 4 * Math.max(1, Math.floor(canvas.width * canvas.height / 997));
+        for (let i = 3; i < data.length; i += step) if (data[i] !== 0) return true;
+    }
+    return false;
+}"""
+
+
 def wait_idle(page) -> None:
     """Until the script run ends (Streamlit shows its status widget while running); the short pause
     lets a run triggered by the last action start first."""
@@ -147,27 +162,24 @@ def test_draw_a_box_save_reload_and_find_it(page, server, tmp_path):
     page.wait_for_selector("h1:has-text('Annotate')")
     choose(page, "Cohort", server["cohort"])
     wait_idle(page)
-    page.wait_for_timeout(1000)  # the canvas mounts its Fabric.js layers after the script run
     # after the cohort switch the page can hold the previous run's canvas beside the new one: take
-    # the visible one the last script run rendered
+    # the visible one the last script run rendered. Fabric.js takes the mouse once the component has
+    # drawn the background image on its own canvas beside the drawing layers (a drag made before
+    # that is lost): wait for those pixels. The component lives in a shadow root (isolate_styles),
+    # which Playwright's locators pierce and document.querySelector does not: hand the element over.
     canvas = page.locator("canvas.upper-canvas:visible").last
     canvas.wait_for()
+    page.wait_for_function(CANVAS_READY, arg=canvas.element_handle(), timeout=TIMEOUT_MS)
     box = canvas.bounding_box()
     # drag from 20 % to 60 % of the canvas: the box must come back in image pixels
     x0, y0 = box["x"] + 0.2 * box["width"], box["y"] + 0.2 * box["height"]
     x1, y1 = box["x"] + 0.6 * box["width"], box["y"] + 0.6 * box["height"]
-    for attempt in range(2):  # a drag made while a slow machine still mounts the canvas can be lost: redraw once
-        page.mouse.move(x0, y0)
-        page.mouse.down()
-        page.mouse.move((x0 + x1) / 2, (y0 + y1) / 2, steps=5)
-        page.mouse.move(x1, y1, steps=5)
-        page.mouse.up()
-        try:
-            page.get_by_text("Unsaved: 1 new").wait_for(timeout=60_000 if attempt == 0 else TIMEOUT_MS)
-            break
-        except Exception:
-            if attempt == 1:
-                raise
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move((x0 + x1) / 2, (y0 + y1) / 2, steps=5)
+    page.mouse.move(x1, y1, steps=5)
+    page.mouse.up()
+    page.get_by_text("Unsaved: 1 new").wait_for(timeout=TIMEOUT_MS)
     wait_idle(page)
     shoot(page, tmp_path, "annotate")
     page.get_by_role("button", name="Save").click()
