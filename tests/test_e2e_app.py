@@ -97,19 +97,15 @@ def maps_on_screen(page, count: int, title: str) -> None:
 def choose(page, label: str, option: str) -> None:
     """Pick ``option`` (first option whose text contains it) in the select box whose label starts with ``label``.
 
-    Retries once: on a loaded machine a rerun may replace the select box while its list is open."""
+    Opens the list only once the app is idle: a rerun still in flight would replace the select box
+    while its list is open, and the click would land on a detached element."""
     box = page.locator("[data-testid='stSelectbox']").filter(has_text=label).first
-    for attempt in range(3):
-        if option in box.locator("input").input_value():
-            return
-        try:
-            box.click()
-            page.get_by_role("option").filter(has_text=option).first.click(timeout=30_000)
-        except Exception:
-            if attempt == 2:
-                raise
-            page.keyboard.press("Escape")
-        wait_idle(page)
+    wait_idle(page)
+    if option in box.locator("input").input_value():
+        return
+    box.click()
+    page.get_by_role("option").filter(has_text=option).first.click()
+    wait_idle(page)
     expect(box.locator("input")).to_have_value(re.compile(re.escape(option)))
 
 
