@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "softcam_core.synth",
     "softcam_core.training",
     "softcam_core.inference",
+    "softcam_core.model_import",
     "softcam_core.imaging.deid",
     "softcam_core.explain.cli",
     "softcam_core.evaluate",

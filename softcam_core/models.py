@@ -29,7 +29,8 @@ DENSENETS = ("densenet121", "densenet161", "densenet169", "densenet201")
 EFFICIENTNETS = tuple(f"efficientnet_b{i}" for i in range(8))
 CONVNEXTS = ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large")
 ARCHS = RESNETS + VGGS + DENSENETS + EFFICIENTNETS + CONVNEXTS
-HEADS = ("softcam", "baseline")
+# "torchvision": a classifier imported unchanged (`softcam models import` without --to-softcam), a black box
+HEADS = ("softcam", "baseline", "torchvision")
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,8 @@ def build_model(arch: str, num_classes: int, head: str = "softcam", init: str | 
     Args:
         arch: torchvision name, one of :data:`ARCHS` (e.g. ``"resnet18"``, ``"vgg16_bn"``).
         num_classes: number of classes C.
-        head: ``"softcam"`` (class-evidence maps) or ``"baseline"`` (GAP + FC).
+        head: ``"softcam"`` (class-evidence maps), ``"baseline"`` (GAP + FC) or ``"torchvision"`` (the
+            unmodified torchvision classifier with ``num_classes`` outputs, as imported from elsewhere).
         init: optional local weights file, never downloaded: a torchvision state dict (e.g.
             ImageNet ``resnet18-*.pth``) or a SoftCAM Review checkpoint; tensors whose names and
             shapes match are loaded (a 1000-class ImageNet head is skipped). Without it the weights
@@ -254,10 +256,12 @@ def build_model(arch: str, num_classes: int, head: str = "softcam", init: str | 
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     if head not in HEADS:
-        raise ValueError(f"unknown head {head!r}; choose 'softcam' or 'baseline'")
+        raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
     state = _read_weights(init) if init is not None else None
     loaded = 0
-    if arch in VGGS:
+    if head == "torchvision":
+        net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    elif arch in VGGS:
         # torchvision's VGG would first build (and randomly initialise) the 25088x4096 classifier
         # that SoftCAM discards: seconds of wasted work on every load, so build the features alone
         features = _vgg_features(arch)
@@ -299,7 +303,7 @@ REQUIRED_META = ("arch", "head", "classes", "img_size", "mean", "std", "modality
 class CheckpointMeta:
     """What a checkpoint records about its model, typed (the ``meta`` dict, validated).
 
-    arch: torchvision name (``"resnet18"``); head: ``"softcam"`` | ``"baseline"``; classes: class
+    arch: torchvision name (``"resnet18"``); head: ``"softcam"`` | ``"baseline"`` | ``"torchvision"``; classes: class
     names, the negative ("no disease") class first; img_size: model input side (px); mean, std:
     per-channel normalisation of [0, 1] intensities; modality: ``"fundus"`` | ``"oct"`` | ``"cxr"`` |
     ``"other"``; l1, l2: the ElasticNet weights it was trained with; data_hash: the cohort it was
@@ -341,7 +345,7 @@ class CheckpointMeta:
             )
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{source}: malformed checkpoint metadata ({exc})") from None
-        problems = [f"head {typed.head!r} is not softcam or baseline" if typed.head not in ("softcam", "baseline") else "",
+        problems = [f"head {typed.head!r} is not one of {', '.join(HEADS)}" if typed.head not in HEADS else "",
                     "fewer than two classes" if typed.num_classes < 2 else "",
                     f"img_size {typed.img_size} is not positive" if typed.img_size <= 0 else "",
                     "mean and std need 1 or 3 values each" if {len(typed.mean), len(typed.std)} - {1, 3} else "",

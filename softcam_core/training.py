@@ -43,7 +43,10 @@ from torch import nn
 
 from softcam_core.device import default_device
 from softcam_core.losses import loss_terms
-from softcam_core.models import ARCHS, HEADS, SoftCAMNet, build_model, load_checkpoint, save_checkpoint
+from softcam_core.models import ARCHS, SoftCAMNet, build_model, load_checkpoint, save_checkpoint
+
+# the heads trained here; "torchvision" (an unchanged imported classifier) comes only from `softcam models import`
+TRAINABLE_HEADS = ("softcam", "baseline")
 
 # ImageNet statistics: inputs stay in the range local ImageNet weights (--init) were trained on
 DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -431,7 +434,7 @@ def train(
 
     if arch not in ARCHS:
         raise TrainingError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
-    if head not in HEADS:
+    if head not in TRAINABLE_HEADS:
         raise TrainingError(f"unknown head {head!r}; choose softcam or baseline")
     if epochs < 1 or img_size < 16 or batch_size < 1:
         raise TrainingError(f"need epochs >= 1, img_size >= 16 and batch_size >= 1 (got {epochs}, {img_size}, {batch_size})")
@@ -667,7 +670,7 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--arch", default="resnet18", choices=ARCHS, metavar="ARCH",
                         help="torchvision architecture: resnet18/34/50/101/152, vgg11..vgg19[_bn], densenet*, "
                         "efficientnet_b*, convnext_* (default resnet18)")
-    parser.add_argument("--head", default="softcam", choices=HEADS,
+    parser.add_argument("--head", default="softcam", choices=TRAINABLE_HEADS,
                         help="softcam: class-evidence maps; baseline: GAP + FC black box (default softcam)")
     parser.add_argument("--l1", type=float, default=0.0, help="lasso weight on the evidence maps (mean |a|) (default 0)")
     parser.add_argument("--l2", type=float, default=0.0, help="ridge weight on the evidence maps (mean a^2) (default 0)")
