@@ -17,6 +17,9 @@ Coordinate conventions of the formats (all converted to exclusive-end image pixe
 * YOLO ``class cx cy w h`` normalised by the image width / height.
 * plain CSV ``image,x0,y0,x1,y1,label`` already in our convention.
 * mask PNG: non-zero pixels are foreground; one mask annotation plus one box per 8-connected component.
+* points CSV ``filename,label,x,y[,participant]`` (the Sparse-BagNet clinician study's layout): one
+  lesion point per row, ``(x, y)`` in image pixels taken as continuous coordinates (the point lies
+  in pixel ``(floor(x), floor(y))``); ``participant`` names the annotator who placed it.
 """
 
 from __future__ import annotations
@@ -39,9 +42,9 @@ import numpy as np
 from defusedxml import DefusedXmlException
 
 from .cells import neutralise, restore
-from .geometry import Box, Geometry, Mask, mask_to_boxes
+from .geometry import Box, Geometry, Mask, Point, mask_to_boxes
 
-IMPORT_FORMATS = ("coco", "voc", "rsna", "yolo", "csv", "mask")
+IMPORT_FORMATS = ("coco", "voc", "rsna", "yolo", "csv", "mask", "points")
 EXPORT_FORMATS = ("coco", "voc", "rsna", "yolo", "csv")
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 
@@ -74,6 +77,7 @@ class ParsedAnnotation:
     label: str | None
     location: str              # "line 7", "annotations[3]", "objects[2] in x.xml"
     derived: bool = False      # True for boxes computed from a mask in the same file
+    author: str | None = None  # the annotator the file names for this row (points' participant), if any
 
 
 @dataclass
@@ -96,6 +100,9 @@ class ImportReport:
     errors: list[RowProblem] = field(default_factory=list)
     warnings: list[RowProblem] = field(default_factory=list)
     rows: int = 0
+    # rows naming an image that is not in the cohort are errors, unless the caller allows skipping
+    # them (a study file covering more images than were imported): then counted per reference here
+    unknown: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -138,6 +145,9 @@ def format_number(value: float) -> str:
     return repr(value)
 
 
+UNKNOWN_IMAGE = "no image matches {ref!r}"
+
+
 def _resolve(report: ImportReport, resolve: Resolver, ref: str, location: str, fuzzy: bool = False):
     ref = (ref or "").strip()
     if not ref:
@@ -149,7 +159,7 @@ def _resolve(report: ImportReport, resolve: Resolver, ref: str, location: str, f
         report.error(location, str(exc))
         return None
     if image is None:
-        report.error(location, f"no image matches {ref!r}")
+        report.error(location, UNKNOWN_IMAGE.format(ref=ref))
         return None
     report.images_seen.setdefault(image.key, location)
     return image
@@ -170,8 +180,9 @@ def _check_box(report: ImportReport, box: Box, image, location: str) -> bool:
     return True
 
 
-def _add(report: ImportReport, image, ref: str, geometry: Geometry, label, location: str, derived=False) -> None:
-    report.annotations.append(ParsedAnnotation(image.key, ref, geometry, label, location, derived))
+def _add(report: ImportReport, image, ref: str, geometry: Geometry, label, location: str, derived=False,
+         author: str | None = None) -> None:
+    report.annotations.append(ParsedAnnotation(image.key, ref, geometry, label, location, derived, author))
 
 
 def _read_text(path: Path) -> str:
@@ -505,6 +516,36 @@ def read_csv(path: Path, resolve: Resolver) -> ImportReport:
     return report
 
 
+POINT_COLUMNS = ("filename", "label", "x", "y")
+
+
+def read_points(path: Path, resolve: Resolver) -> ImportReport:
+    """Points CSV ``filename,label,x,y[,participant]`` (module docstring); a point outside the image
+    (x not in [0, width), y not in [0, height)) is an error."""
+    path = Path(path)
+    report = ImportReport(path.name, "points")
+    rows, _ = _csv_rows(path, POINT_COLUMNS)
+    for line, row in rows:
+        report.rows += 1
+        location = f"line {line}"
+        image = _resolve(report, resolve, row["filename"], location)
+        if image is None:
+            continue
+        try:
+            x, y = _number(row["x"], "x"), _number(row["y"], "y")
+            if not row["label"]:
+                raise ValueError("label is empty")
+        except ValueError as exc:
+            report.error(location, str(exc))
+            continue
+        if image.width and image.height and not (0 <= x < image.width and 0 <= y < image.height):
+            report.error(location, f"point ({x:g}, {y:g}) lies outside the {image.width}x{image.height} image")
+            continue
+        _add(report, image, row["filename"], Point(x, y), row["label"], location,
+             author=(row.get("participant") or "").strip() or None)
+    return report
+
+
 def write_csv(out: Path, images: Sequence["ExportImage"]) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -663,16 +704,42 @@ def read_masks(path: Path, resolve: Resolver, label: str | None = None) -> Impor
 
 READERS: dict[str, Callable[..., ImportReport]] = {
     "coco": read_coco, "voc": read_voc, "rsna": read_rsna, "yolo": read_yolo, "csv": read_csv, "mask": read_masks,
+    "points": read_points,
 }
 
 
-def read_annotations(path: Path, fmt: str, resolve: Resolver, *, label: str | None = None) -> ImportReport:
-    """Validate every row of an annotation file; see the module docstring. ``label`` names mask labels."""
+def read_annotations(path: Path, fmt: str, resolve: Resolver, *, label: str | None = None,
+                     skip_unknown_images: bool = False) -> ImportReport:
+    """Validate every row of an annotation file; see the module docstring. ``label`` names mask labels.
+    ``skip_unknown_images``: rows naming an image the resolver does not know are counted in
+    ``report.unknown`` (reference -> rows) instead of being errors: a study file (RSNA's labels,
+    the clinician study's points) usually covers more images than a cohort holds."""
     if fmt not in READERS:
         raise AnnotationFormatError(f"unknown annotation format {fmt!r}; choose one of {', '.join(IMPORT_FORMATS)}")
-    if fmt == "mask":
-        return read_masks(Path(path), resolve, label)
-    return READERS[fmt](Path(path), resolve)
+    report = read_masks(Path(path), resolve, label) if fmt == "mask" else READERS[fmt](Path(path), resolve)
+    if skip_unknown_images:
+        kept = []
+        for problem in report.errors:
+            ref = _unknown_ref(problem.problem)
+            if ref is None:
+                kept.append(problem)
+            else:
+                report.unknown[ref] = report.unknown.get(ref, 0) + 1
+        report.errors = kept
+    return report
+
+
+def _unknown_ref(problem: str) -> str | None:
+    """The reference of an :data:`UNKNOWN_IMAGE` problem, else None."""
+    prefix, suffix = UNKNOWN_IMAGE.split("{ref!r}")
+    if problem.startswith(prefix) and problem.endswith(suffix):
+        import ast
+
+        try:
+            return str(ast.literal_eval(problem[len(prefix):len(problem) - len(suffix) or None]))
+        except (ValueError, SyntaxError):
+            return None
+    return None
 
 
 # --- export ------------------------------------------------------------------------------------

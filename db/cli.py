@@ -80,6 +80,58 @@ def _images_import(args: argparse.Namespace) -> int:
     return 1 if result.rejected else 0
 
 
+def _images_label(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .repository import LabelImportError, get_or_create_user, import_labels
+    from .session import get_engine, session_scope, upgrade
+
+    path = Path(args.labels)
+    if not path.is_file():
+        raise ValueError(f"{path}: label file not found")
+    engine = get_engine()
+    upgrade(engine)
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    if classes is not None and (len(classes) != 2 or not all(classes)):
+        raise ValueError(f"--classes needs two names NEG,POS, got {args.classes!r}")
+    try:
+        with session_scope(engine) as session:
+            user = get_or_create_user(session, args.user, role="researcher") if args.user else None
+            result = import_labels(session, args.cohort, path, image_col=args.image_col, label_col=args.label_col,
+                                   classes=classes, partial=args.partial, user=user, source=path.name)
+    except LabelImportError as exc:
+        for line, text in exc.problems:
+            print(f"line {line}: {text}", file=sys.stderr)
+        print(f"{path.name}: {len(exc.problems)} row(s) not usable, {exc.resolved} resolved; nothing changed "
+              "(--partial labels the rows that resolve)", file=sys.stderr)
+        return 1
+    for line, text in result.problems:
+        print(f"skipped line {line}: {text}", file=sys.stderr)
+    counts = ", ".join(f"{label or '(unlabeled)'} {n}" for label, n in sorted(result.counts.items()))
+    print(f"{result.changed} image(s) labelled, {result.unchanged} unchanged, {len(result.problems)} row(s) skipped "
+          f"({result.layout} layout); cohort {args.cohort!r}: {counts}")
+    return 0
+
+
+def _images_split(args: argparse.Namespace) -> int:
+    from .repository import assign_splits
+    from .session import get_engine, session_scope, upgrade
+
+    try:
+        fractions = tuple(float(v) for v in args.fractions.split(","))
+    except ValueError:
+        raise ValueError(f"--fractions needs three numbers, got {args.fractions!r}") from None
+    engine = get_engine()
+    upgrade(engine)
+    with session_scope(engine) as session:
+        table = assign_splits(session, args.cohort, fractions, seed=args.seed, overwrite=args.overwrite)
+    if not table:
+        raise ValueError(f"cohort {args.cohort!r} has no labelled image to split; label it first (softcam images label)")
+    for label, counts in table.items():
+        print(f"{label}: " + ", ".join(f"{split} {n}" for split, n in counts.items()))
+    return 0
+
+
 def _annotations_import(args: argparse.Namespace) -> int:
     from .repository import AnnotationImportError, get_or_create_user, import_annotations
     from .session import get_engine, session_scope, upgrade
@@ -94,11 +146,14 @@ def _annotations_import(args: argparse.Namespace) -> int:
         # a fresh session: the file is validated in a read-only transaction, then written at once
         with session_scope(engine) as session:
             result = import_annotations(session, args.file, args.format, args.cohort, args.user, label=args.label,
-                                        progress=update)
+                                        progress=update, skip_unknown_images=args.skip_unknown_images)
     except AnnotationImportError as exc:
         close()
         print(exc.report.summary(limit=None), file=sys.stderr)
         print(f"{exc.report.source}: {len(exc.report.errors)} bad row(s); nothing imported", file=sys.stderr)
+        if any(e.problem.startswith("no image matches") for e in exc.report.errors) and not args.skip_unknown_images:
+            print("rows naming images that are not in the cohort can be skipped with --skip-unknown-images",
+                  file=sys.stderr)
         return 1
     finally:
         close()
@@ -106,6 +161,10 @@ def _annotations_import(args: argparse.Namespace) -> int:
         print(result.report.summary(limit=20), file=sys.stderr)
     print(f"{result.added} annotation(s) imported, {result.duplicates} already present, "
           f"{result.images} image(s) matched in cohort {args.cohort!r}")
+    unknown = result.report.unknown
+    if unknown:
+        print(f"skipped {sum(unknown.values())} row(s) naming {len(unknown)} image(s) not in the cohort "
+              f"(e.g. {', '.join(sorted(unknown)[:3])})")
     return 0
 
 
@@ -252,6 +311,24 @@ def register_cli(subparsers) -> None:
     imp.add_argument("--dates", choices=("shift", "remove"), default="shift",
                      help="DICOM dates: shift back by a per-patient offset (default; intervals kept) or remove them")
     imp.set_defaults(func=_images_import)
+    lab = images_sub.add_parser(
+        "label", help="class labels from a CSV (image,label; Kaggle image,level; RSNA patientId,Target); "
+                      "nothing changes unless every row resolves (or --partial)")
+    lab.add_argument("--cohort", required=True)
+    lab.add_argument("--labels", required=True, metavar="CSV", help="the label file")
+    lab.add_argument("--image-col", help="column naming the image (default: image, filename, patientId, image_id ...)")
+    lab.add_argument("--label-col", help="column holding the label (default: label, level, Target, class)")
+    lab.add_argument("--classes", help="NEG,POS class names of the numeric layouts (default: the cohort's first two, "
+                                       "else healthy,diseased)")
+    lab.add_argument("--partial", action="store_true", help="label the rows that resolve and list the others")
+    lab.add_argument("--user", help="who to record in the label history (created as a researcher if new)")
+    lab.set_defaults(func=_images_label)
+    spl = images_sub.add_parser("split", help="stratified train/val/test split of the labelled images, saved with the cohort")
+    spl.add_argument("--cohort", required=True)
+    spl.add_argument("--fractions", default="0.7,0.15,0.15", help="train,val,test fractions (default 0.7,0.15,0.15)")
+    spl.add_argument("--seed", type=int, default=0)
+    spl.add_argument("--overwrite", action="store_true", help="re-split images that already have a split")
+    spl.set_defaults(func=_images_split)
 
     ann = subparsers.add_parser("annotations", help="import or export annotation files")
     ann_sub = ann.add_subparsers(dest="annotations_command", metavar="ACTION", required=True)
@@ -261,6 +338,9 @@ def register_cli(subparsers) -> None:
     aimp.add_argument("--cohort", required=True, help="cohort whose images the file refers to")
     aimp.add_argument("--user", help="author to record (created as an annotator if new)")
     aimp.add_argument("--label", help="label for mask imports (default: lesion)")
+    aimp.add_argument("--skip-unknown-images", action="store_true",
+                      help="rows naming images not in the cohort are counted and skipped instead of refusing the file "
+                           "(a study file covering more images than were imported)")
     aimp.set_defaults(func=_annotations_import)
     aexp = ann_sub.add_parser("export", help="export the cohort's boxes (pseudonymous image ids only)")
     aexp.add_argument("--format", required=True, choices=(*EXPORT_FORMATS, "seg"),

@@ -87,6 +87,7 @@ class DatabaseCohort(SplitRecords):
     boxes_by_image: dict[int, list[Box]]
     box_label: str | None = None
     unlabeled_left_out: dict[str, int] = field(default_factory=dict)
+    points_by_image: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.root = f"database cohort {self.name!r}"
@@ -102,6 +103,10 @@ class DatabaseCohort(SplitRecords):
     def boxes(self, stem: str) -> list[Box]:
         """Live boxes of an image (of :attr:`box_label` when set), image pixels, oldest first."""
         return list(self.boxes_by_image.get(self.record(stem).image_id, []))
+
+    def points(self, stem: str) -> list[tuple[float, float]]:
+        """Live point annotations of an image (of :attr:`box_label` when set): ``(x, y)`` image pixels."""
+        return list(self.points_by_image.get(self.record(stem).image_id, []))
 
     def mask(self, stem: str) -> np.ndarray | None:
         """Ground truth of an image: bool (height, width) in image pixels, the union of its boxes
@@ -119,8 +124,10 @@ class DatabaseCohort(SplitRecords):
         if limit:
             records = records[:limit]
         counts = [len(self.boxes_by_image.get(r.image_id, [])) for r in records]
+        points = [len(self.points_by_image.get(r.image_id, [])) for r in records]
         left_out = sum(self.unlabeled_left_out.values()) if split == "all" else self.unlabeled_left_out.get(split, 0)
         return {"images": len(records), "with_boxes": sum(1 for c in counts if c), "boxes": sum(counts),
+                "with_points": sum(1 for c in points if c), "points": sum(points),
                 "unlabeled": sum(1 for r in records if r.unlabeled), "unlabeled_left_out": left_out}
 
     def digest(self, split: str = "all", limit: int | None = None) -> str:
@@ -129,6 +136,7 @@ class DatabaseCohort(SplitRecords):
         checks it so it never mixes rows scored against different boxes."""
         records = self.split(split)[: limit or None]
         content = [[r.pseudonym, r.label, [[b.x0, b.y0, b.x1, b.y1] for b in self.boxes_by_image.get(r.image_id, [])]]
+                   + ([[list(p) for p in self.points_by_image[r.image_id]]] if r.image_id in self.points_by_image else [])
                    for r in records]
         return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
 
@@ -145,23 +153,34 @@ def label_needed(target: str, metrics: Sequence[str] | None, n_model_classes: in
 
 
 def load_database_cohort(session: Session, cohort: Cohort | str, *, box_label: str | None = None,
-                         include_unlabeled: bool = False) -> DatabaseCohort:
+                         include_unlabeled: bool = False, model_classes: Sequence[str] | None = None) -> DatabaseCohort:
     """Read a cohort's images and live boxes (two queries) into a :class:`DatabaseCohort`.
 
     ``box_label``: use only boxes with this label. ``include_unlabeled``: score images without a
     label under the extra, last class ``(unlabeled)`` (only valid when :func:`label_needed` is False);
-    otherwise they are left out and counted per split.
+    otherwise they are left out and counted per split. ``model_classes``: the class names of the
+    model that will score it, in output order; class indices then follow the model (a label is
+    matched by name), and, when the labels matter (``include_unlabeled`` False), a label that is
+    not a class of the model is an error instead of a silently wrong target.
     """
     from .repository import get_cohort, image_path
     from .repository.images import _visible
 
     cohort = get_cohort(session, cohort) if isinstance(cohort, str) else cohort
     classes = [label.name for label in sorted(cohort.labels, key=lambda c: c.position)]
+    if model_classes is not None:
+        classes = list(model_classes) + [c for c in classes if c not in model_classes]
     # images held for possible burned-in text are not evaluated (their maps would be shown) until released
     images = list(session.scalars(select(Image).where(Image.cohort_id == cohort.id, _visible()).order_by(Image.id)))
     for image in images:  # a label missing from the class list (set outside set_image_label) goes last
         if image.label and image.label not in classes:
             classes.append(image.label)
+    if model_classes is not None and not include_unlabeled:
+        foreign = sorted({image.label for image in images if image.label and image.label not in model_classes})
+        if foreign:
+            raise ValueError(f"cohort {cohort.name!r} has labels that are not classes of the model "
+                             f"({', '.join(foreign)}; the model has {', '.join(model_classes)}): relabel the cohort "
+                             "(softcam images label --classes ...) or choose a model trained on these classes")
     if include_unlabeled and any(not image.label for image in images):
         classes.append(UNLABELED)
     index = {name: i for i, name in enumerate(classes)}
@@ -176,16 +195,21 @@ def load_database_cohort(session: Session, cohort: Cohort | str, *, box_label: s
         records.append(DatabaseRecord(path=path, stem=image.pseudonym, label_index=index[label], label=label,
                                       split=image.split or "", image_id=image.id, pseudonym=image.pseudonym,
                                       width=image.width, height=image.height, unlabeled=not image.label))
-    query = (select(Annotation.image_id, Annotation.geometry, Annotation.label)
+    query = (select(Annotation.image_id, Annotation.kind, Annotation.geometry)
              .join(Image, Image.id == Annotation.image_id)
-             .where(Image.cohort_id == cohort.id, Annotation.kind == "box", Annotation.deleted_at.is_(None))
+             .where(Image.cohort_id == cohort.id, Annotation.kind.in_(("box", "point")), Annotation.deleted_at.is_(None))
              .order_by(Annotation.image_id, Annotation.id))
     if box_label is not None:
         query = query.where(Annotation.label == box_label)
     boxes: dict[int, list[Box]] = {}
-    for image_id, geometry, _ in session.execute(query):
-        boxes.setdefault(image_id, []).append(geometry_from_json("box", geometry))
-    return DatabaseCohort(cohort.name, classes, records, boxes, box_label, left_out)
+    points: dict[int, list[tuple[float, float]]] = {}
+    for image_id, kind, geometry in session.execute(query):
+        if kind == "box":
+            boxes.setdefault(image_id, []).append(geometry_from_json("box", geometry))
+        else:
+            point = geometry_from_json("point", geometry)
+            points.setdefault(image_id, []).append((point.x, point.y))
+    return DatabaseCohort(cohort.name, classes, records, boxes, box_label, left_out, points)
 
 
 # --- what the Cohort metrics page and the CLI need around it -----------------------------------
@@ -222,8 +246,12 @@ def evaluation_cohorts(session: Session, folders: dict[str, Path]) -> list[dict[
     return out
 
 
-def evaluation_source(session: Session, params: dict[str, Any], n_model_classes: int) -> tuple[Any, dict[str, Any]]:
+def evaluation_source(session: Session, params: dict[str, Any],
+                      model_classes: int | Sequence[str]) -> tuple[Any, dict[str, Any]]:
     """The cohort source of an evaluation job and a summary of what it will score.
+
+    ``model_classes``: the model's class names in output order (or only their number, the older
+    call: database labels are then indexed in the cohort's class order).
 
     ``params``: the job parameters of the Cohort metrics page: ``cohort``, ``ground_truth``
     (``"database"`` or ``"folder"``; missing = ``"folder"``, the jobs made before the choice existed),
@@ -248,9 +276,11 @@ def evaluation_source(session: Session, params: dict[str, Any], n_model_classes:
         return folder, {"images": len(records), "with_masks": with_masks}
     if ground_truth != "database":
         raise ValueError(f"unknown ground truth {ground_truth!r}; choose {' or '.join(GROUND_TRUTHS)}")
+    names = None if isinstance(model_classes, int) else [str(c) for c in model_classes]
+    n_model_classes = model_classes if isinstance(model_classes, int) else len(model_classes)
     include = not label_needed(params.get("target", "disease"), params.get("metrics"), n_model_classes)
     source = load_database_cohort(session, params["cohort"], box_label=params.get("box_label"),
-                                  include_unlabeled=include)
+                                  include_unlabeled=include, model_classes=names)
     summary = source.summary(split, limit)
     if not summary["images"]:
         total = len(source.split("all")) + sum(source.unlabeled_left_out.values())
@@ -299,4 +329,4 @@ def open_database_cohort(name: str, meta: dict, settings: Any, box_label: str | 
     params = {"cohort": name, "ground_truth": "database", "box_label": box_label, "split": settings.split,
               "limit": settings.limit, "target": settings.target, "metrics": list(settings.metrics)}
     with session_scope(engine, readonly=True) as session:
-        return evaluation_source(session, params, len(meta.get("classes", [])))
+        return evaluation_source(session, params, list(meta.get("classes", [])))

@@ -196,6 +196,23 @@ class Annotation(Base):
     __mapper_args__ = {"version_id_col": version}
 
 
+class ImageLabelChange(Base):
+    """One change of an image's class label or split: who, when, the value before and after, and
+    where it came from (``"csv"`` import, ``"edit"`` on the Data page, ``"split"`` assignment).
+    Rows are only added: the history of a label is the image's rows in ``at`` order."""
+
+    __tablename__ = "image_label_history"
+    __table_args__ = (Index("ix_image_label_history_image_at", "image_id", "at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    field: Mapped[str] = mapped_column(String(16))                        # "label" | "split"
+    before: Mapped[str | None] = mapped_column(String(200))
+    after: Mapped[str | None] = mapped_column(String(200))
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    source: Mapped[str] = mapped_column(String(32))
+
+
 class AnnotationAudit(Base):
     """One row per change of an annotation: who, when, what, and the state before and after."""
 

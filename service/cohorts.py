@@ -50,7 +50,7 @@ def register_cohort_folder(session, folder: str | Path, name: str, modality: str
         row = rows.get(Path(accepted.name).name) or rows.get(accepted.name)
         if row is not None:
             repository.set_image_label(session, repository.get_image(session, accepted.image_id),
-                                       row["label"], row.get("split"))
+                                       row["label"], row.get("split"), source="cohort folder")
     coco = folder / "annotations.json"
     if coco.is_file():
         repository.import_annotations(session, coco, "coco", cohort, user)

@@ -43,7 +43,18 @@ def set_image_label(session, user_id: int | None, image_id: int, label: str | No
     from db import repository
 
     require(session, user_id, "label_images")
-    return repository.set_image_label(session, repository.get_image(session, int(image_id)), label, split)
+    return repository.set_image_label(session, repository.get_image(session, int(image_id)), label, split,
+                                      user=user_id, source="edit")
+
+
+def import_labels(session, user_id: int | None, cohort: str, data: bytes, *, source: str = "labels.csv",
+                  image_col: str | None = None, label_col: str | None = None, partial: bool = False):
+    """``db.repository.import_labels`` as ``user_id`` (a researcher or admin): one transaction."""
+    from db import repository
+
+    require(session, user_id, "label_images")
+    return repository.import_labels(session, cohort, data, image_col=image_col, label_col=label_col,
+                                    partial=partial, user=user_id, source=source)
 
 
 def release_image(session, user_id: int | None, image_id: int):

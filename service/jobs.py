@@ -158,7 +158,7 @@ def start_evaluation_job(engine, params: dict | None, user_id: int | None, *, re
         params = dict(previous.params, resumed_from=resume, out_dir=str(evaluation_folder(previous)))
     classes = checkpoint_info(params["model"]).meta.get("classes", [])
     with session_scope(engine, readonly=True) as s:
-        source, summary = evaluation_source(s, params, len(classes))
+        source, summary = evaluation_source(s, params, list(classes))
     # folder masks are files the app never edits; database boxes can change between a job and its resume
     digest = (source.digest(params.get("split", "test"), params.get("limit"))
               if isinstance(source, DatabaseCohort) else None)

@@ -257,6 +257,8 @@ class EvalSettings:
     binary model; for more classes the true class if diseased, else the most probable disease
     class), ``"label"`` or ``"pred"``.
     pointing_tolerance: pixels. split: cohort split (``"all"`` for every image). limit: first N images.
+    point_radius: tolerance radius (model-input pixels) of point annotations: a point stands for the
+    pixels within it (:func:`softcam_core.metrics.point_region`); None: half a grid cell (``patch / 2``).
     batch_size: images per batch (one forward, one ``explain`` call per method, one deletion call);
     None: :data:`EVAL_BATCH_CUDA` on CUDA, :data:`EVAL_BATCH_CPU` on CPU. It changes no value
     (beyond float rounding of batched kernels, ~1e-6), so it is not part of the resume check.
@@ -278,6 +280,7 @@ class EvalSettings:
     deletion_baseline: str | float = "zero"
     target: str = "disease"
     pointing_tolerance: float = 0.0
+    point_radius: float | None = None
     split: str = "test"
     limit: int | None = None
     resamples: int = BOOTSTRAP_RESAMPLES
@@ -302,6 +305,8 @@ class EvalSettings:
                 raise ValueError(f"{name} must be in (0, 1], got {fraction}")
         if int(self.deletion_steps) != self.deletion_steps or self.deletion_steps < 1:
             raise ValueError(f"--steps must be a positive integer, got {self.deletion_steps}")
+        if self.point_radius is not None and not (self.point_radius >= 0 and math.isfinite(self.point_radius)):
+            raise ValueError(f"--point-radius must be >= 0, got {self.point_radius}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.batch_size is not None and (int(self.batch_size) != self.batch_size or self.batch_size < 1):
@@ -337,8 +342,15 @@ class EvalSettings:
         return [c for m in METRIC_CHOICES if m in self.metrics for c in names[m]]
 
 
+POINTS_ONLY = "point annotations only (a point has no area)"
+# metrics of how much of an annotated *area* a map covers: undefined when only points mark the lesions
+AREA_METRICS = (M.activation_precision, M.activation_sensitivity, M.iou_top_fraction, M.energy_top_fraction,
+                M.average_precision, M.average_precision_cascam)
+
+
 def score_map(
-    sal: np.ndarray, mask: np.ndarray, label_index: int, settings: EvalSettings, patch: int, method: str | None = None
+    sal: np.ndarray, mask: np.ndarray, label_index: int, settings: EvalSettings, patch: int, method: str | None = None,
+    points: np.ndarray | None = None,
 ) -> tuple[dict[str, float], dict[str, str]]:
     """All map-only metrics of one map: ``({column: value}, {column: reason undefined})``.
 
@@ -346,7 +358,13 @@ def score_map(
     true class (0 = healthy). ``method``: the map's method; activation consistency is "not
     applicable" (nan with that reason) for a method whose spec is not signed
     (:func:`softcam_core.explain.method_spec`): its maps are non-negative by construction.
+    ``points``: (H, W) bool region of the image's point annotations (:func:`M.point_region`), or None.
+    Top-k precision and the pointing game score against ``mask | points``; the area metrics
+    (activation precision / sensitivity, IoU, energy, AP) against ``mask`` alone, and are undefined
+    with :data:`POINTS_ONLY` when only points mark the lesions.
     """
+    where = mask if points is None else (np.asarray(mask, dtype=bool) | points)
+    points_only = points is not None and points.any() and not np.asarray(mask).any()
     iou, energy = _pct(settings.iou_fraction), _pct(settings.energy_fraction)
     calls: list[tuple[str, Callable[..., float], tuple]] = []
     values: dict[str, float] = {}
@@ -354,10 +372,10 @@ def score_map(
     chosen = settings.metrics
     if "topk" in chosen:
         for k in sorted(set(settings.topk)):
-            calls.append((f"topk_precision_k{k}", M.topk_localization_precision, (sal, mask, k, patch)))
+            calls.append((f"topk_precision_k{k}", M.topk_localization_precision, (sal, where, k, patch)))
     if "topk_positive" in chosen:
         for k in sorted(set(settings.topk)):
-            calls.append((f"topk_precision_pos_k{k}", M.topk_localization_precision, (sal, mask, k, patch, "positive")))
+            calls.append((f"topk_precision_pos_k{k}", M.topk_localization_precision, (sal, where, k, patch, "positive")))
     if "activation_precision" in chosen:
         calls.append(("activation_precision", M.activation_precision, (sal, mask)))
     if "activation_sensitivity" in chosen:
@@ -380,7 +398,7 @@ def score_map(
             if reason:
                 reasons[columns[0 if diseased else 1]] = reasons[columns[2]] = reason
     if "pointing_game" in chosen:
-        calls.append(("pointing_game", M.pointing_game, (sal, mask, settings.pointing_tolerance)))
+        calls.append(("pointing_game", M.pointing_game, (sal, where, settings.pointing_tolerance)))
     if "iou_top" in chosen:
         calls.append((f"iou_top{iou}", M.iou_top_fraction, (sal, mask, settings.iou_fraction)))
     if "energy_top" in chosen:
@@ -390,6 +408,9 @@ def score_map(
         calls.append(("average_precision", M.average_precision, (sal, mask)))
         calls.append(("average_precision_cascam", M.average_precision_cascam, (sal, mask)))
     for column, fn, args in calls:
+        if points_only and fn in AREA_METRICS:
+            values[column], reasons[column] = math.nan, POINTS_ONLY
+            continue
         value, reason = M.metric_or_reason(fn, *args)
         values[column] = value
         if reason:
@@ -552,6 +573,7 @@ def _settings_fingerprint(meta: dict, settings: EvalSettings, patch: int, annota
         "definitions": METRIC_DEFINITIONS,
         "target": settings.target,
         "pointing_tolerance": settings.pointing_tolerance,
+        "point_radius": settings.point_radius,
         "annotations": annotations,
     }
 
@@ -691,6 +713,9 @@ def evaluate_cohort(
         items = items[: settings.limit]
     boxes = load_box_annotations(annotations, items) if annotations else None
     folder_classes = list(getattr(folder, "classes", classes))
+    # point annotations ((x, y) in original pixels per image), where the cohort source has them
+    folder_points = getattr(folder, "points", None) if boxes is None else None
+    point_radius = float(patch) / 2 if settings.point_radius is None else float(settings.point_radius)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -760,7 +785,7 @@ def evaluate_cohort(
             else:
                 decoded = upcoming.result()
                 upcoming = pool.submit(decode, batches[index + 1]) if index + 1 < len(batches) else None
-            masks = []
+            masks, point_masks = [], []
             for (item, _), (shape, _, geometry) in zip(batch, decoded):
                 if boxes is not None:
                     from annotations.geometry import boxes_to_mask
@@ -771,6 +796,9 @@ def evaluate_cohort(
                     if original_mask is None:
                         original_mask = np.zeros(shape, dtype=bool)
                 masks.append(np.asarray(geometry.mask_to_input(np.asarray(original_mask) > 0), dtype=bool))
+                original_points = folder_points(item.stem) if folder_points is not None else None
+                point_masks.append(None if not original_points else M.point_region(
+                    geometry.points_to_input(original_points), (img_size, img_size), point_radius))
             xs = torch.stack([x for _, x, _ in decoded]).to(device)
             del decoded
             with torch.inference_mode():
@@ -819,7 +847,7 @@ def evaluate_cohort(
             for k, method in order:
                 item = batch[k][0]
                 sal, seconds = found[(k, method)]
-                values, reasons = score_map(sal, masks[k], item.label_index, settings, patch, method)
+                values, reasons = score_map(sal, masks[k], item.label_index, settings, patch, method, point_masks[k])
                 pred = preds[k]
                 known = not item.unlabeled and item.label_index < len(classes)
                 rows.append({
@@ -987,6 +1015,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                         help=f"deletion steps: top cells removed one per step, at most the number of cells "
                              f"(default {DEFAULT_DELETION_STEPS}, the paper's top-30 patches)")
     parser.add_argument("--baseline", default="zero", help="deletion fill: zero, mean, blur or a number (default zero)")
+    parser.add_argument("--point-radius", type=float, default=None,
+                        help="tolerance radius of point annotations in model-input pixels (default: half a grid cell)")
     parser.add_argument("--target", choices=TARGET_POLICIES, default="disease", help="class explained (default disease)")
     parser.add_argument("--tolerance", type=float, default=0.0, help="pointing-game tolerance in pixels (default 0)")
     parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES, help="bootstrap resamples (default 2000)")
@@ -1020,7 +1050,7 @@ def _cli(args: argparse.Namespace) -> int:
         iou_fraction=args.iou_fraction if args.top_fraction is None else args.top_fraction,
         energy_fraction=args.energy_fraction if args.top_fraction is None else args.top_fraction,
         deletion_steps=args.steps, deletion_baseline=baseline, target=args.target,
-        pointing_tolerance=args.tolerance, split=args.split, limit=args.limit,
+        pointing_tolerance=args.tolerance, point_radius=args.point_radius, split=args.split, limit=args.limit,
         resamples=args.bootstrap, seed=args.seed, figures=not args.no_figures, batch_size=args.batch_size,
     )
     if args.cohort:
@@ -1029,6 +1059,7 @@ def _cli(args: argparse.Namespace) -> int:
             raise ValueError("--cohort needs the database package (db)")
         data, summary = opener(args.cohort, meta, settings, box_label=args.box_label)
         print(f"cohort {args.cohort}: {summary['images']} images, {summary['with_boxes']} with boxes, "
+              f"{summary.get('with_points', 0)} with points, "
               f"{summary['unlabeled_left_out']} unlabeled left out")
     else:
         data = Path(args.data)

@@ -382,6 +382,38 @@ def activation_consistency_mass(maps: Any, labels: Any) -> float:
     return _mean_or_undefined(scores, problems, "no maps")
 
 
+def point_region(points_xy: Any, shape: tuple[int, int], radius_px: float) -> np.ndarray:
+    """Ground truth of point annotations on a (H, W) map: the pixels within ``radius_px`` of a point.
+
+    Points are ``(x, y)`` in the map's continuous pixel-edge coordinates (pixel ``(i, j)`` covers
+    ``[j, j+1) x [i, i+1)``, its centre is ``(j + 0.5, i + 0.5)``). A pixel belongs to the region
+    when its centre lies within ``radius_px`` (Euclidean) of a point, and the pixel holding a point
+    always does, so ``radius_px = 0`` marks exactly the pixels the points fall in. Points outside the
+    map (cropped away by preprocessing) mark nothing. The region then takes the place of the
+    annotation mask in the metrics that ask *where* the evidence is (top-k localisation precision:
+    a cell is a hit when it touches the region; pointing game: the peak hits when it lies in it);
+    a point has no area, so area metrics are not computed from it (docs/metrics.md, "Points").
+
+    Returns (H, W) bool.
+    """
+    height, width = int(shape[0]), int(shape[1])
+    if radius_px < 0 or not math.isfinite(radius_px):
+        raise ValueError(f"radius_px must be a finite number >= 0, got {radius_px!r}")
+    region = np.zeros((height, width), dtype=bool)
+    points = np.asarray(points_xy, dtype=np.float64).reshape(-1, 2)
+    reach = int(math.ceil(radius_px)) + 1
+    for x, y in points:
+        if not (0 <= x < width and 0 <= y < height):
+            continue
+        col, row = int(math.floor(x)), int(math.floor(y))
+        region[row, col] = True
+        r0, r1 = max(0, row - reach), min(height, row + reach + 1)
+        c0, c1 = max(0, col - reach), min(width, col + reach + 1)
+        rows, cols = np.mgrid[r0:r1, c0:c1]
+        region[r0:r1, c0:c1] |= (cols + 0.5 - x) ** 2 + (rows + 0.5 - y) ** 2 <= radius_px ** 2
+    return region
+
+
 def pointing_game(sal: Any, mask: Any, tolerance_px: float = 0) -> float:
     """Whether the map's maximum falls on the annotation (Zhang et al. 2016).
 

@@ -7,7 +7,7 @@ audit row and carries the version the user started from (:class:`ConflictError` 
 overwriting someone else's change).
 
 Modules: ``base`` (errors), ``users``, ``cohorts``, ``images``, ``annotation_edits``,
-``annotation_files`` (import / export), ``models``, ``maps`` (cached maps), ``metric_results``,
+``annotation_files`` (import / export), ``labels`` (image classes, splits, their history), ``models``, ``maps`` (cached maps), ``metric_results``,
 ``jobs``. ``from db import repository`` gives all of them, as one namespace.
 """
 
@@ -54,6 +54,15 @@ from db.repository.images import (  # noqa: F401
     import_images,
     list_images,
     release_image,
+)
+from db.repository.labels import (  # noqa: F401
+    LabelImportError,
+    LabelImportResult,
+    assign_splits,
+    import_labels,
+    label_counts,
+    label_history,
+    read_label_rows,
     set_image_label,
 )
 from db.repository.jobs import (  # noqa: F401

@@ -102,13 +102,16 @@ class AnnotationImportResult:
 
 def import_annotations(session: Session, path: str | Path, fmt: str, cohort: Cohort | str,
                        user: User | str | int | None = None, *, label: str | None = None,
-                       progress: Progress | None = None) -> AnnotationImportResult:
+                       progress: Progress | None = None, skip_unknown_images: bool = False) -> AnnotationImportResult:
     """Import an annotation file into ``cohort``: all rows or none.
 
     Every row is validated first (:func:`annotations.formats.read_annotations`); any bad row raises
     :class:`AnnotationImportError` carrying the per-row report and nothing is written. Rows equal
     to a live annotation of the same image (kind, label, exact coordinates) are skipped, so a
     re-import adds nothing. Boxes derived from a mask point at the mask (``derived_from_id``).
+    A row that names its annotator (the points format's ``participant``) is authored by that user
+    (created as an annotator if new); the others by ``user``. ``skip_unknown_images``: rows of
+    images not in the cohort are counted in ``result.report.unknown`` instead of refusing the file.
 
     When ``session`` has not begun a transaction yet, reading and validating the file happens in a
     separate read-only transaction, so a slow file (thousands of masks) does not hold the SQLite
@@ -117,18 +120,24 @@ def import_annotations(session: Session, path: str | Path, fmt: str, cohort: Coh
     path = Path(path)
     if session.in_transaction():
         cohort = get_cohort(session, cohort) if isinstance(cohort, str) else cohort
-        report = read_annotations(path, fmt, CohortResolver(session, cohort), label=label)
+        report = read_annotations(path, fmt, CohortResolver(session, cohort), label=label,
+                                    skip_unknown_images=skip_unknown_images)
     else:
         reader = Session(bind=session.get_bind().execution_options(sqlite_begin="DEFERRED"))
         try:
             cohort_id = get_cohort(reader, cohort if isinstance(cohort, str) else cohort.id).id
-            report = read_annotations(path, fmt, CohortResolver(reader, get_cohort(reader, cohort_id)), label=label)
+            report = read_annotations(path, fmt, CohortResolver(reader, get_cohort(reader, cohort_id)), label=label,
+                                    skip_unknown_images=skip_unknown_images)
         finally:
             reader.close()
         cohort = get_cohort(session, cohort_id)
     if report.errors:
         raise AnnotationImportError(report)
     user_id = _user_id(session, user)
+    from db.repository.users import get_or_create_user
+
+    authors = {name: get_or_create_user(session, name).id
+               for name in sorted({a.author for a in report.annotations if a.author})}
     result = AnnotationImportResult(report, images=len(report.images_seen))
     image_ids = {a.image for a in report.annotations}
     existing: dict[tuple, int] = {}
@@ -136,6 +145,9 @@ def import_annotations(session: Session, path: str | Path, fmt: str, cohort: Coh
         for a in session.scalars(select(Annotation).where(Annotation.image_id.in_(image_ids),
                                                           Annotation.deleted_at.is_(None))):
             existing.setdefault(_dedupe_key(a.image_id, a.kind, a.label, a.geometry), a.id)
+            # the same point placed by two annotators is two annotations: rows naming their
+            # annotator are duplicates only of that annotator's own
+            existing.setdefault(_dedupe_key(a.image_id, a.kind, a.label, a.geometry) + (a.author_id,), a.id)
     now = utcnow()
     # Plan first: which rows are new, and which mask each derived box came from (by plan index).
     plan: list[dict[str, Any]] = []
@@ -144,6 +156,8 @@ def import_annotations(session: Session, path: str | Path, fmt: str, cohort: Coh
     for parsed in report.annotations:
         geometry_json = parsed.geometry.to_json()
         key = _dedupe_key(parsed.image, parsed.geometry.kind, parsed.label, geometry_json)
+        if parsed.author:
+            key += (authors[parsed.author],)
         known = existing.get(key)
         if known is not None:
             result.duplicates += 1
@@ -153,8 +167,9 @@ def import_annotations(session: Session, path: str | Path, fmt: str, cohort: Coh
         existing[key] = -1
         if parsed.geometry.kind == "mask":
             mask_ref = len(plan)
+        author_id = authors[parsed.author] if parsed.author else user_id
         plan.append(dict(image_id=parsed.image, kind=parsed.geometry.kind, geometry=geometry_json, label=parsed.label,
-                         author_id=user_id, updated_by_id=user_id, created_at=now, updated_at=now, version=1,
+                         author_id=author_id, updated_by_id=author_id, created_at=now, updated_at=now, version=1,
                          provenance="derived" if parsed.derived else "imported", source_file=path.name,
                          derived_from_id=None))
         derived_from.append(mask_ref if parsed.derived else None)

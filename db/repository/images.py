@@ -25,7 +25,7 @@ from db.repository.base import (
     _jsonable,
     _write_atomically,
 )
-from db.repository.cohorts import add_cohort, ensure_label, get_cohort
+from db.repository.cohorts import add_cohort, get_cohort
 from db.repository.users import _user_id
 from db.schema import (
     Annotation,
@@ -404,16 +404,4 @@ def release_image(session: Session, image: Image, by: User | str | int) -> Image
     if image.quarantined:
         image.released_by, image.released_at = user_id, utcnow()
         session.flush()
-    return image
-
-
-def set_image_label(session: Session, image: Image, label: str | None = None, split: str | None = None) -> Image:
-    if split is not None and split not in ("train", "val", "test"):
-        raise RepositoryError(f"split must be train, val or test, got {split!r}")
-    image.label = label
-    if split is not None:
-        image.split = split
-    if label:
-        ensure_label(session, image.cohort, label)
-    session.flush()
     return image
