@@ -808,6 +808,45 @@ def release_image(image_id: int, user: User | None) -> None:
         image_service.release_image(s, user.id if user else None, image_id)
 
 
+def import_labels(cohort: str, data: bytes, source: str, user: User | None, *, partial: bool = False):
+    """A label CSV for ``cohort`` (``service.images.import_labels``): one transaction, atomic unless partial."""
+    with session() as s:
+        return image_service.import_labels(s, user.id if user else None, cohort, data, source=source, partial=partial)
+
+
+def set_image_label(image_id: int, label: str | None, user: User | None) -> None:
+    """One image's class label, recorded in its label history (``service.images.set_image_label``)."""
+    with session() as s:
+        image_service.set_image_label(s, user.id if user else None, image_id, label)
+
+
+def cohort_label_rows(cohort: str) -> list[dict]:
+    """Pseudonym, label, split and the last change of each image of a cohort, for the label editor."""
+    from db import repository
+
+    with read_session() as s:
+        rows = []
+        for image in repository.list_images(s, cohort):
+            history = repository.label_history(s, image)
+            last = history[-1] if history else None
+            rows.append({"id": image.id, "image": image.pseudonym, "label": image.label or "", "split": image.split or "",
+                         "changed": last.at.strftime("%Y-%m-%d %H:%M") if last else "",
+                         "changes": len(history)})
+        return rows
+
+
+def import_model(data: bytes, user: User | None, **options):
+    """An uploaded weights file -> a checkpoint in the models folder (researchers and admins;
+    ``softcam_core.model_import.import_uploaded_model``, never unpickling a whole model)."""
+    from service.access import require
+    from softcam_core.model_import import import_uploaded_model
+    from softcam_core.paths import models_dir
+
+    with read_session() as s:
+        require(s, user.id if user else None, "manage_models")
+    return import_uploaded_model(data, models_dir(), **options)
+
+
 def row_of(item) -> dict:
     from dataclasses import asdict
 

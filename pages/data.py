@@ -82,6 +82,52 @@ if report is not None:
         st.markdown("**Rejected**")
         st.dataframe([common.row_of(item) for item in report.rejected], hide_index=True, width="stretch")
 
+st.subheader("Class labels")
+st.caption("A CSV names each image by its original file name (or stem, DICOM PatientID, pseudonym) or by "
+           "`image_id`: `image,label` (class names), Kaggle DR `image,level` (grade 0 → first class, 1–4 → "
+           "second: DR onset), RSNA `patientId,Target`. Nothing changes unless every row resolves; each change "
+           "is kept in the image's label history (who, when, previous value).")
+label_cohorts = [row["cohort"] for row in cohorts]
+if not label_cohorts:
+    st.caption("Import images first.")
+else:
+    with st.form("import_labels", clear_on_submit=True):
+        left, right = st.columns(2)
+        label_cohort = left.selectbox("Cohort", label_cohorts, key="labels_cohort")
+        partial = left.checkbox("Label the rows that resolve, list the others", key="labels_partial")
+        label_file = right.file_uploader("Label CSV", type=["csv"], key="labels_file")
+        labels_submitted = st.form_submit_button("Import labels", icon=":material/label:")
+    if labels_submitted:
+        if label_file is None:
+            st.error("Choose a CSV file.")
+        else:
+            try:
+                result = common.import_labels(label_cohort, label_file.getvalue(), label_file.name, user,
+                                              partial=partial)
+            except Exception as exc:
+                st.error(common.plain(common.one_line(exc)))
+                for line, text in getattr(exc, "problems", [])[:50]:
+                    st.text(f"line {line}: {text}")
+            else:
+                st.success(f"{result.changed} image(s) labelled, {result.unchanged} unchanged, "
+                           f"{len(result.problems)} row(s) skipped ({result.layout} layout)")
+                for line, text in result.problems[:50]:
+                    st.text(f"skipped line {line}: {text}")
+    with st.expander("Edit one image's label"):
+        rows = common.cohort_label_rows(st.session_state.get("labels_cohort") or label_cohorts[0])
+        if rows:
+            st.dataframe(rows, hide_index=True, width="stretch")
+            pick = st.selectbox("Image", rows, format_func=lambda r: f"{r['image']} ({r['label'] or 'unlabeled'})",
+                                key="labels_pick")
+            new_label = st.text_input("Label (empty clears it)", value=pick["label"], key=f"labels_new_{pick['id']}")
+            if st.button("Save label", key="labels_save", icon=":material/save:"):
+                try:
+                    common.set_image_label(pick["id"], new_label.strip() or None, user)
+                except Exception as exc:
+                    st.error(common.plain(common.one_line(exc)))
+                else:
+                    st.rerun()
+
 held = common.held_images()
 if user is not None and user.role == "admin":
     st.subheader("Quarantine")

@@ -55,6 +55,45 @@ if checkpoints:
 else:
     st.info("No checkpoint yet: train one below, or run `make run` to prepare the demo models.")
 
+st.subheader("Import a model trained elsewhere")
+st.caption("A torchvision `state_dict` (or the SoftCAM authors' checkpoint). The imported model is checked "
+           "against the original network (class probabilities to 1e-4) before it is written; weights that do "
+           "not fit the architecture are refused with the keys named. Whole pickled models run code when "
+           "read: import those with `softcam models import --trust` on the command line.")
+with st.form("import_model", clear_on_submit=False):
+    left, middle, right = st.columns(3)
+    with left:
+        weights_file = st.file_uploader("Weights (.pth / .pt)", type=["pth", "pt"], key="import_weights")
+        import_name = st.text_input("Name", value="imported_model", key="import_name")
+    with middle:
+        import_arch = st.selectbox("Architecture", ARCHS, index=ARCHS.index("resnet18"), key="import_arch")
+        import_classes = st.text_input("Classes (output order, negative first)", value="healthy,diseased",
+                                       key="import_classes")
+        import_modality = st.selectbox("Modality", ["fundus", "oct", "cxr", "other"], key="import_modality")
+    with right:
+        import_size = st.number_input("Input size (px)", 16, 2048, 224, key="import_size")
+        import_mean = st.text_input("Mean", value="0.485,0.456,0.406", key="import_mean")
+        import_std = st.text_input("Std", value="0.229,0.224,0.225", key="import_std")
+        import_convert = st.checkbox("Convert to SoftCAM (exact GAP + FC conversion)", value=True, key="import_convert")
+    import_submitted = st.form_submit_button("Import model", icon=":material/upload_file:",
+                                             disabled=user.role not in ("admin", "researcher"))
+if import_submitted:
+    if weights_file is None:
+        st.error("Choose a weights file.")
+    else:
+        try:
+            imported = common.import_model(weights_file.getvalue(), user, name=import_name.strip(), arch=import_arch,
+                                           classes=[c.strip() for c in import_classes.split(",")],
+                                           img_size=int(import_size), modality=import_modality,
+                                           mean=tuple(float(v) for v in import_mean.split(",")),
+                                           std=tuple(float(v) for v in import_std.split(",")),
+                                           to_softcam=import_convert)
+        except Exception as exc:
+            st.error(common.plain(common.one_line(exc)))
+        else:
+            st.success(f"Imported {common.plain(imported.path.name)}")
+            st.json(imported.meta)
+
 st.subheader("Train a model")
 folders = common.cohort_folders()
 if not folders:
