@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import pickle
 import re
 import zipfile
@@ -47,6 +46,7 @@ from softcam_core.models import (
     CheckpointError,
     CheckpointMeta,
     build_model,
+    file_sha256,
     load_checkpoint,
     save_checkpoint,
 )
@@ -279,7 +279,7 @@ def import_model(weights: str | Path, *, arch: str, classes: list[str] | tuple[s
         "name": name or out.stem,
         "imported": {"layout": "softcam-authors" if layout == "softcam-authors" else kind if kind == "whole model"
                      else "torchvision", "converted_to_softcam": converted,
-                     "weights_sha256": _sha256(weights)},
+                     "weights_sha256": file_sha256(weights)},
     }
     try:
         CheckpointMeta.from_dict(meta, source=out.name)
@@ -302,14 +302,6 @@ def import_model(weights: str | Path, *, arch: str, classes: list[str] | tuple[s
     finally:
         tmp.unlink(missing_ok=True)
     return ImportedModel(out, meta, meta["imported"]["layout"], converted, difference)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def import_uploaded_model(data: bytes, directory: str | Path, **kwargs: Any) -> ImportedModel:
