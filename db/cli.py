@@ -357,3 +357,8 @@ def register_cli(subparsers) -> None:
         from .evaluation import open_database_cohort
 
         evaluate.set_defaults(open_database_cohort=open_database_cohort)
+    train = subparsers.choices.get("train")  # the same for `softcam train --cohort`
+    if train is not None:
+        from .evaluation import open_training_cohort
+
+        train.set_defaults(open_training_cohort=open_training_cohort)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from annotations.geometry import Box, boxes_to_mask, geometry_from_json
@@ -88,10 +88,20 @@ class DatabaseCohort(SplitRecords):
     box_label: str | None = None
     unlabeled_left_out: dict[str, int] = field(default_factory=dict)
     points_by_image: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
+    modality: str | None = None
 
     def __post_init__(self) -> None:
         self.root = f"database cohort {self.name!r}"
+        self.labels_path = None
+        self._reindex()
+
+    def _reindex(self) -> None:
         self._by_stem = {r.path.stem: r for r in self.records} | {r.pseudonym: r for r in self.records}
+
+    @property
+    def source(self) -> str:
+        """What a checkpoint trained on it records as its data."""
+        return self.root
 
     @property
     def _where(self) -> str:
@@ -209,7 +219,9 @@ def load_database_cohort(session: Session, cohort: Cohort | str, *, box_label: s
         else:
             point = geometry_from_json("point", geometry)
             points.setdefault(image_id, []).append((point.x, point.y))
-    return DatabaseCohort(cohort.name, classes, records, boxes, box_label, left_out, points)
+    modalities = {image.modality for image in images if image.modality}
+    modality = cohort.modality or (modalities.pop() if len(modalities) == 1 else None)
+    return DatabaseCohort(cohort.name, classes, records, boxes, box_label, left_out, points, modality)
 
 
 # --- what the Cohort metrics page and the CLI need around it -----------------------------------
@@ -330,3 +342,50 @@ def open_database_cohort(name: str, meta: dict, settings: Any, box_label: str | 
               "limit": settings.limit, "target": settings.target, "metrics": list(settings.metrics)}
     with session_scope(engine, readonly=True) as session:
         return evaluation_source(session, params, list(meta.get("classes", [])))
+
+
+def open_training_cohort(name: str, *, fractions: Sequence[float] | None = None, seed: int = 0,
+                         url: str | None = None, engine: Any = None, user: str | int | None = None) -> DatabaseCohort:
+    """``softcam train --cohort NAME``: the labelled images of the cohort of the database at ``url``
+    (default ``SOFTCAM_DB_URL``; or the open ``engine``) as a training source.
+
+    Images without a label are left out (counted in ``unlabeled_left_out``); images held for
+    burned-in text too. When labelled images have no split, a stratified split (``fractions``,
+    ``seed``; :func:`db.repository.assign_splits`) is given to them and saved with the cohort first,
+    as ``user``, so a later ``softcam evaluate --cohort NAME --split test`` scores exactly the
+    held-out images; ``splits_assigned`` then records it. db/cli.py hands this function to
+    ``train`` as the argparse default ``open_training_cohort``, so softcam_core never imports db.
+    """
+    from softcam_core.labels import DEFAULT_SPLIT_FRACTIONS
+
+    from .repository import assign_splits, get_cohort
+    from .session import get_engine, session_scope, upgrade
+
+    if engine is None:
+        engine = get_engine(url)
+        upgrade(engine)
+    fractions = tuple(fractions or DEFAULT_SPLIT_FRACTIONS)
+    with session_scope(engine) as session:
+        cohort = get_cohort(session, name)
+        missing = session.scalar(select(func.count()).select_from(Image).where(
+            Image.cohort_id == cohort.id, Image.label.is_not(None), or_(Image.split.is_(None), Image.split == "")))
+        if missing:
+            assign_splits(session, cohort, fractions, seed=seed, user=user)
+    with session_scope(engine, readonly=True) as session:
+        source = load_database_cohort(session, name)
+    if missing:
+        source.splits_assigned = {"fractions": list(fractions), "seed": int(seed), "saved_to": source.root,
+                                  "images": int(missing)}
+    return source
+
+
+def trainable_cohorts(session: Session) -> dict[str, dict[str, int]]:
+    """``{cohort name: {label: images}}`` of the database cohorts with at least two labels (each
+    with an image): the ones ``softcam train --cohort`` and the Models page can train on."""
+    rows = session.execute(select(Cohort.name, Image.label, func.count()).join(Image, Image.cohort_id == Cohort.id)
+                           .where(Image.label.is_not(None)).group_by(Cohort.name, Image.label)
+                           .order_by(Cohort.name, Image.label))
+    counts: dict[str, dict[str, int]] = {}
+    for cohort, label, n in rows:
+        counts.setdefault(cohort, {})[label] = int(n)
+    return {name: labels for name, labels in counts.items() if len(labels) >= 2}

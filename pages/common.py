@@ -825,14 +825,36 @@ def cohort_label_rows(cohort: str) -> list[dict]:
     from db import repository
 
     with read_session() as s:
+        changes = repository.label_change_counts(s, cohort)
         rows = []
         for image in repository.list_images(s, cohort):
-            history = repository.label_history(s, image)
-            last = history[-1] if history else None
+            count, last = changes.get(image.id, (0, None))
             rows.append({"id": image.id, "image": image.pseudonym, "label": image.label or "", "split": image.split or "",
-                         "changed": last.at.strftime("%Y-%m-%d %H:%M") if last else "",
-                         "changes": len(history)})
+                         "changed": last.strftime("%Y-%m-%d %H:%M") if last else "", "changes": count})
         return rows
+
+
+def label_history_rows(image_id: int) -> list[dict]:
+    """An image's label and split changes, oldest first: when, what, before, after, who, source."""
+    from db import repository
+    from db.schema import User as UserRow
+
+    with read_session() as s:
+        rows = []
+        for change in repository.label_history(s, image_id):
+            who = s.get(UserRow, change.user_id).username if change.user_id else ""
+            rows.append({"when": change.at.strftime("%Y-%m-%d %H:%M:%S"), "field": change.field,
+                         "before": change.before or "", "after": change.after or "", "by": who,
+                         "source": change.source})
+        return rows
+
+
+def trainable_cohorts() -> dict[str, dict[str, int]]:
+    """Database cohorts with at least two labels: ``{name: {label: images}}``."""
+    from db.evaluation import trainable_cohorts as find
+
+    with read_session() as s:
+        return find(s)
 
 
 def import_model(data: bytes, user: User | None, **options):

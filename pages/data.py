@@ -105,7 +105,7 @@ else:
                 result = common.import_labels(label_cohort, label_file.getvalue(), label_file.name, user,
                                               partial=partial)
             except Exception as exc:
-                st.error(common.plain(common.one_line(exc)))
+                st.error(common.one_line(exc))
                 for line, text in getattr(exc, "problems", [])[:50]:
                     st.text(f"line {line}: {text}")
             else:
@@ -119,12 +119,16 @@ else:
             st.dataframe(rows, hide_index=True, width="stretch")
             pick = st.selectbox("Image", rows, format_func=lambda r: f"{r['image']} ({r['label'] or 'unlabeled'})",
                                 key="labels_pick")
+            history = common.label_history_rows(pick["id"])
+            if history:
+                st.caption(f"History of {pick['image']} (oldest first)")
+                st.dataframe(history, hide_index=True, width="stretch")
             new_label = st.text_input("Label (empty clears it)", value=pick["label"], key=f"labels_new_{pick['id']}")
             if st.button("Save label", key="labels_save", icon=":material/save:"):
                 try:
                     common.set_image_label(pick["id"], new_label.strip() or None, user)
                 except Exception as exc:
-                    st.error(common.plain(common.one_line(exc)))
+                    st.error(common.one_line(exc))
                 else:
                     st.rerun()
 

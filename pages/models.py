@@ -89,20 +89,28 @@ if import_submitted:
                                            std=tuple(float(v) for v in import_std.split(",")),
                                            to_softcam=import_convert)
         except Exception as exc:
-            st.error(common.plain(common.one_line(exc)))
+            st.error(common.one_line(exc))
         else:
             st.success(f"Imported {common.plain(imported.path.name)}")
             st.json(imported.meta)
 
 st.subheader("Train a model")
 folders = common.cohort_folders()
-if not folders:
-    st.caption("Training needs a cohort folder laid out like `softcam synth` output (images/, labels.csv).")
+labelled = common.trainable_cohorts()
+sources = {f"folder:{name}": f"{name} — folder {path}" for name, path in folders.items()}
+sources |= {f"cohort:{name}": f"{name} — database, " + ", ".join(f"{n} {label}" for label, n in counts.items())
+            for name, counts in labelled.items()}
+if not sources:
+    st.caption("Training needs labelled images: a cohort folder laid out like `softcam synth` output "
+               "(images/, labels.csv), or a database cohort labelled on the Data page.")
 else:
     with st.form("train"):
         left, middle, right = st.columns(3)
         with left:
-            cohort = st.selectbox("Cohort", list(folders), format_func=lambda n: f"{n} — {folders[n]}")
+            source = st.selectbox("Cohort", list(sources), format_func=sources.get, key="train_source",
+                                  help="A database cohort trains on its saved train/val/test split; images "
+                                  "without a split get a stratified one (saved with the cohort), unlabelled "
+                                  "images are left out.")
             name = st.text_input("Checkpoint name", value="my_model")
         with middle:
             arch = st.selectbox("Architecture", ARCHS, index=ARCHS.index("resnet18"))
@@ -115,8 +123,10 @@ else:
             l2 = st.number_input("L2 (ridge) weight", 0.0, 1.0, 0.0, format="%.5f")
         submitted = st.form_submit_button("Train", type="primary", icon=":material/model_training:")
     if submitted:
-        params = {"data": str(folders[cohort]), "arch": arch, "head": head, "epochs": int(epochs),
+        kind, cohort = source.split(":", 1)
+        params = {"arch": arch, "head": head, "epochs": int(epochs),
                   "img_size": int(img_size), "l1": float(l1), "l2": float(l2), "name": name.strip() or "model"}
+        params |= {"data": str(folders[cohort])} if kind == "folder" else {"cohort": cohort}
         try:
             st.session_state["train_job"] = common.start_training_job(params, user)
         except Exception as exc:

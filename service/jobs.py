@@ -215,7 +215,9 @@ def load_evaluation(result_path: str | Path):
 
 def start_training_job(engine, params: dict, user_id: int | None) -> int:
     """Create a ``train`` job row and run ``softcam_core.training.train`` in a background thread; the
-    step callback stores ``epoch/step`` progress in the job row, so the Models page shows it live."""
+    step callback stores ``epoch/step`` progress in the job row, so the Models page shows it live.
+    ``params``: ``data`` (a cohort folder) or ``cohort`` (a labelled database cohort), ``arch``,
+    ``head``, ``l1``, ``l2``, ``epochs``, ``img_size``, ``name``."""
     import re
 
     from db import repository
@@ -247,7 +249,12 @@ def start_training_job(engine, params: dict, user_id: int | None) -> int:
                                 if isinstance(v, float) and k not in ("lr", "epoch"))
             progress(min(done, epochs * steps), epochs * steps, f"epoch {epoch + 1}/{epochs} · {summary}")
 
-        return train(params["data"], out, arch=params["arch"], head=params["head"], l1=params["l1"],
+        data = params.get("data")
+        if params.get("cohort"):  # a labelled database cohort: its saved split (assigned and saved when it has none)
+            from db.evaluation import open_training_cohort
+
+            data = open_training_cohort(params["cohort"], engine=engine, user=user_id)
+        return train(data, out, arch=params["arch"], head=params["head"], l1=params["l1"],
                      l2=params["l2"], epochs=params["epochs"], img_size=params["img_size"], progress=on_step,
                      show_progress=False)
 

@@ -470,9 +470,9 @@ def _record_item(record: Any) -> _Item:
 
 def _open_folder(folder: Any):
     if isinstance(folder, (str, Path)):
-        from softcam_core.data import CohortFolder
+        from softcam_core.data import open_cohort
 
-        return CohortFolder(folder)
+        return open_cohort(folder)
     return folder
 
 
@@ -990,7 +990,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "annotations. Streams rows to DIR2/per_image.csv; --resume continues a stopped run.",
     )
     parser.add_argument("--model", required=True, help="checkpoint (.pt) written by `softcam train`")
-    parser.add_argument("--data", help="cohort folder laid out like `softcam synth` output (or --cohort)")
+    parser.add_argument("--data", help="cohort folder laid out like `softcam synth` output, a folder of images "
+                        "with --labels, or an ImageFolder tree (or --cohort)")
+    parser.add_argument("--labels", default=None,
+                        help="label CSV of the --data folder, e.g. the OUT.splits.csv `softcam train` wrote "
+                        "(image,label[,split]; Kaggle DR image,level; RSNA patientId,Target)")
     parser.add_argument("--cohort", help="database cohort (SOFTCAM_DB_URL), scored against the boxes drawn or "
                                          "imported into the database (instead of --data)")
     parser.add_argument("--box-label", help="with --cohort: only boxes with this label are ground truth")
@@ -1061,6 +1065,10 @@ def _cli(args: argparse.Namespace) -> int:
         print(f"cohort {args.cohort}: {summary['images']} images, {summary['with_boxes']} with boxes, "
               f"{summary.get('with_points', 0)} with points, "
               f"{summary['unlabeled_left_out']} unlabeled left out")
+    elif args.labels:
+        from softcam_core.data import CohortFolder
+
+        data = CohortFolder(args.data, args.labels, classes=meta.get("classes"))
     else:
         data = Path(args.data)
     result = evaluate_cohort(

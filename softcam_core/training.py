@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from softcam_core.device import default_device
+from softcam_core.labels import DEFAULT_SPLIT_FRACTIONS
+
+if TYPE_CHECKING:
+    from softcam_core.data import SplitRecords
 from softcam_core.losses import loss_terms
 from softcam_core.models import ARCHS, SoftCAMNet, build_model, load_checkpoint, save_checkpoint
 
@@ -311,6 +315,12 @@ def log_path(out: str | Path) -> Path:
     return out.with_name(out.stem + ".log.csv")
 
 
+def splits_path(out: str | Path) -> Path:
+    """The ``image,label,split`` CSV a run writes beside checkpoint ``out``: ``OUT.splits.csv``."""
+    out = Path(out)
+    return out.with_name(out.stem + ".splits.csv")
+
+
 def state_path(out: str | Path) -> Path:
     """``OUT.last.pt`` (resumable state) of checkpoint ``OUT.pt``."""
     out = Path(out)
@@ -370,9 +380,15 @@ _RESUME_KEYS = ("arch", "head", "classes", "img_size", "l1", "l2", "data_hash", 
 
 
 def train(
-    data: str | Path,
+    data: str | Path | SplitRecords,
     out: str | Path,
     *,
+    labels: str | Path | None = None,
+    image_col: str | None = None,
+    label_col: str | None = None,
+    label_classes: Sequence[str] | None = None,
+    split_fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
+    split_seed: int = 0,
     arch: str = "resnet18",
     head: str = "softcam",
     l1: float = 0.0,
@@ -398,11 +414,20 @@ def train(
     progress: ProgressCallback | None = None,
     show_progress: bool = True,
 ) -> TrainResult:
-    """Train a SoftCAM net (``head="softcam"``) or its black-box baseline on a cohort folder.
+    """Train a SoftCAM net (``head="softcam"``) or its black-box baseline on a labelled cohort.
 
     Args:
-        data: cohort folder laid out like ``softcam synth`` output (labels.csv with train/val[/test]
-            splits, images/); read with :class:`softcam_core.data.CohortFolder`.
+        data: a cohort folder (``softcam synth`` layout: labels.csv, images/), a folder of images
+            with a label CSV (``labels``), an ImageFolder tree (``class/xxx.png`` or
+            ``split/class/xxx.png``), all read by :func:`softcam_core.data.open_cohort`; or a source
+            object made elsewhere (a database cohort, ``db.evaluation.open_training_cohort``).
+        labels, image_col, label_col, label_classes: the label CSV of a folder of images, its
+            column names and the negative,positive class names of its numeric layouts
+            (:func:`softcam_core.labels.read_label_rows`).
+        split_fractions, split_seed: when no image has a split, a stratified split with these
+            train/val/test fractions and seed is assigned (:func:`softcam_core.labels.stratified_splits`).
+            The split used is always written to ``OUT.splits.csv`` (``image,label,split``), which
+            ``softcam evaluate --data DIR --labels OUT.splits.csv --split test`` reads back.
         out: checkpoint path (``.pt``); the CSV log and resumable state go beside it.
         arch, head: see :func:`softcam_core.models.build_model`.
         l1, l2: ElasticNet weights on the evidence maps (SoftCAM only; see :mod:`softcam_core.losses`).
@@ -430,7 +455,7 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    from softcam_core.data import CohortDataset, CohortFolder
+    from softcam_core.data import CohortDataset, SplitRecords, open_cohort, write_splits
 
     if arch not in ARCHS:
         raise TrainingError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -446,18 +471,24 @@ def train(
     is_main = rank == 0
     use_amp = bool(amp) and device.type == "cuda"
 
-    folder = CohortFolder(data)
+    if isinstance(data, SplitRecords):
+        folder = data
+        folder.assign_splits(split_fractions, split_seed)
+    else:
+        folder = open_cohort(data, labels, image_col=image_col, label_col=label_col, classes=label_classes,
+                             assign_splits=(split_fractions, split_seed))
+    where = folder.labels_path or folder.root
     classes = list(folder.classes)
-    modality = modality or folder.modality or "other"
+    modality = modality or getattr(folder, "modality", None) or "other"
     if modality not in AUGMENTATION:
         raise TrainingError(f"{folder.root}: unknown modality {modality!r}; choose fundus, oct, cxr or other")
     if len(classes) < 2:
-        raise TrainingError(f"{folder.labels_path}: needs at least two classes, found {classes}")
+        raise TrainingError(f"{where}: needs at least two classes, found {classes}")
     train_set = CohortDataset(folder, "train", img_size, mean, std, modality=modality)
     val_set = CohortDataset(folder, "val", img_size, mean, std, modality=modality)
     test_set = CohortDataset(folder, "test", img_size, mean, std, modality=modality)
     if len(train_set) == 0 or len(val_set) == 0:
-        raise TrainingError(f"{folder.labels_path}: needs images in the 'train' and 'val' splits (split column), "
+        raise TrainingError(f"{where}: needs images in the 'train' and 'val' splits (split column), "
                             f"found {len(train_set)} train and {len(val_set)} val")
     data_hash = folder.data_hash()
 
@@ -524,7 +555,10 @@ def train(
 
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     base_meta = dict(config, epochs=int(epochs), init=str(init) if init else None, created=created,
-                     versions=library_versions(), data=str(folder.root.resolve()),
+                     versions=library_versions(), data=folder.source,
+                     splits={"counts": {split: len(subset) for split, subset in
+                                        (("train", train_set), ("val", val_set), ("test", test_set))},
+                             "assigned": folder.splits_assigned, "file": splits_path(out).name},
                      training={"optimizer": "SGD-nesterov", "schedule": "clipped-cosine-per-step", "amp": use_amp,
                                "augment": bool(augment), "device": device.type, "world_size": world})
     csv_path = log_path(out)
@@ -536,6 +570,7 @@ def train(
         if not resume or not csv_path.is_file():
             with open(csv_path, "w", newline="") as handle:
                 csv.writer(handle).writerow(columns)
+        write_splits(folder, splits_path(out))
 
     if is_main and show_progress:
         print(f"training {head} {arch} on {len(train_set)} {modality} images ({', '.join(classes)}), "
@@ -661,12 +696,29 @@ def register_cli(subparsers) -> None:
     """Add ``softcam train`` to the CLI."""
     parser = subparsers.add_parser(
         "train",
-        help="train a SoftCAM (self-explainable) or black-box baseline classifier on a cohort folder",
-        description="Train on a folder laid out like `softcam synth` output (labels.csv with train/val/test "
-        "splits). Writes the best-on-validation checkpoint OUT.pt, a per-epoch log OUT.log.csv and a "
-        "resumable state OUT.last.pt. Multi-process: torchrun --nproc_per_node N -m softcam_core train ...",
+        help="train a SoftCAM (self-explainable) or black-box baseline classifier on a labelled cohort",
+        description="Train on a cohort folder (`softcam synth` layout: labels.csv, images/), a folder of images "
+        "with a label CSV (--labels), an ImageFolder tree (class/xxx.png or split/class/xxx.png) or a labelled "
+        "database cohort (--cohort). Images without a split get a stratified, seeded one (saved with a database "
+        "cohort). Writes the best-on-validation checkpoint OUT.pt, a per-epoch log OUT.log.csv, the split used "
+        "OUT.splits.csv and a resumable state OUT.last.pt. Multi-process: torchrun --nproc_per_node N -m "
+        "softcam_core train ...",
     )
-    parser.add_argument("--data", type=Path, required=True, help="cohort folder (labels.csv, images/)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="cohort folder (labels.csv, images/), a folder of images with "
+                        "--labels, or an ImageFolder tree")
+    source.add_argument("--cohort", help="a labelled database cohort (softcam images import / label)")
+    parser.add_argument("--labels", type=Path, default=None,
+                        help="label CSV of the --data folder: image,label[,split], Kaggle DR image,level "
+                        "(grade 0 -> first class, 1-4 -> second) or RSNA patientId,Target")
+    parser.add_argument("--image-col", default=None, help="image column of --labels (default: image, filename, ...)")
+    parser.add_argument("--label-col", default=None, help="label column of --labels (default: label, level, target, ...)")
+    parser.add_argument("--classes", default=None,
+                        help="negative,positive class names of a numeric --labels layout (default healthy,diseased)")
+    parser.add_argument("--split-fractions", default=",".join(str(f) for f in DEFAULT_SPLIT_FRACTIONS),
+                        help="train,val,test fractions of a split assigned where the data has none "
+                        "(stratified by label; default %(default)s)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of an assigned split (default 0)")
     parser.add_argument("--arch", default="resnet18", choices=ARCHS, metavar="ARCH",
                         help="torchvision architecture: resnet18/34/50/101/152, vgg11..vgg19[_bn], densenet*, "
                         "efficientnet_b*, convnext_* (default resnet18)")
@@ -697,8 +749,29 @@ def register_cli(subparsers) -> None:
 
 
 def _cli_train(args) -> int:
+    try:
+        fractions = tuple(float(v) for v in args.split_fractions.split(","))
+    except ValueError:
+        raise TrainingError(f"--split-fractions: expected three numbers train,val,test, got {args.split_fractions!r}") from None
+    if args.cohort:
+        if args.labels or args.image_col or args.label_col or args.classes:
+            raise TrainingError("--labels / --image-col / --label-col / --classes read a folder's label file; "
+                                "a database cohort is labelled with softcam images label")
+        opener = getattr(args, "open_training_cohort", None)  # set by db/cli.py: softcam_core never imports db
+        if opener is None:
+            raise TrainingError("--cohort needs the database package (db)")
+        data = opener(args.cohort, fractions=fractions, seed=args.split_seed)
+        left_out = sum(data.unlabeled_left_out.values())
+        print(f"cohort {args.cohort}: {len(data)} labelled images" + (f", {left_out} unlabeled left out" if left_out else ""))
+        if data.splits_assigned:
+            print(f"assigned a stratified split to {data.splits_assigned['images']} image(s) "
+                  f"(fractions {args.split_fractions}, seed {args.split_seed}), saved with the cohort")
+    else:
+        data = args.data
     result = train(
-        args.data, args.out, arch=args.arch, head=args.head, l1=args.l1, l2=args.l2, epochs=args.epochs,
+        data, args.out, labels=args.labels, image_col=args.image_col, label_col=args.label_col,
+        label_classes=[c.strip() for c in args.classes.split(",")] if args.classes else None,
+        split_fractions=fractions, split_seed=args.split_seed, arch=args.arch, head=args.head, l1=args.l1, l2=args.l2, epochs=args.epochs,
         img_size=args.img_size, init=args.init, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         min_lr=args.min_lr, batch_size=args.batch_size, balanced=args.balanced, seed=args.seed, resume=args.resume,
         workers=args.workers, device=args.device, modality=args.modality, augment=args.augment, amp=args.amp,
@@ -710,5 +783,9 @@ def _cli_train(args) -> int:
             if values:
                 shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
                 print(f"{split}: {shown}")
-        print(f"checkpoint: {result.checkpoint}\nlog: {result.log}")
+        assigned = result.meta.get("splits", {}).get("assigned")
+        if assigned and not args.cohort:
+            print(f"assigned a stratified split (fractions {args.split_fractions}, seed {args.split_seed}); "
+                  "evaluate the held-out images with --labels " + str(splits_path(result.checkpoint)) + " --split test")
+        print(f"checkpoint: {result.checkpoint}\nlog: {result.log}\nsplits: {splits_path(result.checkpoint)}")
     return 0

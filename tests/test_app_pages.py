@@ -280,6 +280,35 @@ def test_models_page_trains_a_model_in_the_background(app_home):
     assert "tiny_trained" in names
 
 
+@pytest.mark.slow
+def test_models_page_trains_on_a_labelled_database_cohort(app_home):
+    at = open_app("models")
+    choice = at.selectbox(key="train_source")
+    assert any(option.startswith(f"{app_home['cohort']} — database") for option in choice.options), choice.options
+    choice.set_value(f"cohort:{app_home['cohort']}")
+    next(t for t in at.text_input if t.label == "Checkpoint name").input("from_database")
+    next(n for n in at.number_input if n.label == "Epochs").set_value(1)
+    next(s for s in at.select_slider if s.label == "Input size (px)").set_value(64)
+    next(b for b in at.button if b.label == "Train").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    from db import repository
+    from db.session import session_scope
+
+    deadline = time.monotonic() + 120
+    while True:
+        with session_scope() as s:
+            job = repository.list_jobs(s, "train")[0]
+        if job.status in ("done", "failed") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert job.status == "done", job.error
+    assert job.params["cohort"] == app_home["cohort"] and "data" not in job.params
+    from softcam_core.models import load_checkpoint
+
+    _, meta = load_checkpoint(job.result_path)
+    assert meta["data"] == f"database cohort {app_home['cohort']!r}"
+
+
 def test_review_cascam_stage_strip(app_home):
     at = open_app("review")
     at.selectbox(key="review_cascam").set_value("gradcam").run()

@@ -27,7 +27,7 @@ def test_every_tutorial_command_runs(real_data, sqlite_url, tmp_path, monkeypatc
     monkeypatch.setenv("SOFTCAM_DB_URL", sqlite_url)
     commands = tutorial_commands()
     assert [c.split()[1] for c in commands] == ["models", "predict", "images", "images", "images", "annotations",
-                                                "evaluate"]
+                                                "evaluate", "train", "evaluate"]
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)  # step 0: the model "trained elsewhere"
     torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), "dr_resnet18.pth")
@@ -43,3 +43,8 @@ def test_every_tutorial_command_runs(real_data, sqlite_url, tmp_path, monkeypatc
     cohort = pd.read_csv(tmp_path / "report" / "cohort.csv")
     assert set(cohort.method) == {"softcam", "gradcam", "sanity:centre"}
     assert os.path.isfile(tmp_path / "predictions.csv")
+    # step 5 trained on the saved split (0.6/0.2/0.2 of 11 diseased + 4 healthy: 3 test images) and
+    # scored only the held-out ones
+    trained = pd.read_csv(tmp_path / "report_trained" / "per_image.csv", dtype={"image": str})
+    assert set(trained.split) == {"test"} and trained.image.nunique() == 3
+    assert "assigned" not in out.split("cohort eyepacs: 15 labelled images")[-1].split("checkpoint:")[0]

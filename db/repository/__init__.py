@@ -60,6 +60,7 @@ from db.repository.labels import (  # noqa: F401
     LabelImportResult,
     assign_splits,
     import_labels,
+    label_change_counts,
     label_counts,
     label_history,
     read_label_rows,

@@ -4,18 +4,10 @@ Every change writes an :class:`db.schema.ImageLabelChange` row (who, when, befor
 so a label is versioned like a box. Imports are atomic: unless ``partial=True``, nothing changes
 when any row names an unknown image or carries a bad value.
 
-CSV layouts (``read_label_rows``; the header decides, or ``image_col`` / ``label_col``):
-
-==================  ========================  =================================================
-layout              columns                   label
-==================  ========================  =================================================
-``plain``           ``image,label``           the text as given (a class name)
-``kaggle_dr``       ``image,level``           DR grade 0-4 -> onset: 0 -> negative class,
-                                              1-4 -> positive class (SoftCAM's binary task
-                                              "{0} vs {1-4}", the ``onset1`` column)
-``rsna``            ``patientId,Target``      0 -> negative class, 1 -> positive class (one row
-                                              per box: rows of one patient must agree)
-==================  ========================  =================================================
+CSV layouts: plain ``image,label``, Kaggle DR ``image,level`` (grade 0 -> negative class, 1-4 ->
+positive) and RSNA ``patientId,Target``; the table and the rules are in :mod:`softcam_core.labels`
+(one reader for database cohorts and training folders). A ``split`` column, when present, sets the
+images' splits too.
 
 The negative and positive class names of the numeric layouts are ``classes`` (default: the
 cohort's first two classes, else ``healthy,diseased``). An image is named by its original file
@@ -25,28 +17,23 @@ names themselves are not stored), or, in an ``image_id`` / ``id`` column, by its
 
 from __future__ import annotations
 
-import csv
-import io
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.repository.base import RepositoryError
 from db.repository.cohorts import ensure_label, get_cohort, set_class_labels
 from db.repository.users import _user_id
 from db.schema import Cohort, Image, ImageLabelChange, User
+from softcam_core.labels import DEFAULT_BINARY_CLASSES, DEFAULT_SPLIT_FRACTIONS, SPLITS, LabelFileError, LabelRow, check_fractions
+from softcam_core.labels import read_label_rows as _read_label_rows
+from softcam_core.labels import stratified_splits
 
-SPLITS = ("train", "val", "test")
-DEFAULT_BINARY_CLASSES = ("healthy", "diseased")
-IMAGE_COLUMNS = ("image", "filename", "file", "patientid", "image_id", "id", "name")
-LABEL_COLUMNS = ("label", "level", "gt_level", "target", "class")
 ID_COLUMNS = ("image_id", "id")
-MAX_LABEL_ROWS = 1_000_000
 
 
 class LabelImportError(RepositoryError):
@@ -58,15 +45,6 @@ class LabelImportError(RepositoryError):
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         super().__init__(f"{source}: {len(problems)} row(s) not usable, nothing changed ({shown}{more}); "
                          "fix them or pass --partial to label the rows that are")
-
-
-@dataclass(frozen=True)
-class LabelRow:
-    line: int          # 1-based line number in the file (header = 1)
-    ref: str           # the image as the file names it
-    value: str         # the label cell as written
-    label: str | None  # the class name it maps to (None: a bad value, see problem)
-    problem: str = ""
 
 
 @dataclass
@@ -82,71 +60,13 @@ class LabelImportResult:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def _layout(image_col: str, label_col: str) -> str:
-    if label_col.lower().endswith("level"):  # Kaggle's "level", the clinician study's "gt_level"
-        return "kaggle_dr"
-    if label_col.lower() == "target":
-        return "rsna"
-    return "plain"
-
-
-def read_label_rows(data: bytes | str | Path, *, image_col: str | None = None, label_col: str | None = None,
-                    classes: Sequence[str] = DEFAULT_BINARY_CLASSES, source: str = "labels") -> tuple[str, str, list[LabelRow]]:
-    """``(layout, image column, rows)`` of a label CSV (see the module table); one row per image
-    (RSNA's repeated rows folded, disagreeing ones reported). Raises RepositoryError for a file that
-    is not a CSV with the needed columns."""
-    if isinstance(data, Path):
-        data = data.read_bytes()
-    text = data.decode("utf-8-sig", errors="strict") if isinstance(data, bytes) else data
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    by_lower = {h.lower(): h for h in header}
-
-    def pick(given: str | None, candidates: Sequence[str], what: str) -> str:
-        if given:
-            if given not in header and given.lower() not in by_lower:
-                raise RepositoryError(f"{source}: no column {given!r} (columns: {', '.join(header) or 'none'})")
-            return by_lower.get(given.lower(), given)
-        for name in candidates:
-            if name in by_lower:
-                return by_lower[name]
-        raise RepositoryError(f"{source}: no {what} column (looked for {', '.join(candidates)}; "
-                              f"columns: {', '.join(header) or 'none'}); name it with --{what}-col")
-
-    image_key, label_key = pick(image_col, IMAGE_COLUMNS, "image"), pick(label_col, LABEL_COLUMNS, "label")
-    layout = _layout(image_key, label_key)
-    negative, positive = classes[0], classes[1] if len(classes) > 1 else None
-    rows: dict[str, LabelRow] = {}
-    order: list[str] = []
-    conflicts: list[LabelRow] = []
-    for number, record in enumerate(reader, start=2):
-        if number > MAX_LABEL_ROWS:
-            raise RepositoryError(f"{source}: more than {MAX_LABEL_ROWS} rows")
-        record = {(k or "").strip(): (v or "").strip() for k, v in record.items() if k is not None}
-        ref, value = record.get(image_key, ""), record.get(label_key, "")
-        if not ref:
-            conflicts.append(LabelRow(number, ref, value, None, "no image name"))
-            continue
-        label, problem = value or None, "" if value else "empty label"
-        if value and layout in ("kaggle_dr", "rsna"):
-            grades = range(5) if layout == "kaggle_dr" else range(2)
-            try:
-                grade = int(float(value))
-                if float(value) != grade or grade not in grades:
-                    raise ValueError
-            except ValueError:
-                label, problem = None, f"{label_key} {value!r} is not one of {', '.join(map(str, grades))}"
-            else:
-                label = negative if grade == 0 else positive
-        row = LabelRow(number, ref, value, label, problem)
-        previous = rows.get(ref)
-        if previous is None:
-            rows[ref] = row
-            order.append(ref)
-        elif previous.label != row.label:
-            conflicts.append(LabelRow(number, ref, value, None,
-                                      f"{ref!r} is labelled {previous.value!r} on line {previous.line} and {value!r} here"))
-    return layout, image_key, [rows[r] for r in order] + conflicts
+def read_label_rows(data: bytes | str | Path, **options) -> tuple[str, str, list[LabelRow]]:
+    """:func:`softcam_core.labels.read_label_rows`, raising :class:`RepositoryError` for a file that
+    is not a label CSV."""
+    try:
+        return _read_label_rows(data, **options)
+    except LabelFileError as exc:
+        raise RepositoryError(str(exc)) from None
 
 
 def _class_names(session: Session, cohort: Cohort, classes: Sequence[str] | None) -> tuple[str, ...]:
@@ -234,10 +154,10 @@ def import_labels(session: Session, cohort: Cohort | str, data: bytes | str | Pa
     user_id = _user_id(session, user) if user is not None else None
     result = LabelImportResult(layout=layout, problems=problems)
     for row, image in targets.values():
-        if image.label == row.label:
+        if image.label == row.label and (not row.split or image.split == row.split):
             result.unchanged += 1
             continue
-        set_image_label(session, image, row.label, user=user_id, source=f"csv {layout}")
+        set_image_label(session, image, row.label, row.split or None, user=user_id, source=f"csv {layout}")
         result.changed += 1
     result.counts = label_counts(session, cohort)
     return result
@@ -258,7 +178,17 @@ def label_history(session: Session, image: Image | int) -> list[ImageLabelChange
                                 .order_by(ImageLabelChange.at, ImageLabelChange.id)))
 
 
-def assign_splits(session: Session, cohort: Cohort | str, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+def label_change_counts(session: Session, cohort: Cohort | str) -> dict[int, tuple[int, object]]:
+    """``{image id: (number of label/split changes, time of the last)}`` for a cohort's images that
+    have any, in one query (the label editor lists every image)."""
+    cohort = get_cohort(session, cohort) if not isinstance(cohort, Cohort) else cohort
+    rows = session.execute(select(ImageLabelChange.image_id, func.count(), func.max(ImageLabelChange.at))
+                           .join(Image, Image.id == ImageLabelChange.image_id)
+                           .where(Image.cohort_id == cohort.id).group_by(ImageLabelChange.image_id))
+    return {int(image_id): (int(n), last) for image_id, n, last in rows}
+
+
+def assign_splits(session: Session, cohort: Cohort | str, fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
                   *, seed: int = 0, overwrite: bool = False, user: User | str | int | None = None) -> dict[str, dict[str, int]]:
     """Give the cohort's labelled images a train / val / test split, stratified by label, and save it.
 
@@ -268,32 +198,18 @@ def assign_splits(session: Session, cohort: Cohort | str, fractions: tuple[float
     of the whole cohort afterwards. Deterministic: the same images and seed give the same split.
     """
     cohort = get_cohort(session, cohort) if not isinstance(cohort, Cohort) else cohort
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1.0):
-        raise RepositoryError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+    try:
+        fractions = check_fractions(fractions)
+    except ValueError as exc:
+        raise RepositoryError(str(exc)) from None
     user_id = _user_id(session, user) if user is not None else None
     images = list(session.scalars(select(Image).where(Image.cohort_id == cohort.id, Image.label.is_not(None))
                                   .order_by(Image.id)))
-    by_label: dict[str, list[Image]] = defaultdict(list)
-    for image in images:
-        if overwrite or not image.split:
-            by_label[image.label].append(image)
-    rng = np.random.default_rng(seed)
-    for label in sorted(by_label):
-        group = by_label[label]
-        order = rng.permutation(len(group))
-        n = len(group)
-        n_val = int(round(fractions[1] * n))
-        n_test = int(round(fractions[2] * n))
-        if n >= 3:
-            n_val = max(n_val, 1) if fractions[1] > 0 else 0
-            n_test = max(n_test, 1) if fractions[2] > 0 else 0
-        n_train = max(n - n_val - n_test, 0)
-        names = ["train"] * n_train + ["val"] * n_val + ["test"] * (n - n_train - n_val)
-        for position, index in enumerate(order):
-            image = group[int(index)]
-            if image.split != names[position]:
-                _record(session, image, "split", image.split, names[position], user_id, "split")
-                image.split = names[position]
+    todo = [image for image in images if overwrite or not image.split]
+    for image, split in zip(todo, stratified_splits([image.label for image in todo], fractions, seed)):
+        if image.split != split:
+            _record(session, image, "split", image.split, split, user_id, "split")
+            image.split = split
     session.flush()
     table: dict[str, dict[str, int]] = defaultdict(lambda: {s: 0 for s in SPLITS})
     for image in images:
