@@ -255,17 +255,17 @@ def test_data_page_imports_a_folder_and_reports_rejections(app_home, tmp_path, r
     assert "Clinic A" in list(at.dataframe[0].value["cohort"])
 
 
-@pytest.mark.slow
-def test_models_page_trains_a_model_in_the_background(app_home):
-    at = open_app("models")
-    next(t for t in at.text_input if t.label == "Checkpoint name").input("tiny_trained")
+def _train_one_epoch(at: AppTest, name: str):
+    """Fill the Models page's training form (1 epoch, 64 px), submit it and wait for the job to end;
+    returns the job row."""
+    from db import repository
+    from db.session import session_scope
+
+    next(t for t in at.text_input if t.label == "Checkpoint name").input(name)
     next(n for n in at.number_input if n.label == "Epochs").set_value(1)
     next(s for s in at.select_slider if s.label == "Input size (px)").set_value(64)
     next(b for b in at.button if b.label == "Train").click().run()
     assert not at.exception and not at.error, texts(at.error)
-    from db import repository
-    from db.session import session_scope
-
     deadline = time.monotonic() + 120
     while True:
         with session_scope() as s:
@@ -274,6 +274,13 @@ def test_models_page_trains_a_model_in_the_background(app_home):
             break
         time.sleep(0.5)
     assert job.status == "done", job.error
+    return job
+
+
+@pytest.mark.slow
+def test_models_page_trains_a_model_in_the_background(app_home):
+    at = open_app("models")
+    job = _train_one_epoch(at, "tiny_trained")
     assert job.progress_done == job.progress_total > 0
     at.run()
     names = list(at.dataframe[0].value["name"])
@@ -286,22 +293,7 @@ def test_models_page_trains_on_a_labelled_database_cohort(app_home):
     choice = at.selectbox(key="train_source")
     assert any(option.startswith(f"{app_home['cohort']} — database") for option in choice.options), choice.options
     choice.set_value(f"cohort:{app_home['cohort']}")
-    next(t for t in at.text_input if t.label == "Checkpoint name").input("from_database")
-    next(n for n in at.number_input if n.label == "Epochs").set_value(1)
-    next(s for s in at.select_slider if s.label == "Input size (px)").set_value(64)
-    next(b for b in at.button if b.label == "Train").click().run()
-    assert not at.exception and not at.error, texts(at.error)
-    from db import repository
-    from db.session import session_scope
-
-    deadline = time.monotonic() + 120
-    while True:
-        with session_scope() as s:
-            job = repository.list_jobs(s, "train")[0]
-        if job.status in ("done", "failed") or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert job.status == "done", job.error
+    job = _train_one_epoch(at, "from_database")
     assert job.params["cohort"] == app_home["cohort"] and "data" not in job.params
     from softcam_core.models import load_checkpoint
 
