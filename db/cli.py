@@ -185,6 +185,31 @@ def _annotations_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _annotations_agreement(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .agreement import cohort_agreement
+    from .session import get_engine, session_scope, upgrade
+
+    engine = get_engine()
+    upgrade(engine)
+    with session_scope(engine, readonly=True) as session:
+        per_image, summary = cohort_agreement(session, args.cohort, tolerance=args.tolerance, iou=args.iou,
+                                              all_images=args.all_images)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    per_image.to_csv(out, index=False)
+    summary_path = out.with_name(out.stem + ".summary.csv")
+    summary.to_csv(summary_path, index=False)
+    print(f"{len(summary.attrs['annotators'])} annotators, {int(summary.iloc[:-1]['images'].max())} image(s) per pair "
+          f"(points within {args.tolerance:g} px, boxes IoU >= {args.iou:g}; "
+          f"{'every image' if args.all_images else 'images someone annotated'})")
+    shown = summary[["annotator_a", "annotator_b", "images", "f1_mean", "f1_pooled", "kappa_presence"]].astype({"images": int})
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"wrote {out} and {summary_path}")
+    return 0
+
+
 def _read_password(args: argparse.Namespace) -> str:
     """Password from --password-stdin (one line) or an interactive prompt; never from argv."""
     if args.password_stdin:
@@ -349,6 +374,19 @@ def register_cli(subparsers) -> None:
     aexp.add_argument("--out", required=True, metavar="FILE",
                       help="output file (VOC and YOLO: a folder, or a zip when FILE ends with .zip)")
     aexp.set_defaults(func=_annotations_export)
+    from .agreement import DEFAULT_IOU, DEFAULT_TOLERANCE
+
+    agr = ann_sub.add_parser("agreement", help="inter-annotator agreement: F1 of one-to-one same-label matches and "
+                             "Cohen's kappa on presence, per annotator pair")
+    agr.add_argument("--cohort", required=True)
+    agr.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                     help="points match within this distance, image pixels (default %(default)s)")
+    agr.add_argument("--iou", type=float, default=DEFAULT_IOU, help="boxes match at IoU >= this (default %(default)s)")
+    agr.add_argument("--all-images", action="store_true",
+                     help="score every image of the cohort (default: the images someone annotated)")
+    agr.add_argument("--out", required=True, metavar="A.csv",
+                     help="one row per annotator pair per image; the cohort summary goes to A.summary.csv")
+    agr.set_defaults(func=_annotations_agreement)
 
     # `softcam evaluate` (softcam_core.evaluate, registered before this module) reads database cohorts
     # through this default, so softcam_core never imports db: see db.evaluation.open_database_cohort
