@@ -1,7 +1,7 @@
 """``softcam annotations agreement``: inter-annotator agreement of a database cohort.
 
 Reads every live point and box of the cohort with its author (the annotator; shapes without an
-author count as ``(no author)``), and scores every pair of annotators on every image with the
+author count as ``(no author)``; the adjudicated ``consensus`` set is left out), and scores every pair of annotators on every image with the
 pure functions of :mod:`annotations.agreement`: F1 of one-to-one same-label matches (points within
 ``tolerance`` image pixels, boxes with IoU >= ``iou``) and Cohen's κ on image-level presence.
 
@@ -33,22 +33,29 @@ DEFAULT_TOLERANCE = 10.0  # image pixels
 DEFAULT_IOU = 0.5
 
 
-def annotator_shapes(session: Session, cohort: Cohort) -> tuple[list[Image], dict[int, dict[str, dict[str, list]]]]:
-    """``(images, shapes)``: the cohort's visible images (id order) and
+def annotator_shapes(session: Session, cohort: Cohort, image_ids: list[int] | None = None
+                     ) -> tuple[list[Image], dict[int, dict[str, dict[str, list]]]]:
+    """``(images, shapes)``: the cohort's visible images (id order; only ``image_ids`` when given) and
     ``shapes[image_id][annotator] = {"points": [(x, y, label)], "boxes": [(x0, y0, x1, y1, label)]}``
     of the live point and box annotations (one query)."""
     from .repository.images import _visible
 
-    images = list(session.scalars(select(Image).where(Image.cohort_id == cohort.id, _visible()).order_by(Image.id)))
+    query = select(Image).where(Image.cohort_id == cohort.id, _visible()).order_by(Image.id)
+    if image_ids is not None:
+        query = query.where(Image.id.in_(image_ids))
+    images = list(session.scalars(query))
     ids = {image.id for image in images}
     rows = session.execute(
         select(Annotation.image_id, Annotation.kind, Annotation.geometry, Annotation.label, User.username)
         .join(Image, Image.id == Annotation.image_id).outerjoin(User, User.id == Annotation.author_id)
         .where(Image.cohort_id == cohort.id, Annotation.deleted_at.is_(None), Annotation.kind.in_(("point", "box")))
+        .where(Annotation.image_id.in_(ids) if image_ids is not None else True)
         .order_by(Annotation.image_id, Annotation.id))
     shapes: dict[int, dict[str, dict[str, list]]] = defaultdict(lambda: defaultdict(lambda: {"points": [], "boxes": []}))
+    from .repository.adjudication import CONSENSUS_USER
+
     for image_id, kind, geometry, label, author in rows:
-        if image_id not in ids:
+        if image_id not in ids or author == CONSENSUS_USER:  # the adjudicated set is not an annotator
             continue
         shape = geometry_from_json(kind, geometry)
         entry = shapes[image_id][author or NO_AUTHOR]

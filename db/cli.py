@@ -392,9 +392,9 @@ def register_cli(subparsers) -> None:
     # through this default, so softcam_core never imports db: see db.evaluation.open_database_cohort
     evaluate = subparsers.choices.get("evaluate")
     if evaluate is not None:
-        from .evaluation import open_database_cohort
+        from .evaluation import database_annotators, open_database_cohort
 
-        evaluate.set_defaults(open_database_cohort=open_database_cohort)
+        evaluate.set_defaults(open_database_cohort=open_database_cohort, database_annotators=database_annotators)
     train = subparsers.choices.get("train")  # the same for `softcam train --cohort`
     if train is not None:
         from .evaluation import open_training_cohort

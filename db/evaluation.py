@@ -162,8 +162,25 @@ def label_needed(target: str, metrics: Sequence[str] | None, n_model_classes: in
     return target == "disease" and n_model_classes > 2
 
 
+def cohort_annotators(session: Session, cohort: Cohort | str) -> list[str]:
+    """User names of the authors of the cohort's live points and boxes, sorted (``(no author)`` for
+    shapes without one): the ground truths an evaluation can be restricted to."""
+    from .agreement import NO_AUTHOR
+    from .repository import get_cohort
+    from .schema import User
+
+    cohort = get_cohort(session, cohort) if isinstance(cohort, str) else cohort
+    names = session.execute(select(User.username).select_from(Annotation)
+                            .join(Image, Image.id == Annotation.image_id)
+                            .outerjoin(User, User.id == Annotation.author_id)
+                            .where(Image.cohort_id == cohort.id, Annotation.deleted_at.is_(None),
+                                   Annotation.kind.in_(("box", "point"))).distinct())
+    return sorted({name or NO_AUTHOR for (name,) in names})
+
+
 def load_database_cohort(session: Session, cohort: Cohort | str, *, box_label: str | None = None,
-                         include_unlabeled: bool = False, model_classes: Sequence[str] | None = None) -> DatabaseCohort:
+                         include_unlabeled: bool = False, model_classes: Sequence[str] | None = None,
+                         annotator: str | None = None) -> DatabaseCohort:
     """Read a cohort's images and live boxes (two queries) into a :class:`DatabaseCohort`.
 
     ``box_label``: use only boxes with this label. ``include_unlabeled``: score images without a
@@ -171,9 +188,13 @@ def load_database_cohort(session: Session, cohort: Cohort | str, *, box_label: s
     otherwise they are left out and counted per split. ``model_classes``: the class names of the
     model that will score it, in output order; class indices then follow the model (a label is
     matched by name), and, when the labels matter (``include_unlabeled`` False), a label that is
-    not a class of the model is an error instead of a silently wrong target.
+    not a class of the model is an error instead of a silently wrong target. ``annotator``: use only
+    the shapes of this author (a user name, or ``(no author)``; :func:`cohort_annotators` lists them),
+    e.g. one reader of a multi-reader study, or the consensus an adjudicator made.
     """
+    from .agreement import NO_AUTHOR
     from .repository import get_cohort, image_path
+    from .schema import User
     from .repository.images import _visible
 
     cohort = get_cohort(session, cohort) if isinstance(cohort, str) else cohort
@@ -211,6 +232,13 @@ def load_database_cohort(session: Session, cohort: Cohort | str, *, box_label: s
              .order_by(Annotation.image_id, Annotation.id))
     if box_label is not None:
         query = query.where(Annotation.label == box_label)
+    if annotator is not None:
+        known = cohort_annotators(session, cohort)
+        if annotator not in known:
+            raise ValueError(f"cohort {cohort.name!r} has no shapes by {annotator!r} "
+                             f"(annotators: {', '.join(known) or 'none'})")
+        query = (query.where(Annotation.author_id.is_(None)) if annotator == NO_AUTHOR else
+                 query.join(User, User.id == Annotation.author_id).where(User.username == annotator))
     boxes: dict[int, list[Box]] = {}
     points: dict[int, list[tuple[float, float]]] = {}
     for image_id, kind, geometry in session.execute(query):
@@ -292,7 +320,7 @@ def evaluation_source(session: Session, params: dict[str, Any],
     n_model_classes = model_classes if isinstance(model_classes, int) else len(model_classes)
     include = not label_needed(params.get("target", "disease"), params.get("metrics"), n_model_classes)
     source = load_database_cohort(session, params["cohort"], box_label=params.get("box_label"),
-                                  include_unlabeled=include, model_classes=names)
+                                  include_unlabeled=include, model_classes=names, annotator=params.get("annotator"))
     summary = source.summary(split, limit)
     if not summary["images"]:
         total = len(source.split("all")) + sum(source.unlabeled_left_out.values())
@@ -316,6 +344,7 @@ def ground_truth_text(params: dict[str, Any]) -> str:
             text += f" ({summary.get('with_masks', 0)} of {summary.get('images', 0)} images with a mask)"
         return text
     text = "database boxes" + (f" labelled {params['box_label']!r}" if params.get("box_label") else "")
+    text += f" by {params['annotator']}" if params.get("annotator") else ""
     if summary:
         text += f" ({summary.get('with_boxes', 0)} of {summary.get('images', 0)} images with boxes"
         if summary.get("unlabeled_left_out"):
@@ -325,21 +354,23 @@ def ground_truth_text(params: dict[str, Any]) -> str:
 
 
 def open_database_cohort(name: str, meta: dict, settings: Any, box_label: str | None = None,
-                         url: str | None = None) -> tuple[DatabaseCohort, dict[str, Any]]:
+                         url: str | None = None, annotator: str | None = None) -> tuple[DatabaseCohort, dict[str, Any]]:
     """``softcam evaluate --cohort NAME``: the cohort of the database at ``url`` (default
     ``SOFTCAM_DB_URL``) as a source for ``evaluate_cohort``, and its summary for ``settings.split``.
 
     ``meta``: the checkpoint metadata (its class count decides whether unlabeled images can be
     scored, :func:`label_needed`); ``settings``: the :class:`softcam_core.evaluate.EvalSettings`
-    of the run (split, limit, target, metrics). db/cli.py hands this function to the ``evaluate``
-    command as the argparse default ``open_database_cohort``, so softcam_core never imports db.
+    of the run (split, limit, target, metrics); ``annotator``: only that author's shapes are ground
+    truth. db/cli.py hands this function to the ``evaluate`` command as the argparse default
+    ``open_database_cohort``, so softcam_core never imports db.
     """
     from .session import get_engine, session_scope, upgrade
 
     engine = get_engine(url)
     upgrade(engine)
     params = {"cohort": name, "ground_truth": "database", "box_label": box_label, "split": settings.split,
-              "limit": settings.limit, "target": settings.target, "metrics": list(settings.metrics)}
+              "limit": settings.limit, "target": settings.target, "metrics": list(settings.metrics),
+              "annotator": annotator}
     with session_scope(engine, readonly=True) as session:
         return evaluation_source(session, params, list(meta.get("classes", [])))
 
@@ -389,3 +420,14 @@ def trainable_cohorts(session: Session) -> dict[str, dict[str, int]]:
     for cohort, label, n in rows:
         counts.setdefault(cohort, {})[label] = int(n)
     return {name: labels for name, labels in counts.items() if len(labels) >= 2}
+
+
+def database_annotators(name: str, url: str | None = None) -> list[str]:
+    """``softcam evaluate --cohort NAME --annotator each``: the cohort's annotators
+    (:func:`cohort_annotators`) in the database at ``url`` (default ``SOFTCAM_DB_URL``)."""
+    from .session import get_engine, session_scope, upgrade
+
+    engine = get_engine(url)
+    upgrade(engine)
+    with session_scope(engine, readonly=True) as session:
+        return cohort_annotators(session, name)

@@ -31,8 +31,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 ROLES = ("clinician", "annotator", "researcher", "admin")
 ANNOTATION_KINDS = ("box", "point", "polygon", "mask")
-PROVENANCES = ("drawn", "imported", "derived")
-AUDIT_ACTIONS = ("create", "update", "delete", "restore")
+PROVENANCES = ("drawn", "imported", "derived", "consensus")
+AUDIT_ACTIONS = ("create", "update", "delete", "restore", "adjudicate", "reject")
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED_JOB_STATUSES = ("done", "failed", "cancelled")  # final: nothing moves a job out of these
 

@@ -1,4 +1,5 @@
-"""Annotate: draw, move, resize, relabel and delete lesion boxes; save with conflict detection; import files."""
+"""Annotate: draw, move, resize, relabel and delete lesion boxes; save with conflict detection; import
+files; adjudicate several annotators' shapes into a consensus set."""
 
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ from service.boxes import (
     image_boxes_to_canvas,
     lesion_labels,
 )
-from softcam_core.render import display_pixels
+from softcam_core.render import annotators_figure, display_pixels
 
 CANVAS_MAX_WIDTH, CANVAS_MAX_HEIGHT = 760, 620
 
 st.title("Annotate")
 user = common.current_user()
-draw_tab, import_tab = st.tabs(["Draw boxes", "Import annotation file"])
+draw_tab, import_tab, adjudicate_tab = st.tabs(["Draw boxes", "Import annotation file", "Adjudicate"])
 
 
 def draw_boxes() -> None:
@@ -103,3 +104,64 @@ with draw_tab:
 
 with import_tab:
     common.annotation_import_form(user)
+
+
+def adjudicate() -> None:
+    st.caption("Images with points or boxes by two or more annotators. Shapes of one label that the "
+               "annotators' one-to-one matching pairs (points within the tolerance, boxes at the IoU) form one "
+               "proposal at their mean; those marked by more than half of the annotators are ticked. Saving "
+               "stores the ticked ones as the image's consensus set (author `consensus`), with who decided "
+               "what; `softcam evaluate --annotator consensus` and the Cohort page score against it.")
+    from db import repository
+
+    with common.read_session() as s:
+        names = [c.name for c in repository.list_cohorts(s)]
+    if not names:
+        st.info("No cohort yet: import images on the Data page.", icon=":material/info:")
+        return
+    top = st.columns([1, 2, 1, 1])
+    cohort = top[0].selectbox("Cohort", names, key="adjudicate_cohort")
+    queue = common.adjudication_queue(cohort)
+    if not queue:
+        st.info("No image of this cohort has shapes by two annotators.", icon=":material/info:")
+        return
+    ids = [r.id for r in queue]
+    chosen = top[1].selectbox(f"Image ({len(ids)} to adjudicate)", ids, key="adjudicate_image",
+                              format_func=lambda i: common.record_title(queue[ids.index(i)]))
+    tolerance = top[2].number_input("Point tolerance (px)", 0.0, 500.0, 10.0, key="adjudicate_tolerance")
+    iou = top[3].number_input("Box IoU", 0.05, 1.0, 0.5, step=0.05, key="adjudicate_iou")
+    record = queue[ids.index(chosen)]
+    shapes, proposals, decisions = common.adjudication_view(record.id, tolerance, iou)
+    image = common.load_record(record)
+    left, right = st.columns([3, 2])
+    with left:
+        st.plotly_chart(annotators_figure(display_pixels(image), shapes, proposals), key=f"adjudicate_fig_{record.id}",
+                        config={"scrollZoom": True, "displaylogo": False})
+    with right:
+        rows = [{"accept": p.suggested, "#": n, "kind": p.kind, "label": p.label or "", "votes": p.votes,
+                 "annotators": ", ".join(p.annotators),
+                 "where": (f"{p.geometry.x:.0f}, {p.geometry.y:.0f}" if p.kind == "point" else
+                           f"{p.geometry.x0:.0f}, {p.geometry.y0:.0f} – {p.geometry.x1:.0f}, {p.geometry.y1:.0f}")}
+                for n, p in enumerate(proposals, start=1)]
+        edited = st.data_editor(rows, hide_index=True, width="stretch", key=f"adjudicate_table_{record.id}",
+                                disabled=["#", "kind", "label", "votes", "annotators", "where"])
+        accepted = [p for p, row in zip(proposals, edited) if row["accept"]]
+        rejected = [p for p, row in zip(proposals, edited) if not row["accept"]]
+        if st.button(f"Save consensus ({len(accepted)} of {len(proposals)})", type="primary",
+                     icon=":material/gavel:", key="adjudicate_save"):
+            try:
+                saved = common.save_consensus(record.id, accepted, rejected, user)
+            except Exception as exc:
+                st.error(f"Not saved: {common.one_line(exc)}")
+            else:
+                st.success(f"Consensus of {common.plain(common.record_title(record))}: {saved} shape(s) saved, "
+                           f"{len(rejected)} rejected.")
+                decisions = common.adjudication_view(record.id, tolerance, iou)[2]
+        if decisions:
+            st.caption("Decisions (oldest first)")
+            st.dataframe([dict(d, at=d["at"].strftime("%Y-%m-%d %H:%M:%S")) for d in decisions], hide_index=True,
+                         width="stretch")
+
+
+with adjudicate_tab:
+    adjudicate()

@@ -70,12 +70,20 @@ with st.form("cohort_run"):
                                   format_func=lambda p: checkpoints[paths.index(p)].label())
         split = st.selectbox("Images", ["test", "val", "train", "all"], help="Which split of the cohort to score.")
         limit = st.number_input("At most this many images (0 = all)", 0, 100000, 0, step=10)
-        box_label = None
+        box_label = annotator = None
         if ground_truth == "database":
             with common.read_session() as _s:
                 labels = evaluation.box_labels(_s, cohort_name)
+                annotators = evaluation.cohort_annotators(_s, cohort_name)
             box_label = st.selectbox("Boxes", [None, *labels], key="cohort_box_label",
                                      format_func=lambda v: "every label" if v is None else f"labelled {v}")
+            if len(annotators) > 1:
+                annotator = st.selectbox(
+                    "Annotator", [None, *annotators], key="cohort_annotator",
+                    format_func=lambda v: "every annotator's shapes" if v is None else v,
+                    help="Score against one reader's shapes, or the adjudicated consensus (Annotate → "
+                         "Adjudicate). Run once per annotator to see how far the metrics move with the reader: "
+                         "`softcam evaluate --annotator each` writes that spread.")
     with right:
         methods = st.multiselect("Methods", list(METHODS), default=["softcam", "gradcam"],
                                  format_func=method_title)
@@ -97,7 +105,7 @@ if submitted:
     else:
         folder = choice["folder"]
         params = {"model": model_path, "cohort": cohort_name, "ground_truth": ground_truth,
-                  "folder": str(folder) if folder else None, "box_label": box_label,
+                  "folder": str(folder) if folder else None, "box_label": box_label, "annotator": annotator,
                   "methods": methods, "metrics": metrics, "split": split, "limit": int(limit) or None,
                   "target": target}
         try:

@@ -596,6 +596,34 @@ def apply_box_edits(record, edits: BoxEdits, user: User | None) -> None:
         annotation_service.apply_box_edits(s, user.id if user is not None else None, record.id, edits)
 
 
+def adjudication_queue(cohort: str) -> list:
+    """Images of ``cohort`` with shapes by at least two annotators (``db.repository.images_to_adjudicate``)."""
+    from db import repository
+
+    with read_session() as s:
+        return repository.images_to_adjudicate(s, cohort)
+
+
+def adjudication_view(image_id: int, tolerance: float, iou: float) -> tuple[dict, list, list[dict]]:
+    """``(shapes by annotator, consensus proposals, record of decisions)`` of one image."""
+    from db import repository
+    from db.agreement import annotator_shapes
+    from db.schema import Image as ImageRow
+
+    with read_session() as s:
+        image = s.get(ImageRow, image_id)
+        _, shapes = annotator_shapes(s, image.cohort, image_ids=[image_id])
+        proposals = repository.consensus_proposals(s, image_id, tolerance=tolerance, iou=iou)
+        record = repository.adjudication_record(s, image_id)
+    return {name: dict(drawn) for name, drawn in shapes.get(image_id, {}).items()}, proposals, record
+
+
+def save_consensus(image_id: int, accepted: list, rejected: list, user: User | None) -> int:
+    """An adjudication of one image (``service.annotations.save_consensus``), one transaction."""
+    with session() as s:
+        return annotation_service.save_consensus(s, user.id if user else None, image_id, accepted, rejected)
+
+
 ANNOTATION_FORMATS = {"coco": "COCO JSON", "voc": "Pascal VOC XML (file or zip)", "rsna": "RSNA pneumonia CSV",
                       "yolo": "YOLO txt (file or zip)", "csv": "Plain CSV", "mask": "Binary mask PNG (file or zip)"}
 

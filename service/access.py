@@ -19,6 +19,7 @@ PERMISSIONS: dict[str, tuple[str, ...]] = {
     "upload_for_review": ALL_ROLES,          # one file opened on Review, stored de-identified
     "change_own_password": ALL_ROLES,
     "import_annotations": ("annotator", "researcher", "admin"),
+    "adjudicate": ("annotator", "researcher", "admin"),
     "import_images": ("researcher", "admin"),
     "label_images": ("researcher", "admin"),
     "register_cohorts": ("researcher", "admin"),

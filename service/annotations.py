@@ -33,3 +33,12 @@ def import_annotation_file(session, user_id: int | None, path: str | Path, fmt: 
 
     user = require(session, user_id, "import_annotations")
     return repository.import_annotations(session, path, fmt, cohort, user.id, label=label)
+
+
+def save_consensus(session, user_id: int | None, image_id: int, accepted: list, rejected: list) -> int:
+    """Store an adjudication of image ``image_id`` (``db.repository.save_consensus``) as ``user_id``,
+    who must be allowed to adjudicate; returns the number of consensus shapes."""
+    from db import repository
+
+    user = require(session, user_id, "adjudicate")
+    return len(repository.save_consensus(session, image_id, accepted, rejected, user.id))

@@ -998,6 +998,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cohort", help="database cohort (SOFTCAM_DB_URL), scored against the boxes drawn or "
                                          "imported into the database (instead of --data)")
     parser.add_argument("--box-label", help="with --cohort: only boxes with this label are ground truth")
+    parser.add_argument("--annotator", help="with --cohort: only this annotator's shapes are ground truth (a user "
+                        "name, e.g. the consensus of an adjudication); 'each': one evaluation per annotator in "
+                        "OUT/annotator-<name>/ and OUT/annotator_spread.csv, the spread of every metric across "
+                        "annotators (the ground truth's own uncertainty)")
     parser.add_argument("--methods", required=True, help="comma-separated method names, e.g. softcam,gradcam,cascam:gradcam")
     parser.add_argument("--out", required=True, help="output folder DIR2")
     parser.add_argument("--annotations", help="COCO JSON with boxes to use instead of the folder's masks/")
@@ -1057,11 +1061,45 @@ def _cli(args: argparse.Namespace) -> int:
         pointing_tolerance=args.tolerance, point_radius=args.point_radius, split=args.split, limit=args.limit,
         resamples=args.bootstrap, seed=args.seed, figures=not args.no_figures, batch_size=args.batch_size,
     )
+    if args.annotator and not args.cohort:
+        raise ValueError("--annotator selects database shapes: use it with --cohort")
+    if args.annotator == "each":
+        lister = getattr(args, "database_annotators", None)  # set by db/cli.py
+        annotators = lister(args.cohort) if lister else []
+        if len(annotators) < 2:
+            raise ValueError(f"cohort {args.cohort!r}: --annotator each needs shapes by at least two annotators "
+                             f"(found {', '.join(annotators) or 'none'})")
+        cohorts = {}
+        for annotator in annotators:
+            out = Path(args.out) / f"annotator-{_safe_name(annotator)}"
+            print(f"-- ground truth: {annotator}")
+            cohorts[annotator] = _run_cli_evaluation(args, model, meta, settings, annotator, out).cohort
+        spread = annotator_spread(cohorts)
+        path = Path(args.out) / "annotator_spread.csv"
+        spread.to_csv(path, index=False)
+        shown = spread[spread.metric.isin(["topk_precision_k5", "pointing_game", "activation_precision", "audc"])]
+        if len(shown):
+            print(shown[["method", "metric", "min", "max", "spread"]].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        print(f"wrote {path} (one evaluation per annotator in {args.out}/annotator-<name>/)")
+        return 0
+    _run_cli_evaluation(args, model, meta, settings, args.annotator, Path(args.out))
+    return 0
+
+
+def _safe_name(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "annotator"
+
+
+def _run_cli_evaluation(args: argparse.Namespace, model, meta: dict, settings: "EvalSettings",
+                        annotator: str | None, out: Path) -> "EvaluationResult":
+    """One ``softcam evaluate`` run (``annotator``: only that author's database shapes), printed."""
     if args.cohort:
         opener = getattr(args, "open_database_cohort", None)  # set by db/cli.py: softcam_core never imports db
         if opener is None:
             raise ValueError("--cohort needs the database package (db)")
-        data, summary = opener(args.cohort, meta, settings, box_label=args.box_label)
+        data, summary = opener(args.cohort, meta, settings, box_label=args.box_label, annotator=annotator)
         print(f"cohort {args.cohort}: {summary['images']} images, {summary['with_boxes']} with boxes, "
               f"{summary.get('with_points', 0)} with points, "
               f"{summary['unlabeled_left_out']} unlabeled left out")
@@ -1072,11 +1110,37 @@ def _cli(args: argparse.Namespace) -> int:
     else:
         data = Path(args.data)
     result = evaluate_cohort(
-        model, meta, data, args.methods.split(","), None, args.out, resume=args.resume,
+        model, meta, data, args.methods.split(","), None, out, resume=args.resume,
         annotations=args.annotations, settings=settings,
     )
     columns = [c for c in ("activation_precision_mean", "topk_precision_k5_mean", "audc_mean", "audc_correct_mean")
                if c in result.cohort]
     print(result.cohort[["method", "images", *columns]].to_string(index=False))
     print(f"wrote {result.out_dir}/per_image.csv, cohort.csv, paired.csv (+ .parquet, figures/)")
-    return 0
+    return result
+
+
+def annotator_spread(cohorts: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """How much each method's cohort means move when the ground truth is another annotator's.
+
+    ``cohorts``: ``{annotator: cohort table}`` (``cohort.csv`` of one evaluation per annotator, the
+    same methods). Returns one row per method and metric: the mean under each annotator (one column
+    per annotator), ``min``, ``max`` and ``spread = max - min`` (NaN means left out). A method
+    difference smaller than the spread is within the disagreement of the readers themselves.
+    """
+    rows = []
+    names = list(cohorts)
+    first = cohorts[names[0]]
+    metrics = [c[: -len("_mean")] for c in first.columns if c.endswith("_mean")]
+    for method in first["method"]:
+        for metric in metrics:
+            values = {}
+            for name in names:
+                table = cohorts[name]
+                match = table.loc[table["method"] == method, f"{metric}_mean"] if f"{metric}_mean" in table else []
+                values[name] = float(match.iloc[0]) if len(match) else math.nan
+            finite = [v for v in values.values() if not math.isnan(v)]
+            rows.append({"method": method, "metric": metric, **values,
+                         "min": min(finite) if finite else math.nan, "max": max(finite) if finite else math.nan,
+                         "spread": max(finite) - min(finite) if finite else math.nan})
+    return pd.DataFrame(rows)

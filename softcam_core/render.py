@@ -351,3 +351,56 @@ def comparison_figure_bytes(page: ComparisonPage, fmt: str = "png", opacity: flo
     fig.savefig(buffer, format=fmt, dpi=110)
     plt.close(fig)
     return buffer.getvalue()
+
+
+ANNOTATOR_COLOURS = ("#00e5ff", "#ff4081", "#ffd740", "#69f0ae", "#b388ff", "#ff6e40", "#40c4ff", "#eeff41")
+
+
+def annotators_figure(pixels: np.ndarray, shapes: dict[str, dict[str, list]], proposals: Sequence[Any] = (),
+                      *, height: int = 520, title: str = ""):
+    """Plotly figure of an image with every annotator's shapes in their own colour (a legend entry
+    each, click to hide) and the consensus proposals on top (white: numbered crosses for points,
+    dashed rectangles for boxes), for adjudication. Zoom and pan are plotly's.
+
+    Args:
+        pixels: display array (H, W) or (H, W, 3) uint8, original image pixels.
+        shapes: ``{annotator: {"points": [(x, y, label)], "boxes": [(x0, y0, x1, y1, label)]}}``,
+            image pixels (``db.agreement.annotator_shapes`` of one image).
+        proposals: objects with ``kind``, ``geometry`` (``.x/.y`` or ``.x0/.y0/.x1/.y1``) and
+            ``label`` (``db.repository.Proposal``); numbered from 1 in the given order.
+    """
+    import plotly.graph_objects as go
+
+    fig = overlay_figure(pixels, None, height=height, title=title)
+    for k, (annotator, drawn) in enumerate(sorted(shapes.items())):
+        colour = ANNOTATOR_COLOURS[k % len(ANNOTATOR_COLOURS)]
+        points = drawn.get("points", [])
+        boxes = drawn.get("boxes", [])
+        name = f"{annotator} ({len(points) + len(boxes)})"
+        if points:
+            fig.add_trace(go.Scatter(
+                x=[p[0] for p in points], y=[p[1] for p in points], name=name, mode="markers", legendgroup=annotator,
+                marker=dict(color=colour, size=10, symbol="circle-open", line=dict(width=2)),
+                text=[str(p[2] or "") for p in points],
+                hovertemplate=f"{annotator}: %{{text}}<br>x %{{x:.0f}}, y %{{y:.0f}}<extra></extra>"))
+        if boxes:  # closed lines: they share the annotator's legend entry and hide with it
+            xs, ys = [], []
+            for x0, y0, x1, y1, _ in boxes:
+                xs += [x0 - 0.5, x1 - 0.5, x1 - 0.5, x0 - 0.5, x0 - 0.5, None]
+                ys += [y0 - 0.5, y0 - 0.5, y1 - 0.5, y1 - 0.5, y0 - 0.5, None]
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=name, legendgroup=annotator,
+                                     showlegend=not points, line=dict(color=colour, width=2), hoverinfo="skip"))
+    for number, proposal in enumerate(proposals, start=1):
+        g = proposal.geometry
+        if proposal.kind == "point":
+            fig.add_trace(go.Scatter(x=[g.x], y=[g.y], mode="markers+text", text=[str(number)], textposition="top right",
+                                     marker=dict(symbol="x-thin", size=12, color="white", line=dict(width=2, color="white")),
+                                     textfont=dict(color="white"), showlegend=False, name=f"proposal {number}",
+                                     hovertemplate=f"proposal {number}: {proposal.label or ''}<extra></extra>"))
+        else:
+            fig.add_shape(type="rect", x0=g.x0 - 0.5, y0=g.y0 - 0.5, x1=g.x1 - 0.5, y1=g.y1 - 0.5,
+                          line=dict(color="white", width=1, dash="dash"), fillcolor="rgba(0,0,0,0)")
+            fig.add_annotation(x=g.x1 - 0.5, y=g.y0 - 0.5, text=str(number), showarrow=False, xanchor="left",
+                               yanchor="bottom", font=dict(color="white", size=11), bgcolor="rgba(0,0,0,0.55)")
+    fig.update_layout(showlegend=True, legend=dict(orientation="h", yanchor="top", y=-0.02, x=0))
+    return fig

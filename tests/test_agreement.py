@@ -129,3 +129,47 @@ def test_box_agreement_and_one_annotator_is_an_error(real_data, db_env, session,
     assert pair.presence_agreement == 0.5
     assert main(["annotations", "agreement", "--cohort", "boxes", "--iou", "0.7", "--out", str(tmp_path / "b.csv")]) == 0
     assert pd.read_csv(tmp_path / "b.csv").boxes_matched.sum() == 0
+
+
+def test_annotator_spread_pins():
+    from softcam_core.evaluate import annotator_spread
+
+    a = pd.DataFrame({"method": ["softcam", "gradcam"], "pointing_game_mean": [0.8, 0.5], "audc_mean": [0.1, 0.2]})
+    b = pd.DataFrame({"method": ["softcam", "gradcam"], "pointing_game_mean": [0.6, 0.55], "audc_mean": [0.1, math.nan]})
+    spread = annotator_spread({"ana": a, "ben": b}).set_index(["method", "metric"])
+    assert spread.loc[("softcam", "pointing_game"), ["ana", "ben", "min", "max"]].tolist() == [0.8, 0.6, 0.6, 0.8]
+    assert spread.loc[("softcam", "pointing_game"), "spread"] == pytest.approx(0.2)
+    assert spread.loc[("gradcam", "pointing_game"), "spread"] == pytest.approx(0.05)
+    assert spread.loc[("gradcam", "audc"), "spread"] == 0.0  # one annotator left it undefined
+    assert spread.loc[("softcam", "audc"), "spread"] == 0.0
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_evaluate_against_each_annotator_reports_the_spread(real_data, db_env, session, tmp_path, capsys):
+    import torch
+    import torchvision
+
+    _study(session, real_data)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), tmp_path / "r.pth")
+    assert main(["models", "import", "--arch", "resnet18", "--weights", str(tmp_path / "r.pth"), "--classes",
+                 "healthy,diseased", "--img-size", "64", "--modality", "fundus", "--mean", "0.485,0.456,0.406",
+                 "--std", "0.229,0.224,0.225", "--to-softcam", "--out", str(tmp_path / "m.pt")]) == 0
+    common = ["evaluate", "--model", str(tmp_path / "m.pt"), "--cohort", "study", "--split", "all", "--target", "pred",
+              "--methods", "softcam,sanity:centre", "--metrics", "topk,pointing_game", "--point-radius", "6",
+              "--no-figures"]
+    code = main([*common, "--annotator", "nobody", "--out", str(tmp_path / "x")])
+    assert code != 0 and "no shapes by 'nobody' (annotators: annotator_1, annotator_2, annotator_3)" in capsys.readouterr().err
+    assert main([*common, "--annotator", "each", "--out", str(tmp_path / "ev")]) == 0
+    spread = pd.read_csv(tmp_path / "ev" / "annotator_spread.csv")
+    for name in ("annotator_1", "annotator_2", "annotator_3"):
+        cohort = pd.read_csv(tmp_path / "ev" / f"annotator-{name}" / "cohort.csv").set_index("method")
+        for row in spread.itertuples():
+            assert getattr(row, name) == pytest.approx(cohort.loc[row.method, f"{row.metric}_mean"], nan_ok=True)
+        per_image = pd.read_csv(tmp_path / "ev" / f"annotator-{name}" / "per_image.csv")
+        assert per_image.topk_precision_k5.notna().sum() == 2  # the one annotated image, two methods
+    values = spread.set_index(["method", "metric"]).loc[:, ["annotator_1", "annotator_2", "annotator_3"]]
+    assert (spread["spread"] == values.max(axis=1).values - values.min(axis=1).values).all()
+    # annotator 1's points differ from 2's and 3's (an HE where they marked an MA, another MA): the
+    # ground truth, so at least one cohort mean, moves with the reader
+    assert spread["spread"].max() > 0

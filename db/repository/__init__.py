@@ -55,6 +55,14 @@ from db.repository.images import (  # noqa: F401
     list_images,
     release_image,
 )
+from db.repository.adjudication import (  # noqa: F401
+    CONSENSUS_USER,
+    Proposal,
+    adjudication_record,
+    consensus_proposals,
+    images_to_adjudicate,
+    save_consensus,
+)
 from db.repository.labels import (  # noqa: F401
     LabelImportError,
     LabelImportResult,
