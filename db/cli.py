@@ -169,16 +169,16 @@ def _annotations_import(args: argparse.Namespace) -> int:
 
 
 def _annotations_export(args: argparse.Namespace) -> int:
-    from .repository import export_annotations, export_dicom_seg, get_cohort
+    from .repository import export_annotations, export_dicom_seg, export_dicom_sr, get_cohort
     from .session import get_engine, session_scope, upgrade
 
     engine = get_engine()
     upgrade(engine)
     with session_scope(engine, readonly=True) as session:
         cohort = get_cohort(session, args.cohort)
-        if args.format == "seg":
-            written = export_dicom_seg(session, cohort, args.out)
-            print(f"wrote {len(written)} DICOM SEG file(s) to {args.out}")
+        if args.format in ("seg", "sr"):
+            written = (export_dicom_seg if args.format == "seg" else export_dicom_sr)(session, cohort, args.out)
+            print(f"wrote {len(written)} DICOM {args.format.upper()} file(s) to {args.out}")
             return 0
         out = export_annotations(session, args.format, cohort, args.out)
     print(f"wrote {out}")
@@ -368,8 +368,10 @@ def register_cli(subparsers) -> None:
                            "(a study file covering more images than were imported)")
     aimp.set_defaults(func=_annotations_import)
     aexp = ann_sub.add_parser("export", help="export the cohort's boxes (pseudonymous image ids only)")
-    aexp.add_argument("--format", required=True, choices=(*EXPORT_FORMATS, "seg"),
-                      help="seg: one DICOM Segmentation per DICOM image with masks (--out is a folder)")
+    aexp.add_argument("--format", required=True, choices=(*EXPORT_FORMATS, "seg", "sr"),
+                      help="seg: one DICOM Segmentation per DICOM image with masks; sr: one DICOM SR measurement "
+                      "report (TID 1500) per DICOM image and annotator with boxes, points or polygons "
+                      "(--out is a folder for both)")
     aexp.add_argument("--cohort", required=True)
     aexp.add_argument("--out", required=True, metavar="FILE",
                       help="output file (VOC and YOLO: a folder, or a zip when FILE ends with .zip)")

@@ -25,6 +25,7 @@ from db.repository.annotation_files import (  # noqa: F401
     CohortResolver,
     export_annotations,
     export_dicom_seg,
+    export_dicom_sr,
     export_images,
     import_annotations,
 )

@@ -222,6 +222,37 @@ def export_annotations(session: Session, fmt: str, cohort: Cohort | str, out: st
     return write_annotations(Path(out), fmt, export_images(session, cohort))
 
 
+def export_dicom_sr(session: Session, cohort: Cohort | str, out_dir: str | Path) -> list[Path]:
+    """One DICOM SR measurement report (TID 1500, ``softcam_core.dicom_export.measurement_report``)
+    per DICOM image of the cohort and annotator with live boxes, points or polygons:
+    ``<out_dir>/<pseudonym>-<annotator>-sr.dcm``, built on the stored de-identified file (pseudonyms
+    only), the annotator as the observer. Non-DICOM images are skipped. Returns the written paths."""
+    import re
+
+    import pydicom
+
+    from softcam_core.dicom_export import measurement_report, shapes_for_report
+
+    cohort = get_cohort(session, cohort) if isinstance(cohort, str) else cohort
+    written = []
+    for image in list_images(session, cohort, quarantined=None):
+        if image.extension != ".dcm":
+            continue
+        by_author: dict[str, list] = {}
+        for annotation in list_annotations(session, image):
+            if annotation.kind in ("box", "point", "polygon"):
+                name = annotation.author.username if annotation.author else "unknown"
+                by_author.setdefault(name, []).append(annotation)
+        if not by_author:
+            continue
+        source = pydicom.dcmread(image_path(image))
+        for author, drawn in sorted(by_author.items()):
+            safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", author).strip("._") or "annotator"
+            written.append(measurement_report(Path(out_dir) / f"{image.pseudonym}-{safe}-sr.dcm", source,
+                                              shapes_for_report(drawn), observer=author))
+    return written
+
+
 def export_dicom_seg(session: Session, cohort: Cohort | str, out_dir: str | Path) -> list[Path]:
     """One DICOM SEG (``<out_dir>/<pseudonym>-seg.dcm``) per DICOM image of the cohort that has live
     mask or polygon annotations, built on the stored de-identified file (so it carries pseudonyms

@@ -62,6 +62,22 @@ def parse_target(text: str | None, classes: list[str]) -> int | None:
     return index
 
 
+def _dicom_source(path: Path):
+    """The de-identified dataset of a DICOM input (``--dicom``): the Parametric Maps reference it and
+    copy its patient / study modules, so they carry the same pseudonyms as the app's stored copy."""
+    import pydicom
+
+    from softcam_core.imaging.deid import deidentify
+
+    try:
+        dataset = pydicom.dcmread(path)
+    except Exception as exc:
+        raise ValueError(f"{path}: --dicom needs a DICOM image ({exc.__class__.__name__})") from None
+    if "PixelData" not in dataset:
+        raise ValueError(f"{path}: --dicom needs a DICOM image with pixel data")
+    return deidentify(dataset)
+
+
 def run_explain(args: argparse.Namespace) -> int:
     """Handler of ``softcam explain``; returns the exit code."""
     from tqdm import tqdm
@@ -79,7 +95,8 @@ def run_explain(args: argparse.Namespace) -> int:
     classes = [str(c) for c in meta["classes"]]
     target = parse_target(args.target, classes)
     image = load_image(args.image)
-    x, _geometry = preprocess(image, int(meta["img_size"]), meta["mean"], meta["std"])
+    x, geometry = preprocess(image, int(meta["img_size"]), meta["mean"], meta["std"])
+    dicom_source = _dicom_source(args.image) if args.dicom else None
     batch = x[None]
     with torch.no_grad():
         probabilities = torch.softmax(model(batch.to(device)).float(), dim=1)[0].cpu()
@@ -124,6 +141,11 @@ def run_explain(args: argparse.Namespace) -> int:
             "min": float(heat.min()), "max": float(heat.max()),
             "problem": map_problem(heat),  # None, or why the map shows nothing (render.map_problem)
         }
+        if dicom_source is not None:
+            from softcam_core.dicom_export import parametric_map
+
+            parametric_map(out / f"{stem}-pm.dcm", dicom_source, geometry.map_to_image(heat), method=method, signed=signed)
+            records[method]["dicom"] = f"{stem}-pm.dcm"
     summary = {
         "model": str(args.model),
         "image": str(args.image),
@@ -179,5 +201,8 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--retrain-patience", type=int, default=DEFAULT_PATIENCE,
                         help=f"stop a stage's training after this many epochs without a better validation loss "
                         f"(default {DEFAULT_PATIENCE})")
+    parser.add_argument("--dicom", action="store_true",
+                        help="also write each map over the image's pixels as a DICOM Parametric Map, DIR/<method>-pm.dcm "
+                        "(float, signed where the method is), referencing the de-identified source image; DICOM input only")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_explain)
