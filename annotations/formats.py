@@ -42,10 +42,10 @@ import numpy as np
 from defusedxml import DefusedXmlException
 
 from .cells import neutralise, restore
-from .geometry import Box, Geometry, Mask, Point, mask_to_boxes
+from .geometry import Box, Geometry, Mask, Point, Polygon, mask_to_boxes
 
 IMPORT_FORMATS = ("coco", "voc", "rsna", "yolo", "csv", "mask", "points")
-EXPORT_FORMATS = ("coco", "voc", "rsna", "yolo", "csv")
+EXPORT_FORMATS = ("coco", "voc", "rsna", "yolo", "csv", "points")
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 
 
@@ -273,6 +273,29 @@ def read_coco(path: Path, resolve: Resolver) -> ImportReport:
         if ann.get("category_id") not in category_names:
             report.error(location, f"category_id {ann.get('category_id')!r} is not in 'categories'")
             continue
+        image, ref = images[ann["image_id"]]
+        label = category_names[ann["category_id"]]
+        keypoints, segmentation = ann.get("keypoints"), ann.get("segmentation")
+        if keypoints:  # a keypoint annotation: its visible points (v > 0), not its box
+            try:
+                points = _coco_keypoints(keypoints)
+            except ValueError as exc:
+                report.error(location, str(exc))
+                continue
+            for point in points:
+                if _check_box(report, point.bounds(), image, location):
+                    _add(report, image, ref, point, label, location)
+            continue
+        if isinstance(segmentation, list) and segmentation:  # polygons: the outline, not its bounding box
+            try:
+                polygons = _coco_polygons(segmentation)
+            except ValueError as exc:
+                report.error(location, str(exc))
+                continue
+            for polygon in polygons:
+                if _check_box(report, polygon.bounds(), image, location):
+                    _add(report, image, ref, polygon, label, location)
+            continue
         bbox = ann.get("bbox")
         try:
             if not isinstance(bbox, list) or len(bbox) != 4:
@@ -284,31 +307,67 @@ def read_coco(path: Path, resolve: Resolver) -> ImportReport:
         except ValueError as exc:
             report.error(location, str(exc))
             continue
-        image, ref = images[ann["image_id"]]
         if _check_box(report, box, image, location):
-            _add(report, image, ref, box, category_names[ann["category_id"]], location)
+            _add(report, image, ref, box, label, location)
     return report
 
 
+def _coco_polygons(segmentation: list) -> list[Polygon]:
+    """COCO polygon segmentation ``[[x1, y1, x2, y2, ...], ...]`` (image pixels) -> Polygons."""
+    polygons = []
+    for k, ring in enumerate(segmentation):
+        if not isinstance(ring, list) or len(ring) < 6 or len(ring) % 2:
+            raise ValueError(f"segmentation[{k}] must be a list of at least 3 x, y pairs, got {str(ring)[:60]}")
+        values = [_number(v, f"segmentation[{k}]") for v in ring]
+        polygons.append(Polygon(tuple(zip(values[0::2], values[1::2]))))
+    return polygons
+
+
+def _coco_keypoints(keypoints: Any) -> list[Point]:
+    """COCO ``keypoints`` ``[x1, y1, v1, ...]`` -> the points with visibility v > 0."""
+    if not isinstance(keypoints, list) or len(keypoints) % 3:
+        raise ValueError(f"keypoints must be [x, y, v, ...] triples, got {str(keypoints)[:60]}")
+    points = []
+    for k in range(0, len(keypoints), 3):
+        x, y, v = (_number(value, name) for value, name in zip(keypoints[k:k + 3], ("x", "y", "v")))
+        if v > 0:
+            points.append(Point(x, y))
+    return points
+
+
 def write_coco(out: Path, images: Sequence["ExportImage"]) -> Path:
-    """COCO JSON with every image (negatives too), box annotations and categories sorted by name."""
-    labels = sorted({a.label or "" for img in images for a in img.boxes()})
+    """COCO JSON with every image (negatives too), categories sorted by name, and one annotation
+    per shape: a box as ``bbox``; a polygon as ``segmentation`` (with its bounding ``bbox`` and
+    area); a point as a one-keypoint annotation (``keypoints [x, y, 2]``, ``bbox`` of zero size;
+    its category lists the keypoint ``"point"``). Masks go to DICOM SEG or mask PNGs instead."""
+    shapes = [a for img in images for a in img.shapes()]
+    labels = sorted({a.label or "" for a in shapes})
     category_id = {name: i + 1 for i, name in enumerate(labels)}
+    with_points = {a.label or "" for a in shapes if isinstance(a.geometry, Point)}
     data: dict[str, Any] = {
         "info": {"description": "SoftCAM Review export (pseudonymous image ids)"},
         "images": [],
         "annotations": [],
-        "categories": [{"id": category_id[n], "name": n} for n in labels],
+        "categories": [{"id": category_id[n], "name": n, **({"keypoints": ["point"], "skeleton": []} if n in with_points else {})}
+                       for n in labels],
     }
     next_id = 1
     for image_id, img in enumerate(images, start=1):
         data["images"].append({"id": image_id, "file_name": img.file_name, "width": img.width, "height": img.height})
-        for ann in img.boxes():
-            box = ann.geometry
-            data["annotations"].append({
-                "id": next_id, "image_id": image_id, "category_id": category_id[ann.label or ""],
-                "bbox": [float(v) for v in box.to_xywh()], "area": float(box.area), "iscrowd": 0,
-            })
+        for ann in img.shapes():
+            shape = ann.geometry
+            entry: dict[str, Any] = {"id": next_id, "image_id": image_id, "category_id": category_id[ann.label or ""],
+                                     "iscrowd": 0}
+            if isinstance(shape, Box):
+                entry |= {"bbox": [float(v) for v in shape.to_xywh()], "area": float(shape.area)}
+            elif isinstance(shape, Polygon):
+                bounds = shape.bounds()
+                entry |= {"segmentation": [[float(v) for p in shape.points for v in p]],
+                          "bbox": [float(v) for v in bounds.to_xywh()], "area": float(shape.area)}
+            else:
+                entry |= {"keypoints": [float(shape.x), float(shape.y), 2], "num_keypoints": 1,
+                          "bbox": [float(shape.x), float(shape.y), 0.0, 0.0], "area": 0.0}
+            data["annotations"].append(entry)
             next_id += 1
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -563,6 +622,22 @@ def write_csv(out: Path, images: Sequence["ExportImage"]) -> Path:
     return out
 
 
+def write_points(out: Path, images: Sequence["ExportImage"]) -> Path:
+    """Points CSV ``filename,label,x,y,participant`` (the clinician study's layout, read back by
+    :func:`read_points`): one row per point, its author as the participant."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow([*POINT_COLUMNS, "participant"])
+        for img in images:
+            for ann in img.shapes():
+                if isinstance(ann.geometry, Point):
+                    writer.writerow([neutralise(img.file_name), neutralise(ann.label or ""), format_number(ann.geometry.x),
+                                     format_number(ann.geometry.y), neutralise(ann.author or "")])
+    return out
+
+
 # --- YOLO --------------------------------------------------------------------------------------
 
 def _yolo_class_names(path: Path, members: list[tuple[str, bytes]]) -> list[str] | None:
@@ -748,6 +823,7 @@ def _unknown_ref(problem: str) -> str | None:
 class ExportAnnotation:
     geometry: Geometry
     label: str | None
+    author: str | None = None  # the annotator's user name (staff, not the patient): points' participant
 
 
 @dataclass
@@ -764,13 +840,25 @@ class ExportImage:
     def file_name(self) -> str:
         return f"{self.ref}{self.extension}"
 
+    def shapes(self) -> list[ExportAnnotation]:
+        """Boxes, polygons and points in a stable order (kind, then top-left corner, then label)."""
+        order = {"box": 0, "polygon": 1, "point": 2}
+        kept = [a for a in self.annotations if getattr(a.geometry, "kind", None) in order]
+
+        def key(a: ExportAnnotation):
+            bounds = a.geometry if isinstance(a.geometry, Box) else a.geometry.bounds()
+            return (order[a.geometry.kind], bounds.y0, bounds.x0, bounds.y1, bounds.x1, a.label or "")
+
+        return sorted(kept, key=key)
+
     def boxes(self) -> list[ExportAnnotation]:
-        """Box annotations in a stable order (the formats here carry boxes only)."""
+        """Box annotations in a stable order (VOC, RSNA, YOLO and CSV carry boxes only)."""
         boxes = [a for a in self.annotations if isinstance(a.geometry, Box)]
         return sorted(boxes, key=lambda a: (a.geometry.y0, a.geometry.x0, a.geometry.y1, a.geometry.x1, a.label or ""))
 
 
-WRITERS = {"coco": write_coco, "voc": write_voc, "rsna": write_rsna, "yolo": write_yolo, "csv": write_csv}
+WRITERS = {"coco": write_coco, "voc": write_voc, "rsna": write_rsna, "yolo": write_yolo, "csv": write_csv,
+           "points": write_points}
 
 
 def write_annotations(out: Path, fmt: str, images: Sequence[ExportImage]) -> Path:

@@ -165,6 +165,12 @@ class Polygon:
             raise ValueError(f"polygon needs at least 3 points, got {len(pts)}")
         object.__setattr__(self, "points", pts)
 
+    @property
+    def area(self) -> float:
+        """Enclosed area in square pixels (shoelace formula; a self-crossing outline counts signed parts)."""
+        pts = self.points
+        return abs(sum(xa * yb - xb * ya for (xa, ya), (xb, yb) in zip(pts, pts[1:] + pts[:1]))) / 2
+
     def bounds(self) -> Box:
         xs = [p[0] for p in self.points]
         ys = [p[1] for p in self.points]

@@ -367,7 +367,8 @@ def register_cli(subparsers) -> None:
                       help="rows naming images not in the cohort are counted and skipped instead of refusing the file "
                            "(a study file covering more images than were imported)")
     aimp.set_defaults(func=_annotations_import)
-    aexp = ann_sub.add_parser("export", help="export the cohort's boxes (pseudonymous image ids only)")
+    aexp = ann_sub.add_parser("export", help="export the cohort's annotations (pseudonymous image ids only): COCO boxes, "
+                              "polygons and keypoints; points CSV; VOC/RSNA/YOLO/CSV boxes; DICOM SEG / SR")
     aexp.add_argument("--format", required=True, choices=(*EXPORT_FORMATS, "seg", "sr"),
                       help="seg: one DICOM Segmentation per DICOM image with masks; sr: one DICOM SR measurement "
                       "report (TID 1500) per DICOM image and annotator with boxes, points or polygons "

@@ -89,6 +89,8 @@ class DatabaseCohort(SplitRecords):
     unlabeled_left_out: dict[str, int] = field(default_factory=dict)
     points_by_image: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
     modality: str | None = None
+    # polygons and masks: ground truth with an area, beside the boxes
+    regions_by_image: dict[int, list[Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.root = f"database cohort {self.name!r}"
@@ -119,25 +121,32 @@ class DatabaseCohort(SplitRecords):
         return list(self.points_by_image.get(self.record(stem).image_id, []))
 
     def mask(self, stem: str) -> np.ndarray | None:
-        """Ground truth of an image: bool (height, width) in image pixels, the union of its boxes
-        (all false without boxes); None only when the image row has no size (never for imports)."""
+        """Ground truth of an image: bool (height, width) in image pixels, the union of its boxes,
+        polygons and masks (all false without any); None only when the image row has no size
+        (never for imports)."""
         record = self.record(stem)
         if not record.height or not record.width:
             return None
-        return boxes_to_mask(self.boxes(stem), int(record.height), int(record.width))
+        height, width = int(record.height), int(record.width)
+        mask = boxes_to_mask(self.boxes(stem), height, width)
+        for region in self.regions_by_image.get(record.image_id, []):
+            mask |= region.to_mask(height, width) if region.kind == "polygon" else np.asarray(region.array, dtype=bool)
+        return mask
 
     def summary(self, split: str = "all", limit: int | None = None) -> dict[str, Any]:
         """What an evaluation of ``split`` (its first ``limit`` images) scores: ``images``,
-        ``with_boxes`` (images with at least one box), ``boxes``, ``unlabeled`` (scored without a
-        class) and ``unlabeled_left_out`` (images of the split left out for want of a label)."""
+        ``with_boxes`` (images with at least one box), ``boxes``, the same for ``points`` and for
+        ``regions`` (polygons and masks), ``unlabeled`` (scored without a class) and ``unlabeled_left_out`` (images of the split left out for want of a label)."""
         records = self.split(split)
         if limit:
             records = records[:limit]
         counts = [len(self.boxes_by_image.get(r.image_id, [])) for r in records]
         points = [len(self.points_by_image.get(r.image_id, [])) for r in records]
+        regions = [len(self.regions_by_image.get(r.image_id, [])) for r in records]
         left_out = sum(self.unlabeled_left_out.values()) if split == "all" else self.unlabeled_left_out.get(split, 0)
         return {"images": len(records), "with_boxes": sum(1 for c in counts if c), "boxes": sum(counts),
                 "with_points": sum(1 for c in points if c), "points": sum(points),
+                "with_regions": sum(1 for c in regions if c), "regions": sum(regions),
                 "unlabeled": sum(1 for r in records if r.unlabeled), "unlabeled_left_out": left_out}
 
     def digest(self, split: str = "all", limit: int | None = None) -> str:
@@ -147,8 +156,16 @@ class DatabaseCohort(SplitRecords):
         records = self.split(split)[: limit or None]
         content = [[r.pseudonym, r.label, [[b.x0, b.y0, b.x1, b.y1] for b in self.boxes_by_image.get(r.image_id, [])]]
                    + ([[list(p) for p in self.points_by_image[r.image_id]]] if r.image_id in self.points_by_image else [])
+                   + ([[_region_key(g) for g in self.regions_by_image[r.image_id]]] if r.image_id in self.regions_by_image else [])
                    for r in records]
         return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
+
+
+def _region_key(region: Any) -> Any:
+    """What a digest records of a polygon (its vertices) or a mask (a hash of its pixels)."""
+    if region.kind == "polygon":
+        return [list(p) for p in region.points]
+    return hashlib.sha256(np.packbits(np.asarray(region.array, dtype=bool)).tobytes()).hexdigest()[:16]
 
 
 def label_needed(target: str, metrics: Sequence[str] | None, n_model_classes: int) -> bool:
@@ -228,7 +245,8 @@ def load_database_cohort(session: Session, cohort: Cohort | str, *, box_label: s
                                       width=image.width, height=image.height, unlabeled=not image.label))
     query = (select(Annotation.image_id, Annotation.kind, Annotation.geometry)
              .join(Image, Image.id == Annotation.image_id)
-             .where(Image.cohort_id == cohort.id, Annotation.kind.in_(("box", "point")), Annotation.deleted_at.is_(None))
+             .where(Image.cohort_id == cohort.id, Annotation.kind.in_(("box", "point", "polygon", "mask")),
+                    Annotation.deleted_at.is_(None))
              .order_by(Annotation.image_id, Annotation.id))
     if box_label is not None:
         query = query.where(Annotation.label == box_label)
@@ -241,15 +259,18 @@ def load_database_cohort(session: Session, cohort: Cohort | str, *, box_label: s
                  query.join(User, User.id == Annotation.author_id).where(User.username == annotator))
     boxes: dict[int, list[Box]] = {}
     points: dict[int, list[tuple[float, float]]] = {}
+    regions: dict[int, list[Any]] = {}
     for image_id, kind, geometry in session.execute(query):
         if kind == "box":
             boxes.setdefault(image_id, []).append(geometry_from_json("box", geometry))
+        elif kind in ("polygon", "mask"):
+            regions.setdefault(image_id, []).append(geometry_from_json(kind, geometry))
         else:
             point = geometry_from_json("point", geometry)
             points.setdefault(image_id, []).append((point.x, point.y))
     modalities = {image.modality for image in images if image.modality}
     modality = cohort.modality or (modalities.pop() if len(modalities) == 1 else None)
-    return DatabaseCohort(cohort.name, classes, records, boxes, box_label, left_out, points, modality)
+    return DatabaseCohort(cohort.name, classes, records, boxes, box_label, left_out, points, modality, regions)
 
 
 # --- what the Cohort metrics page and the CLI need around it -----------------------------------

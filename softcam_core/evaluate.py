@@ -1101,7 +1101,7 @@ def _run_cli_evaluation(args: argparse.Namespace, model, meta: dict, settings: "
             raise ValueError("--cohort needs the database package (db)")
         data, summary = opener(args.cohort, meta, settings, box_label=args.box_label, annotator=annotator)
         print(f"cohort {args.cohort}: {summary['images']} images, {summary['with_boxes']} with boxes, "
-              f"{summary.get('with_points', 0)} with points, "
+              f"{summary.get('with_points', 0)} with points, {summary.get('with_regions', 0)} with polygons or masks, "
               f"{summary['unlabeled_left_out']} unlabeled left out")
     elif args.labels:
         from softcam_core.data import CohortFolder

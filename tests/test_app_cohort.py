@@ -59,7 +59,8 @@ def test_cohort_without_a_folder_is_scored_against_its_database_boxes(app_home):
     job = _wait_for_job()
     assert job.status == "done", job.error
     assert job.params["ground_truth"] == "database" and job.params["folder"] is None
-    assert job.params["ground_truth_summary"] == {"images": 3, "with_boxes": 1, "boxes": 1, "with_points": 0, "points": 0, "unlabeled": 3,
+    assert job.params["ground_truth_summary"] == {"images": 3, "with_boxes": 1, "boxes": 1, "with_points": 0, "points": 0,
+                                                  "with_regions": 0, "regions": 0, "unlabeled": 3,
                                                   "unlabeled_left_out": 0}
     at.run()
     assert not at.exception and not at.error, texts(at.error)

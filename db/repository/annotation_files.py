@@ -210,15 +210,19 @@ def export_images(session: Session, cohort: Cohort | str) -> list[ExportImage]:
     images = list_images(session, cohort, quarantined=None)
     by_image: dict[int, list[ExportAnnotation]] = {i.id: [] for i in images}
     if images:
+        from sqlalchemy.orm import selectinload
+
         query = (select(Annotation).join(Image).where(Image.cohort_id == cohort.id, Annotation.deleted_at.is_(None))
-                 .order_by(Annotation.id))
+                 .options(selectinload(Annotation.author)).order_by(Annotation.id))
         for a in session.scalars(query):
-            by_image[a.image_id].append(ExportAnnotation(annotation_geometry(a), a.label))
+            by_image[a.image_id].append(ExportAnnotation(annotation_geometry(a), a.label,
+                                                         a.author.username if a.author else None))
     return [ExportImage(i.pseudonym, i.extension, i.width, i.height, by_image[i.id]) for i in images]
 
 
 def export_annotations(session: Session, fmt: str, cohort: Cohort | str, out: str | Path) -> Path:
-    """Write the cohort's live box annotations as ``fmt`` to ``out`` (pseudonymous image ids only)."""
+    """Write the cohort's live annotations as ``fmt`` to ``out`` (pseudonymous image ids only): COCO
+    carries boxes, polygons and points, ``points`` the points, the others boxes."""
     return write_annotations(Path(out), fmt, export_images(session, cohort))
 
 
