@@ -18,6 +18,7 @@ PAGES = {
     "cohort": st.Page("pages/cohort.py", title="Cohort metrics", icon=":material/analytics:"),
     "models": st.Page("pages/models.py", title="Models", icon=":material/model_training:"),
     "data": st.Page("pages/data.py", title="Data", icon=":material/upload_file:"),
+    "study": st.Page("pages/study.py", title="Reader study", icon=":material/rate_review:"),
 }
 
 try:

@@ -210,6 +210,47 @@ def _annotations_agreement(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study_create(args: argparse.Namespace) -> int:
+    from .repository import create_study
+    from .session import get_engine, session_scope, upgrade
+
+    engine = get_engine()
+    upgrade(engine)
+    with session_scope(engine) as session:
+        study = create_study(session, args.name, args.cohort, args.model, args.methods.split(","), seed=args.seed,
+                             images=args.images)
+        print(f"reader study {study.name!r}: {len(study.image_ids)} image(s) x {len(study.methods)} method(s) = "
+              f"{len(study.image_ids) * len(study.methods)} maps per reader, blinded, order seeded by {study.seed} "
+              "and the reader")
+    return 0
+
+
+def _study_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from softcam_core.reader_study import rating_summary
+
+    from .repository import answers_table
+    from .session import get_engine, session_scope, upgrade
+
+    engine = get_engine()
+    upgrade(engine)
+    with session_scope(engine, readonly=True) as session:
+        answers = answers_table(session, args.name)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    answers.to_csv(out, index=False)
+    summary = rating_summary(answers, resamples=args.bootstrap)
+    summary_path = out.with_name(out.stem + ".summary.csv")
+    summary.to_csv(summary_path, index=False)
+    print(f"{len(answers)} answer(s) by {answers['reader'].nunique()} reader(s)")
+    if len(summary):
+        print(summary[["method", "ratings", "mean", "ci_low", "ci_high"]].to_string(
+            index=False, float_format=lambda v: f"{v:.2f}"))
+    print(f"wrote {out} and {summary_path}")
+    return 0
+
+
 def _read_password(args: argparse.Namespace) -> str:
     """Password from --password-stdin (one line) or an interactive prompt; never from argv."""
     if args.password_stdin:
@@ -390,6 +431,24 @@ def register_cli(subparsers) -> None:
     agr.add_argument("--out", required=True, metavar="A.csv",
                      help="one row per annotator pair per image; the cohort summary goes to A.summary.csv")
     agr.set_defaults(func=_annotations_agreement)
+
+    study = subparsers.add_parser("study", help="blinded reader studies of the maps (ratings 1-5 per map)")
+    study_sub = study.add_subparsers(dest="study_command", required=True)
+    screate = study_sub.add_parser("create", help="a study of METHODS on a cohort's images; readers answer on the "
+                                   "Reader study page")
+    screate.add_argument("--name", required=True)
+    screate.add_argument("--cohort", required=True)
+    screate.add_argument("--model", required=True, help="checkpoint whose maps are read")
+    screate.add_argument("--methods", required=True, help="comma-separated, e.g. softcam,gradcam,sanity:centre")
+    screate.add_argument("--seed", type=int, default=0, help="seeds the image sample and every reader's order")
+    screate.add_argument("--images", type=int, default=None, help="a seeded sample of this many images (default all)")
+    screate.set_defaults(func=_study_create)
+    sexport = study_sub.add_parser("export", help="the answers, and a per-method summary with bootstrap intervals")
+    sexport.add_argument("--name", required=True)
+    sexport.add_argument("--out", required=True, metavar="ANSWERS.csv",
+                         help="one row per answer; the summary goes to ANSWERS.summary.csv")
+    sexport.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    sexport.set_defaults(func=_study_export)
 
     # `softcam evaluate` (softcam_core.evaluate, registered before this module) reads database cohorts
     # through this default, so softcam_core never imports db: see db.evaluation.open_database_cohort

@@ -313,3 +313,39 @@ class Job(Base):
     # "host:pid:start" of the process whose thread runs the job, so a restarted app can tell the
     # jobs its dead predecessor left "running" from those another live server process is running
     worker: Mapped[str | None] = mapped_column(String(200))
+
+
+class ReaderStudy(Base):
+    """A blinded reader study: a clinician rates each map of each image of ``image_ids`` for
+    ``methods`` (made by the model at ``model_path``), in an order seeded by ``seed`` and the reader."""
+
+    __tablename__ = "reader_studies"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    cohort_id: Mapped[int] = mapped_column(ForeignKey("cohorts.id", ondelete="CASCADE"))
+    model_path: Mapped[str] = mapped_column(String(1000))
+    methods: Mapped[list[str]] = mapped_column(JSON)
+    image_ids: Mapped[list[int]] = mapped_column(JSON)
+    seed: Mapped[int] = mapped_column(Integer, default=0)
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    cohort: Mapped[Cohort] = relationship()
+
+
+class ReaderAnswer(Base):
+    """One reader's judgement of one map: plausibility 1-5 and, optionally, where the evidence
+    should be (image pixels). One row per study, reader, image and method; rating again replaces it."""
+
+    __tablename__ = "reader_answers"
+    __table_args__ = (UniqueConstraint("study_id", "reader_id", "image_id", "method"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("reader_studies.id", ondelete="CASCADE"), index=True)
+    reader_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    method: Mapped[str] = mapped_column(String(64))
+    rating: Mapped[int] = mapped_column(Integer)
+    point_x: Mapped[float | None] = mapped_column(Float)
+    point_y: Mapped[float | None] = mapped_column(Float)
+    seconds: Mapped[float | None] = mapped_column(Float)
+    answered_at: Mapped[datetime] = mapped_column(default=utcnow)

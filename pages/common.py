@@ -23,15 +23,16 @@ from service.catalogue import CheckpointInfo, checkpoint_info, list_checkpoints
 from service.cohorts import find_cohort_folders, register_cohort_folder
 from service.image_session import DatabaseMapStore, MapStore
 from service import jobs
+from service import studies as study_service
 from softcam_core.paths import db_url
 
 ROLES = ("clinician", "annotator", "researcher", "admin")
 # Pages each role is offered, in navigation order. Review is everyone's start page.
 ROLE_PAGES = {
-    "clinician": ("review", "annotate"),
-    "annotator": ("review", "annotate"),
-    "researcher": ("review", "annotate", "cohort", "models", "data"),
-    "admin": ("review", "annotate", "cohort", "models", "data"),
+    "clinician": ("review", "annotate", "study"),
+    "annotator": ("review", "annotate", "study"),
+    "researcher": ("review", "annotate", "cohort", "models", "data", "study"),
+    "admin": ("review", "annotate", "cohort", "models", "data", "study"),
 }
 SESSION_PARAM = "session"  # URL query parameter holding the signed sign-in token (service.signin)
 
@@ -906,3 +907,92 @@ def row_of(item) -> dict:
 def start_training_job(params: dict, user: User | None) -> int:
     """``service.jobs.start_training_job`` on the app's database, as ``user``."""
     return jobs.start_training_job(engine(), params, user.id if user else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reader studies
+# --------------------------------------------------------------------------------------------------
+
+
+def reader_studies() -> list[dict]:
+    """``{"id", "name", "cohort", "model_path", "methods", "images", "seed"}`` of every study."""
+    from db import repository
+
+    with read_session() as s:
+        return [{"id": x.id, "name": x.name, "cohort": x.cohort.name, "model_path": x.model_path, "methods": list(x.methods),
+                 "images": list(x.image_ids), "seed": x.seed} for x in repository.list_studies(s)]
+
+
+def study_method_choices() -> list[str]:
+    from softcam_core.explain.specs import BASE_METHODS
+
+    return [m for m in BASE_METHODS]
+
+
+def create_study(name: str, cohort: str | None, model_path: str | None, methods: list[str], seed: int,
+                 images: int | None, user: User | None) -> None:
+    if cohort is None or model_path is None:
+        raise ValueError("a reader study needs a cohort and a model")
+    with session() as s:
+        study_service.create_study(s, user.id if user else None, name, cohort, model_path, methods, seed=seed,
+                                   images=images)
+
+
+def reader_items(study_id: int, user: User | None) -> tuple[list[tuple[int, str]], set[tuple[int, str]]]:
+    """This reader's blinded order of the study's ``(image id, method)`` items, and those answered."""
+    from db import repository
+
+    if user is None or user.id is None:
+        return [], set()
+    with read_session() as s:
+        return repository.reader_items(s, study_id, user.id)
+
+
+def study_map(study: dict, image_id: int, method: str):
+    """``(MedicalImage, MapResult)`` of one study item: the study model's map for its predicted class."""
+    from db.schema import Image as ImageRow
+    from service.catalogue import model_identity
+    from service.image_session import ImageSession
+
+    with read_session() as s:
+        record = s.get(ImageRow, image_id)
+        s.expunge(record)
+    image = load_record(record)
+    model, meta = load_model(study["model_path"])
+    info = next((c for c in checkpoints() if str(c.path) == study["model_path"]), None)
+    session_ = ImageSession(model, meta, image, model_identity(Path(study["model_path"])),
+                            store=map_store(info, record) if info else None)
+    return image, session_.explain(method)
+
+
+def study_figure(image, result, title: str):
+    """The image, or the image with a study map over it (one colour scale per kind of map)."""
+    from softcam_core.render import display_pixels, overlay_figure
+
+    pixels = display_pixels(image)
+    if result is None:
+        return overlay_figure(pixels, None, title=title, height=420)
+    return overlay_figure(pixels, result.image_map, title=title, signed=result.signed, height=420)
+
+
+def record_study_answer(study_id: int, image_id: int, method: str, rating: int, user: User | None, *,
+                        point: tuple[float, float] | None = None, seconds: float | None = None) -> None:
+    with session() as s:
+        study_service.record_answer(s, user.id if user else None, study_id, image_id, method, rating, point=point,
+                                    seconds=seconds)
+
+
+def study_results(study_id: int):
+    """``(answers table, per-method summary)`` of a study (``softcam_core.reader_study.rating_summary``)."""
+    from db import repository
+    from softcam_core.reader_study import rating_summary
+
+    with read_session() as s:
+        answers = repository.answers_table(s, study_id)
+    return answers, rating_summary(answers)
+
+
+def study_summary_figure(summary):
+    from softcam_core.plots import rating_figure
+
+    return rating_figure(summary)

@@ -20,6 +20,8 @@ PERMISSIONS: dict[str, tuple[str, ...]] = {
     "change_own_password": ALL_ROLES,
     "import_annotations": ("annotator", "researcher", "admin"),
     "adjudicate": ("annotator", "researcher", "admin"),
+    "answer_studies": ALL_ROLES,             # a reader rates maps in a blinded reader study
+    "manage_studies": ("researcher", "admin"),
     "import_images": ("researcher", "admin"),
     "label_images": ("researcher", "admin"),
     "register_cohorts": ("researcher", "admin"),

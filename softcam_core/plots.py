@@ -218,3 +218,18 @@ def _write_pngs(figures: list[go.Figure], paths: list[Path]) -> bool:
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     log.warning("PNG export skipped (%s)", reason)
     return False
+
+
+def rating_figure(summary: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """Mean plausibility rating per method with its 95 % interval (``reader_study.rating_summary``)."""
+    fig = go.Figure(go.Scatter(
+        x=summary["mean"], y=summary["method"], mode="markers",
+        error_x=dict(type="data", symmetric=False, array=summary["ci_high"] - summary["mean"],
+                     arrayminus=summary["mean"] - summary["ci_low"]),
+        text=[f"{n} ratings" for n in summary["ratings"]],
+        hovertemplate="%{y}: mean %{x:.2f} (%{text})<extra></extra>"))
+    fig.update_xaxes(range=[0.8, 5.2], title="plausibility (1-5)", dtick=1)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=title or "Reader ratings per method (95 % bootstrap interval)", template="plotly_white",
+                      height=120 + 40 * len(summary), margin=dict(l=10, r=10, t=40, b=40))
+    return fig

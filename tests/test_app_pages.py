@@ -82,10 +82,10 @@ def test_sign_in_with_the_first_run_admin_account(app_home):
     assert any("admin" in m for m in texts(at.sidebar.markdown))
 
 
-def test_clinician_is_offered_review_and_annotate_only(app_home):
+def test_clinician_is_offered_review_annotate_and_reader_study_only(app_home):
     from pages.common import pages_for_role
 
-    assert pages_for_role("clinician") == ("review", "annotate")
+    assert pages_for_role("clinician") == ("review", "annotate", "study")
     at = open_app(user={"id": None, "name": "dr-a", "role": "clinician"})
     assert at.title[0].value == "Review"
 

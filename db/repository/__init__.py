@@ -64,6 +64,14 @@ from db.repository.adjudication import (  # noqa: F401
     images_to_adjudicate,
     save_consensus,
 )
+from db.repository.reader_studies import (  # noqa: F401
+    answers_table,
+    create_study,
+    get_study,
+    list_studies,
+    reader_items,
+    record_answer,
+)
 from db.repository.labels import (  # noqa: F401
     LabelImportError,
     LabelImportResult,
