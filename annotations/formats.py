@@ -276,25 +276,17 @@ def read_coco(path: Path, resolve: Resolver) -> ImportReport:
         image, ref = images[ann["image_id"]]
         label = category_names[ann["category_id"]]
         keypoints, segmentation = ann.get("keypoints"), ann.get("segmentation")
-        if keypoints:  # a keypoint annotation: its visible points (v > 0), not its box
+        # a keypoint annotation: its visible points (v > 0); a polygon segmentation: its outlines; not their boxes
+        polygonal = isinstance(segmentation, list) and bool(segmentation)
+        if keypoints or polygonal:
             try:
-                points = _coco_keypoints(keypoints)
+                shapes = _coco_keypoints(keypoints) if keypoints else _coco_polygons(segmentation)
             except ValueError as exc:
                 report.error(location, str(exc))
                 continue
-            for point in points:
-                if _check_box(report, point.bounds(), image, location):
-                    _add(report, image, ref, point, label, location)
-            continue
-        if isinstance(segmentation, list) and segmentation:  # polygons: the outline, not its bounding box
-            try:
-                polygons = _coco_polygons(segmentation)
-            except ValueError as exc:
-                report.error(location, str(exc))
-                continue
-            for polygon in polygons:
-                if _check_box(report, polygon.bounds(), image, location):
-                    _add(report, image, ref, polygon, label, location)
+            for shape in shapes:
+                if _check_box(report, shape.bounds(), image, location):
+                    _add(report, image, ref, shape, label, location)
             continue
         bbox = ann.get("bbox")
         try:
