@@ -138,3 +138,25 @@ def cohort_agreement(session: Session, cohort: Cohort | str, *, tolerance: float
     summary_table.attrs.update(tolerance=float(tolerance), iou=float(iou), all_images=bool(all_images),
                                annotators=annotators)
     return per_image_table, summary_table
+
+
+def images_with_disagreement(session: Session, cohort: Cohort | str, *, tolerance: float = DEFAULT_TOLERANCE,
+                             iou: float = DEFAULT_IOU) -> list[Image]:
+    """Visible images of ``cohort`` on which two annotators' points or boxes do not all match
+    (some pair's F1 < 1), id order: the annotation queue's "disagreements" filter."""
+    from .repository import get_cohort, images_to_adjudicate
+
+    cohort = get_cohort(session, cohort) if isinstance(cohort, str) else cohort
+    candidates = images_to_adjudicate(session, cohort)
+    if not candidates:
+        return []
+    _, shapes = annotator_shapes(session, cohort, image_ids=[image.id for image in candidates])
+    out = []
+    for image in candidates:
+        per_image = shapes.get(image.id, {})
+        for a, b in itertools.combinations(sorted(per_image), 2):
+            row = _pair_row(per_image[a], per_image[b], tolerance, iou)
+            if not math.isnan(row["f1"]) and row["f1"] < 1:
+                out.append(image)
+                break
+    return out

@@ -522,6 +522,10 @@ def import_upload(name: str, data: bytes, user: User | None, cohort: str = "Uplo
             return image_service.upload_for_review(s, user.id if user else None, path, cohort)
 
 
+QUEUE_SCOPES = ("my queue (not annotated by me)", "annotated by me", "disagreements (annotators differ)",
+                "unannotated (by anyone)", "all images")
+
+
 def cohort_image_picker(page: str, queue_for: User | None = None):
     """Annotate's picker: a cohort, the queue of images this user has not annotated, previous/next."""
     from db import repository
@@ -532,13 +536,31 @@ def cohort_image_picker(page: str, queue_for: User | None = None):
     if cohort is None:
         st.info("No cohort yet: import images on the Data page.", icon=":material/info:")
         return None
+    # the filter and the image live in the URL too, so a reload (or a shared link) opens the same queue
+    scopes = list(QUEUE_SCOPES)
+    if f"{page}_scope" not in st.session_state and st.query_params.get("queue") in scopes:
+        st.session_state[f"{page}_scope"] = st.query_params["queue"]
+    if f"{page}_image" not in st.session_state and str(st.query_params.get("image", "")).isdigit():
+        st.session_state[f"{page}_image"] = int(st.query_params["image"])
     with top[1]:
-        scope = st.selectbox("Show", ["my queue (not annotated by me)", "all images"], key=f"{page}_scope")
-    with read_session() as s:  # the queue is one query, however large the cohort
-        mine = scope.startswith("my queue") and queue_for is not None and queue_for.id is not None
-        records = repository.list_images(s, cohort, not_annotated_by=queue_for.id if mine else None)
+        scope = st.selectbox("Show", scopes, key=f"{page}_scope", help="my queue: images without my shapes; mine: "
+                             "images with my shapes; disagreements: two annotators' shapes do not all match "
+                             "(points within 10 px, boxes at IoU 0.5); unannotated: nobody's shapes yet")
+    st.query_params["queue"] = scope
+    me = queue_for.id if queue_for is not None and queue_for.id is not None else None
+    with read_session() as s:  # each queue is one or two queries, however large the cohort
+        if scope == "disagreements (annotators differ)":
+            from db.agreement import images_with_disagreement
+
+            records = images_with_disagreement(s, cohort)
+        else:
+            records = repository.list_images(
+                s, cohort, not_annotated_by=me if scope.startswith("my queue") else None,
+                annotated_by=me if scope == "annotated by me" else None,
+                annotated=False if scope == "unannotated (by anyone)" else None)
     if not records:
-        st.success("Queue empty: every image of this cohort has your annotations.", icon=":material/task_alt:")
+        st.success({"my queue (not annotated by me)": "Queue empty: every image of this cohort has your annotations."}
+                   .get(scope, "No image in this queue."), icon=":material/task_alt:")
         return None
     ids = [r.id for r in records]
     selected = st.session_state.get(f"{page}_image")
@@ -551,6 +573,7 @@ def cohort_image_picker(page: str, queue_for: User | None = None):
         chosen = st.selectbox(f"Image ({len(ids)})", ids, index=ids.index(selected), key=f"{page}_image_{selected}",
                               format_func=lambda i: record_title(records[ids.index(i)]))
     st.session_state[f"{page}_image"] = chosen
+    st.query_params["image"] = str(chosen)
     record = records[ids.index(chosen)]
     try:
         return load_record(record), record

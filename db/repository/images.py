@@ -335,7 +335,7 @@ _SEARCH_KINDS = ("name", "stem", "token", *_DICOM_ID_KEYWORDS)
 
 def _image_filter(session: Session, query, cohort: Cohort | str | None, modality: str | None, label: str | None,
                   split: str | None, search: str | None, annotated: bool | None, not_annotated_by,
-                  quarantined: bool | None = False):
+                  quarantined: bool | None = False, annotated_by=None):
     """``query`` (over Image) with :func:`list_images`' filters, all in SQL."""
     if cohort is not None:
         query = query.where(Image.cohort_id == (get_cohort(session, cohort) if isinstance(cohort, str) else cohort).id)
@@ -362,20 +362,26 @@ def _image_filter(session: Session, query, cohort: Cohort | str | None, modality
         mine = select(Annotation.id).where(Annotation.image_id == Image.id, Annotation.deleted_at.is_(None),
                                            Annotation.author_id == _user_id(session, not_annotated_by)).exists()
         query = query.where(~mine)
+    if annotated_by is not None:
+        theirs = select(Annotation.id).where(Annotation.image_id == Image.id, Annotation.deleted_at.is_(None),
+                                             Annotation.author_id == _user_id(session, annotated_by)).exists()
+        query = query.where(theirs)
     return query
 
 
 def list_images(session: Session, cohort: Cohort | str | None = None, *, modality: str | None = None,
                 label: str | None = None, split: str | None = None, search: str | None = None,
                 annotated: bool | None = None, not_annotated_by: User | str | int | None = None,
-                quarantined: bool | None = False, limit: int | None = None, offset: int = 0) -> list[Image]:
+                quarantined: bool | None = False, limit: int | None = None, offset: int = 0,
+                annotated_by: User | str | int | None = None) -> list[Image]:
     """Images in import order, filtered in one query. ``search`` matches a pseudonym, a hash prefix,
     or exactly an original file name, stem or DICOM id (through their keyed hashes; none is stored);
     ``annotated``: with (True) or without (False) a live annotation by anyone; ``not_annotated_by``:
-    without a live annotation by that user (an annotator's queue); ``quarantined``: False (default)
+    without a live annotation by that user (an annotator's queue); ``annotated_by``: with a live
+    annotation by that user; ``quarantined``: False (default)
     only images a reviewer may see, True only those held for possible burned-in text, None all."""
     query = _image_filter(session, select(Image), cohort, modality, label, split, search, annotated, not_annotated_by,
-                          quarantined)
+                          quarantined, annotated_by)
     query = query.order_by(Image.id).offset(offset)
     if limit is not None:
         query = query.limit(limit)
