@@ -140,6 +140,7 @@ def test_cli_rejects_unknown_benchmark(capsys):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # a benchmark's smoke run in Chromium (~25 s); `make test-slow`
 def test_review_latency_tiny_measures_open_and_reopen_in_the_browser(tmp_path, capsys):
     import shutil
 

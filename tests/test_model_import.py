@@ -101,8 +101,10 @@ def test_resnet18_imported_both_ways_reproduces_its_probabilities_on_real_images
     assert torch.allclose(logits, original(x), atol=1e-4)
 
 
+# the unconverted families (ConvNeXt, VGG: kept as black boxes) are the slow ones: `make test-slow`
 @pytest.mark.parametrize("arch,to_softcam", [("densenet121", True), ("efficientnet_b0", True),
-                                             ("convnext_tiny", False), ("vgg11", False)])
+                                             pytest.param("convnext_tiny", False, marks=pytest.mark.slow),
+                                             pytest.param("vgg11", False, marks=pytest.mark.slow)])
 def test_every_backbone_family_imports_exactly(tmp_path, arch, to_softcam):
     original = trained_elsewhere(arch, num_classes=3)
     weights = tmp_path / f"{arch}.pth"
