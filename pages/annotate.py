@@ -9,16 +9,19 @@ from streamlit_drawable_canvas import boxes_to_drawing, st_canvas
 
 from pages import common
 from service.boxes import (
+    ZOOM_LEVELS,
     canvas_boxes_to_image,
-    canvas_scale,
-    canvas_size,
     diff_boxes,
     image_boxes_to_canvas,
     lesion_labels,
+    zoomed_viewport,
 )
 from softcam_core.render import annotators_figure, display_pixels
 
 CANVAS_MAX_WIDTH, CANVAS_MAX_HEIGHT = 760, 620
+SHORTCUT_HELP = (("1 … 9", "choose the label for new boxes"), ("s", "save"), ("z", "discard unsaved changes"),
+                 ("n or →", "next image"), ("p or ←", "previous image"),
+                 ("Delete", "delete the selected box (canvas edit mode)"))
 
 st.title("Annotate")
 user = common.current_user()
@@ -41,7 +44,8 @@ def draw_boxes() -> None:
     labels = lesion_labels(image.modality, [box[4] for _, box in saved])
     tools, board = st.columns([1, 3])
     with tools:
-        label = st.selectbox("Label for new boxes", labels, key="annotate_label")
+        label = st.radio("Label for new boxes", labels, key="annotate_label",
+                         format_func=lambda name: f"{labels.index(name) + 1} · {name}" if labels.index(name) < 9 else name)
         st.caption("Draw a box by dragging on the image. Turn on the canvas's edit toggle to move, resize, "
                    "relabel (click a selected box) or delete (Delete key) a box. Nothing is stored until you save.")
         save_clicked = st.button("Save", type="primary", icon=":material/save:", key="annotate_save",
@@ -49,27 +53,64 @@ def draw_boxes() -> None:
         reload_clicked = st.button("Discard changes", icon=":material/undo:", key="annotate_reload",
                                    width="stretch")
         st.caption(f"{len(saved)} saved box(es) · {image.width}×{image.height} px")
+        with st.popover("Keyboard shortcuts", icon=":material/keyboard:", width="stretch"):
+            st.markdown("\n".join(f"- `{key}` {what}" for key, what in SHORTCUT_HELP))
+    # the keys act like clicks on the buttons above (typing in a field is never taken for a shortcut)
+    common.keyboard_shortcuts({
+        "s": ".st-key-annotate_save button", "z": ".st-key-annotate_reload button",
+        "n": ".st-key-annotate_next button", "arrowright": ".st-key-annotate_next button",
+        "p": ".st-key-annotate_prev button", "arrowleft": ".st-key-annotate_prev button",
+        **{str(k): f".st-key-annotate_label [role=radiogroup] > div:nth-child({k}) input" for k in range(1, min(len(labels), 9) + 1)},
+    })
 
-    scale = canvas_scale(image.width, image.height, CANVAS_MAX_WIDTH, CANVAS_MAX_HEIGHT)
-    width, height = canvas_size(image.width, image.height, scale)
-    scale_x, scale_y = width / image.width, height / image.height
+    # ---- view: the whole image fitted, or a zoomed window at the image's native resolution
+    view_row = board.columns([1, 2, 2])
+    zoom_name = view_row[0].selectbox("Zoom", list(ZOOM_LEVELS), key="annotate_zoom",
+                                      help="View pixels per image pixel. Boxes are stored in the image's own pixels "
+                                           "at every zoom.")
+    centre = (image.width / 2, image.height / 2)
+    if ZOOM_LEVELS[zoom_name] is not None:
+        centre = (view_row[1].slider("Pan ↔ (image x at the centre)", 0, image.width, image.width // 2,
+                                     key=f"annotate_pan_x_{record.id}"),
+                  view_row[2].slider("Pan ↕ (image y at the centre)", 0, image.height, image.height // 2,
+                                     key=f"annotate_pan_y_{record.id}"))
+    view = zoomed_viewport(image.width, image.height, ZOOM_LEVELS[zoom_name], centre,
+                           CANVAS_MAX_WIDTH, CANVAS_MAX_HEIGHT)
+    width, height = view.canvas_size
+    scale_x, scale_y = width / view.width, height / view.height
+    offset = (view.left, view.top)
     originals = [box for _, box in saved]
     # a new key whenever the stored boxes change (save, discard, other user's edit) resets the canvas
     generation = st.session_state.setdefault("annotate_generation", 0)
-    canvas_key = f"canvas_{record.id}_{common.boxes_signature(saved)}_{generation}"
-    background = Image.fromarray(display_pixels(image)).resize((width, height), Image.Resampling.BILINEAR)
+    boxes_key = f"{record.id}_{common.boxes_signature(saved)}_{generation}"
+    # the boxes as edited so far, in image pixels: panning or zooming draws a new canvas from them, so
+    # unsaved work outside the new view is kept, not reset to the stored boxes
+    working_key, working = st.session_state.get("annotate_working", (None, None))
+    if working_key != boxes_key:
+        working = list(originals)
+    in_view = [box for box in working if view.shows(box)]
+    out_of_view = [box for box in working if not view.shows(box)]
+    pixels = display_pixels(image)[view.top:view.top + view.height, view.left:view.left + view.width]
+    # native pixels enlarged stay square (a microaneurysm is a few pixels wide); a fitted view is smoothed
+    resample = Image.Resampling.NEAREST if view.scale >= 1 else Image.Resampling.BILINEAR
+    background = Image.fromarray(pixels).resize((width, height), resample)
     with board:
         result = st_canvas(
             fill_color="rgba(0, 229, 255, 0.08)", stroke_width=2, stroke_color="#00e5ff",
             background_image=background, background_image_fit="stretch", update_streamlit=True,
             width=width, height=height, drawing_mode="labeled_rect", label=label, font_size=14,
-            initial_drawing=boxes_to_drawing(image_boxes_to_canvas(originals, scale_x, scale_y),
+            initial_drawing=boxes_to_drawing(image_boxes_to_canvas(in_view, scale_x, scale_y, offset),
                                              stroke_color="#00e5ff", stroke_width=2,
                                              fill_color="rgba(0, 229, 255, 0.08)"),
-            key=canvas_key,
+            key=f"canvas_{boxes_key}_{view.box}_{view.scale}",
         )
-    edited = canvas_boxes_to_image(result.boxes, scale_x, scale_y, image.width, image.height,
-                                          originals=originals)
+        if view.scale >= 1:
+            st.caption(f"Showing image pixels x {view.left}–{view.left + view.width}, y {view.top}–"
+                       f"{view.top + view.height} of {image.width}×{image.height} at {zoom_name}; "
+                       f"{len(out_of_view)} box(es) outside the view.")
+    edited = out_of_view + canvas_boxes_to_image(result.boxes, scale_x, scale_y, image.width, image.height,
+                                                 originals=in_view, offset=offset)
+    st.session_state["annotate_working"] = (boxes_key, edited)
     edits = diff_boxes([(annotation, box) for annotation, box in saved], edited)
 
     with tools:

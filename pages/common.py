@@ -1019,3 +1019,55 @@ def study_summary_figure(summary):
     from softcam_core.plots import rating_figure
 
     return rating_figure(summary)
+
+
+# --------------------------------------------------------------------------------------------------
+# Keyboard shortcuts
+# --------------------------------------------------------------------------------------------------
+
+# The listener is installed by a <script> element added to the app's own document, so it belongs to
+# the app's page: a listener added from this iframe stops firing once a rerun replaces the iframe
+# (a callback whose registering document is gone is not run).
+_SHORTCUT_LISTENER = """
+if (!window.__softcamShortcutListener) {
+  window.__softcamShortcutListener = (event) => {
+    if (event.ctrlKey || event.altKey || event.metaKey) return;
+    const target = event.composedPath()[0] || event.target;
+    const tag = (target.tagName || '').toLowerCase();
+    if (tag === 'input' || tag === 'textarea' || tag === 'select' || target.isContentEditable) return;
+    // a focused slider (the pan sliders) takes the arrow keys itself
+    if (target.closest && target.closest('[role=slider]')) return;
+    const selector = (window.__softcamShortcuts || {})[event.key.toLowerCase()];
+    if (!selector) return;
+    const element = document.querySelector(selector);
+    if (!element || element.disabled) return;
+    event.preventDefault();
+    element.click();
+  };
+  // window, capture phase: components (the drawing canvas) handle keys and stop them on the way
+  window.addEventListener('keydown', window.__softcamShortcutListener, true);
+}
+"""
+
+_SHORTCUT_SCRIPT = """<script>
+// Single keys click the element their selector names; keys typed into a text field, a number field
+// or a select box are left alone, and so are keys with Ctrl / Alt / Meta (the browser's own).
+const win = window.parent;
+win.__softcamShortcuts = SHORTCUTS;
+if (!win.__softcamShortcutListener) {
+  const script = win.document.createElement("script");
+  script.textContent = LISTENER;
+  win.document.head.appendChild(script);
+}
+</script>"""
+
+
+def keyboard_shortcuts(shortcuts: dict[str, str]) -> None:
+    """Bind single keys (``"s"``, ``"n"``, ``"arrowright"``, ``"1"`` ...) to clicks on the elements
+    the CSS selectors name (e.g. ``".st-key-annotate_save button"``), for this page run."""
+    import json
+
+    import streamlit.components.v1 as components
+
+    script = _SHORTCUT_SCRIPT.replace("SHORTCUTS", json.dumps({k.lower(): v for k, v in shortcuts.items()}))
+    components.html(script.replace("LISTENER", json.dumps(_SHORTCUT_LISTENER)), height=0, width=0)

@@ -11,7 +11,9 @@ from pages import common
 from service.catalogue import model_identity
 from service.image_session import ImageSession, MapResult, activation_precision_for
 from softcam_core.explain.specs import BASE_METHODS, METHODS, cascam_methods, method_spec, method_title
+from service.boxes import zoomed_viewport
 from softcam_core.render import (
+    DISPLAY_MAX_SIDE,
     ComparisonPage,
     colour_limit,
     comparison_figure_bytes,
@@ -162,6 +164,23 @@ if pending:
 for problem in problems:
     st.error(problem)
 
+# ---- one zoom and pan for the image and every map beside it
+REVIEW_ZOOMS = (1, 2, 4, 8, 16, 32)  # magnification of the whole-image view
+zoom_row = st.columns([1, 2, 2])
+zoom = zoom_row[0].selectbox("Zoom", REVIEW_ZOOMS, format_func=lambda z: "Whole image" if z == 1 else f"{z}×",
+                             key="review_zoom", help="One zoom and pan for the image and every map beside it.")
+view = None
+if zoom > 1:
+    centre = (zoom_row[1].slider("Pan ↔ (image x at the centre)", 0, image.width, image.width // 2,
+                                 key=f"review_pan_x_{record.id}"),
+              zoom_row[2].slider("Pan ↕ (image y at the centre)", 0, image.height, image.height // 2,
+                                 key=f"review_pan_y_{record.id}"))
+    view = zoomed_viewport(image.width, image.height, zoom, centre, image.width, image.height).box
+    side = max(view[2] - view[0], view[3] - view[1])
+    st.caption(f"All panels show image pixels x {view[0]}–{view[2]}, y {view[1]}–{view[3]}"
+               + (" at native resolution." if side <= DISPLAY_MAX_SIDE else
+                  f", subsampled {int(np.ceil(side / DISPLAY_MAX_SIDE))}× for display (zoom further for native pixels)."))
+
 shared = shared_evidence_limit(results) if shared_scale else None
 scores = {r.title: activation_precision_for(r, session, [b[:4] for b in boxes]) for r in results}
 
@@ -173,7 +192,7 @@ for row_start in range(0, len(panels), columns_per_row):
         with column:
             if result is None:
                 figure = overlay_figure(pixels, None, title=f"Image · {image.name}", boxes=boxes,
-                                               crop=session.crop_box())
+                                        crop=session.crop_box(), view=view)
                 st.plotly_chart(figure, width="stretch", key="review_fig_image",
                                 config={"displaylogo": False})
                 st.caption(f"{image.width}×{image.height} px · {image.modality}"
@@ -187,7 +206,7 @@ for row_start in range(0, len(panels), columns_per_row):
                 pixels, None if problem else result.image_map, title=shown_title, signed=result.signed,
                 zmax=colour_limit(result, shared), opacity=opacity, boxes=boxes,
                 colorbar_title="evidence" if result.signed else "saliency", crop=session.crop_box(),
-                heat_max_side=map_display_side(result.method))
+                heat_max_side=map_display_side(result.method), view=view)
             st.plotly_chart(figure, width="stretch", key=f"review_fig_{result.method}_{result.target}",
                             config={"displaylogo": False})
             if problem:

@@ -27,17 +27,72 @@ def canvas_size(image_width: int, image_height: int, scale: float) -> tuple[int,
     return max(1, round(image_width * scale)), max(1, round(image_height * scale))
 
 
-def image_boxes_to_canvas(boxes: Sequence[Sequence[Any]], scale_x: float, scale_y: float | None = None) -> list[dict]:
+# Zoom levels of the Annotate and Review views: canvas (screen) pixels per original image pixel, or
+# None for the whole image fitted to the view.
+ZOOM_LEVELS: dict[str, float | None] = {"Fit": None, "1× (native)": 1.0, "2×": 2.0, "4×": 4.0, "8×": 8.0,
+                                        "16×": 16.0}
+
+
+@dataclass(frozen=True)
+class Viewport:
+    """The part of an image a view shows: image pixels ``[left, left + width) x [top, top + height)``
+    drawn at ``scale`` view pixels per image pixel (a ``round(width * scale)`` x ``round(height *
+    scale)`` canvas). ``Fit`` views are the whole image with ``left = top = 0``."""
+
+    left: int
+    top: int
+    width: int
+    height: int
+    scale: float
+
+    @property
+    def canvas_size(self) -> tuple[int, int]:
+        return canvas_size(self.width, self.height, self.scale)
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """``(x0, y0, x1, y1)`` image pixels shown, exclusive end."""
+        return self.left, self.top, self.left + self.width, self.top + self.height
+
+    def shows(self, box: Sequence[Any]) -> bool:
+        """True when the box ``(x0, y0, x1, y1, ...)`` overlaps the view by a positive area."""
+        x0, y0, x1, y1 = (float(v) for v in box[:4])
+        return x0 < self.left + self.width and x1 > self.left and y0 < self.top + self.height and y1 > self.top
+
+
+def zoomed_viewport(image_width: int, image_height: int, zoom: float | None, centre: tuple[float, float],
+                    max_width: int, max_height: int) -> Viewport:
+    """The view of an image at ``zoom`` view pixels per image pixel, centred on ``centre = (x, y)``
+    image pixels as far as the image allows, at most ``max_width`` x ``max_height`` view pixels.
+
+    ``zoom=None`` fits the whole image (:func:`canvas_scale`). A zoomed view shows a whole number of
+    image pixels, so each is exactly ``zoom`` view pixels wide and a view pixel maps back to the image
+    without drift.
+    """
+    if zoom is None:
+        return Viewport(0, 0, image_width, image_height, canvas_scale(image_width, image_height, max_width, max_height))
+    if zoom <= 0:
+        raise ValueError(f"zoom must be positive, got {zoom}")
+    width = max(1, min(image_width, int(max_width // zoom)))
+    height = max(1, min(image_height, int(max_height // zoom)))
+    left = int(round(min(max(centre[0] - width / 2, 0), image_width - width)))
+    top = int(round(min(max(centre[1] - height / 2, 0), image_height - height)))
+    return Viewport(left, top, width, height, float(zoom))
+
+
+def image_boxes_to_canvas(boxes: Sequence[Sequence[Any]], scale_x: float, scale_y: float | None = None,
+                          offset: tuple[float, float] = (0.0, 0.0)) -> list[dict]:
     """Image-pixel boxes ``(x0, y0, x1, y1, label)`` -> canvas box dicts ``{label, left, top, width, height}``.
 
-    The dicts feed ``streamlit_drawable_canvas.boxes_to_drawing``.
+    ``offset`` is the image pixel at the canvas's top-left corner (a zoomed :class:`Viewport`'s
+    ``(left, top)``). The dicts feed ``streamlit_drawable_canvas.boxes_to_drawing``.
     """
     scale_y = scale_x if scale_y is None else scale_y
     out = []
     for box in boxes:
         x0, y0, x1, y1 = (float(v) for v in box[:4])
-        out.append({"label": str(box[4]) if len(box) > 4 else "", "left": x0 * scale_x, "top": y0 * scale_y,
-                    "width": (x1 - x0) * scale_x, "height": (y1 - y0) * scale_y})
+        out.append({"label": str(box[4]) if len(box) > 4 else "", "left": (x0 - offset[0]) * scale_x,
+                    "top": (y0 - offset[1]) * scale_y, "width": (x1 - x0) * scale_x, "height": (y1 - y0) * scale_y})
     return out
 
 
@@ -49,8 +104,11 @@ def canvas_boxes_to_image(
     image_height: int,
     originals: Sequence[Sequence[Any]] = (),
     tolerance: float = 1e-3,
+    offset: tuple[float, float] = (0.0, 0.0),
 ) -> list[tuple[float, float, float, float, str]]:
     """Canvas box dicts -> image-pixel boxes ``(x0, y0, x1, y1, label)``, clipped to the image.
+
+    ``offset``: the image pixel at the canvas's top-left corner, as for :func:`image_boxes_to_canvas`.
 
     A canvas box that is (within ``tolerance`` canvas pixels) the drawing of one of ``originals`` —
     i.e. the user did not move or resize it — returns that original exactly, so a save/reload cycle
@@ -58,7 +116,7 @@ def canvas_boxes_to_image(
     clipping are dropped.
     """
     scale_y = scale_x if scale_y is None else scale_y
-    drawn = image_boxes_to_canvas(originals, scale_x, scale_y)
+    drawn = image_boxes_to_canvas(originals, scale_x, scale_y, offset)
     result: list[tuple[float, float, float, float, str]] = []
     for box in canvas_boxes:
         label = str(box.get("label", ""))
@@ -76,8 +134,8 @@ def canvas_boxes_to_image(
                 left, width = left + width, -width
             if height < 0:
                 top, height = top + height, -height
-            x0, y0 = left / scale_x, top / scale_y
-            x1, y1 = (left + width) / scale_x, (top + height) / scale_y
+            x0, y0 = left / scale_x + offset[0], top / scale_y + offset[1]
+            x1, y1 = (left + width) / scale_x + offset[0], (top + height) / scale_y + offset[1]
             x0, x1 = (round(min(max(v, 0.0), image_width), 2) for v in (x0, x1))
             y0, y1 = (round(min(max(v, 0.0), image_height), 2) for v in (y0, y1))
         if x1 - x0 <= 0 or y1 - y0 <= 0:

@@ -175,6 +175,7 @@ def overlay_figure(
     colorbar_title: str = "",
     crop: Sequence[float] | None = None,
     heat_max_side: int = DISPLAY_MAX_SIDE,
+    view: Sequence[int] | None = None,
 ):
     """Interactive plotly figure: the image with a map drawn over it and annotation boxes on top.
 
@@ -190,27 +191,35 @@ def overlay_figure(
             outside it, since nothing there was explained.
         heat_max_side: longest side of the heatmap sent (at most the image's display side); see
             :func:`map_display_side`.
+        view: ``(x0, y0, x1, y1)`` integer image pixels to show (a zoom, exclusive end), or ``None``
+            for the whole image. Only that window is sent, subsampled to at most
+            :data:`DISPLAY_MAX_SIDE` pixels (so a small window is sent at native resolution); axes
+            stay in image pixels. Pages pass one view to every panel, so they zoom and pan together.
     Hover shows image-pixel coordinates and the map value. Without a map, space for a colour bar is
     kept so the image lines up with the map panels beside it.
     """
     import plotly.graph_objects as go
 
-    height_px, width_px = pixels.shape[:2]
+    full_height, full_width = pixels.shape[:2]
+    vx0, vy0, vx1, vy1 = (0, 0, full_width, full_height) if view is None else (int(v) for v in view[:4])
+    if not (0 <= vx0 < vx1 <= full_width and 0 <= vy0 < vy1 <= full_height):
+        raise ValueError(f"view {tuple(view)} is not inside the {full_width}x{full_height} image")
+    height_px, width_px = vy1 - vy0, vx1 - vx0
     step = _display_step(height_px, width_px)
-    shown = pixels[::step, ::step]
+    shown = pixels[vy0:vy1:step, vx0:vx1:step]
     if shown.ndim == 2:
         shown = np.stack([shown] * 3, axis=-1)
     fig = go.Figure()
-    fig.add_trace(go.Image(source=_png_data_uri(np.ascontiguousarray(shown)), x0=0, y0=0, dx=step, dy=step,
+    fig.add_trace(go.Image(source=_png_data_uri(np.ascontiguousarray(shown)), x0=vx0, y0=vy0, dx=step, dy=step,
                            hoverinfo="skip", name="image"))
     if heat is not None:
-        if heat.shape != (height_px, width_px):
-            raise ValueError(f"map shape {heat.shape} does not match image shape {(height_px, width_px)}")
-        values = heat.astype(np.float32)
+        if heat.shape != (full_height, full_width):
+            raise ValueError(f"map shape {heat.shape} does not match image shape {(full_height, full_width)}")
+        values = heat[vy0:vy1, vx0:vx1].astype(np.float32)
         if crop is not None:
             outside = np.ones(values.shape, dtype=bool)
             cx0, cy0, cx1, cy1 = (int(round(v)) for v in crop[:4])
-            outside[cy0:cy1, cx0:cx1] = False
+            outside[max(cy0 - vy0, 0):max(cy1 - vy0, 0), max(cx0 - vx0, 0):max(cx1 - vx0, 0)] = False
             values = np.where(outside, np.nan, values)
         heat_step = max(step, _display_step(height_px, width_px, heat_max_side))
         values = values[::heat_step, ::heat_step]
@@ -226,7 +235,8 @@ def overlay_figure(
                 zmax_ = zmin + 1e-6
             scale = SALIENCY_COLORSCALE
         fig.add_trace(go.Heatmap(
-            z=np.round(values, 5), x0=heat_step / 2 - 0.5, dx=heat_step, y0=heat_step / 2 - 0.5, dy=heat_step,
+            z=np.round(values, 5), x0=vx0 + heat_step / 2 - 0.5, dx=heat_step, y0=vy0 + heat_step / 2 - 0.5,
+            dy=heat_step,
             zmin=zmin, zmax=zmax_, colorscale=scale, opacity=float(opacity), name="map",
             colorbar=dict(thickness=10, len=0.9, title=dict(text=colorbar_title, side="right")),
             hovertemplate="x %{x:.0f}, y %{y:.0f}<br>value %{z:.4f}<extra></extra>",
@@ -237,6 +247,8 @@ def overlay_figure(
     label_boxes = len(boxes) <= 4  # more labels than that hide the image; they stay in the hover text
     for box in boxes:
         x0, y0, x1, y1 = (float(v) for v in box[:4])
+        if x1 <= vx0 or x0 >= vx1 or y1 <= vy0 or y0 >= vy1:
+            continue  # outside the zoomed view
         label = str(box[4]) if len(box) > 4 and box[4] and label_boxes else ""
         fig.add_shape(type="rect", x0=x0 - 0.5, y0=y0 - 0.5, x1=x1 - 0.5, y1=y1 - 0.5,
                       line=dict(color="#00e5ff", width=2), fillcolor="rgba(0,0,0,0)")
@@ -244,8 +256,10 @@ def overlay_figure(
             fig.add_annotation(x=x0 - 0.5, y=y0 - 0.5, text=label, showarrow=False, xanchor="left",
                                yanchor="bottom", font=dict(color="#00e5ff", size=11),
                                bgcolor="rgba(0,0,0,0.55)")
-    fig.update_xaxes(visible=False, range=[-0.5, width_px - 0.5], constrain="domain")
-    fig.update_yaxes(visible=False, range=[height_px - 0.5, -0.5], scaleanchor="x", constrain="domain")
+    # a zoomed view is the page's one zoom for every panel: a panel's own drag-zoom would leave the others
+    fig.update_xaxes(visible=False, range=[vx0 - 0.5, vx1 - 0.5], constrain="domain", fixedrange=view is not None)
+    fig.update_yaxes(visible=False, range=[vy1 - 0.5, vy0 - 0.5], scaleanchor="x", constrain="domain",
+                     fixedrange=view is not None)
     fig.update_layout(
         title=dict(text=title, font=dict(size=13), x=0.01, y=0.98, xanchor="left", yanchor="top"),
         margin=dict(l=0, r=0 if heat is not None else 62, t=28 if title else 0, b=0), height=height,

@@ -111,6 +111,28 @@ def test_review_shows_prediction_softcam_maps_gradcam_and_activation_precision(a
     assert image_select.value == image_id and name in image_select.format_func(image_id)
 
 
+def test_review_zoom_and_pan_apply_to_the_image_and_every_map_together(app_home):
+    import json
+
+    at = open_app("review")
+    image_id, _ = annotated_image(app_home["cohort"])
+    at.session_state["review_image"] = image_id
+    at.run()
+    zoom = next(s for s in at.selectbox if s.label == "Zoom")
+    zoom.set_value(4).run()
+    pan_x = next(s for s in at.slider if s.label.startswith("Pan ↔"))
+    pan_x.set_value(100).run()  # the synthetic image is 128 px: a 32 px view centred at x 100 -> x 84..116
+    assert not at.exception and not at.error, texts(at.error)
+    specs = [json.loads(element.proto.spec) for element in at.get("plotly_chart")]
+    assert len(specs) == 4  # the image, two evidence maps, Grad-CAM
+    ranges = {(tuple(s["layout"]["xaxis"]["range"]), tuple(s["layout"]["yaxis"]["range"])) for s in specs}
+    assert ranges == {((83.5, 115.5), (79.5, 47.5))}  # one view for every panel
+    assert all(s["layout"]["xaxis"]["fixedrange"] for s in specs)
+    image = specs[0]["data"][0]
+    assert (image["x0"], image["dx"]) == (84, 1)  # native pixels
+    assert any("All panels show image pixels x 84–116, y 48–80 at native resolution" in c for c in texts(at.caption))
+
+
 def test_review_maps_are_cached_in_the_database(app_home):
     open_app("review")
     from sqlalchemy import select

@@ -12,12 +12,15 @@ from hypothesis import strategies as st
 from annotations.geometry import box_iou
 from db.session import mask_db_url
 from service.boxes import (
+    ZOOM_LEVELS,
+    Viewport,
     canvas_boxes_to_image,
     canvas_scale,
     canvas_size,
     diff_boxes,
     image_boxes_to_canvas,
     lesion_labels,
+    zoomed_viewport,
 )
 from service.catalogue import list_checkpoints
 from service.image_session import MapResult, Prediction
@@ -85,6 +88,51 @@ def test_moved_box_is_not_snapped_back_to_original():
     assert canvas_boxes_to_image(moved, 2.0, 2.0, 100, 100, originals=saved) == [(15.0, 10.0, 25.0, 20.0, "lesion")]
 
 
+# ------------------------------------------------------------------------------------ zoom and pan
+def test_zoomed_viewport_by_hand():
+    # a 4288x2848 IDRiD photo at 4 view px per image px in a 760x620 view: 190x155 image px
+    view = zoomed_viewport(4288, 2848, 4.0, (1000, 700), 760, 620)
+    assert view == Viewport(905, 622, 190, 155, 4.0)  # left = 1000 - 95; top = round(700 - 77.5) = 622 (half to even)
+    assert view.canvas_size == (760, 620) and view.box == (905, 622, 1095, 777)
+    # the centre is pulled in so the view stays inside the image
+    assert zoomed_viewport(4288, 2848, 4.0, (0, 2848), 760, 620).box == (0, 2693, 190, 2848)
+    assert zoomed_viewport(4288, 2848, 4.0, (9999, -5), 760, 620).box == (4098, 0, 4288, 155)
+    # a view larger than the image shows all of it; Fit is the whole image at the fitting scale
+    assert zoomed_viewport(100, 50, 2.0, (10, 10), 760, 620).box == (0, 0, 100, 50)
+    fit = zoomed_viewport(4288, 2848, ZOOM_LEVELS["Fit"], (0, 0), 760, 620)
+    assert fit.box == (0, 0, 4288, 2848) and fit.scale == pytest.approx(760 / 4288)
+    with pytest.raises(ValueError):
+        zoomed_viewport(100, 100, 0.0, (0, 0), 760, 620)
+
+
+def test_viewport_shows_boxes_that_overlap_it():
+    view = Viewport(100, 100, 50, 50, 4.0)
+    assert view.shows((140, 140, 200, 200, "a")) and view.shows((90, 90, 101, 101))
+    assert not view.shows((150, 100, 160, 110)) and not view.shows((0, 0, 100, 100))  # touching is not showing
+
+
+def test_box_drawn_at_4x_zoom_maps_to_original_pixels_by_hand():
+    # view from image (905, 622) at 4x: canvas (40, 40)-(120, 100) is image (915, 632)-(935, 647)
+    drawn = [{"label": "microaneurysm", "left": 40, "top": 40, "width": 80, "height": 60}]
+    assert canvas_boxes_to_image(drawn, 4.0, 4.0, 4288, 2848, offset=(905, 622)) == [
+        (915.0, 632.0, 935.0, 647.0, "microaneurysm")]
+    # and back: a stored box is drawn where it belongs, partly outside the canvas if it leaves the view
+    assert image_boxes_to_canvas([(900, 630, 910, 640, "a")], 4.0, 4.0, (905, 622)) == [
+        {"label": "a", "left": -20.0, "top": 32.0, "width": 40.0, "height": 40.0}]
+
+
+@settings(max_examples=200, deadline=None)
+@given(x0=st.floats(0, 4000), y0=st.floats(0, 2500), w=st.floats(0.5, 200), h=st.floats(0.5, 200),
+       zoom=st.sampled_from([1.0, 2.0, 4.0, 8.0, 16.0]), cx=st.floats(0, 4288), cy=st.floats(0, 2848))
+def test_untouched_boxes_survive_any_zoom_and_pan_exactly(x0, y0, w, h, zoom, cx, cy):
+    view = zoomed_viewport(4288, 2848, zoom, (cx, cy), 760, 620)
+    saved = [(x0, y0, x0 + w, y0 + h, "lesion")]
+    drawn = image_boxes_to_canvas(saved, view.scale, view.scale, (view.left, view.top))
+    back = canvas_boxes_to_image(drawn, view.scale, view.scale, 4288, 2848, originals=saved,
+                                 offset=(view.left, view.top))
+    assert back == saved
+
+
 # ------------------------------------------------------------------------------------ box edits
 def test_diff_boxes_classifies_every_edit():
     saved = [(1, (0, 0, 10, 10, "a")), (2, (50, 50, 60, 60, "b")), (3, (80, 80, 90, 90, "c"))]
@@ -134,6 +182,23 @@ def test_overlay_figure_signed_map_is_centred_with_hover_and_boxes():
     shape = fig.layout.shapes[0]
     assert (shape.x0, shape.y0, shape.x1, shape.y1) == (4.5, 4.5, 14.5, 24.5)  # pixel edges, not centres
     assert fig.layout.annotations[0].text == "lesion"
+
+
+def test_overlay_figure_view_sends_the_window_at_native_resolution_in_image_coordinates():
+    pixels = np.zeros((2848, 4288, 3), np.uint8)
+    heat = np.zeros((2848, 4288), np.float32)
+    heat[700, 1000] = 5.0
+    boxes = [(990, 690, 1010, 710, "inside"), (0, 0, 10, 10, "outside")]
+    fig = overlay_figure(pixels, heat, boxes=boxes, view=(905, 622, 1095, 777))
+    image, heatmap = fig.data
+    assert (image.x0, image.y0, image.dx, image.dy) == (905, 622, 1, 1)  # 190 px wide: native pixels
+    assert np.asarray(heatmap.z).shape == (155, 190) and np.asarray(heatmap.z)[700 - 622, 1000 - 905] == 5.0
+    assert heatmap.x0 == 905 and heatmap.y0 == 622
+    assert list(fig.layout.xaxis.range) == [904.5, 1094.5] and list(fig.layout.yaxis.range) == [776.5, 621.5]
+    assert fig.layout.xaxis.fixedrange and fig.layout.yaxis.fixedrange  # the page's zoom, not the panel's
+    assert len(fig.layout.shapes) == 1  # the box outside the view is not drawn
+    with pytest.raises(ValueError, match="not inside"):
+        overlay_figure(pixels, heat, view=(0, 0, 5000, 10))
 
 
 def test_overlay_figure_subsamples_large_images_but_keeps_image_coordinates():

@@ -1,0 +1,168 @@
+"""End to end in headless Chromium: keyboard-first annotation (keys choose the label, save, and move
+to the next and previous image) and drawing at 4x native zoom on a real 4288x2848 IDRiD photo; the
+stored boxes are checked in the database."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from service.boxes import lesion_labels
+from tests.plugins.app import prepare_home, run_server, sign_in
+from tests.conftest import REAL_DATA
+from tests.test_e2e_app import CANVAS_READY, TIMEOUT_MS, assert_no_exception, choose, wait_idle
+
+pytestmark = pytest.mark.e2e
+
+IDRID_PHOTO = REAL_DATA / "fundus_idrid" / "images" / "0001.jpg"  # 4288 x 2848 px
+
+
+def _idrid_cohort(session, _cohort_dir) -> None:
+    from db import repository
+
+    repository.import_images(session, [IDRID_PHOTO], "idrid", modality="fundus")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not IDRID_PHOTO.is_file():
+        pytest.skip(f"the real IDRiD photo is not here: {IDRID_PHOTO}")
+    home = tmp_path_factory.mktemp("e2e_annotate_home")
+    prepared = prepare_home(home, then=_idrid_cohort)
+    with run_server(home, home / "server.log") as url:
+        yield {"url": url, "home": home, **prepared}
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1440, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    yield page
+    context.close()
+
+
+def _image_in_url(page) -> str:
+    return parse_qs(urlparse(page.url).query).get("image", [""])[0]
+
+
+def test_keys_choose_the_label_save_and_step_through_the_queue(page, server):
+    sign_in(page, server["url"])
+    page.get_by_role("link", name="Annotate").click()
+    page.wait_for_selector("h1:has-text('Annotate')")
+    choose(page, "Cohort", server["cohort"])
+    wait_idle(page)
+    # the shortcuts are listed in the help popover
+    page.get_by_role("button", name="Keyboard shortcuts").click()
+    page.get_by_text("choose the label for new boxes").wait_for()
+    page.keyboard.press("Escape")
+    page.locator("h1").first.click()  # focus off any field: keys typed into a field are not shortcuts
+
+    labels = lesion_labels("fundus")
+    page.keyboard.press("2")
+    wait_idle(page)
+    assert page.get_by_role("radio", name=f"2 · {labels[1]}").is_checked()
+
+    canvas = page.locator("canvas.upper-canvas:visible").last
+    canvas.wait_for()
+    page.wait_for_function(CANVAS_READY, arg=canvas.element_handle(), timeout=TIMEOUT_MS)
+    box = canvas.bounding_box()
+    x0, y0 = box["x"] + 0.3 * box["width"], box["y"] + 0.3 * box["height"]
+    x1, y1 = box["x"] + 0.5 * box["width"], box["y"] + 0.5 * box["height"]
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move((x0 + x1) / 2, (y0 + y1) / 2, steps=5)
+    page.mouse.move(x1, y1, steps=5)
+    page.mouse.up()
+    page.get_by_text("Unsaved: 1 new").wait_for(timeout=TIMEOUT_MS)
+    wait_idle(page)
+    page.keyboard.press("s")
+    page.get_by_text("Saved 1 new").wait_for()
+    assert_no_exception(page)
+    with sqlite3.connect(server["home"] / "softcam.db") as db:
+        rows = db.execute("SELECT geometry, label FROM annotations WHERE provenance = 'drawn' "
+                          "AND deleted_at IS NULL").fetchall()
+    assert len(rows) == 1 and rows[0][1] == labels[1]
+    assert json.loads(rows[0][0])["x1"] > json.loads(rows[0][0])["x0"]
+
+    # n / p (and the arrows) step through the queue; the image is in the URL, so a reload keeps it
+    wait_idle(page)
+    page.locator("h1").first.click()
+    first = _image_in_url(page)
+    page.keyboard.press("n")
+    wait_idle(page)
+    second = _image_in_url(page)
+    assert second and second != first
+    page.keyboard.press("ArrowLeft")
+    wait_idle(page)
+    assert _image_in_url(page) == first
+    page.keyboard.press("ArrowRight")
+    wait_idle(page)
+    assert _image_in_url(page) == second
+    page.reload()
+    page.wait_for_selector("h1:has-text('Annotate')")
+    wait_idle(page)
+    assert _image_in_url(page) == second
+    assert_no_exception(page)
+
+
+def _drag(page, canvas, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """Drag on ``canvas`` from ``start`` to ``end`` in its own (canvas) pixels."""
+    box = canvas.bounding_box()
+    (x0, y0), (x1, y1) = ((box["x"] + x, box["y"] + y) for x, y in (start, end))
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move((x0 + x1) / 2, (y0 + y1) / 2, steps=5)
+    page.mouse.move(x1, y1, steps=5)
+    page.mouse.up()
+
+
+def test_box_drawn_at_4x_zoom_on_a_real_idrid_photo_is_stored_in_original_pixels(page, server):
+    sign_in(page, server["url"])
+    page.get_by_role("link", name="Annotate").click()
+    page.wait_for_selector("h1:has-text('Annotate')")
+    choose(page, "Cohort", "idrid")
+    choose(page, "Zoom", "4×")
+    # pan: the horizontal slider to its far right (End), then three image pixels back (ArrowLeft)
+    page.locator("[data-testid='stSlider']").filter(has_text="Pan ↔").get_by_role("slider").focus()
+    page.keyboard.press("End")
+    wait_idle(page)
+    for _ in range(3):
+        page.keyboard.press("ArrowLeft")
+    wait_idle(page)
+    caption = page.get_by_text(re.compile(r"Showing image pixels x \d+")).inner_text()
+    left, top = (int(v) for v in re.search(r"x (\d+)–\d+, y (\d+)–", caption).groups())
+    # centre x = 4288 - 3: the 190 px wide view is still pulled in to the right edge; y stays centred
+    assert (left, top) == (4288 - 190, round(2848 / 2 - 155 / 2))
+
+    canvas = page.locator("canvas.upper-canvas:visible").last
+    canvas.wait_for()
+    page.wait_for_function(CANVAS_READY, arg=canvas.element_handle(), timeout=TIMEOUT_MS)
+    box = canvas.bounding_box()
+    assert (round(box["width"]), round(box["height"])) == (760, 620)  # 190 x 155 image px at 4 view px each
+    _drag(page, canvas, (41, 37), (121, 103))
+    page.get_by_text("Unsaved: 1 new").wait_for(timeout=TIMEOUT_MS)
+    wait_idle(page)
+    # panning away draws a new canvas; the unsaved box stays in the edit, outside the view, and saves from there
+    page.locator("[data-testid='stSlider']").filter(has_text="Pan ↔").get_by_role("slider").focus()
+    page.keyboard.press("Home")
+    wait_idle(page)
+    page.get_by_text(re.compile(r"Showing image pixels x 0–190")).wait_for()
+    page.get_by_text(re.compile(r"1 box\(es\) outside the view")).wait_for()
+    page.get_by_text("Unsaved: 1 new").wait_for()
+    page.get_by_role("button", name="Save").click()
+    page.get_by_text("Saved 1 new").wait_for()
+    assert_no_exception(page)
+    with sqlite3.connect(server["home"] / "softcam.db") as db:
+        rows = db.execute("SELECT a.geometry FROM annotations a JOIN images i ON i.id = a.image_id "
+                          "JOIN cohorts c ON c.id = i.cohort_id WHERE c.name = 'idrid' AND a.deleted_at IS NULL"
+                          ).fetchall()
+    assert len(rows) == 1
+    stored = json.loads(rows[0][0])
+    expected = {"x0": left + 41 / 4, "y0": top + 37 / 4, "x1": left + 121 / 4, "y1": top + 103 / 4}
+    assert all(abs(stored[k] - v) <= 1.0 for k, v in expected.items()), (stored, expected)
+
