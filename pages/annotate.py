@@ -9,19 +9,24 @@ from streamlit_drawable_canvas import boxes_to_drawing, st_canvas
 
 from pages import common
 from service.boxes import (
+    POINT_RADIUS,
     ZOOM_LEVELS,
     canvas_boxes_to_image,
+    canvas_points_to_image,
     diff_boxes,
+    diff_points,
     image_boxes_to_canvas,
+    image_points_to_canvas,
     lesion_labels,
+    merge_edits,
     zoomed_viewport,
 )
 from softcam_core.render import annotators_figure, display_pixels
 
 CANVAS_MAX_WIDTH, CANVAS_MAX_HEIGHT = 760, 620
-SHORTCUT_HELP = (("1 … 9", "choose the label for new boxes"), ("s", "save"), ("z", "discard unsaved changes"),
-                 ("n or →", "next image"), ("p or ←", "previous image"),
-                 ("Delete", "delete the selected box (canvas edit mode)"))
+SHORTCUT_HELP = (("1 … 9", "choose the label for new shapes"), ("b / o", "draw boxes / place points"),
+                 ("s", "save"), ("z", "discard unsaved changes (undo)"), ("n or →", "next image"),
+                 ("p or ←", "previous image"), ("Delete", "delete the selected shape (canvas edit mode)"))
 
 st.title("Annotate")
 user = common.current_user()
@@ -41,23 +46,30 @@ def draw_boxes() -> None:
     image, record = picked
 
     saved = common.saved_boxes(record)  # [(annotation, (x0, y0, x1, y1, label))]
-    labels = lesion_labels(image.modality, [box[4] for _, box in saved])
+    saved_points = common.saved_points(record)  # [(annotation, (x, y, label))]
+    labels = lesion_labels(image.modality, [box[4] for _, box in saved] + [p[2] for _, p in saved_points])
     tools, board = st.columns([1, 3])
     with tools:
-        label = st.radio("Label for new boxes", labels, key="annotate_label",
+        shape = st.radio("Shape", ["Box", "Point"], horizontal=True, key="annotate_shape",
+                         help="Boxes for lesions with an extent; points for lesions marked by a click "
+                              "(microaneurysms, the clinician study's layout).")
+        label = st.radio("Label for new shapes", labels, key="annotate_label",
                          format_func=lambda name: f"{labels.index(name) + 1} · {name}" if labels.index(name) < 9 else name)
-        st.caption("Draw a box by dragging on the image. Turn on the canvas's edit toggle to move, resize, "
-                   "relabel (click a selected box) or delete (Delete key) a box. Nothing is stored until you save.")
+        st.caption("Drag to draw a box, or click to place a point. Turn on the canvas's edit toggle to move, "
+                   "resize, relabel (click a selected box) or delete (Delete key) a shape. Nothing is stored until "
+                   "you save.")
         save_clicked = st.button("Save", type="primary", icon=":material/save:", key="annotate_save",
                                  width="stretch")
         reload_clicked = st.button("Discard changes", icon=":material/undo:", key="annotate_reload",
                                    width="stretch")
-        st.caption(f"{len(saved)} saved box(es) · {image.width}×{image.height} px")
+        st.caption(f"{len(saved)} saved box(es) · {len(saved_points)} saved point(s) · {image.width}×{image.height} px")
         with st.popover("Keyboard shortcuts", icon=":material/keyboard:", width="stretch"):
             st.markdown("\n".join(f"- `{key}` {what}" for key, what in SHORTCUT_HELP))
     # the keys act like clicks on the buttons above (typing in a field is never taken for a shortcut)
     common.keyboard_shortcuts({
         "s": ".st-key-annotate_save button", "z": ".st-key-annotate_reload button",
+        "b": ".st-key-annotate_shape [role=radiogroup] > div:nth-child(1) input",
+        "o": ".st-key-annotate_shape [role=radiogroup] > div:nth-child(2) input",
         "n": ".st-key-annotate_next button", "arrowright": ".st-key-annotate_next button",
         "p": ".st-key-annotate_prev button", "arrowleft": ".st-key-annotate_prev button",
         **{str(k): f".st-key-annotate_label [role=radiogroup] > div:nth-child({k}) input" for k in range(1, min(len(labels), 9) + 1)},
@@ -80,38 +92,46 @@ def draw_boxes() -> None:
     scale_x, scale_y = width / view.width, height / view.height
     offset = (view.left, view.top)
     originals = [box for _, box in saved]
-    # a new key whenever the stored boxes change (save, discard, other user's edit) resets the canvas
+    original_points = [point for _, point in saved_points]
+    # a new key whenever the stored shapes change (save, discard, other user's edit) resets the canvas
     generation = st.session_state.setdefault("annotate_generation", 0)
-    boxes_key = f"{record.id}_{common.boxes_signature(saved)}_{generation}"
-    # the boxes as edited so far, in image pixels: panning or zooming draws a new canvas from them, so
-    # unsaved work outside the new view is kept, not reset to the stored boxes
-    working_key, working = st.session_state.get("annotate_working", (None, None))
-    if working_key != boxes_key:
-        working = list(originals)
-    in_view = [box for box in working if view.shows(box)]
-    out_of_view = [box for box in working if not view.shows(box)]
+    shapes_key = f"{record.id}_{common.boxes_signature(saved + saved_points)}_{generation}"
+    # the shapes as edited so far, in image pixels: panning or zooming draws a new canvas from them, so
+    # unsaved work outside the new view is kept, not reset to the stored shapes
+    working_key, working_boxes, working_points = st.session_state.get("annotate_working", (None, None, None))
+    if working_key != shapes_key:
+        working_boxes, working_points = list(originals), list(original_points)
+    in_view = [box for box in working_boxes if view.shows(box)]
+    points_in_view = [p for p in working_points if view.contains(p)]
+    out_of_view = [box for box in working_boxes if box not in in_view]
+    points_out_of_view = [p for p in working_points if p not in points_in_view]
     pixels = display_pixels(image)[view.top:view.top + view.height, view.left:view.left + view.width]
     # native pixels enlarged stay square (a microaneurysm is a few pixels wide); a fitted view is smoothed
     resample = Image.Resampling.NEAREST if view.scale >= 1 else Image.Resampling.BILINEAR
     background = Image.fromarray(pixels).resize((width, height), resample)
+    drawing = boxes_to_drawing(image_boxes_to_canvas(in_view, scale_x, scale_y, offset), stroke_color="#00e5ff",
+                               stroke_width=2, fill_color="rgba(0, 229, 255, 0.08)")
+    drawing["objects"] += image_points_to_canvas(points_in_view, scale_x, scale_y, offset)
     with board:
         result = st_canvas(
-            fill_color="rgba(0, 229, 255, 0.08)", stroke_width=2, stroke_color="#00e5ff",
+            fill_color="rgba(0, 229, 255, 0.08)" if shape == "Box" else "rgba(255, 234, 0, 0.6)",
+            stroke_width=2, stroke_color="#00e5ff" if shape == "Box" else "#ffea00",
             background_image=background, background_image_fit="stretch", update_streamlit=True,
-            width=width, height=height, drawing_mode="labeled_rect", label=label, font_size=14,
-            initial_drawing=boxes_to_drawing(image_boxes_to_canvas(in_view, scale_x, scale_y, offset),
-                                             stroke_color="#00e5ff", stroke_width=2,
-                                             fill_color="rgba(0, 229, 255, 0.08)"),
-            key=f"canvas_{boxes_key}_{view.box}_{view.scale}",
+            width=width, height=height, drawing_mode="labeled_rect" if shape == "Box" else "point",
+            label=label if shape == "Box" else "", font_size=14, point_display_radius=int(POINT_RADIUS),
+            initial_drawing=drawing, key=f"canvas_{shapes_key}_{view.box}_{view.scale}_{shape}",
         )
         if view.scale >= 1:
             st.caption(f"Showing image pixels x {view.left}–{view.left + view.width}, y {view.top}–"
                        f"{view.top + view.height} of {image.width}×{image.height} at {zoom_name}; "
-                       f"{len(out_of_view)} box(es) outside the view.")
+                       f"{len(out_of_view) + len(points_out_of_view)} shape(s) outside the view.")
     edited = out_of_view + canvas_boxes_to_image(result.boxes, scale_x, scale_y, image.width, image.height,
                                                  originals=in_view, offset=offset)
-    st.session_state["annotate_working"] = (boxes_key, edited)
-    edits = diff_boxes([(annotation, box) for annotation, box in saved], edited)
+    edited_points = points_out_of_view + canvas_points_to_image(
+        (result.json_data or {}).get("objects", []), scale_x, scale_y, image.width, image.height, label=label,
+        originals=points_in_view, offset=offset)
+    st.session_state["annotate_working"] = (shapes_key, edited, edited_points)
+    edits = merge_edits(diff_boxes(saved, edited), diff_points(saved_points, edited_points, max_distance=40 / view.scale))  # a drag of 40 view px
 
     with tools:
         if not edits.empty:
@@ -135,9 +155,10 @@ def draw_boxes() -> None:
                 st.session_state["annotate_saved_message"] = (generation + 1,
                                                               f"Saved {edits.summary()} on {image.name}.")
                 st.rerun()
-    if edited:
-        st.dataframe([{"label": b[4], "x0": b[0], "y0": b[1], "x1": b[2], "y1": b[3]} for b in edited],
-                     hide_index=True, width="stretch")
+    if edited or edited_points:
+        st.dataframe([{"shape": "box", "label": b[4], "x0": b[0], "y0": b[1], "x1": b[2], "y1": b[3]} for b in edited]
+                     + [{"shape": "point", "label": p[2], "x0": p[0], "y0": p[1], "x1": None, "y1": None}
+                        for p in edited_points], hide_index=True, width="stretch")
 
 
 with draw_tab:

@@ -604,6 +604,21 @@ def saved_boxes(record) -> list[tuple[tuple[int, int], tuple]]:
     return out
 
 
+def saved_points(record) -> list[tuple[tuple[int, int], tuple]]:
+    """Live point annotations of an image: ``[((id, version), (x, y, label))]`` in image pixels."""
+    from db import repository
+
+    if record is None:
+        return []
+    with read_session() as s:
+        out = []
+        for row in repository.list_annotations(s, record.id):
+            if row.kind == "point":
+                point = repository.annotation_geometry(row)
+                out.append(((row.id, row.version), (point.x, point.y, row.label or "")))
+    return out
+
+
 def image_boxes(record) -> list[tuple]:
     return [box for _, box in saved_boxes(record)]
 
@@ -1067,7 +1082,7 @@ def keyboard_shortcuts(shortcuts: dict[str, str]) -> None:
     the CSS selectors name (e.g. ``".st-key-annotate_save button"``), for this page run."""
     import json
 
-    import streamlit.components.v1 as components
-
     script = _SHORTCUT_SCRIPT.replace("SHORTCUTS", json.dumps({k.lower(): v for k, v in shortcuts.items()}))
-    components.html(script.replace("LISTENER", json.dumps(_SHORTCUT_LISTENER)), height=0, width=0)
+    # st.iframe runs the HTML with same-origin access to the app (this script is ours, never user text)
+    with st.container(key="keyboard_shortcuts", height=1, border=False):
+        st.iframe(script.replace("LISTENER", json.dumps(_SHORTCUT_LISTENER)), height=1)

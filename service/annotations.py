@@ -11,19 +11,22 @@ from service.boxes import BoxEdits
 
 def apply_box_edits(session, user_id: int | None, image_id: int, edits: BoxEdits) -> None:
     """Store one canvas save of image ``image_id``: every edit or none (a version conflict raises and
-    the caller's transaction rolls everything back). Boxes are ``(x0, y0, x1, y1, label)`` in image
-    pixels; saved ids are ``(annotation id, version)``."""
-    from annotations.geometry import Box
+    the caller's transaction rolls everything back). Boxes are ``(x0, y0, x1, y1, label)`` and
+    points ``(x, y, label)`` in image pixels; saved ids are ``(annotation id, version)``."""
+    from annotations.geometry import Box, Point
     from db import repository
 
+    def geometry(shape):
+        return Point(*shape[:2]) if len(shape) == 3 else Box(*shape[:4])
+
     user = require(session, user_id, "edit_annotations")
-    for (annotation_id, version), box in edits.update:
-        repository.save_annotation(session, image_id, Box(*box[:4]), box[4] or None, user.id,
+    for (annotation_id, version), shape in edits.update:
+        repository.save_annotation(session, image_id, geometry(shape), shape[-1] or None, user.id,
                                    annotation_id=annotation_id, expected_version=version)
     for annotation_id, version in edits.delete:
         repository.delete_annotation(session, annotation_id, user.id, expected_version=version)
-    for box in edits.create:
-        repository.save_annotation(session, image_id, Box(*box[:4]), box[4] or None, user.id)
+    for shape in edits.create:
+        repository.save_annotation(session, image_id, geometry(shape), shape[-1] or None, user.id)
 
 
 def import_annotation_file(session, user_id: int | None, path: str | Path, fmt: str, cohort: str, *,

@@ -1,6 +1,8 @@
-"""Annotation editing on a canvas: canvas <-> image pixel boxes, lesion labels, and what a save changes.
+"""Annotation editing on a canvas: canvas <-> image pixel boxes and points, zoomed views, lesion
+labels, and what a save changes.
 
-Boxes are ``(x0, y0, x1, y1, label)`` floats in original image pixels, exclusive end (DESIGN.md).
+Boxes are ``(x0, y0, x1, y1, label)`` floats in original image pixels, exclusive end (DESIGN.md);
+points are ``(x, y, label)`` in the same pixels.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ class Viewport:
         """True when the box ``(x0, y0, x1, y1, ...)`` overlaps the view by a positive area."""
         x0, y0, x1, y1 = (float(v) for v in box[:4])
         return x0 < self.left + self.width and x1 > self.left and y0 < self.top + self.height and y1 > self.top
+
+    def contains(self, point: Sequence[Any]) -> bool:
+        """True when the point ``(x, y, ...)`` is inside the view (left and top edges included)."""
+        return self.left <= float(point[0]) < self.left + self.width and self.top <= float(point[1]) < self.top + self.height
 
 
 def zoomed_viewport(image_width: int, image_height: int, zoom: float | None, centre: tuple[float, float],
@@ -144,6 +150,65 @@ def canvas_boxes_to_image(
     return result
 
 
+# How the canvas draws a point: a small circle centred on it (view pixels, whatever the zoom)
+POINT_RADIUS, POINT_STROKE = 3.0, 2.0
+_ORIGIN_FACTOR = {"left": 0.0, "top": 0.0, "center": 0.5, "right": 1.0, "bottom": 1.0}
+
+
+def image_points_to_canvas(points: Sequence[Sequence[Any]], scale_x: float, scale_y: float | None = None,
+                           offset: tuple[float, float] = (0.0, 0.0), *, stroke_color: str = "#ffea00",
+                           fill_color: str = "rgba(255, 234, 0, 0.6)") -> list[dict]:
+    """Image-pixel points ``(x, y, label)`` -> canvas circle objects for an ``initial_drawing``,
+    drawn as the canvas's point tool draws them (left origin at the circle's left edge, vertical
+    centre) so drawn and loaded points read back the same way (:func:`canvas_points_to_image`)."""
+    scale_y = scale_x if scale_y is None else scale_y
+    return [{"type": "Circle", "left": (float(p[0]) - offset[0]) * scale_x - POINT_RADIUS - POINT_STROKE / 2,
+             "top": (float(p[1]) - offset[1]) * scale_y, "originX": "left", "originY": "center",
+             "radius": POINT_RADIUS, "strokeWidth": POINT_STROKE, "stroke": stroke_color, "fill": fill_color,
+             "scaleX": 1, "scaleY": 1, "angle": 0, "lockScalingX": True, "lockScalingY": True,
+             "lockRotation": True, "hasControls": False} for p in points]
+
+
+def canvas_points_to_image(
+    objects: Sequence[dict],
+    scale_x: float,
+    scale_y: float | None,
+    image_width: int,
+    image_height: int,
+    *,
+    label: str,
+    originals: Sequence[Sequence[Any]] = (),
+    tolerance: float = 1e-3,
+    offset: tuple[float, float] = (0.0, 0.0),
+) -> list[tuple[float, float, str]]:
+    """The canvas's circle objects (its ``json_data["objects"]``; other objects are skipped) ->
+    image-pixel points ``(x, y, label)`` at the circles' centres.
+
+    A circle at (within ``tolerance`` view pixels) one of ``originals`` returns that original
+    exactly, label included; the canvas does not carry a point's label, so any other circle (drawn
+    now, or an original that was moved) gets ``label`` here and :func:`diff_points` gives a moved
+    original its old label back. Points outside the image are dropped.
+    """
+    scale_y = scale_x if scale_y is None else scale_y
+    drawn = [(o, (float(o[0]) - offset[0]) * scale_x, (float(o[1]) - offset[1]) * scale_y) for o in originals]
+    result: list[tuple[float, float, str]] = []
+    for obj in objects:
+        if str(obj.get("type", "")).lower() != "circle":
+            continue
+        width = (2 * float(obj.get("radius", 0)) + float(obj.get("strokeWidth", 0))) * float(obj.get("scaleX", 1))
+        height = (2 * float(obj.get("radius", 0)) + float(obj.get("strokeWidth", 0))) * float(obj.get("scaleY", 1))
+        cx = float(obj.get("left", 0)) + (0.5 - _ORIGIN_FACTOR.get(obj.get("originX", "left"), 0.0)) * width
+        cy = float(obj.get("top", 0)) + (0.5 - _ORIGIN_FACTOR.get(obj.get("originY", "top"), 0.0)) * height
+        match = next((o for o, ox, oy in drawn if abs(cx - ox) <= tolerance and abs(cy - oy) <= tolerance), None)
+        if match is not None:
+            result.append((float(match[0]), float(match[1]), str(match[2]) if len(match) > 2 else ""))
+            continue
+        x, y = round(cx / scale_x + offset[0], 2), round(cy / scale_y + offset[1], 2)
+        if 0 <= x < image_width and 0 <= y < image_height:
+            result.append((x, y, label))
+    return result
+
+
 # Lesion labels offered per modality on the Annotate page (the first is the default).
 # Names follow the synthetic cohorts' COCO categories (softcam_core.synth.LESION_KINDS) so drawn and
 # generated boxes share labels.
@@ -166,10 +231,11 @@ def lesion_labels(modality: str, existing: Iterable[str] = ()) -> list[str]:
 
 @dataclass
 class BoxEdits:
-    """What saving a canvas means for the stored boxes of one image.
+    """What saving a canvas means for the stored shapes of one image.
 
-    ``create``: new boxes ``(x0, y0, x1, y1, label)``; ``update``: ``(saved id, new box)``;
-    ``delete``: saved ids; ``unchanged``: saved ids kept as they are.
+    ``create``: new shapes, boxes ``(x0, y0, x1, y1, label)`` or points ``(x, y, label)``;
+    ``update``: ``(saved id, new shape)``; ``delete``: saved ids; ``unchanged``: saved ids kept as
+    they are.
     """
 
     create: list[tuple] = field(default_factory=list)
@@ -224,3 +290,51 @@ def diff_boxes(saved: Sequence[tuple[Any, Sequence[Any]]], edited: Sequence[Sequ
     edits.delete = [ident for i, (ident, _) in enumerate(remaining_saved) if i not in used_saved]
     edits.create = [box for j, box in enumerate(remaining_edited) if j not in used_edited]
     return edits
+
+
+def diff_points(saved: Sequence[tuple[Any, Sequence[Any]]], edited: Sequence[Sequence[Any]],
+                max_distance: float = 10.0) -> BoxEdits:
+    """Match the canvas's points to the stored ones, as :func:`diff_boxes` does for boxes.
+
+    ``saved``: ``(id, (x, y, label))``; ``edited``: ``(x, y, label)`` (from
+    :func:`canvas_points_to_image`). Equal points are unchanged; the rest of the stored points are
+    paired nearest first with the rest of the edited ones within ``max_distance`` image pixels (a
+    moved point: an update that keeps its label); stored points left over are deletions, edited
+    ones left over are new.
+    """
+    edits = BoxEdits()
+    remaining_saved = list(saved)
+    remaining_edited = [tuple(point) for point in edited]
+    for ident, point in list(remaining_saved):
+        key = (float(point[0]), float(point[1]), str(point[2]) if len(point) > 2 else "")
+        for candidate in remaining_edited:
+            if (float(candidate[0]), float(candidate[1]), str(candidate[2]) if len(candidate) > 2 else "") == key:
+                edits.unchanged.append(ident)
+                remaining_saved.remove((ident, point))
+                remaining_edited.remove(candidate)
+                break
+    pairs = sorted((((p[0] - c[0]) ** 2 + (p[1] - c[1]) ** 2, i, j) for i, (_, p) in enumerate(remaining_saved)
+                    for j, c in enumerate(remaining_edited)))
+    used_saved, used_edited = set(), set()
+    for squared, i, j in pairs:
+        if squared > max_distance ** 2 or i in used_saved or j in used_edited:
+            continue
+        used_saved.add(i)
+        used_edited.add(j)
+        old = remaining_saved[i][1]
+        moved = remaining_edited[j]
+        edits.update.append((remaining_saved[i][0], (moved[0], moved[1], old[2] if len(old) > 2 else moved[2])))
+    edits.delete = [ident for i, (ident, _) in enumerate(remaining_saved) if i not in used_saved]
+    edits.create = [point for j, point in enumerate(remaining_edited) if j not in used_edited]
+    return edits
+
+
+def merge_edits(*parts: BoxEdits) -> BoxEdits:
+    """One save of several edit sets (the boxes' and the points' of one image)."""
+    merged = BoxEdits()
+    for part in parts:
+        merged.create += part.create
+        merged.update += part.update
+        merged.delete += part.delete
+        merged.unchanged += part.unchanged
+    return merged

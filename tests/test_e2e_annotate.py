@@ -58,7 +58,7 @@ def test_keys_choose_the_label_save_and_step_through_the_queue(page, server):
     wait_idle(page)
     # the shortcuts are listed in the help popover
     page.get_by_role("button", name="Keyboard shortcuts").click()
-    page.get_by_text("choose the label for new boxes").wait_for()
+    page.get_by_text("choose the label for new shapes").wait_for()
     page.keyboard.press("Escape")
     page.locator("h1").first.click()  # focus off any field: keys typed into a field are not shortcuts
 
@@ -147,22 +147,39 @@ def test_box_drawn_at_4x_zoom_on_a_real_idrid_photo_is_stored_in_original_pixels
     _drag(page, canvas, (41, 37), (121, 103))
     page.get_by_text("Unsaved: 1 new").wait_for(timeout=TIMEOUT_MS)
     wait_idle(page)
+    # "o" switches to points (a new canvas, the unsaved box kept); "3" chooses the third label; a click places one
+    page.locator("h1").first.click()
+    page.keyboard.press("o")
+    wait_idle(page)
+    page.keyboard.press("3")
+    wait_idle(page)
+    assert page.get_by_role("radio", name="Point").is_checked()
+    canvas = page.locator("canvas.upper-canvas:visible").last
+    page.wait_for_function(CANVAS_READY, arg=canvas.element_handle(), timeout=TIMEOUT_MS)
+    box = canvas.bounding_box()
+    page.mouse.click(box["x"] + 303, box["y"] + 211)
+    page.get_by_text("Unsaved: 2 new").wait_for(timeout=TIMEOUT_MS)
+    wait_idle(page)
     # panning away draws a new canvas; the unsaved box stays in the edit, outside the view, and saves from there
     page.locator("[data-testid='stSlider']").filter(has_text="Pan ↔").get_by_role("slider").focus()
     page.keyboard.press("Home")
     wait_idle(page)
     page.get_by_text(re.compile(r"Showing image pixels x 0–190")).wait_for()
-    page.get_by_text(re.compile(r"1 box\(es\) outside the view")).wait_for()
-    page.get_by_text("Unsaved: 1 new").wait_for()
+    page.get_by_text(re.compile(r"2 shape\(s\) outside the view")).wait_for()
+    page.get_by_text("Unsaved: 2 new").wait_for()
     page.get_by_role("button", name="Save").click()
-    page.get_by_text("Saved 1 new").wait_for()
+    page.get_by_text("Saved 2 new").wait_for()
     assert_no_exception(page)
     with sqlite3.connect(server["home"] / "softcam.db") as db:
-        rows = db.execute("SELECT a.geometry FROM annotations a JOIN images i ON i.id = a.image_id "
-                          "JOIN cohorts c ON c.id = i.cohort_id WHERE c.name = 'idrid' AND a.deleted_at IS NULL"
-                          ).fetchall()
-    assert len(rows) == 1
-    stored = json.loads(rows[0][0])
+        rows = dict(db.execute("SELECT a.kind, a.geometry FROM annotations a JOIN images i ON i.id = a.image_id "
+                               "JOIN cohorts c ON c.id = i.cohort_id WHERE c.name = 'idrid' AND a.deleted_at IS NULL"
+                               ).fetchall())
+        point_label = db.execute("SELECT label FROM annotations WHERE kind = 'point'").fetchone()[0]
+    assert sorted(rows) == ["box", "point"]
+    point = json.loads(rows["point"])
+    assert abs(point["x"] - (left + 303 / 4)) <= 1.0 and abs(point["y"] - (top + 211 / 4)) <= 1.0, point
+    assert point_label == lesion_labels("fundus")[2]
+    stored = json.loads(rows["box"])
     expected = {"x0": left + 41 / 4, "y0": top + 37 / 4, "x1": left + 121 / 4, "y1": top + 103 / 4}
     assert all(abs(stored[k] - v) <= 1.0 for k, v in expected.items()), (stored, expected)
 

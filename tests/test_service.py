@@ -18,8 +18,12 @@ from service.boxes import (
     canvas_scale,
     canvas_size,
     diff_boxes,
+    canvas_points_to_image,
+    diff_points,
     image_boxes_to_canvas,
+    image_points_to_canvas,
     lesion_labels,
+    merge_edits,
     zoomed_viewport,
 )
 from service.catalogue import list_checkpoints
@@ -131,6 +135,40 @@ def test_untouched_boxes_survive_any_zoom_and_pan_exactly(x0, y0, w, h, zoom, cx
     back = canvas_boxes_to_image(drawn, view.scale, view.scale, 4288, 2848, originals=saved,
                                  offset=(view.left, view.top))
     assert back == saved
+
+
+def test_points_on_the_canvas_by_hand():
+    # the canvas's point tool puts a click at (41, 37) as a circle of radius 3, stroke 2, whose left edge
+    # is at 41 - 3 - 1 and whose vertical centre is at 37; at 4x from (905, 622) that is image (915.25, 631.25)
+    clicked = {"type": "circle", "left": 37.0, "top": 37.0, "originX": "left", "originY": "center",
+               "radius": 3, "strokeWidth": 2, "scaleX": 1, "scaleY": 1}
+    box = {"type": "LabeledRect", "left": 0, "top": 0, "width": 5, "height": 5}
+    assert canvas_points_to_image([clicked, box], 4.0, 4.0, 4288, 2848, label="microaneurysm", offset=(905, 622)) == [
+        (915.25, 631.25, "microaneurysm")]
+    # a stored point is drawn the same way and reads back exactly, with its own label
+    saved = [(1000.1, 700.7, "haemorrhage")]
+    drawn = image_points_to_canvas(saved, 4.0, 4.0, (905, 622))
+    assert drawn[0]["left"] == pytest.approx((1000.1 - 905) * 4 - 4) and drawn[0]["top"] == pytest.approx((700.7 - 622) * 4)
+    assert canvas_points_to_image(drawn, 4.0, 4.0, 4288, 2848, label="other", originals=saved,
+                                  offset=(905, 622)) == saved
+    # a centred origin reads the same centre; a point off the image is dropped
+    centred = {"type": "Circle", "left": 41.0, "top": 37.0, "originX": "center", "originY": "center", "radius": 3}
+    assert canvas_points_to_image([centred], 4.0, 4.0, 4288, 2848, label="a", offset=(905, 622)) == [
+        (915.25, 631.25, "a")]
+    assert canvas_points_to_image([dict(centred, left=-100.0)], 1.0, 1.0, 100, 100, label="a") == []
+
+
+def test_diff_points_keeps_a_moved_points_label():
+    saved = [(1, (10.0, 10.0, "microaneurysm")), (2, (50.0, 50.0, "haemorrhage")), (3, (90.0, 90.0, "a"))]
+    edited = [(10.0, 10.0, "microaneurysm"), (52.0, 49.0, "new-label"), (5.0, 95.0, "new-label")]
+    edits = diff_points(saved, edited)
+    assert edits.unchanged == [1]
+    assert edits.update == [(2, (52.0, 49.0, "haemorrhage"))]  # nearest pairing: moved, label kept
+    assert edits.delete == [3] and edits.create == [(5.0, 95.0, "new-label")]  # 85 px away: not a move
+    assert diff_points(saved[2:], edited[2:], max_distance=100).update == [(3, (5.0, 95.0, "a"))]
+    assert diff_points(saved[:1], []).delete == [1] and diff_points([], edited[:1]).create == [edited[0]]
+    both = merge_edits(diff_points([], edited[:1]), diff_points(saved[:1], []))
+    assert both.create == [edited[0]] and both.delete == [1] and both.summary() == "1 new, 0 changed, 1 deleted"
 
 
 # ------------------------------------------------------------------------------------ box edits
