@@ -369,8 +369,29 @@ def write_coco(out: Path, images: Sequence["ExportImage"]) -> Path:
 
 # --- Pascal VOC --------------------------------------------------------------------------------
 
+def _voc_polygon(element) -> Polygon:
+    """A VOC ``<polygon>``: ``<pt><x>..</x><y>..</y></pt>`` vertices (LabelMe) or numbered
+    ``<x1>, <y1>, <x2>, <y2> ...`` children (Roboflow, CVAT); 1-based like ``<bndbox>``."""
+    points = element.findall("pt")
+    if points:
+        values = [(pt.findtext("x"), pt.findtext("y")) for pt in points]
+    else:
+        values, k = [], 1
+        while element.find(f"x{k}") is not None or element.find(f"y{k}") is not None:
+            values.append((element.findtext(f"x{k}"), element.findtext(f"y{k}")))
+            k += 1
+    vertices = tuple((_number((x or "").strip(), "polygon x") - 1, _number((y or "").strip(), "polygon y") - 1)
+                     for x, y in values)
+    if len(vertices) < 3:
+        raise ValueError(f"<polygon> needs at least 3 vertices, got {len(vertices)}")
+    return Polygon(vertices)
+
+
 def read_voc(path: Path, resolve: Resolver) -> ImportReport:
-    """Pascal VOC XML: one file, a folder of ``.xml`` files or a zip of them (1-based inclusive boxes)."""
+    """Pascal VOC XML: one file, a folder of ``.xml`` files or a zip of them (1-based inclusive boxes).
+
+    An object with a ``<polygon>`` is imported as that polygon (its ``<bndbox>``, when present, is
+    only its bounding box), as COCO polygon segmentations are."""
     path = Path(path)
     report = ImportReport(path.name, "voc")
     members = _members(path, (".xml",))
@@ -405,6 +426,17 @@ def read_voc(path: Path, resolve: Resolver) -> ImportReport:
             location = f"{name}: object {j + 1}"
             label = (obj.findtext("name") or "").strip()
             bnd = obj.find("bndbox")
+            if obj.find("polygon") is not None:
+                try:
+                    if not label:
+                        raise ValueError("<name> is empty")
+                    polygon = _voc_polygon(obj.find("polygon"))
+                except ValueError as exc:
+                    report.error(location, str(exc))
+                    continue
+                if _check_box(report, polygon.bounds(), image, location):
+                    _add(report, image, ref, polygon, label, location)
+                continue
             try:
                 if not label:
                     raise ValueError("<name> is empty")
@@ -431,13 +463,18 @@ def _voc_xml(img: "ExportImage") -> bytes:
     ET.SubElement(size, "width").text = str(img.width)
     ET.SubElement(size, "height").text = str(img.height)
     ET.SubElement(size, "depth").text = "1"
-    for ann in img.boxes():
-        box = ann.geometry
+    for ann in img.boxes() + img.polygons():
+        box = ann.geometry if isinstance(ann.geometry, Box) else ann.geometry.bounds()
         obj = ET.SubElement(root, "object")
         ET.SubElement(obj, "name").text = ann.label or ""
-        bnd = ET.SubElement(obj, "bndbox")
+        bnd = ET.SubElement(obj, "bndbox")  # a polygon's too: readers of plain VOC still get its box
         for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), (box.x0 + 1, box.y0 + 1, box.x1, box.y1)):
             ET.SubElement(bnd, tag).text = format_number(value)
+        if isinstance(ann.geometry, Polygon):
+            polygon = ET.SubElement(obj, "polygon")
+            for k, (x, y) in enumerate(ann.geometry.points, start=1):
+                ET.SubElement(polygon, f"x{k}").text = format_number(x + 1)
+                ET.SubElement(polygon, f"y{k}").text = format_number(y + 1)
     ET.indent(root)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
@@ -843,8 +880,12 @@ class ExportImage:
 
         return sorted(kept, key=key)
 
+    def polygons(self) -> list[ExportAnnotation]:
+        """Polygon annotations in the order of :meth:`shapes` (COCO and VOC carry them)."""
+        return [a for a in self.shapes() if a.geometry.kind == "polygon"]
+
     def boxes(self) -> list[ExportAnnotation]:
-        """Box annotations in a stable order (VOC, RSNA, YOLO and CSV carry boxes only)."""
+        """Box annotations in a stable order (RSNA, YOLO and CSV carry boxes only; VOC boxes and polygons)."""
         boxes = [a for a in self.annotations if isinstance(a.geometry, Box)]
         return sorted(boxes, key=lambda a: (a.geometry.y0, a.geometry.x0, a.geometry.y1, a.geometry.x1, a.label or ""))
 

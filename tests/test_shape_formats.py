@@ -50,6 +50,35 @@ def test_coco_polygons_and_keypoints_are_read_as_such(tmp_path):
                       (Point(5, 6), "MA"), (Box(1, 2, 4, 6), "drusen")]  # the invisible keypoint (v 0) is left out
 
 
+def test_voc_polygons_are_read_in_both_layouts_and_round_trip(tmp_path):
+    from annotations.formats import ExportAnnotation, ExportImage, write_annotations
+
+    xml = """<annotation><filename>a.png</filename><size><width>100</width><height>80</height></size>
+      <object><name>drusen</name><bndbox><xmin>11</xmin><ymin>11</ymin><xmax>30</xmax><ymax>30</ymax></bndbox>
+        <polygon><x1>11</x1><y1>11</y1><x2>31</x2><y2>11</y2><x3>31</x3><y3>31</y3></polygon></object>
+      <object><name>fluid</name><polygon><pt><x>51</x><y>51</y></pt><pt><x>61</x><y>51</y></pt>
+        <pt><x>56</x><y>61.5</y></pt></polygon></object>
+      <object><name>bad</name><polygon><x1>1</x1><y1>1</y1><x2>2</x2><y2>2</y2></polygon></object>
+      <object><name>box</name><bndbox><xmin>1</xmin><ymin>2</ymin><xmax>3</xmax><ymax>4</ymax></bndbox></object>
+    </annotation>"""
+    path = tmp_path / "a.xml"
+    path.write_text(xml)
+    resolver = folder_resolver({"a.png": (100, 80)})
+    report = read_annotations(path, "voc", resolver)
+    assert [(e.location, e.problem) for e in report.errors] == [("a.xml: object 3", "<polygon> needs at least 3 vertices, got 2")]
+    # 1-based like <bndbox>: vertex (11, 11) is image (10, 10); a polygon's <bndbox> is only its bounding box
+    shapes = [(p.geometry, p.label) for p in report.annotations]
+    assert shapes == [(Polygon(((10, 10), (30, 10), (30, 30))), "drusen"),
+                      (Polygon(((50, 50), (60, 50), (55, 60.5))), "fluid"), (Box(0, 1, 3, 4), "box")]
+    image = ExportImage("a", ".png", 100, 80, [ExportAnnotation(g, label) for g, label in shapes])
+    out = write_annotations(tmp_path / "voc", "voc", [image])
+    written = (out / "a.xml").read_text()
+    assert "<polygon>" in written and "<xmin>51</xmin>" in written  # the fluid polygon's bounding box too
+    again = read_annotations(out, "voc", resolver)
+    assert not again.errors and sorted(map(repr, (p.geometry for p in again.annotations))) == sorted(
+        map(repr, (g for g, _ in shapes)))
+
+
 def test_shapes_round_trip_through_coco_and_points_csv(real_data, db_env, session, tmp_path, capsys):
     from db import repository
     from db.evaluation import load_database_cohort
