@@ -30,7 +30,7 @@ SHORTCUT_HELP = (("1 … 9", "choose the label for new shapes"), ("b / o", "draw
 
 st.title("Annotate")
 user = common.current_user()
-draw_tab, import_tab, adjudicate_tab = st.tabs(["Draw boxes", "Import annotation file", "Adjudicate"])
+draw_tab, import_tab, adjudicate_tab = st.tabs(["Draw", "Import annotation file", "Adjudicate"])
 
 
 def draw_boxes() -> None:

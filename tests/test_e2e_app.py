@@ -1,16 +1,14 @@
 """End to end: the real ``streamlit run app.py`` server driven by headless Debian Chromium (Playwright).
 
 One server per module, with its own SOFTCAM_HOME holding a tiny synthetic fundus cohort and a tiny
-SoftCAM model. Screenshots of every page go to the test's tmp dir (and, with
-``SOFTCAM_UPDATE_SCREENSHOTS=1``, to docs/screenshots/).
+SoftCAM model. Screenshots of every page go to the test's tmp dir (the README's come from the demo:
+``tools/screenshots.py``).
 """
 
 from __future__ import annotations
 
 import csv
 import re
-import os
-import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from tests.plugins.app import ROOT, dicom_from_png, prepare_home, run_server, sign_in
+from tests.plugins.app import dicom_from_png, prepare_home, run_server, sign_in
 
 pytestmark = pytest.mark.e2e
 TIMEOUT_MS = 180_000
@@ -41,15 +39,11 @@ def page(browser, server, tmp_path):
     context.close()
 
 
-def shoot(page, tmp_path: Path, name: str, publish: bool = True) -> Path:
-    """Full-page screenshot into the test's tmp dir (and docs/screenshots when asked to update them)."""
+def shoot(page, tmp_path: Path, name: str) -> Path:
+    """Full-page screenshot into the test's tmp dir (for a failing run's post-mortem)."""
     path = tmp_path / f"{name}.png"
     page.wait_for_timeout(1500)  # let data grids and charts finish drawing
     page.screenshot(path=str(path), full_page=True)
-    if publish and os.environ.get("SOFTCAM_UPDATE_SCREENSHOTS") == "1":
-        target = ROOT / "docs" / "screenshots"
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, target / path.name)
     return path
 
 
@@ -205,7 +199,7 @@ def test_draw_a_box_save_reload_and_find_it(page, server, tmp_path):
     choose(page, "Image (", name)
     page.get_by_text("1 saved box(es)").wait_for()
     assert_no_exception(page)
-    shoot(page, tmp_path, "annotate_reloaded", publish=False)
+    shoot(page, tmp_path, "annotate_reloaded")
 
 
 def test_cohort_evaluation_runs_and_its_csv_downloads(page, server, tmp_path):

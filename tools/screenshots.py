@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("SOFTCAM_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
-VIEWPORT = {"width": 1440, "height": 1000}
+VIEWPORT = {"width": 1440, "height": 1800}  # tall: the app scrolls inside its own container, not the page
 
 
 def _free_port() -> int:
@@ -70,6 +70,7 @@ def _choose(page, label: str, option: str) -> None:
 
 def _shoot(page, out: Path, name: str) -> None:
     _idle(page)
+    page.evaluate("document.activeElement && document.activeElement.blur()")  # no focus ring in the picture
     page.wait_for_timeout(2000)  # charts and data grids finish drawing
     page.screenshot(path=str(out / f"{name}.png"), full_page=True)
     print(f"wrote {out / f'{name}.png'}")
