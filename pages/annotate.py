@@ -45,8 +45,8 @@ def draw_boxes() -> None:
         return
     image, record = picked
 
-    saved = common.saved_boxes(record)  # [(annotation, (x0, y0, x1, y1, label))]
-    saved_points = common.saved_points(record)  # [(annotation, (x, y, label))]
+    # [(annotation, (x0, y0, x1, y1, label))], [(annotation, (x, y, label))]: this annotator's own shapes
+    saved, saved_points, hidden = common.saved_shapes(record, editor=user)
     labels = lesion_labels(image.modality, [box[4] for _, box in saved] + [p[2] for _, p in saved_points])
     tools, board = st.columns([1, 3])
     with tools:
@@ -62,7 +62,9 @@ def draw_boxes() -> None:
                                  width="stretch")
         reload_clicked = st.button("Discard changes", icon=":material/undo:", key="annotate_reload",
                                    width="stretch")
-        st.caption(f"{len(saved)} saved box(es) · {len(saved_points)} saved point(s) · {image.width}×{image.height} px")
+        st.caption(f"{len(saved)} saved box(es) · {len(saved_points)} saved point(s) · {image.width}×{image.height} px"
+                   + (f" · {hidden} shape(s) by other annotators not shown: annotations stay independent; "
+                      "compare and merge them on Adjudicate" if hidden else ""))
         with st.popover("Keyboard shortcuts", icon=":material/keyboard:", width="stretch"):
             st.markdown("\n".join(f"- `{key}` {what}" for key, what in SHORTCUT_HELP))
     # the keys act like clicks on the buttons above (typing in a field is never taken for a shortcut)

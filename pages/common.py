@@ -587,36 +587,38 @@ def cohort_image_picker(page: str, queue_for: User | None = None):
 # --------------------------------------------------------------------------------------------------
 
 
-def saved_boxes(record) -> list[tuple[tuple[int, int], tuple]]:
-    """Live box annotations of an image: ``[((id, version), (x0, y0, x1, y1, label))]`` in image pixels."""
+def saved_shapes(record, editor: User | None = None) -> tuple[list, list, int]:
+    """Live boxes and points of an image, ``([((id, version), (x0, y0, x1, y1, label))], [((id,
+    version), (x, y, label))], hidden)`` in image pixels.
+
+    With ``editor``, only the shapes that user may edit on the canvas: their own and those without
+    an author (a cohort folder's, a system import's). Other annotators' shapes are left out and
+    counted in ``hidden``, so annotations stay independent (agreement means nothing otherwise) and
+    nobody edits another annotator's set; the Adjudicate tab compares and merges them.
+    """
     from db import repository
 
     if record is None:
-        return []
+        return [], [], 0
+    boxes, points, hidden = [], [], 0
     with read_session() as s:
-        rows = repository.list_annotations(s, record.id)
-        out = []
-        for row in rows:
-            if row.kind != "box":
-                continue
-            box = repository.annotation_geometry(row)
-            out.append(((row.id, row.version), (box.x0, box.y0, box.x1, box.y1, row.label or "")))
-    return out
-
-
-def saved_points(record) -> list[tuple[tuple[int, int], tuple]]:
-    """Live point annotations of an image: ``[((id, version), (x, y, label))]`` in image pixels."""
-    from db import repository
-
-    if record is None:
-        return []
-    with read_session() as s:
-        out = []
         for row in repository.list_annotations(s, record.id):
-            if row.kind == "point":
-                point = repository.annotation_geometry(row)
-                out.append(((row.id, row.version), (point.x, point.y, row.label or "")))
-    return out
+            if row.kind not in ("box", "point"):
+                continue
+            if editor is not None and row.author_id not in (None, editor.id):
+                hidden += 1
+                continue
+            shape = repository.annotation_geometry(row)
+            if row.kind == "box":
+                boxes.append(((row.id, row.version), (shape.x0, shape.y0, shape.x1, shape.y1, row.label or "")))
+            else:
+                points.append(((row.id, row.version), (shape.x, shape.y, row.label or "")))
+    return boxes, points, hidden
+
+
+def saved_boxes(record) -> list[tuple[tuple[int, int], tuple]]:
+    """Live box annotations of an image (every annotator's): ``[((id, version), (x0, y0, x1, y1, label))]``."""
+    return saved_shapes(record)[0]
 
 
 def image_boxes(record) -> list[tuple]:

@@ -196,6 +196,31 @@ def test_annotate_lists_saved_boxes_in_image_pixels(app_home):
     assert sorted(table["x0"].round(4)) == sorted(round(b[0], 4) for _, b in saved)
 
 
+def test_annotate_shows_each_annotator_only_their_own_and_unattributed_shapes(app_home):
+    from annotations.geometry import Box, Point
+    from db import repository
+    from db.session import session_scope
+
+    at = open_app("annotate")  # creates the admin (id 1) first
+    image_id, _ = annotated_image(app_home["cohort"])
+    with session_scope() as s:
+        unattributed = len([a for a in repository.list_annotations(s, image_id) if a.kind == "box"])
+        alice = repository.create_user(s, "alice", "annotator", password="alice-pw-123456").id
+        bob = repository.create_user(s, "bob", "annotator", password="bob-pw-1234567").id
+        repository.save_annotation(s, image_id, Box(1, 1, 9, 9), "haemorrhage", alice)
+        repository.save_annotation(s, image_id, Point(5, 5), "microaneurysm", alice)
+    for user, boxes, points, hidden in (({"id": alice, "name": "alice", "role": "annotator"}, unattributed + 1, 1, 0),
+                                        ({"id": bob, "name": "bob", "role": "annotator"}, unattributed, 0, 2)):
+        at = open_app("annotate", user=user)
+        at.selectbox(key="annotate_scope").set_value("all images").run()
+        at.session_state["annotate_image"] = image_id
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        caption = next(c for c in texts(at.caption) if "saved box(es)" in c)
+        assert caption.startswith(f"{boxes} saved box(es) · {points} saved point(s)"), caption
+        assert (f"{hidden} shape(s) by other annotators not shown" in caption) == bool(hidden), caption
+
+
 def test_cohort_metrics_run_as_a_background_job_with_results(app_home):
     at = open_app("cohort")
     assert at.title[0].value == "Cohort metrics"
