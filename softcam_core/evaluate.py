@@ -30,6 +30,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
@@ -518,8 +519,9 @@ def load_box_annotations(path: str | Path, items: Sequence[_Item]) -> dict[str, 
 # streaming output
 
 
-def _read_done(per_image: Path, header: list[str]) -> set[tuple[str, str]]:
-    """(image, method) pairs already in per_image.csv; drops a torn last line from a killed run."""
+def _read_done(per_image: Path, header: list[str], repair: bool = True) -> set[tuple[str, str]]:
+    """(image, method) pairs already in per_image.csv; drops a torn last line from a killed run
+    (rewriting the file without it when ``repair``: only the process that owns the file does)."""
     if not per_image.exists():
         return set()
     with per_image.open(newline="", encoding="utf-8") as handle:
@@ -532,7 +534,7 @@ def _read_done(per_image: Path, header: list[str]) -> set[tuple[str, str]]:
             "use another --out or run without --resume"
         )
     good = [r for r in rows[1:] if len(r) == len(header)]
-    if len(good) != len(rows) - 1:  # rewrite without the torn row
+    if repair and len(good) != len(rows) - 1:  # rewrite without the torn row
         with per_image.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(header)
@@ -687,7 +689,7 @@ def evaluate_cohort(
     """
     from tqdm.auto import tqdm
 
-    from softcam_core.device import default_device
+    from softcam_core.device import default_device, join_process_group
     from softcam_core.explain import explain
     from softcam_core.imaging import load_image, preprocess
 
@@ -718,7 +720,6 @@ def evaluate_cohort(
     point_radius = float(patch) / 2 if settings.point_radius is None else float(settings.point_radius)
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     per_image_path = out_dir / "per_image.csv"
     curves_path = out_dir / "deletion_curves.csv"
     config_path = out_dir / "config.json"
@@ -726,29 +727,46 @@ def evaluate_cohort(
     curve_header = ["image", "method"] + [f"s{s}" for s in range(settings.deletion_steps + 1)]
     fingerprint = _settings_fingerprint(meta, settings, patch, str(annotations) if annotations else None)
 
-    if resume and config_path.exists():
-        previous = json.loads(config_path.read_text())
-        changed = [k for k, v in fingerprint.items() if previous.get("fingerprint", {}).get(k) != v]
-        if changed:
-            raise ValueError(
-                f"{config_path}: earlier run used other settings ({', '.join(changed)}); "
-                "use another --out or run without --resume"
-            )
-    if not resume:
-        for stale in (per_image_path, curves_path):
-            stale.unlink(missing_ok=True)
-    done = _read_done(per_image_path, header) if resume else set()
-    config_path.write_text(json.dumps(
-        {"fingerprint": fingerprint, "methods": methods, "split": settings.split, "limit": settings.limit,
-         "resamples": settings.resamples, "seed": settings.seed, "classes": classes,
-         "arch": meta.get("arch"), "head": meta.get("head")}, indent=2, default=str))
-
+    # under torchrun every process takes every world-th image (of the split's stable order) and
+    # streams its rows to a shard file of its own; rank 0 merges them at the end (see _merge_shards)
     device = torch.device(device) if device is not None else default_device()
+    rank, world, device, started_group = join_process_group(device)
+    all_items = items
+    items = items[rank::world]
+    if world > 1:
+        per_image_path = out_dir / SHARD_FOLDER / f"rank{rank}-of-{world}.per_image.csv"
+        curves_path = out_dir / SHARD_FOLDER / f"rank{rank}-of-{world}.deletion_curves.csv"
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume and config_path.exists():
+            previous = json.loads(config_path.read_text())
+            changed = [k for k, v in fingerprint.items() if previous.get("fingerprint", {}).get(k) != v]
+            if changed:
+                raise ValueError(
+                    f"{config_path}: earlier run used other settings ({', '.join(changed)}); "
+                    "use another --out or run without --resume"
+                )
+        if not resume:
+            for stale in (out_dir / "per_image.csv", out_dir / "deletion_curves.csv"):
+                stale.unlink(missing_ok=True)
+            shutil.rmtree(out_dir / SHARD_FOLDER, ignore_errors=True)
+        config_path.write_text(json.dumps(
+            {"fingerprint": fingerprint, "methods": methods, "split": settings.split, "limit": settings.limit,
+             "resamples": settings.resamples, "seed": settings.seed, "classes": classes,
+             "arch": meta.get("arch"), "head": meta.get("head")}, indent=2, default=str))
+    if world > 1:
+        _barrier()  # rank 0 has checked the settings and cleared a fresh run's old rows
+        per_image_path.parent.mkdir(parents=True, exist_ok=True)
+    # rows of an earlier run count wherever they are: the merged table and every shard, whatever the
+    # number of processes then (a run cut off under torchrun resumes in one process and vice versa)
+    done = set().union(*(_read_done(path, header, repair=path == per_image_path)
+                         for path in _row_files(out_dir, "per_image"))) if resume else set()
     model = model.to(device).eval()
     mean, std = meta["mean"], meta["std"]
     total = len(items) * len(methods)
     finished = sum(1 for it in items for m in methods if (it.stem, m) in done)
-    bar = tqdm(total=total, initial=finished, desc="evaluate", unit="map", disable=progress is not None)
+    bar = tqdm(total=total, initial=finished, desc="evaluate" if world == 1 else f"evaluate [rank {rank}/{world}]",
+               unit="map", disable=progress is not None, position=rank)
     if progress:
         progress(finished, total, "resuming" if finished else "starting")
 
@@ -907,7 +925,75 @@ def evaluate_cohort(
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
-    return finalise(out_dir, settings, methods=methods, items={it.stem for it in items})
+    if world == 1:
+        return finalise(out_dir, settings, methods=methods, items={it.stem for it in items})
+    try:
+        _barrier()  # every shard is complete (a process that died has made torchrun stop the others)
+        if rank == 0:
+            _merge_shards(out_dir, header, curve_header, [it.stem for it in all_items], methods)
+            result = finalise(out_dir, settings, methods=methods, items={it.stem for it in all_items})
+        _barrier()  # the merged tables are written
+        return result if rank == 0 else read_result(out_dir)
+    finally:
+        if started_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+SHARD_FOLDER = "shards"
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def _row_files(out_dir: Path, kind: str) -> list[Path]:
+    """The merged ``<kind>.csv`` and every shard's, those that exist (kind: per_image, deletion_curves)."""
+    files = [out_dir / f"{kind}.csv"] + sorted((out_dir / SHARD_FOLDER).glob(f"rank*-of-*.{kind}.csv"))
+    return [path for path in files if path.is_file()]
+
+
+def _merge_shards(out_dir: Path, header: list[str], curve_header: list[str], stems: list[str],
+                  methods: list[str]) -> None:
+    """Rank 0, once every process is done: the merged ``per_image.csv`` and ``deletion_curves.csv``
+    hold each image x method once (the last row written wins, as for a resumed run), in the order
+    a one-process run writes them (images in split order, then methods); the shard files go."""
+    image_order = {stem: k for k, stem in enumerate(stems)}
+    method_order = {method: k for k, method in enumerate(methods)}
+    for kind, columns in (("per_image", header), ("deletion_curves", curve_header)):
+        files = _row_files(out_dir, kind)
+        rows: dict[tuple[str, str], dict[str, str]] = {}
+        for path in files:
+            with open(path, newline="") as handle:
+                for row in csv.DictReader(handle):
+                    if None in row or None in row.values():
+                        continue  # a torn last line of a process that was killed while writing
+                    rows[(row["image"], row["method"])] = row
+        if not files:
+            continue
+        ordered = sorted(rows.values(), key=lambda r: (image_order.get(r["image"], len(image_order)), r["image"],
+                                                       method_order.get(r["method"], len(method_order)), r["method"]))
+        target = out_dir / f"{kind}.csv"
+        partial = target.with_suffix(".csv.partial")
+        with open(partial, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(ordered)
+        partial.replace(target)  # atomic: a reader never sees half a table
+    shutil.rmtree(out_dir / SHARD_FOLDER, ignore_errors=True)
+
+
+def read_result(out_dir: str | Path) -> EvaluationResult:
+    """The :class:`EvaluationResult` an evaluation wrote to ``out_dir`` (its Parquet tables)."""
+    out_dir = Path(out_dir)
+    tables = {name: pd.read_parquet(out_dir / f"{name}.parquet") for name in ("per_image", "cohort", "paired")}
+    curves_path = out_dir / "deletion_curves.csv"
+    curves = restore_frame(pd.read_csv(curves_path, dtype={"image": str})) if curves_path.exists() else pd.DataFrame()
+    files = {name: out_dir / f"{name}.csv" for name in ("per_image", "cohort", "paired")}
+    return EvaluationResult(out_dir, tables["per_image"], tables["cohort"], tables["paired"], curves, files)
 
 
 def finalise(
@@ -1100,9 +1186,10 @@ def _run_cli_evaluation(args: argparse.Namespace, model, meta: dict, settings: "
         if opener is None:
             raise ValueError("--cohort needs the database package (db)")
         data, summary = opener(args.cohort, meta, settings, box_label=args.box_label, annotator=annotator)
-        print(f"cohort {args.cohort}: {summary['images']} images, {summary['with_boxes']} with boxes, "
-              f"{summary.get('with_points', 0)} with points, {summary.get('with_regions', 0)} with polygons or masks, "
-              f"{summary['unlabeled_left_out']} unlabeled left out")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"cohort {args.cohort}: {summary['images']} images, {summary['with_boxes']} with boxes, "
+                  f"{summary.get('with_points', 0)} with points, {summary.get('with_regions', 0)} with polygons or "
+                  f"masks, {summary['unlabeled_left_out']} unlabeled left out")
     elif args.labels:
         from softcam_core.data import CohortFolder
 
@@ -1113,6 +1200,8 @@ def _run_cli_evaluation(args: argparse.Namespace, model, meta: dict, settings: "
         model, meta, data, args.methods.split(","), None, out, resume=args.resume,
         annotations=args.annotations, settings=settings,
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return result  # under torchrun rank 0 reports the merged run
     columns = [c for c in ("activation_precision_mean", "topk_precision_k5_mean", "audc_mean", "audc_correct_mean")
                if c in result.cohort]
     print(result.cohort[["method", "images", *columns]].to_string(index=False))

@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import math
-import os
 import platform
 import random
 import sys
@@ -38,6 +37,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
+
+from softcam_core.device import join_process_group
 import torch.nn.functional as F
 from torch import nn
 
@@ -357,23 +358,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _distributed_setup(device: torch.device) -> tuple[int, int, torch.device, bool]:
-    """(rank, world_size, device, started_here): join the process group torchrun describes."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, device, False
-    started = False
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        started = True
-    return dist.get_rank(), dist.get_world_size(), device, started
-
-
 # keys that must agree between a saved state and the run resuming from it
 _RESUME_KEYS = ("arch", "head", "classes", "img_size", "l1", "l2", "data_hash", "seed", "batch_size", "balanced",
                 "lr", "min_lr", "momentum", "weight_decay", "world_size", "modality")
@@ -467,7 +451,7 @@ def train(
         raise TrainingError(f"penalties and learning rates must be non-negative (l1={l1}, l2={l2}, lr={lr}, min_lr={min_lr})")
     out = Path(out)
     device = torch.device(device) if device is not None else default_device()
-    rank, world, device, started_group = _distributed_setup(device)
+    rank, world, device, started_group = join_process_group(device)
     is_main = rank == 0
     use_amp = bool(amp) and device.type == "cuda"
 
