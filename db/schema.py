@@ -315,6 +315,31 @@ class Job(Base):
     worker: Mapped[str | None] = mapped_column(String(200))
 
 
+CHUNK_STATUSES = ("queued", "running", "done")
+
+
+class JobChunk(Base):
+    """A part of a job that one ``softcam worker`` claims and runs (an evaluation's slice of images;
+    a training job is one chunk). A claim is a lease: the worker renews ``lease_expires_at`` by
+    heartbeats; a lease that runs out (a killed worker) puts the chunk back in the queue, with
+    ``attempt`` one higher, and only the holder of the current attempt can complete it."""
+
+    __tablename__ = "job_chunks"
+    __table_args__ = (UniqueConstraint("job_id", "index"), Index("ix_job_chunks_status", "status", "job_id"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    units: Mapped[int] = mapped_column(Integer, default=1)  # progress units (image x method pairs)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
+    result_path: Mapped[str | None] = mapped_column(String(1000))
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
 class ReaderStudy(Base):
     """A blinded reader study: a clinician rates each map of each image of ``image_ids`` for
     ``methods`` (made by the model at ``model_path``), in an order seeded by ``seed`` and the reader."""

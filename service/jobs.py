@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +140,7 @@ def start_evaluation_job(engine, params: dict | None, user_id: int | None, *, re
     from db import repository
     from db.evaluation import DatabaseCohort, evaluation_source
     from db.session import session_scope
-    from service.catalogue import checkpoint_info, load_model
-    from softcam_core.evaluate import EvalSettings, evaluate_cohort
+    from service.catalogue import checkpoint_info
 
     from service.access import require
 
@@ -172,6 +171,23 @@ def start_evaluation_job(engine, params: dict | None, user_id: int | None, *, re
                              f"#{resume} started; start a new evaluation")
     params = dict(params, ground_truth=params.get("ground_truth") or "folder", ground_truth_summary=summary,
                   ground_truth_digest=digest)
+    if job_runner() == "worker":
+        from db.queue import enqueue
+
+        # workers run it: the job row and its chunks (slices of the split's images) are all the app writes
+        from softcam_core.evaluate import image_stems
+
+        stems = image_stems(source, params.get("split", "test"), params.get("limit"))
+        parts = [({"images": stems[k:k + WORKER_CHUNK_IMAGES]},
+                  len(stems[k:k + WORKER_CHUNK_IMAGES]) * len(params["methods"]))
+                 for k in range(0, len(stems), WORKER_CHUNK_IMAGES)]
+        if not parts:
+            raise ValueError(f"cohort {params.get('cohort')!r}: no image in split {params.get('split')!r}")
+        with session_scope(engine) as s:
+            job = repository.create_job(s, "evaluate", params=dict(params, images=stems), user=user_id,
+                                        message=f"queued for workers ({len(parts)} chunk(s))")
+            enqueue(s, job, parts)
+            return job.id
     with session_scope(engine) as s:
         job = repository.create_job(s, "evaluate", params=params, user=user_id,
                                     message="queued", worker=repository.this_worker())
@@ -180,16 +196,42 @@ def start_evaluation_job(engine, params: dict | None, user_id: int | None, *, re
     report, finish_with, fail = job_callbacks(engine, job_id)
 
     def work(progress):
-        model, meta = load_model(params["model"])
-        settings = EvalSettings(split=params["split"], limit=params.get("limit"), target=params["target"],
-                                png=False)
-        return evaluate_cohort(model, meta, source, params["methods"], params["metrics"], out_dir,
-                               progress=progress, resume=previous is not None, settings=settings)
+        return run_evaluation(params, source, out_dir, progress, resume=previous is not None)
 
     finish = finish_with(lambda result: {"result_path": str(out_dir),
                                          "message": f"{len(result.per_image)} image × method rows"})
     run_in_background(work, report=report, finish=finish, fail=fail, name=f"evaluate-{job_id}")
     return job_id
+
+
+# Jobs run in a thread of the app process (the embedded default), or by `softcam worker` processes
+# that claim them from the database (SOFTCAM_JOB_RUNNER=worker: the app then only enqueues)
+JOB_RUNNERS = ("thread", "worker")
+WORKER_CHUNK_IMAGES = 8  # images per chunk of an evaluation run by workers
+
+
+def job_runner() -> str:
+    """``"thread"`` (default) or ``"worker"``, from ``SOFTCAM_JOB_RUNNER``."""
+    import os
+
+    runner = os.environ.get("SOFTCAM_JOB_RUNNER", "thread").strip().lower() or "thread"
+    if runner not in JOB_RUNNERS:
+        raise ValueError(f"SOFTCAM_JOB_RUNNER={runner!r}: choose one of {', '.join(JOB_RUNNERS)}")
+    return runner
+
+
+def run_evaluation(params: dict, source, out_dir: Path, progress, *, resume: bool = False,
+                   images: Sequence[str] | None = None, figures: bool = True):
+    """``evaluate_cohort`` of an ``evaluate`` job's ``params`` on ``source`` into ``out_dir``
+    (``images``: only those stems, one worker chunk)."""
+    from service.catalogue import load_model
+    from softcam_core.evaluate import EvalSettings, evaluate_cohort
+
+    model, meta = load_model(params["model"])
+    settings = EvalSettings(split=params["split"], limit=params.get("limit"), target=params["target"], png=False,
+                            figures=figures, images=tuple(images) if images is not None else None)
+    return evaluate_cohort(model, meta, source, params["methods"], params["metrics"], out_dir,
+                           progress=progress, resume=resume, settings=settings)
 
 
 def load_evaluation(result_path: str | Path):
@@ -223,7 +265,6 @@ def start_training_job(engine, params: dict, user_id: int | None) -> int:
     from db import repository
     from db.session import session_scope
     from softcam_core.paths import models_dir
-    from softcam_core.training import train
 
     from service.access import require
 
@@ -233,6 +274,14 @@ def start_training_job(engine, params: dict, user_id: int | None) -> int:
     out = models_dir() / f"{name}.pt"
     if out.exists():
         raise ValueError(f"{out.name}: a checkpoint with this name exists; choose another name")
+    if job_runner() == "worker":
+        from db.queue import enqueue
+
+        with session_scope(engine) as s:
+            job = repository.create_job(s, "train", params=dict(params, out=str(out)), user=user_id,
+                                        message="queued for a worker")
+            enqueue(s, job, [({}, 1)])
+            return job.id
     with session_scope(engine) as s:
         job = repository.create_job(s, "train", params=dict(params, out=str(out)), user=user_id,
                                     total=params["epochs"], message="starting", worker=repository.this_worker())
@@ -240,24 +289,34 @@ def start_training_job(engine, params: dict, user_id: int | None) -> int:
     report, finish_with, fail = job_callbacks(engine, job_id)
 
     def work(progress):
-        def on_step(epoch: int, step: int, metrics: dict) -> None:
-            steps = int(metrics.get("steps") or 1)
-            epochs = int(metrics.get("epochs") or params["epochs"])
-            # epoch and step count from 0; an epoch row arrives after the epoch's last step
-            done = epoch * steps + step + 1 if metrics.get("phase") == "train" else (epoch + 1) * steps
-            summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
-                                if isinstance(v, float) and k not in ("lr", "epoch"))
-            progress(min(done, epochs * steps), epochs * steps, f"epoch {epoch + 1}/{epochs} · {summary}")
-
-        data = params.get("data")
-        if params.get("cohort"):  # a labelled database cohort: its saved split (assigned and saved when it has none)
-            from db.evaluation import open_training_cohort
-
-            data = open_training_cohort(params["cohort"], engine=engine, user=user_id)
-        return train(data, out, arch=params["arch"], head=params["head"], l1=params["l1"],
-                     l2=params["l2"], epochs=params["epochs"], img_size=params["img_size"], progress=on_step,
-                     show_progress=False)
+        return run_training(engine, dict(params, out=str(out)), user_id, progress)
 
     finish = finish_with(lambda result: {"result_path": str(out), "message": f"saved {out.name}"})
     run_in_background(work, report=report, finish=finish, fail=fail, name=f"train-{job_id}")
     return job_id
+
+
+def run_training(engine, params: dict, user_id: int | None, progress):
+    """``softcam_core.training.train`` of a ``train`` job's ``params`` (``out``: the checkpoint),
+    reporting ``progress(done, total, message)`` in steps."""
+    from softcam_core.training import train
+
+    out = Path(params["out"])
+
+    def on_step(epoch: int, step: int, metrics: dict) -> None:
+        steps = int(metrics.get("steps") or 1)
+        epochs = int(metrics.get("epochs") or params["epochs"])
+        # epoch and step count from 0; an epoch row arrives after the epoch's last step
+        done = epoch * steps + step + 1 if metrics.get("phase") == "train" else (epoch + 1) * steps
+        summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+                            if isinstance(v, float) and k not in ("lr", "epoch"))
+        progress(min(done, epochs * steps), epochs * steps, f"epoch {epoch + 1}/{epochs} · {summary}")
+
+    data = params.get("data")
+    if params.get("cohort"):  # a labelled database cohort: its saved split (assigned and saved when it has none)
+        from db.evaluation import open_training_cohort
+
+        data = open_training_cohort(params["cohort"], engine=engine, user=user_id)
+    return train(data, out, arch=params["arch"], head=params["head"], l1=params["l1"],
+                 l2=params["l2"], epochs=params["epochs"], img_size=params["img_size"], progress=on_step,
+                 show_progress=False)

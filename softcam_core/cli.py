@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "softcam_core.report",
     "softcam_core.demo",
     "db.cli",
+    "service.worker",
 )
 
 

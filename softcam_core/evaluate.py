@@ -258,6 +258,8 @@ class EvalSettings:
     binary model; for more classes the true class if diseased, else the most probable disease
     class), ``"label"`` or ``"pred"``.
     pointing_tolerance: pixels. split: cohort split (``"all"`` for every image). limit: first N images.
+    images: only these image stems of the split (after ``limit``), in the split's order: one
+    worker's chunk of a job (:mod:`service.worker`); None: all of them.
     point_radius: tolerance radius (model-input pixels) of point annotations: a point stands for the
     pixels within it (:func:`softcam_core.metrics.point_region`); None: half a grid cell (``patch / 2``).
     batch_size: images per batch (one forward, one ``explain`` call per method, one deletion call);
@@ -290,6 +292,7 @@ class EvalSettings:
     png: bool = True
     batch_size: int | None = None
     batch_explain: bool | None = None
+    images: tuple[str, ...] | None = None
 
     def validate(self, n_cells: int | None = None) -> None:
         """Raise ValueError for a bad setting; with ``n_cells`` (grid cells of the model input) also
@@ -467,6 +470,12 @@ def _record_item(record: Any) -> _Item:
     stem = getattr(record, "stem", None) or path.stem
     return _Item(path=path, stem=str(stem), label_index=int(label), split=str(split),
                  unlabeled=bool(getattr(record, "unlabeled", False)))
+
+
+def image_stems(folder: Any, split: str, limit: int | None = None) -> list[str]:
+    """The image keys (the ``image`` column) an evaluation of ``split`` scores, in its order."""
+    stems = [_record_item(r).stem for r in _open_folder(folder).split(split)]
+    return stems[:limit] if limit else stems
 
 
 def _open_folder(folder: Any):
@@ -713,6 +722,9 @@ def evaluate_cohort(
         raise ValueError(f"{getattr(folder, 'root', folder)}: no image in split {settings.split!r}")
     if settings.limit:
         items = items[: settings.limit]
+    if settings.images is not None:
+        wanted = set(settings.images)
+        items = [item for item in items if item.stem in wanted]
     boxes = load_box_annotations(annotations, items) if annotations else None
     folder_classes = list(getattr(folder, "classes", classes))
     # point annotations ((x, y) in original pixels per image), where the cohort source has them
@@ -961,10 +973,27 @@ def _merge_shards(out_dir: Path, header: list[str], curve_header: list[str], ste
     """Rank 0, once every process is done: the merged ``per_image.csv`` and ``deletion_curves.csv``
     hold each image x method once (the last row written wins, as for a resumed run), in the order
     a one-process run writes them (images in split order, then methods); the shard files go."""
+    merge_rows(out_dir, {kind: _row_files(out_dir, kind) for kind in ("per_image", "deletion_curves")},
+               {"per_image": header, "deletion_curves": curve_header}, stems, methods)
+    shutil.rmtree(out_dir / SHARD_FOLDER, ignore_errors=True)
+
+
+def merge_rows(out_dir: Path, files_by_kind: dict[str, list[Path]], columns_by_kind: dict[str, list[str]] | None,
+               stems: list[str], methods: list[str]) -> None:
+    """Write ``out_dir/<kind>.csv`` (kind: per_image, deletion_curves) from the rows of ``files``:
+    each image x method once (a later file's row wins), images in ``stems`` order, then methods in
+    ``methods`` order, as one process writes them. ``columns_by_kind`` None: the first file's header."""
     image_order = {stem: k for k, stem in enumerate(stems)}
     method_order = {method: k for k, method in enumerate(methods)}
-    for kind, columns in (("per_image", header), ("deletion_curves", curve_header)):
-        files = _row_files(out_dir, kind)
+    for kind, files in files_by_kind.items():
+        files = [path for path in files if path.is_file()]
+        if not files:
+            continue
+        if columns_by_kind is None or kind not in columns_by_kind:
+            with open(files[0], newline="") as handle:
+                columns = next(csv.reader(handle))
+        else:
+            columns = columns_by_kind[kind]
         rows: dict[tuple[str, str], dict[str, str]] = {}
         for path in files:
             with open(path, newline="") as handle:
@@ -972,8 +1001,6 @@ def _merge_shards(out_dir: Path, header: list[str], curve_header: list[str], ste
                     if None in row or None in row.values():
                         continue  # a torn last line of a process that was killed while writing
                     rows[(row["image"], row["method"])] = row
-        if not files:
-            continue
         ordered = sorted(rows.values(), key=lambda r: (image_order.get(r["image"], len(image_order)), r["image"],
                                                        method_order.get(r["method"], len(method_order)), r["method"]))
         target = out_dir / f"{kind}.csv"
@@ -983,7 +1010,6 @@ def _merge_shards(out_dir: Path, header: list[str], curve_header: list[str], ste
             writer.writeheader()
             writer.writerows(ordered)
         partial.replace(target)  # atomic: a reader never sees half a table
-    shutil.rmtree(out_dir / SHARD_FOLDER, ignore_errors=True)
 
 
 def read_result(out_dir: str | Path) -> EvaluationResult:

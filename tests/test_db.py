@@ -35,7 +35,7 @@ def test_migrated_database_matches_the_models(engine):
 
     from db.schema import Base
 
-    assert current_revision(engine) == head_revision() == "0007_reader_studies"
+    assert current_revision(engine) == head_revision() == "0008_job_chunks"
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     assert upgrade(engine) == head_revision()  # idempotent: the app calls it on every start
@@ -461,7 +461,7 @@ def test_cli_commands(db_env, real_data, tmp_path, capsys):
 
     folder = real_data / "cxr_rsna_png"
     assert main(["db", "upgrade"]) == 0
-    assert "0007_reader_studies" in capsys.readouterr().out
+    assert "0008_job_chunks" in capsys.readouterr().out
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"")
     assert main(["images", "import", str(folder / "images"), str(junk), "--cohort", "rsna", "--modality", "cxr"]) == 1
