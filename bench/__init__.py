@@ -4,4 +4,5 @@ Each module ``bench.<name>`` defines ``NAME`` and ``run(config) -> list[Result]`
 ``docs/performance.md`` for what each one measures and the figures.
 """
 
-BENCHMARKS = ("forward", "explain_overhead", "fast_methods", "deletion", "evaluate_memory", "review_latency", "report_cost")
+BENCHMARKS = ("forward", "explain_overhead", "fast_methods", "deletion", "evaluate_memory", "review_latency", "report_cost",
+              "evaluate_scaling")

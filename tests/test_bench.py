@@ -121,6 +121,15 @@ def test_evaluate_memory_tiny(tmp_path, capsys):
     assert LINE.search(out), out
 
 
+@pytest.mark.slow
+def test_evaluate_scaling_tiny_times_one_and_two_processes(tmp_path, capsys):
+    out, payload = run_bench("evaluate_scaling", tmp_path, capsys)
+    (result,) = payload["results"]
+    assert result["unit"] == "img/s" and result["ours"] > 0 and result["reference"] > 0
+    assert "2 processes vs 1" in result["name"] and result["verdict"] == "INFO"  # speed-up reported, no target
+    assert re.search(r"2 processes [\d.]+ img/s, 1 process [\d.]+ img/s, ratio [\d.]+ \(no target\) INFO", out), out
+
+
 def test_report_cost_tiny_predicts_against_the_budget(tmp_path, capsys):
     _, payload = run_bench("report_cost", tmp_path, capsys)
     lines = [r for r in payload["results"] if r["name"].startswith("report")]
