@@ -13,18 +13,22 @@ from service.boxes import (
     ZOOM_LEVELS,
     canvas_boxes_to_image,
     canvas_points_to_image,
+    canvas_polygons_to_image,
     diff_boxes,
     diff_points,
+    diff_polygons,
     image_boxes_to_canvas,
     image_points_to_canvas,
+    image_polygons_to_canvas,
     lesion_labels,
     merge_edits,
+    polygon_bounds,
     zoomed_viewport,
 )
 from softcam_core.render import annotators_figure, display_pixels
 
 CANVAS_MAX_WIDTH, CANVAS_MAX_HEIGHT = 760, 620
-SHORTCUT_HELP = (("1 … 9", "choose the label for new shapes"), ("b / o", "draw boxes / place points"),
+SHORTCUT_HELP = (("1 … 9", "choose the label for new shapes"), ("b / o / g", "draw boxes / points / polygons"),
                  ("s", "save"), ("z", "discard unsaved changes (undo)"), ("n or →", "next image"),
                  ("p or ←", "previous image"), ("Delete", "delete the selected shape (canvas edit mode)"))
 
@@ -46,23 +50,27 @@ def draw_boxes() -> None:
     image, record = picked
 
     # [(annotation, (x0, y0, x1, y1, label))], [(annotation, (x, y, label))]: this annotator's own shapes
-    saved, saved_points, hidden = common.saved_shapes(record, editor=user)
-    labels = lesion_labels(image.modality, [box[4] for _, box in saved] + [p[2] for _, p in saved_points])
+    saved, saved_points, saved_polygons, hidden = common.saved_shapes(record, editor=user)
+    labels = lesion_labels(image.modality, [box[4] for _, box in saved] + [p[2] for _, p in saved_points]
+                           + [p[1] for _, p in saved_polygons])
     tools, board = st.columns([1, 3])
     with tools:
-        shape = st.radio("Shape", ["Box", "Point"], horizontal=True, key="annotate_shape",
+        shape = st.radio("Shape", ["Box", "Point", "Polygon"], horizontal=True, key="annotate_shape",
                          help="Boxes for lesions with an extent; points for lesions marked by a click "
-                              "(microaneurysms, the clinician study's layout).")
+                              "(microaneurysms, the clinician study's layout); polygons for outlines (click the "
+                              "vertices, then the first one again to close).")
         label = st.radio("Label for new shapes", labels, key="annotate_label",
                          format_func=lambda name: f"{labels.index(name) + 1} · {name}" if labels.index(name) < 9 else name)
-        st.caption("Drag to draw a box, or click to place a point. Turn on the canvas's edit toggle to move, "
+        st.caption("Drag to draw a box, click to place a point, or click a polygon's vertices and then its first "
+                   "vertex to close it. Turn on the canvas's edit toggle to move, "
                    "resize, relabel (click a selected box) or delete (Delete key) a shape. Nothing is stored until "
                    "you save.")
         save_clicked = st.button("Save", type="primary", icon=":material/save:", key="annotate_save",
                                  width="stretch")
         reload_clicked = st.button("Discard changes", icon=":material/undo:", key="annotate_reload",
                                    width="stretch")
-        st.caption(f"{len(saved)} saved box(es) · {len(saved_points)} saved point(s) · {image.width}×{image.height} px"
+        st.caption(f"{len(saved)} saved box(es) · {len(saved_points)} saved point(s) · "
+                   f"{len(saved_polygons)} saved polygon(s) · {image.width}×{image.height} px"
                    + (f" · {hidden} shape(s) by other annotators not shown: annotations stay independent; "
                       "compare and merge them on Adjudicate" if hidden else ""))
         with st.popover("Keyboard shortcuts", icon=":material/keyboard:", width="stretch"):
@@ -72,6 +80,7 @@ def draw_boxes() -> None:
         "s": ".st-key-annotate_save button", "z": ".st-key-annotate_reload button",
         "b": ".st-key-annotate_shape [role=radiogroup] > div:nth-child(1) input",
         "o": ".st-key-annotate_shape [role=radiogroup] > div:nth-child(2) input",
+        "g": ".st-key-annotate_shape [role=radiogroup] > div:nth-child(3) input",
         "n": ".st-key-annotate_next button", "arrowright": ".st-key-annotate_next button",
         "p": ".st-key-annotate_prev button", "arrowleft": ".st-key-annotate_prev button",
         **{str(k): f".st-key-annotate_label [role=radiogroup] > div:nth-child({k}) input" for k in range(1, min(len(labels), 9) + 1)},
@@ -95,18 +104,22 @@ def draw_boxes() -> None:
     offset = (view.left, view.top)
     originals = [box for _, box in saved]
     original_points = [point for _, point in saved_points]
+    original_polygons = [polygon for _, polygon in saved_polygons]
     # a new key whenever the stored shapes change (save, discard, other user's edit) resets the canvas
     generation = st.session_state.setdefault("annotate_generation", 0)
-    shapes_key = f"{record.id}_{common.boxes_signature(saved + saved_points)}_{generation}"
+    shapes_key = f"{record.id}_{common.boxes_signature(saved + saved_points + saved_polygons)}_{generation}"
     # the shapes as edited so far, in image pixels: panning or zooming draws a new canvas from them, so
     # unsaved work outside the new view is kept, not reset to the stored shapes
-    working_key, working_boxes, working_points = st.session_state.get("annotate_working", (None, None, None))
+    working_key, working_boxes, working_points, working_polygons = st.session_state.get(
+        "annotate_working", (None, None, None, None))
     if working_key != shapes_key:
-        working_boxes, working_points = list(originals), list(original_points)
+        working_boxes, working_points, working_polygons = list(originals), list(original_points), list(original_polygons)
     in_view = [box for box in working_boxes if view.shows(box)]
     points_in_view = [p for p in working_points if view.contains(p)]
     out_of_view = [box for box in working_boxes if box not in in_view]
     points_out_of_view = [p for p in working_points if p not in points_in_view]
+    polygons_in_view = [p for p in working_polygons if view.shows(polygon_bounds(p))]
+    polygons_out_of_view = [p for p in working_polygons if p not in polygons_in_view]
     pixels = display_pixels(image)[view.top:view.top + view.height, view.left:view.left + view.width]
     # native pixels enlarged stay square (a microaneurysm is a few pixels wide); a fitted view is smoothed
     resample = Image.Resampling.NEAREST if view.scale >= 1 else Image.Resampling.BILINEAR
@@ -114,26 +127,35 @@ def draw_boxes() -> None:
     drawing = boxes_to_drawing(image_boxes_to_canvas(in_view, scale_x, scale_y, offset), stroke_color="#00e5ff",
                                stroke_width=2, fill_color="rgba(0, 229, 255, 0.08)")
     drawing["objects"] += image_points_to_canvas(points_in_view, scale_x, scale_y, offset)
+    drawing["objects"] += image_polygons_to_canvas(polygons_in_view, scale_x, scale_y, offset)
+    mode = {"Box": "labeled_rect", "Point": "point", "Polygon": "polygon"}[shape]
+    colour = {"Box": ("#00e5ff", "rgba(0, 229, 255, 0.08)"), "Point": ("#ffea00", "rgba(255, 234, 0, 0.6)"),
+              "Polygon": ("#76ff03", "rgba(118, 255, 3, 0.15)")}[shape]
     with board:
         result = st_canvas(
-            fill_color="rgba(0, 229, 255, 0.08)" if shape == "Box" else "rgba(255, 234, 0, 0.6)",
-            stroke_width=2, stroke_color="#00e5ff" if shape == "Box" else "#ffea00",
+            fill_color=colour[1], stroke_width=2, stroke_color=colour[0],
             background_image=background, background_image_fit="stretch", update_streamlit=True,
-            width=width, height=height, drawing_mode="labeled_rect" if shape == "Box" else "point",
+            width=width, height=height, drawing_mode=mode,
             label=label if shape == "Box" else "", font_size=14, point_display_radius=int(POINT_RADIUS),
             initial_drawing=drawing, key=f"canvas_{shapes_key}_{view.box}_{view.scale}_{shape}",
         )
         if view.scale >= 1:
             st.caption(f"Showing image pixels x {view.left}–{view.left + view.width}, y {view.top}–"
                        f"{view.top + view.height} of {image.width}×{image.height} at {zoom_name}; "
-                       f"{len(out_of_view) + len(points_out_of_view)} shape(s) outside the view.")
+                       f"{len(out_of_view) + len(points_out_of_view) + len(polygons_out_of_view)} shape(s) "
+                       "outside the view.")
     edited = out_of_view + canvas_boxes_to_image(result.boxes, scale_x, scale_y, image.width, image.height,
                                                  originals=in_view, offset=offset)
     edited_points = points_out_of_view + canvas_points_to_image(
         (result.json_data or {}).get("objects", []), scale_x, scale_y, image.width, image.height, label=label,
         originals=points_in_view, offset=offset)
-    st.session_state["annotate_working"] = (shapes_key, edited, edited_points)
-    edits = merge_edits(diff_boxes(saved, edited), diff_points(saved_points, edited_points, max_distance=40 / view.scale))  # a drag of 40 view px
+    edited_polygons = polygons_out_of_view + canvas_polygons_to_image(
+        (result.json_data or {}).get("objects", []), scale_x, scale_y, image.width, image.height, label=label,
+        originals=polygons_in_view, offset=offset)
+    st.session_state["annotate_working"] = (shapes_key, edited, edited_points, edited_polygons)
+    edits = merge_edits(diff_boxes(saved, edited),
+                        diff_points(saved_points, edited_points, max_distance=40 / view.scale),  # a 40 view px drag
+                        diff_polygons(saved_polygons, edited_polygons))
 
     with tools:
         if not edits.empty:
@@ -157,10 +179,13 @@ def draw_boxes() -> None:
                 st.session_state["annotate_saved_message"] = (generation + 1,
                                                               f"Saved {edits.summary()} on {image.name}.")
                 st.rerun()
-    if edited or edited_points:
+    if edited or edited_points or edited_polygons:
         st.dataframe([{"shape": "box", "label": b[4], "x0": b[0], "y0": b[1], "x1": b[2], "y1": b[3]} for b in edited]
                      + [{"shape": "point", "label": p[2], "x0": p[0], "y0": p[1], "x1": None, "y1": None}
-                        for p in edited_points], hide_index=True, width="stretch")
+                        for p in edited_points]
+                     + [dict(zip(("x0", "y0", "x1", "y1"), polygon_bounds(p)), shape=f"polygon ({len(p[0])} vertices)",
+                             label=p[1]) for p in edited_polygons], hide_index=True, width="stretch",
+                     column_order=("shape", "label", "x0", "y0", "x1", "y1"))
 
 
 with draw_tab:

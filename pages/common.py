@@ -587,9 +587,10 @@ def cohort_image_picker(page: str, queue_for: User | None = None):
 # --------------------------------------------------------------------------------------------------
 
 
-def saved_shapes(record, editor: User | None = None) -> tuple[list, list, int]:
-    """Live boxes and points of an image, ``([((id, version), (x0, y0, x1, y1, label))], [((id,
-    version), (x, y, label))], hidden)`` in image pixels.
+def saved_shapes(record, editor: User | None = None) -> tuple[list, list, list, int]:
+    """Live boxes, points and polygons of an image, ``([((id, version), (x0, y0, x1, y1, label))],
+    [((id, version), (x, y, label))], [((id, version), (((x, y), ...), label))], hidden)`` in image
+    pixels.
 
     With ``editor``, only the shapes that user may edit on the canvas: their own and those without
     an author (a cohort folder's, a system import's). Other annotators' shapes are left out and
@@ -599,11 +600,11 @@ def saved_shapes(record, editor: User | None = None) -> tuple[list, list, int]:
     from db import repository
 
     if record is None:
-        return [], [], 0
-    boxes, points, hidden = [], [], 0
+        return [], [], [], 0
+    boxes, points, polygons, hidden = [], [], [], 0
     with read_session() as s:
         for row in repository.list_annotations(s, record.id):
-            if row.kind not in ("box", "point"):
+            if row.kind not in ("box", "point", "polygon"):
                 continue
             if editor is not None and row.author_id not in (None, editor.id):
                 hidden += 1
@@ -611,9 +612,11 @@ def saved_shapes(record, editor: User | None = None) -> tuple[list, list, int]:
             shape = repository.annotation_geometry(row)
             if row.kind == "box":
                 boxes.append(((row.id, row.version), (shape.x0, shape.y0, shape.x1, shape.y1, row.label or "")))
-            else:
+            elif row.kind == "point":
                 points.append(((row.id, row.version), (shape.x, shape.y, row.label or "")))
-    return boxes, points, hidden
+            else:
+                polygons.append(((row.id, row.version), (tuple(shape.points), row.label or "")))
+    return boxes, points, polygons, hidden
 
 
 def saved_boxes(record) -> list[tuple[tuple[int, int], tuple]]:

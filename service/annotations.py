@@ -13,11 +13,12 @@ def apply_box_edits(session, user_id: int | None, image_id: int, edits: BoxEdits
     """Store one canvas save of image ``image_id``: every edit or none (a version conflict raises and
     the caller's transaction rolls everything back). Boxes are ``(x0, y0, x1, y1, label)`` and
     points ``(x, y, label)`` in image pixels; saved ids are ``(annotation id, version)``."""
-    from annotations.geometry import Box, Point
+    from annotations.geometry import Box, Point, Polygon
     from db import repository
 
     def geometry(shape):
-        return Point(*shape[:2]) if len(shape) == 3 else Box(*shape[:4])
+        # boxes (x0, y0, x1, y1, label), points (x, y, label), polygons (((x, y), ...), label)
+        return Polygon(tuple(shape[0])) if len(shape) == 2 else Point(*shape[:2]) if len(shape) == 3 else Box(*shape[:4])
 
     user = require(session, user_id, "edit_annotations")
     for (annotation_id, version), shape in edits.update:

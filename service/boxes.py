@@ -209,6 +209,89 @@ def canvas_points_to_image(
     return result
 
 
+POLYGON_STROKE = 2.0
+
+
+def image_polygons_to_canvas(polygons: Sequence[Sequence[Any]], scale_x: float, scale_y: float | None = None,
+                             offset: tuple[float, float] = (0.0, 0.0), *, stroke_color: str = "#76ff03",
+                             fill_color: str = "rgba(118, 255, 3, 0.15)") -> list[dict]:
+    """Image-pixel polygons ``(((x, y), ...), label)`` -> canvas Polygon objects for an
+    ``initial_drawing``, placed as the canvas places a polygon it closes (its centre at the centre
+    of its vertices' bounding box), so :func:`canvas_polygons_to_image` reads both back the same way."""
+    scale_y = scale_x if scale_y is None else scale_y
+    objects = []
+    for polygon in polygons:
+        points = [{"x": (float(x) - offset[0]) * scale_x, "y": (float(y) - offset[1]) * scale_y} for x, y in polygon[0]]
+        xs, ys = [p["x"] for p in points], [p["y"] for p in points]
+        width, height = max(xs) - min(xs), max(ys) - min(ys)
+        objects.append({"type": "Polygon", "points": points, "left": min(xs) - POLYGON_STROKE / 2,
+                        "top": min(ys) - POLYGON_STROKE / 2, "width": width, "height": height,
+                        "originX": "left", "originY": "top", "scaleX": 1, "scaleY": 1, "angle": 0,
+                        "strokeWidth": POLYGON_STROKE, "stroke": stroke_color, "fill": fill_color,
+                        "lockRotation": True, "lockScalingX": True, "lockScalingY": True, "hasControls": False})
+    return objects
+
+
+def canvas_polygons_to_image(
+    objects: Sequence[dict],
+    scale_x: float,
+    scale_y: float | None,
+    image_width: int,
+    image_height: int,
+    *,
+    label: str,
+    originals: Sequence[Sequence[Any]] = (),
+    tolerance: float = 1e-3,
+    offset: tuple[float, float] = (0.0, 0.0),
+) -> list[tuple[tuple[tuple[float, float], ...], str]]:
+    """The canvas's Polygon objects -> image-pixel polygons ``(((x, y), ...), label)``.
+
+    A vertex's place on the canvas is ``(point - pathOffset) * scale + centre`` (fabric's
+    Polyline: ``pathOffset`` is the centre of the points' bounding box, the object's centre follows
+    ``left``/``top`` and its origin; a moved polygon changes only ``left``/``top``). A polygon at
+    (within ``tolerance``) one of ``originals`` returns it exactly, label included; any other gets
+    ``label`` (:func:`diff_polygons` gives a moved original its label back). Vertices are clipped to
+    the image; polygons with fewer than 3 distinct vertices are dropped."""
+    scale_y = scale_x if scale_y is None else scale_y
+    drawn = {id(o): image_polygons_to_canvas([o], scale_x, scale_y, offset)[0] for o in originals}
+    result = []
+    for obj in objects:
+        if str(obj.get("type", "")).lower() != "polygon" or not obj.get("points"):
+            continue
+        points = [(float(p["x"]), float(p["y"])) for p in obj["points"]]
+        sx, sy = float(obj.get("scaleX", 1)), float(obj.get("scaleY", 1))
+        stroke = float(obj.get("strokeWidth", 0))
+        xs, ys = [x for x, _ in points], [y for _, y in points]
+        path_x, path_y = (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2
+        uniform = bool(obj.get("strokeUniform"))
+        full_w = float(obj.get("width", max(xs) - min(xs))) * sx + (stroke if uniform else stroke * sx)
+        full_h = float(obj.get("height", max(ys) - min(ys))) * sy + (stroke if uniform else stroke * sy)
+        centre_x = float(obj.get("left", 0)) + (0.5 - _ORIGIN_FACTOR.get(obj.get("originX", "left"), 0.0)) * full_w
+        centre_y = float(obj.get("top", 0)) + (0.5 - _ORIGIN_FACTOR.get(obj.get("originY", "top"), 0.0)) * full_h
+        canvas_points = [((x - path_x) * sx + centre_x, (y - path_y) * sy + centre_y) for x, y in points]
+        match = None
+        for original in originals:
+            want = [(p["x"], p["y"]) for p in drawn[id(original)]["points"]]
+            if len(want) == len(canvas_points) and all(abs(a - c) <= tolerance and abs(b - d) <= tolerance
+                                                       for (a, b), (c, d) in zip(want, canvas_points)):
+                match = original
+                break
+        if match is not None:
+            result.append((tuple((float(x), float(y)) for x, y in match[0]), str(match[1]) if len(match) > 1 else ""))
+            continue
+        vertices = tuple((round(min(max(x / scale_x + offset[0], 0.0), image_width), 2),
+                          round(min(max(y / scale_y + offset[1], 0.0), image_height), 2)) for x, y in canvas_points)
+        if len(set(vertices)) >= 3:
+            result.append((vertices, label))
+    return result
+
+
+def polygon_bounds(polygon: Sequence[Any]) -> tuple[float, float, float, float]:
+    """``(x0, y0, x1, y1)`` of a polygon ``(((x, y), ...), label)``."""
+    xs, ys = [float(x) for x, _ in polygon[0]], [float(y) for _, y in polygon[0]]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
 # Lesion labels offered per modality on the Annotate page (the first is the default).
 # Names follow the synthetic cohorts' COCO categories (softcam_core.synth.LESION_KINDS) so drawn and
 # generated boxes share labels.
@@ -338,3 +421,36 @@ def merge_edits(*parts: BoxEdits) -> BoxEdits:
         merged.delete += part.delete
         merged.unchanged += part.unchanged
     return merged
+
+
+def diff_polygons(saved: Sequence[tuple[Any, Sequence[Any]]], edited: Sequence[Sequence[Any]],
+                  min_iou: float = 0.05) -> BoxEdits:
+    """Match the canvas's polygons ``(((x, y), ...), label)`` to the stored ones: equal ones are
+    unchanged; the rest are paired by the IoU of their bounding boxes (a moved polygon: an update
+    that keeps its label); stored ones left over are deletions, edited ones left over are new."""
+    def key(polygon):
+        return tuple((float(x), float(y)) for x, y in polygon[0]), str(polygon[1]) if len(polygon) > 1 else ""
+
+    edits = BoxEdits()
+    remaining_saved = list(saved)
+    remaining_edited = [tuple(polygon) for polygon in edited]
+    for ident, polygon in list(remaining_saved):
+        for candidate in remaining_edited:
+            if key(candidate) == key(polygon):
+                edits.unchanged.append(ident)
+                remaining_saved.remove((ident, polygon))
+                remaining_edited.remove(candidate)
+                break
+    pairs = sorted(((box_iou(polygon_bounds(p), polygon_bounds(c)), i, j) for i, (_, p) in enumerate(remaining_saved)
+                    for j, c in enumerate(remaining_edited)), reverse=True)
+    used_saved, used_edited = set(), set()
+    for iou, i, j in pairs:
+        if iou < min_iou or i in used_saved or j in used_edited:
+            continue
+        used_saved.add(i)
+        used_edited.add(j)
+        old = remaining_saved[i][1]
+        edits.update.append((remaining_saved[i][0], (remaining_edited[j][0], old[1] if len(old) > 1 else "")))
+    edits.delete = [ident for i, (ident, _) in enumerate(remaining_saved) if i not in used_saved]
+    edits.create = [polygon for j, polygon in enumerate(remaining_edited) if j not in used_edited]
+    return edits

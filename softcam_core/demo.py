@@ -47,7 +47,7 @@ class DemoSettings:
     split: tuple[float, float, float] = (0.5, 0.15, 0.35)
     arch: str = "resnet18"
     img_size: int = 128
-    epochs: int = 10
+    epochs: int = 15
     batch_size: int = 16
     lr: float = 1e-2
     min_lr: float = 1e-4
@@ -82,8 +82,9 @@ def demo_assets(home: str | Path | None = None) -> dict:
     return {"home": root, "report": root / REPORT_NAME, "cohorts": cohorts, "models": models, "ready": ready}
 
 
-def _usable_checkpoint(path: Path, data_hash: str) -> dict | None:
-    """The checkpoint's metadata when it loads and was trained on this cohort, else None."""
+def _usable_checkpoint(path: Path, data_hash: str, settings: "DemoSettings | None" = None) -> dict | None:
+    """The checkpoint's metadata when it loads and was trained on this cohort with these settings
+    (so a change of the demo's settings retrains it), else None."""
     from softcam_core.models import CheckpointError, load_checkpoint
 
     if not path.is_file():
@@ -92,7 +93,17 @@ def _usable_checkpoint(path: Path, data_hash: str) -> dict | None:
         _, meta = load_checkpoint(path)
     except CheckpointError:
         return None
-    return meta if meta.get("data_hash") == data_hash and (meta.get("metrics") or {}).get("test") else None
+    if meta.get("data_hash") != data_hash or not (meta.get("metrics") or {}).get("test"):
+        return None
+    if settings is not None:
+        wanted = {"arch": settings.arch, "img_size": settings.img_size, "epochs": settings.epochs,
+                  "batch_size": settings.batch_size, "lr": settings.lr, "min_lr": settings.min_lr,
+                  "seed": settings.seed}
+        if any(meta.get(key) != value for key, value in wanted.items()):
+            return None
+        if meta.get("head") == "softcam" and (meta.get("l1"), meta.get("l2")) != (settings.l1, settings.l2):
+            return None
+    return meta
 
 
 def prepare_demo(
@@ -145,7 +156,7 @@ def prepare_demo(
         entry["images"] = {split: len(folder.split(split)) for split in ("train", "val", "test")}
         for head in ("softcam", "baseline"):
             path = assets["models"][modality][head]
-            meta = None if force else _usable_checkpoint(path, data_hash)
+            meta = None if force else _usable_checkpoint(path, data_hash, settings)
             t0 = time.perf_counter()
             if meta is None:
                 result = train(

@@ -76,7 +76,7 @@ def test_a_good_rsna_file_is_imported_and_counted(rsna):
     assert not at.error, texts(at.error)
     assert _reports(at) == ["stage_2_train_labels.csv: 8 annotation(s) added on 4 image(s); 0 already present."]
     # the Draw tab, run before the import in the same script run, was rerun and shows the imported boxes
-    assert any("2 saved box(es) · 0 saved point(s) · 1024×1024 px" in c for c in texts(at.caption)), texts(at.caption)
+    assert any("2 saved box(es) · 0 saved point(s) · 0 saved polygon(s) · 1024×1024 px" in c for c in texts(at.caption)), texts(at.caption)
     boxes = _live_boxes()
     assert len(boxes) == 8
     assert {label for _, _, label, _ in boxes} == {"Lung Opacity"}

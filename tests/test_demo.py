@@ -40,6 +40,12 @@ def test_demo_builds_caches_and_reports(tmp_path, monkeypatch, capsys):
     assets["models"]["oct"]["baseline"].write_bytes(b"broken")
     rebuilt = demo.prepare_demo(home, modalities=("oct",), show_progress=False)["modalities"]["oct"]
     assert rebuilt["softcam_seconds"] is None and rebuilt["baseline_seconds"] is not None
+    # models trained with other settings (an older demo's) are retrained, not reused
+    import dataclasses
+
+    monkeypatch.setattr(demo, "DEMO_SETTINGS", dataclasses.replace(TINY_DEMO, epochs=TINY_DEMO.epochs + 1))
+    retrained = demo.prepare_demo(home, modalities=("oct",), show_progress=False)["modalities"]["oct"]
+    assert retrained["synth_seconds"] is None and retrained["softcam_seconds"] is not None
     assert "| oct | 8 |" in demo.format_report(report)
 
 

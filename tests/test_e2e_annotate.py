@@ -14,7 +14,7 @@ import pytest
 from service.boxes import lesion_labels
 from tests.plugins.app import prepare_home, run_server, sign_in
 from tests.conftest import REAL_DATA
-from tests.test_e2e_app import CANVAS_READY, TIMEOUT_MS, assert_no_exception, choose, wait_idle
+from tests.test_e2e_app import CANVAS_READY, TIMEOUT_MS, assert_no_exception, choose, drag, wait_idle
 
 pytestmark = pytest.mark.e2e
 
@@ -71,13 +71,7 @@ def test_keys_choose_the_label_save_and_step_through_the_queue(page, server):
     canvas.wait_for()
     page.wait_for_function(CANVAS_READY, arg=canvas.element_handle(), timeout=TIMEOUT_MS)
     box = canvas.bounding_box()
-    x0, y0 = box["x"] + 0.3 * box["width"], box["y"] + 0.3 * box["height"]
-    x1, y1 = box["x"] + 0.5 * box["width"], box["y"] + 0.5 * box["height"]
-    page.mouse.move(x0, y0)
-    page.mouse.down()
-    page.mouse.move((x0 + x1) / 2, (y0 + y1) / 2, steps=5)
-    page.mouse.move(x1, y1, steps=5)
-    page.mouse.up()
+    drag(page, canvas, (0.3 * box["width"], 0.3 * box["height"]), (0.5 * box["width"], 0.5 * box["height"]))
     page.get_by_text("Unsaved: 1 new").wait_for(timeout=TIMEOUT_MS)
     wait_idle(page)
     page.keyboard.press("s")
@@ -110,17 +104,6 @@ def test_keys_choose_the_label_save_and_step_through_the_queue(page, server):
     assert_no_exception(page)
 
 
-def _drag(page, canvas, start: tuple[float, float], end: tuple[float, float]) -> None:
-    """Drag on ``canvas`` from ``start`` to ``end`` in its own (canvas) pixels."""
-    box = canvas.bounding_box()
-    (x0, y0), (x1, y1) = ((box["x"] + x, box["y"] + y) for x, y in (start, end))
-    page.mouse.move(x0, y0)
-    page.mouse.down()
-    page.mouse.move((x0 + x1) / 2, (y0 + y1) / 2, steps=5)
-    page.mouse.move(x1, y1, steps=5)
-    page.mouse.up()
-
-
 def test_box_drawn_at_4x_zoom_on_a_real_idrid_photo_is_stored_in_original_pixels(page, server):
     sign_in(page, server["url"])
     page.get_by_role("link", name="Annotate").click()
@@ -144,7 +127,7 @@ def test_box_drawn_at_4x_zoom_on_a_real_idrid_photo_is_stored_in_original_pixels
     page.wait_for_function(CANVAS_READY, arg=canvas.element_handle(), timeout=TIMEOUT_MS)
     box = canvas.bounding_box()
     assert (round(box["width"]), round(box["height"])) == (760, 620)  # 190 x 155 image px at 4 view px each
-    _drag(page, canvas, (41, 37), (121, 103))
+    drag(page, canvas, (41, 37), (121, 103))
     page.get_by_text("Unsaved: 1 new").wait_for(timeout=TIMEOUT_MS)
     wait_idle(page)
     # "o" switches to points (a new canvas, the unsaved box kept); "3" chooses the third label; a click places one
@@ -160,22 +143,38 @@ def test_box_drawn_at_4x_zoom_on_a_real_idrid_photo_is_stored_in_original_pixels
     page.mouse.click(box["x"] + 303, box["y"] + 211)
     page.get_by_text("Unsaved: 2 new").wait_for(timeout=TIMEOUT_MS)
     wait_idle(page)
+    # "g": polygons; click three vertices, then the first again to close it
+    page.locator("h1").first.click()
+    page.keyboard.press("g")
+    wait_idle(page)
+    canvas = page.locator("canvas.upper-canvas:visible").last
+    page.wait_for_function(CANVAS_READY, arg=canvas.element_handle(), timeout=TIMEOUT_MS)
+    box = canvas.bounding_box()
+    vertices = [(401, 301), (481, 301), (441, 401)]
+    for x, y in vertices + vertices[:1]:
+        page.mouse.click(box["x"] + x, box["y"] + y)
+        page.wait_for_timeout(150)
+    page.get_by_text("Unsaved: 3 new").wait_for(timeout=TIMEOUT_MS)
+    wait_idle(page)
     # panning away draws a new canvas; the unsaved box stays in the edit, outside the view, and saves from there
     page.locator("[data-testid='stSlider']").filter(has_text="Pan ↔").get_by_role("slider").focus()
     page.keyboard.press("Home")
     wait_idle(page)
     page.get_by_text(re.compile(r"Showing image pixels x 0–190")).wait_for()
-    page.get_by_text(re.compile(r"2 shape\(s\) outside the view")).wait_for()
-    page.get_by_text("Unsaved: 2 new").wait_for()
+    page.get_by_text(re.compile(r"3 shape\(s\) outside the view")).wait_for()
+    page.get_by_text("Unsaved: 3 new").wait_for()
     page.get_by_role("button", name="Save").click()
-    page.get_by_text("Saved 2 new").wait_for()
+    page.get_by_text("Saved 3 new").wait_for()
     assert_no_exception(page)
     with sqlite3.connect(server["home"] / "softcam.db") as db:
         rows = dict(db.execute("SELECT a.kind, a.geometry FROM annotations a JOIN images i ON i.id = a.image_id "
                                "JOIN cohorts c ON c.id = i.cohort_id WHERE c.name = 'idrid' AND a.deleted_at IS NULL"
                                ).fetchall())
         point_label = db.execute("SELECT label FROM annotations WHERE kind = 'point'").fetchone()[0]
-    assert sorted(rows) == ["box", "point"]
+    assert sorted(rows) == ["box", "point", "polygon"]
+    polygon = json.loads(rows["polygon"])["points"]
+    assert len(polygon) == 3 and all(abs(px - (left + x / 4)) <= 1.0 and abs(py - (top + y / 4)) <= 1.0
+                                     for (px, py), (x, y) in zip(polygon, vertices)), polygon
     point = json.loads(rows["point"])
     assert abs(point["x"] - (left + 303 / 4)) <= 1.0 and abs(point["y"] - (top + 211 / 4)) <= 1.0, point
     assert point_label == lesion_labels("fundus")[2]

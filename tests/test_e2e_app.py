@@ -67,6 +67,17 @@ CANVAS_READY = """(upper) => {
 }"""
 
 
+def drag(page, canvas, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """Drag the mouse on ``canvas`` from ``start`` to ``end``, both in the canvas's own pixels."""
+    box = canvas.bounding_box()
+    (x0, y0), (x1, y1) = ((box["x"] + x, box["y"] + y) for x, y in (start, end))
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move((x0 + x1) / 2, (y0 + y1) / 2, steps=5)
+    page.mouse.move(x1, y1, steps=5)
+    page.mouse.up()
+
+
 def wait_idle(page) -> None:
     """Until the script run ends (Streamlit shows its status widget while running); the short pause
     lets a run triggered by the last action start first."""
@@ -162,13 +173,7 @@ def test_draw_a_box_save_reload_and_find_it(page, server, tmp_path):
     page.wait_for_function(CANVAS_READY, arg=canvas.element_handle(), timeout=TIMEOUT_MS)
     box = canvas.bounding_box()
     # drag from 20 % to 60 % of the canvas: the box must come back in image pixels
-    x0, y0 = box["x"] + 0.2 * box["width"], box["y"] + 0.2 * box["height"]
-    x1, y1 = box["x"] + 0.6 * box["width"], box["y"] + 0.6 * box["height"]
-    page.mouse.move(x0, y0)
-    page.mouse.down()
-    page.mouse.move((x0 + x1) / 2, (y0 + y1) / 2, steps=5)
-    page.mouse.move(x1, y1, steps=5)
-    page.mouse.up()
+    drag(page, canvas, (0.2 * box["width"], 0.2 * box["height"]), (0.6 * box["width"], 0.6 * box["height"]))
     page.get_by_text("Unsaved: 1 new").wait_for(timeout=TIMEOUT_MS)
     wait_idle(page)
     shoot(page, tmp_path, "annotate")

@@ -19,9 +19,12 @@ from service.boxes import (
     canvas_size,
     diff_boxes,
     canvas_points_to_image,
+    canvas_polygons_to_image,
     diff_points,
+    diff_polygons,
     image_boxes_to_canvas,
     image_points_to_canvas,
+    image_polygons_to_canvas,
     lesion_labels,
     merge_edits,
     zoomed_viewport,
@@ -156,6 +159,28 @@ def test_points_on_the_canvas_by_hand():
     assert canvas_points_to_image([centred], 4.0, 4.0, 4288, 2848, label="a", offset=(905, 622)) == [
         (915.25, 631.25, "a")]
     assert canvas_points_to_image([dict(centred, left=-100.0)], 1.0, 1.0, 100, 100, label="a") == []
+
+
+def test_polygons_on_the_canvas_by_hand():
+    # the canvas closes a polygon at canvas vertices (40, 40), (80, 40), (60, 100): fabric keeps them as
+    # points and puts the object's left/top at the bounding box's corner less half the 2 px stroke
+    closed = {"type": "Polygon", "points": [{"x": 40, "y": 40}, {"x": 80, "y": 40}, {"x": 60, "y": 100}],
+              "left": 39, "top": 39, "width": 40, "height": 60, "originX": "left", "originY": "top",
+              "scaleX": 1, "scaleY": 1, "strokeWidth": 2}
+    # at 4x from (905, 622): image (915, 632), (925, 632), (920, 647)
+    assert canvas_polygons_to_image([closed], 4.0, 4.0, 4288, 2848, label="drusen", offset=(905, 622)) == [
+        (((915.0, 632.0), (925.0, 632.0), (920.0, 647.0)), "drusen")]
+    # moved 8 view px right in edit mode: only left changes; the polygon moves 2 image px
+    moved = dict(closed, left=47)
+    assert canvas_polygons_to_image([moved], 4.0, 4.0, 4288, 2848, label="x", offset=(905, 622))[0][0] == (
+        (917.0, 632.0), (927.0, 632.0), (922.0, 647.0))
+    # a stored polygon is drawn so that it reads back exactly, with its own label
+    saved = [(((915.3, 632.1), (925.0, 632.0), (920.0, 647.7)), "haemorrhage")]
+    drawn = image_polygons_to_canvas(saved, 4.0, 4.0, (905, 622))
+    assert canvas_polygons_to_image(drawn, 4.0, 4.0, 4288, 2848, label="other", originals=saved,
+                                    offset=(905, 622)) == saved
+    edits = diff_polygons([(7, saved[0])], [(((916.0, 632.0), (926.0, 632.0), (921.0, 648.0)), "other")])
+    assert edits.update == [(7, (((916.0, 632.0), (926.0, 632.0), (921.0, 648.0)), "haemorrhage"))]
 
 
 def test_diff_points_keeps_a_moved_points_label():
