@@ -11,7 +11,7 @@ from softcam_core import demo
 from softcam_core.cli import main as cli_main
 from softcam_core.models import load_checkpoint
 
-TINY_DEMO = replace(demo.DEMO_SETTINGS, n=24, epochs=1, img_size=32, batch_size=8)
+TINY_DEMO = replace(demo.DEMO_SETTINGS, n=24, epochs=1, epochs_by_modality={}, img_size=32, batch_size=8)
 
 
 def test_demo_builds_caches_and_reports(tmp_path, monkeypatch, capsys):
@@ -62,3 +62,14 @@ def test_full_demo_meets_targets_within_ten_minutes(tmp_path, capsys):
         assert entry["baseline"]["test_accuracy"] >= 0.90, modality
         assert entry["gap"] >= -0.02, modality
     assert demo.demo_assets(tmp_path / "home")["ready"]
+
+
+def test_a_demo_of_older_settings_is_not_taken_for_ready(tmp_path):
+    from dataclasses import asdict
+
+    report = tmp_path / "demo_report.json"
+    assert not demo._report_is_current(report)  # no report
+    report.write_text(json.dumps({"settings": asdict(demo.DEMO_SETTINGS)}))
+    assert demo._report_is_current(report)
+    report.write_text(json.dumps({"settings": dict(asdict(demo.DEMO_SETTINGS), epochs_by_modality={})}))
+    assert not demo._report_is_current(report)  # e.g. the 10-epoch OCT model of an older demo
