@@ -30,7 +30,8 @@ from softcam_core.render import annotators_figure, display_pixels
 CANVAS_MAX_WIDTH, CANVAS_MAX_HEIGHT = 760, 620
 SHORTCUT_HELP = (("1 … 9", "choose the label for new shapes"), ("b / o / g", "draw boxes / points / polygons"),
                  ("s", "save"), ("z", "discard unsaved changes (undo)"), ("n or →", "next image"),
-                 ("p or ←", "previous image"), ("Delete", "delete the selected shape (canvas edit mode)"))
+                 ("p or ←", "previous image"),
+                 ("Delete or Backspace", "delete the selected shape (after the canvas toolbar's Edit button)"))
 
 st.title("Annotate")
 user = common.current_user()
@@ -81,6 +82,8 @@ def draw_boxes() -> None:
         "b": ".st-key-annotate_shape [role=radiogroup] > div:nth-child(1) input",
         "o": ".st-key-annotate_shape [role=radiogroup] > div:nth-child(2) input",
         "g": ".st-key-annotate_shape [role=radiogroup] > div:nth-child(3) input",
+        # the canvas's own "Delete selected" button (its edit mode's toolbar)
+        "delete": "button[aria-label='Delete selected']", "backspace": "button[aria-label='Delete selected']",
         "n": ".st-key-annotate_next button", "arrowright": ".st-key-annotate_next button",
         "p": ".st-key-annotate_prev button", "arrowleft": ".st-key-annotate_prev button",
         **{str(k): f".st-key-annotate_label [role=radiogroup] > div:nth-child({k}) input" for k in range(1, min(len(labels), 9) + 1)},
@@ -124,10 +127,16 @@ def draw_boxes() -> None:
     # native pixels enlarged stay square (a microaneurysm is a few pixels wide); a fitted view is smoothed
     resample = Image.Resampling.NEAREST if view.scale >= 1 else Image.Resampling.BILINEAR
     background = Image.fromarray(pixels).resize((width, height), resample)
-    drawing = boxes_to_drawing(image_boxes_to_canvas(in_view, scale_x, scale_y, offset), stroke_color="#00e5ff",
-                               stroke_width=2, fill_color="rgba(0, 229, 255, 0.08)")
-    drawing["objects"] += image_points_to_canvas(points_in_view, scale_x, scale_y, offset)
-    drawing["objects"] += image_polygons_to_canvas(polygons_in_view, scale_x, scale_y, offset)
+    canvas_key = f"canvas_{shapes_key}_{view.box}_{view.scale}_{shape}"
+    # a canvas keeps the drawing it was created with: handing it the shapes edited since would make it
+    # reload them, and a reload built before the run that took in a deletion brings the deleted shape back
+    drawn_key, drawing = st.session_state.get("annotate_initial_drawing", (None, None))
+    if drawn_key != canvas_key:
+        drawing = boxes_to_drawing(image_boxes_to_canvas(in_view, scale_x, scale_y, offset), stroke_color="#00e5ff",
+                                   stroke_width=2, fill_color="rgba(0, 229, 255, 0.08)")
+        drawing["objects"] += image_points_to_canvas(points_in_view, scale_x, scale_y, offset)
+        drawing["objects"] += image_polygons_to_canvas(polygons_in_view, scale_x, scale_y, offset)
+        st.session_state["annotate_initial_drawing"] = (canvas_key, drawing)
     mode = {"Box": "labeled_rect", "Point": "point", "Polygon": "polygon"}[shape]
     colour = {"Box": ("#00e5ff", "rgba(0, 229, 255, 0.08)"), "Point": ("#ffea00", "rgba(255, 234, 0, 0.6)"),
               "Polygon": ("#76ff03", "rgba(118, 255, 3, 0.15)")}[shape]
@@ -137,7 +146,7 @@ def draw_boxes() -> None:
             background_image=background, background_image_fit="stretch", update_streamlit=True,
             width=width, height=height, drawing_mode=mode,
             label=label if shape == "Box" else "", font_size=14, point_display_radius=int(POINT_RADIUS),
-            initial_drawing=drawing, key=f"canvas_{shapes_key}_{view.box}_{view.scale}_{shape}",
+            initial_drawing=drawing, key=canvas_key,
         )
         if view.scale >= 1:
             st.caption(f"Showing image pixels x {view.left}–{view.left + view.width}, y {view.top}–"

@@ -1059,7 +1059,19 @@ if (!window.__softcamShortcutListener) {
     if (target.closest && target.closest('[role=slider]')) return;
     const selector = (window.__softcamShortcuts || {})[event.key.toLowerCase()];
     if (!selector) return;
-    const element = document.querySelector(selector);
+    // components such as the drawing canvas render inside shadow roots, which querySelector skips
+    const find = (root) => {
+      const hit = root.querySelector(selector);
+      if (hit) return hit;
+      for (const host of root.querySelectorAll('*')) {
+        if (host.shadowRoot) {
+          const inner = find(host.shadowRoot);
+          if (inner) return inner;
+        }
+      }
+      return null;
+    };
+    const element = find(document);
     if (!element || element.disabled) return;
     event.preventDefault();
     element.click();

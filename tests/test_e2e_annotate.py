@@ -156,6 +156,21 @@ def test_box_drawn_at_4x_zoom_on_a_real_idrid_photo_is_stored_in_original_pixels
         page.wait_for_timeout(150)
     page.get_by_text("Unsaved: 3 new").wait_for(timeout=TIMEOUT_MS)
     wait_idle(page)
+    # one box too many: the canvas's Edit mode, a click selects it, the Delete key removes it
+    page.locator("h1").first.click()
+    page.keyboard.press("b")
+    wait_idle(page)
+    canvas = page.locator("canvas.upper-canvas:visible").last
+    page.wait_for_function(CANVAS_READY, arg=canvas.element_handle(), timeout=TIMEOUT_MS)
+    drag(page, canvas, (600, 500), (700, 580))
+    page.get_by_text("Unsaved: 4 new").wait_for(timeout=TIMEOUT_MS)
+    wait_idle(page)
+    page.get_by_role("button", name="Edit", exact=True).last.click()
+    box = canvas.bounding_box()
+    page.mouse.click(box["x"] + 650, box["y"] + 540)
+    page.keyboard.press("Delete")
+    page.get_by_text("Unsaved: 3 new").wait_for(timeout=TIMEOUT_MS)
+    wait_idle(page)
     # panning away draws a new canvas; the unsaved box stays in the edit, outside the view, and saves from there
     page.locator("[data-testid='stSlider']").filter(has_text="Pan ↔").get_by_role("slider").focus()
     page.keyboard.press("Home")
