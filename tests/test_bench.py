@@ -144,7 +144,7 @@ def test_cli_rejects_unknown_benchmark(capsys):
         main(["--only", "nope"])
     assert exc.value.code == 2 and "unknown benchmark nope" in capsys.readouterr().err
     assert set(BENCHMARKS) == {"forward", "explain_overhead", "fast_methods", "deletion", "evaluate_memory",
-                               "review_latency", "report_cost"}
+                               "review_latency", "report_cost", "evaluate_scaling"}
     assert Config(level="quick").pick(1, 2, 3) == 2
 
 

@@ -68,6 +68,7 @@ def test_two_processes_score_each_image_once_and_merge_the_one_process_tables(tm
         pd.testing.assert_frame_equal(got[name], expected[name], check_exact=True, obj=name)
 
 
+@pytest.mark.slow  # three torchrun launches (~45 s on 2 cores); `make test-slow`
 def test_a_failed_process_fails_the_run_and_a_rerun_resumes_where_it_stopped(tmp_path, one_process,
                                                                              tiny_checkpoint, synth_cohort):
     data = tmp_path / "cohort"
