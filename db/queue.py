@@ -106,13 +106,16 @@ def heartbeat(engine, held: Claim, done: int | None = None, message: str | None 
     """Renew the lease and record progress. Raises :class:`JobFinishedError` when the job was
     cancelled (or finished) meanwhile, :class:`LeaseLost` when the chunk is no longer ours."""
     with session_scope(engine) as s:
+        # the job row first, then the chunk: the order complete() locks them in, so two workers of one
+        # job never wait for each other in a cycle
+        job = s.get(Job, held.job_id, with_for_update=True, populate_existing=True)
+        if job is None or job.status in FINISHED_JOB_STATUSES:
+            raise JobFinishedError(f"job {held.job_id} is {job.status if job else 'gone'}"
+                                   + (f": {job.message}" if job and job.message else ""))
         chunk = _held(s, held)
         chunk.lease_expires_at = utcnow() + timedelta(seconds=lease_seconds)
         if done is not None:
             chunk.done = min(int(done), chunk.units)
-        job = s.get(Job, held.job_id, populate_existing=True)
-        if job.status in FINISHED_JOB_STATUSES:
-            raise JobFinishedError(f"job {job.id} is {job.status}" + (f": {job.message}" if job.message else ""))
         s.flush()
         total_done = s.scalar(select(func.coalesce(func.sum(JobChunk.done), 0)).where(JobChunk.job_id == held.job_id))
         update_job(s, held.job_id, done=int(total_done), message=message)
