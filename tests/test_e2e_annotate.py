@@ -14,7 +14,7 @@ import pytest
 from service.boxes import lesion_labels
 from tests.plugins.app import prepare_home, run_server, sign_in
 from tests.conftest import REAL_DATA
-from tests.test_e2e_app import CANVAS_READY, TIMEOUT_MS, assert_no_exception, choose, drag, wait_idle
+from tests.test_e2e_app import TIMEOUT_MS, assert_no_exception, choose, drag, ready_canvas, wait_idle
 
 pytestmark = pytest.mark.e2e
 
@@ -46,6 +46,13 @@ def page(browser, server):
     context.close()
 
 
+def press(page, key: str) -> None:
+    """Press ``key`` with the focus off every field (keys typed into a field are not shortcuts)."""
+    page.locator("h1").first.click()
+    page.keyboard.press(key)
+    wait_idle(page)
+
+
 def _image_in_url(page) -> str:
     return parse_qs(urlparse(page.url).query).get("image", [""])[0]
 
@@ -67,9 +74,7 @@ def test_keys_choose_the_label_save_and_step_through_the_queue(page, server):
     wait_idle(page)
     assert page.get_by_role("radio", name=f"2 · {labels[1]}").is_checked()
 
-    canvas = page.locator("canvas.upper-canvas:visible").last
-    canvas.wait_for()
-    page.wait_for_function(CANVAS_READY, arg=canvas.element_handle(), timeout=TIMEOUT_MS)
+    canvas = ready_canvas(page)
     box = canvas.bounding_box()
     drag(page, canvas, (0.3 * box["width"], 0.3 * box["height"]), (0.5 * box["width"], 0.5 * box["height"]))
     page.get_by_text("Unsaved: 1 new").wait_for(timeout=TIMEOUT_MS)
@@ -122,33 +127,25 @@ def test_box_drawn_at_4x_zoom_on_a_real_idrid_photo_is_stored_in_original_pixels
     # centre x = 4288 - 3: the 190 px wide view is still pulled in to the right edge; y stays centred
     assert (left, top) == (4288 - 190, round(2848 / 2 - 155 / 2))
 
-    canvas = page.locator("canvas.upper-canvas:visible").last
-    canvas.wait_for()
-    page.wait_for_function(CANVAS_READY, arg=canvas.element_handle(), timeout=TIMEOUT_MS)
+    canvas = ready_canvas(page)
     box = canvas.bounding_box()
     assert (round(box["width"]), round(box["height"])) == (760, 620)  # 190 x 155 image px at 4 view px each
     drag(page, canvas, (41, 37), (121, 103))
     page.get_by_text("Unsaved: 1 new").wait_for(timeout=TIMEOUT_MS)
     wait_idle(page)
     # "o" switches to points (a new canvas, the unsaved box kept); "3" chooses the third label; a click places one
-    page.locator("h1").first.click()
-    page.keyboard.press("o")
-    wait_idle(page)
+    press(page, "o")
     page.keyboard.press("3")
     wait_idle(page)
     assert page.get_by_role("radio", name="Point").is_checked()
-    canvas = page.locator("canvas.upper-canvas:visible").last
-    page.wait_for_function(CANVAS_READY, arg=canvas.element_handle(), timeout=TIMEOUT_MS)
+    canvas = ready_canvas(page)
     box = canvas.bounding_box()
     page.mouse.click(box["x"] + 303, box["y"] + 211)
     page.get_by_text("Unsaved: 2 new").wait_for(timeout=TIMEOUT_MS)
     wait_idle(page)
     # "g": polygons; click three vertices, then the first again to close it
-    page.locator("h1").first.click()
-    page.keyboard.press("g")
-    wait_idle(page)
-    canvas = page.locator("canvas.upper-canvas:visible").last
-    page.wait_for_function(CANVAS_READY, arg=canvas.element_handle(), timeout=TIMEOUT_MS)
+    press(page, "g")
+    canvas = ready_canvas(page)
     box = canvas.bounding_box()
     vertices = [(401, 301), (481, 301), (441, 401)]
     for x, y in vertices + vertices[:1]:
@@ -157,11 +154,8 @@ def test_box_drawn_at_4x_zoom_on_a_real_idrid_photo_is_stored_in_original_pixels
     page.get_by_text("Unsaved: 3 new").wait_for(timeout=TIMEOUT_MS)
     wait_idle(page)
     # one box too many: the canvas's Edit mode, a click selects it, the Delete key removes it
-    page.locator("h1").first.click()
-    page.keyboard.press("b")
-    wait_idle(page)
-    canvas = page.locator("canvas.upper-canvas:visible").last
-    page.wait_for_function(CANVAS_READY, arg=canvas.element_handle(), timeout=TIMEOUT_MS)
+    press(page, "b")
+    canvas = ready_canvas(page)
     drag(page, canvas, (600, 500), (700, 580))
     page.get_by_text("Unsaved: 4 new").wait_for(timeout=TIMEOUT_MS)
     wait_idle(page)

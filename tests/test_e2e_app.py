@@ -67,6 +67,15 @@ CANVAS_READY = """(upper) => {
 }"""
 
 
+def ready_canvas(page):
+    """The visible drawing canvas of the last script run, once it has drawn its background image (a
+    drag made before that is lost); see the comment in test_draw_a_box_save_reload_and_find_it."""
+    canvas = page.locator("canvas.upper-canvas:visible").last
+    canvas.wait_for()
+    page.wait_for_function(CANVAS_READY, arg=canvas.element_handle(), timeout=TIMEOUT_MS)
+    return canvas
+
+
 def drag(page, canvas, start: tuple[float, float], end: tuple[float, float]) -> None:
     """Drag the mouse on ``canvas`` from ``start`` to ``end``, both in the canvas's own pixels."""
     box = canvas.bounding_box()
@@ -168,9 +177,7 @@ def test_draw_a_box_save_reload_and_find_it(page, server, tmp_path):
     # drawn the background image on its own canvas beside the drawing layers (a drag made before
     # that is lost): wait for those pixels. The component lives in a shadow root (isolate_styles),
     # which Playwright's locators pierce and document.querySelector does not: hand the element over.
-    canvas = page.locator("canvas.upper-canvas:visible").last
-    canvas.wait_for()
-    page.wait_for_function(CANVAS_READY, arg=canvas.element_handle(), timeout=TIMEOUT_MS)
+    canvas = ready_canvas(page)
     box = canvas.bounding_box()
     # drag from 20 % to 60 % of the canvas: the box must come back in image pixels
     drag(page, canvas, (0.2 * box["width"], 0.2 * box["height"]), (0.6 * box["width"], 0.6 * box["height"]))
