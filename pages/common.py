@@ -947,6 +947,11 @@ def row_of(item) -> dict:
     return asdict(item)
 
 
+def start_explain_job(params: dict, user: User | None) -> int:
+    """``service.jobs.start_explain_job`` (precompute a cohort's maps) on the app's database, as ``user``."""
+    return jobs.start_explain_job(engine(), params, user.id if user else None)
+
+
 def start_training_job(params: dict, user: User | None) -> int:
     """``service.jobs.start_training_job`` on the app's database, as ``user``."""
     return jobs.start_training_job(engine(), params, user.id if user else None)

@@ -11,6 +11,7 @@ from pages import common
 from service.catalogue import model_identity
 from service.image_session import ImageSession, MapResult, activation_precision_for
 from softcam_core.explain.specs import BASE_METHODS, METHODS, cascam_methods, method_spec, method_title
+from service.access import allowed as allowed_to
 from service.boxes import zoomed_viewport
 from softcam_core.render import (
     DISPLAY_MAX_SIDE,
@@ -263,6 +264,67 @@ if cascam_base != "(none)":
     else:
         st.caption("Each stage masks what the previous stage found and explains the rest; once run, the combined "
                    f"map is cached and can be shown in the grid ({method_title('cascam:' + cascam_base)}).")
+
+# ---------------------------------------------------------------------------------------------- precompute
+@st.fragment(run_every=1.0)
+def explain_job_progress(job_id: int, drawn_status: str) -> None:
+    """Polls the job row (progress lives in the database); redraws the page when its status moves on."""
+    job = common.get_job(job_id)
+    if job is None:
+        return
+    if job.status != drawn_status:
+        st.rerun()
+    total = job.progress_total or 0
+    st.progress(min(job.progress_done / total, 1.0) if total else 0.0,
+                text=f"{job.status.capitalize()}: {job.progress_done}/{total or '?'} maps · {job.message or ''}")
+
+
+def precompute_panel(cohort_name: str) -> None:
+    """Start (and follow) an ``explain`` job: this model's maps of every image of the cohort, cached."""
+    st.caption("Computes the chosen maps of every image of the cohort in the background and keeps them in the "
+               "database map cache: opening an image then shows them at once, slow methods included. It runs in "
+               "the app, or on `softcam worker` processes when the app is started with SOFTCAM_JOB_RUNNER=worker.")
+    user = common.current_user()
+    allowed = user is not None and allowed_to(user.role, "run_jobs")
+    offered = (["softcam"] if session.is_softcam else []) + post_hoc
+    chosen = [m for m in (["softcam"] if session.is_softcam else []) + methods if m in offered]
+    with st.form("review_precompute"):
+        left, middle, right = st.columns([3, 1, 1])
+        wanted = left.multiselect("Maps", offered, default=chosen, format_func=method_title)
+        target_choice = middle.radio("For", ["pred", "all"], format_func={"pred": "predicted class",
+                                                                          "all": "every class"}.get)
+        split = right.selectbox("Images", ["all", "test", "val", "train"], help="Which split of the cohort.")
+        submitted = st.form_submit_button("Precompute", icon=":material/dynamic_feed:", disabled=not allowed,
+                                          help=None if allowed else "Researchers and admins run jobs.")
+    if submitted:
+        try:
+            job_id = common.start_explain_job({"model": str(model_info.path), "cohort": cohort_name,
+                                               "methods": wanted, "target": target_choice, "split": split}, user)
+        except Exception as exc:
+            st.error(f"Could not start: {common.one_line(exc)}")
+        else:
+            st.toast(f"Precompute job {job_id} started.")
+    jobs = [j for j in common.list_jobs("explain") if (j.params or {}).get("cohort") == cohort_name
+            and (j.params or {}).get("model") == str(model_info.path)]
+    if not jobs:
+        return
+    job = jobs[0]  # the latest
+    st.caption(f"Latest: {common.plain(common.job_label(job))}")
+    if job.status in ("queued", "running"):
+        explain_job_progress(job.id, job.status)
+        st.button("Cancel precompute", key=f"review_cancel_explain_{job.id}", icon=":material/cancel:",
+                  on_click=common.cancel_job_and_tell, args=(job.id, user),
+                  help="Stops after the current map; the maps computed so far stay cached.")
+    elif job.status == "failed":
+        st.error(f"Precompute failed: {common.plain(job.error)}")
+    elif job.message:
+        st.caption(common.plain(job.message))
+
+
+cohort_name = st.session_state.get("review_cohort") if st.session_state.get("review_source") == "Cohort" else None
+if cohort_name:
+    with st.expander(f"Precompute maps for the cohort {cohort_name}", icon=":material/dynamic_feed:"):
+        precompute_panel(cohort_name)
 
 # ---------------------------------------------------------------------------------------------- export
 st.divider()

@@ -1,10 +1,11 @@
-"""Background work (cohort metrics, training) whose progress lives in the database jobs table."""
+"""Background work (cohort metrics, training, precomputed maps) whose progress lives in the database jobs table."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -320,3 +321,145 @@ def run_training(engine, params: dict, user_id: int | None, progress):
     return train(data, out, arch=params["arch"], head=params["head"], l1=params["l1"],
                  l2=params["l2"], epochs=params["epochs"], img_size=params["img_size"], progress=on_step,
                  show_progress=False)
+
+
+# ------------------------------------------------------------------------------------ explain (precompute maps)
+EXPLAIN_TARGETS = {"pred": "the predicted class", "all": "every class"}
+
+
+@dataclass
+class ExplainSummary:
+    """What an ``explain`` job did: images covered, maps now in the cache, how many it computed (the
+    rest were cached before), and the images it could not read (``pseudonym: reason``)."""
+
+    images: int = 0
+    maps: int = 0
+    computed: int = 0
+    failed: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        return (f"{self.maps} maps of {self.images} images ready ({self.computed} computed, "
+                f"{self.maps - self.computed} were cached)")
+
+
+def explain_image_ids(engine, params: dict) -> list[int]:
+    """Database ids of the images an ``explain`` job covers: the cohort's images a reviewer may see
+    (quarantined ones are left out), in import order, of ``params["split"]`` (``"all"``: every
+    split), at most ``params["limit"]``."""
+    from db import repository
+    from db.session import session_scope
+
+    split = params.get("split") or "all"
+    with session_scope(engine, readonly=True) as s:
+        records = repository.list_images(s, params["cohort"], split=None if split == "all" else split,
+                                         limit=params.get("limit") or None)
+        return [record.id for record in records]
+
+
+def start_explain_job(engine, params: dict, user_id: int | None) -> int:
+    """Create an ``explain`` job that computes ``params["methods"]``' maps of a cohort's images with one
+    model into the database map cache, so Review opens them without computing; returns its id.
+
+    ``params``: ``model`` (checkpoint path), ``cohort``, ``methods`` (names of
+    ``softcam_core.explain``, CasCAM ``cascam:<base>`` included; ``softcam`` = the evidence maps of the
+    forward pass), ``target`` (``"pred"``: the predicted class, which Review opens on; ``"all"``: every
+    class), ``split`` (default ``"all"``), ``limit``. Runs in a background thread, or is enqueued for
+    ``softcam worker`` processes in chunks of :data:`WORKER_CHUNK_IMAGES` images. Refused with
+    ValueError for an unknown method or target, an evidence map of a black-box model, or no image."""
+    from db import repository
+    from db.session import session_scope
+    from service.access import require
+    from service.catalogue import checkpoint_info
+    from softcam_core.explain.specs import is_method
+
+    with session_scope(engine, readonly=True) as s:
+        require(s, user_id, "run_jobs")
+    methods = list(dict.fromkeys(params.get("methods") or []))
+    unknown = [m for m in methods if not is_method(m)]
+    if not methods or unknown:
+        raise ValueError(f"choose methods to precompute{': unknown ' + ', '.join(unknown) if unknown else ''}")
+    target = params.get("target") or "pred"
+    if target not in EXPLAIN_TARGETS:
+        raise ValueError(f"target {target!r}: choose one of {', '.join(EXPLAIN_TARGETS)}")
+    info = checkpoint_info(params["model"])
+    if "softcam" in methods and info.head != "softcam":
+        raise ValueError(f"{info.name} is a black-box baseline: it has no SoftCAM evidence maps")
+    ids = explain_image_ids(engine, params)
+    if not ids:
+        raise ValueError(f"cohort {params.get('cohort')!r}: no image in split {params.get('split') or 'all'!r}")
+    per_image = len(methods) * (1 if target == "pred" else len(info.meta.get("classes", [])))
+    params = dict(params, methods=methods, target=target, split=params.get("split") or "all")
+    if job_runner() == "worker":
+        from db.queue import enqueue
+
+        parts = [({"images": ids[k:k + WORKER_CHUNK_IMAGES]}, len(ids[k:k + WORKER_CHUNK_IMAGES]) * per_image)
+                 for k in range(0, len(ids), WORKER_CHUNK_IMAGES)]
+        with session_scope(engine) as s:
+            job = repository.create_job(s, "explain", params=dict(params, images=ids), user=user_id,
+                                        message=f"queued for workers ({len(parts)} chunk(s))")
+            enqueue(s, job, parts)
+            return job.id
+    with session_scope(engine) as s:
+        job = repository.create_job(s, "explain", params=dict(params, images=ids), user=user_id,
+                                    total=len(ids) * per_image, message="queued", worker=repository.this_worker())
+        job_id = job.id
+    report, finish_with, fail = job_callbacks(engine, job_id)
+
+    def work(progress):
+        summary = run_explain(engine, params, progress, images=ids)
+        if summary.failed:  # the maps of the other images stay cached; the job says which images failed
+            raise ValueError(f"{summary.text()}; {len(summary.failed)} image(s) failed: {'; '.join(summary.failed)}")
+        return summary
+
+    run_in_background(work, report=report, finish=finish_with(lambda summary: {"message": summary.text()}),
+                      fail=fail, name=f"explain-{job_id}")
+    return job_id
+
+
+def run_explain(engine, params: dict, progress: ProgressReport | None, *, images: Sequence[int]) -> ExplainSummary:
+    """Compute the maps of an ``explain`` job's ``params`` for the database images ``images`` (ids) into
+    the database map cache (``DatabaseMapStore``: the cache Review reads), skipping those already
+    there. An unreadable image is recorded in ``failed`` and the others go on. ``progress(done,
+    total, message)`` counts maps (image x method x class)."""
+    from db import repository
+    from db.session import session_scope
+    from service.catalogue import load_model, model_identity, registered_model
+    from service.image_session import DatabaseMapStore, ImageSession
+    from softcam_core.explain.specs import method_title
+    from softcam_core.imaging import ImageLoadError, load_image
+
+    model, meta = load_model(params["model"])
+    identity = model_identity(params["model"])
+    methods, every_class = list(params["methods"]), params.get("target") == "all"
+    classes = list(meta["classes"])
+    per_image = len(methods) * (len(classes) if every_class else 1)
+    with session_scope(engine) as s:
+        model_row = registered_model(s, params["model"])
+        records = [repository.get_image(s, int(i)) for i in images]
+    summary, done, total = ExplainSummary(), 0, len(records) * per_image
+    for record in records:
+        name = f"{record.pseudonym}{record.extension}"
+        try:
+            image = load_image(repository.image_path(record), name=name, modality=record.modality)
+        except ImageLoadError as exc:
+            summary.failed.append(f"{record.pseudonym}: {exc}")
+            done += per_image
+            if progress is not None:
+                progress(done, total, f"{record.pseudonym}: unreadable")
+            continue
+        session = ImageSession(model, meta, image, identity, store=DatabaseMapStore(engine, model_row, record))
+        forward_cached = session.is_cached("forward:logits", 0)
+        prediction = session.predict()  # caches the logits and, for a SoftCAM net, every class's evidence map
+        summary.images += 1
+        for method in methods:
+            for target in (range(len(classes)) if every_class else [prediction.predicted]):
+                if method == "softcam":
+                    summary.computed += 0 if forward_cached else 1
+                elif not session.is_cached(method, target):
+                    session.explain(method, target)
+                    summary.computed += 1
+                summary.maps += 1
+                done += 1
+                if progress is not None:
+                    progress(done, total, f"{record.pseudonym} · {method_title(method)} · {classes[target]}")
+    return summary

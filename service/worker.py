@@ -10,6 +10,8 @@ and the same ``SOFTCAM_HOME`` (images, checkpoints, evaluation folders: a shared
   merges the chunks' rows (each image x method once, in one-process order) and writes the job's
   tables.
 * ``train`` jobs are one chunk.
+* ``explain`` jobs (precomputed maps, :func:`service.jobs.start_explain_job`) come in chunks of
+  images; each chunk writes its maps to the database map cache, so nothing is merged.
 * While a chunk runs, a thread heartbeats its lease every quarter lease; Cancel on a page makes the
   next heartbeat fail and the chunk stops at its next progress step.
 """
@@ -87,7 +89,7 @@ def run_chunk(engine, held, lease_seconds: float) -> str:
     from db.queue import LeaseLost, chunks_of, complete
     from db.repository.base import JobFinishedError
     from db.session import session_scope
-    from service.jobs import JobCancelled, evaluation_folder, run_evaluation, run_training
+    from service.jobs import JobCancelled, evaluation_folder, run_evaluation, run_explain, run_training
 
     with session_scope(engine, readonly=True) as s:
         job = repository.get_job(s, held.job_id)
@@ -103,8 +105,13 @@ def run_chunk(engine, held, lease_seconds: float) -> str:
             elif held.kind == "train":
                 run_training(engine, held.job_params, user_id, lease.progress)
                 result_path = held.job_params["out"]
+            elif held.kind == "explain":
+                summary = run_explain(engine, held.job_params, lease.progress, images=held.params["images"])
+                if summary.failed:
+                    raise ValueError(f"{len(summary.failed)} image(s) failed: {'; '.join(summary.failed)}")
+                result_path = ""  # the maps are in the database map cache
             else:
-                raise ValueError(f"no worker runs {held.kind!r} jobs yet")
+                raise ValueError(f"no worker runs {held.kind!r} jobs")
         last = complete(engine, held, result_path)
     except (JobCancelled, JobFinishedError):
         return "stopped: the job was cancelled"
@@ -120,10 +127,11 @@ def run_chunk(engine, held, lease_seconds: float) -> str:
         return f"failed: {message}"
     if not last:
         return "done"
-    if held.kind == "train":
+    if held.kind in ("train", "explain"):
+        message = (f"saved {Path(result_path).name}" if held.kind == "train" else
+                   f"maps of {len(held.job_params['images'])} images ready")
         with session_scope(engine) as s:
-            repository.update_job(s, held.job_id, status="done", result_path=result_path,
-                                  message=f"saved {Path(result_path).name}")
+            repository.update_job(s, held.job_id, status="done", result_path=result_path or None, message=message)
         return "done; job finished"
     from softcam_core.evaluate import EvalSettings, finalise, merge_rows
 

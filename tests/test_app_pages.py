@@ -179,6 +179,50 @@ def test_review_of_a_slow_method_runs_on_request_and_is_cached_in_the_database(a
     assert any("(cached)" in c for c in texts(again.caption))
 
 
+def test_review_precomputes_a_cohorts_maps_and_then_opens_them_cached(app_home):
+    from db import repository
+    from db.session import session_scope
+
+    at = open_app("review")
+    maps = next(m for m in at.multiselect if m.label == "Maps")
+    assert maps.value == ["softcam", "gradcam"]  # the evidence maps and the methods the grid shows
+    maps.set_value(["softcam", "gradcam", "scorecam"])
+    next(b for b in at.button if b.label == "Precompute").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    deadline = time.monotonic() + 120
+    while True:
+        with session_scope() as s:
+            job = repository.list_jobs(s, "explain")[0]
+        if job.status in ("done", "failed") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert job.status == "done", job.error
+    with session_scope() as s:
+        images = repository.count_images(s, app_home["cohort"])
+    assert job.params["cohort"] == app_home["cohort"] and job.progress_done == images * 3
+    from service import image_session
+
+    image_session._MAP_CACHE.clear()  # as after a restart: only the database cache is left
+    again = open_app("review")
+    again.multiselect(key="review_methods").set_value(["gradcam", "scorecam"]).run()
+    assert not any(b.key == "review_run_slow" for b in again.button)  # Score-CAM needs no button: it is cached
+    assert len(again.get("plotly_chart")) == 5
+    assert sum("(cached)" in c for c in texts(again.caption)) == 4  # two SoftCAM maps, Grad-CAM, Score-CAM
+    assert any(f"{images * 3} maps of {images} images ready" in c for c in texts(again.caption))
+
+
+def test_review_precompute_is_for_researchers_and_admins(app_home):
+    from db import repository
+    from db.session import session_scope
+
+    open_app()  # creates the admin
+    with session_scope() as s:
+        clinician = repository.create_user(s, "cleo", "clinician", password="cleo-password-123")
+        user = {"id": clinician.id, "name": "cleo", "role": "clinician"}
+    at = open_app("review", user=user)
+    assert next(b for b in at.button if b.label == "Precompute").disabled
+
+
 def test_annotate_lists_saved_boxes_in_image_pixels(app_home):
     at = open_app("annotate")
     assert at.title[0].value == "Annotate"

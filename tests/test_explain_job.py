@@ -1,0 +1,210 @@
+"""``explain`` jobs precompute a cohort's maps into the database map cache that Review reads (SQLite and
+the PostgreSQL service): in the app's own thread or on ``softcam worker`` processes, maps equal to
+computing them on the spot, nothing computed twice, unreadable images named, Cancel honoured."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from tests.plugins.app import prepare_home
+
+N_IMAGES = 4
+METHODS = ["softcam", "gradcam", "scorecam"]
+
+
+@pytest.fixture
+def home(db_env, tmp_path, monkeypatch):
+    """A synthetic cohort and a tiny SoftCAM model in the test database, and a researcher to run jobs."""
+    from db import repository
+    from db.session import session_scope
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("SOFTCAM_HOME", str(home))
+    prepared = prepare_home(home, n_images=N_IMAGES)
+    with session_scope(db_env) as s:
+        researcher = repository.create_user(s, "ada", "researcher", password="ada-password-123").id
+        annotator = repository.create_user(s, "bo", "annotator", password="bo-password-1234").id
+    from service import image_session
+
+    image_session._MAP_CACHE.clear()  # each test sees only the database cache
+    return dict(prepared, engine=db_env, researcher=researcher, annotator=annotator,
+                params={"model": str(prepared["model"]), "cohort": prepared["cohort"], "methods": METHODS,
+                        "target": "pred", "split": "all"})
+
+
+def _finished(engine, job_id: int, timeout: float = 300.0):
+    from db import repository
+    from db.session import session_scope
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with session_scope(engine, readonly=True) as s:
+            job = repository.get_job(s, job_id)
+        if job.status in ("done", "failed", "cancelled"):
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} still {job.status} after {timeout:.0f} s"
+        time.sleep(0.05)
+
+
+def _sessions(home, *, skip: int | None = None):
+    """A fresh ImageSession (database store, empty memory cache) per cohort image (but image ``skip``),
+    and one of the same image without any cache."""
+    from db import repository
+    from db.session import session_scope
+    from service import image_session
+    from service.catalogue import load_model, model_identity, registered_model
+    from service.image_session import DatabaseMapStore, ImageSession
+    from softcam_core.imaging import load_image
+
+    image_session._MAP_CACHE.clear()
+    model, meta = load_model(home["model"])
+    with session_scope(home["engine"]) as s:
+        model_row = registered_model(s, home["model"])
+        records = [r for r in repository.list_images(s, home["cohort"]) if r.id != skip]
+    for record in records:
+        image = load_image(repository.image_path(record), name=f"{record.pseudonym}{record.extension}",
+                           modality=record.modality)
+        yield (ImageSession(model, meta, image, model_identity(home["model"]),
+                            store=DatabaseMapStore(home["engine"], model_row, record)),
+               ImageSession(model, meta, image, "uncached-" + record.pseudonym))
+
+
+def test_a_precompute_job_caches_every_map_review_opens_and_equal_to_computing_it(home):
+    from service.jobs import start_explain_job
+
+    job = _finished(home["engine"], start_explain_job(home["engine"], home["params"], home["researcher"]))
+    assert job.status == "done", job.error
+    maps = N_IMAGES * len(METHODS)
+    assert (job.progress_done, job.progress_total) == (maps, maps)
+    assert job.message == f"{maps} maps of {N_IMAGES} images ready ({maps} computed, 0 were cached)"
+    for cached, fresh in _sessions(home):
+        predicted = cached.predict().predicted
+        assert cached.forward_was_cached  # no forward pass: the logits and evidence maps came from the job
+        for method in METHODS[1:]:
+            assert cached.is_cached(method, predicted)
+            hit = cached.explain(method, predicted)
+            assert hit.cached
+            np.testing.assert_allclose(hit.input_map, fresh.explain(method, predicted).input_map, rtol=1e-5, atol=1e-6)
+        for hit, computed in zip(cached.evidence_maps(), fresh.evidence_maps()):
+            np.testing.assert_allclose(hit.input_map, computed.input_map, rtol=1e-5, atol=1e-6)
+        assert not cached.is_cached("gradcam", 1 - predicted)  # only the predicted class was asked for
+
+    again = _finished(home["engine"], start_explain_job(home["engine"], home["params"], home["researcher"]))
+    assert again.status == "done" and again.message == f"{maps} maps of {N_IMAGES} images ready (0 computed, " \
+                                                       f"{maps} were cached)"
+
+
+def test_every_class_and_a_split(home):
+    from db import repository
+    from db.session import session_scope
+    from service.jobs import start_explain_job
+
+    with session_scope(home["engine"]) as s:  # the synthetic cohort puts 4 images in train: two go to test
+        for record in repository.list_images(s, home["cohort"])[1:3]:
+            record.split = "test"
+    test_images = 2
+    params = dict(home["params"], methods=["gradcam"], target="all", split="test")
+    job = _finished(home["engine"], start_explain_job(home["engine"], params, home["researcher"]))
+    assert job.status == "done", job.error
+    assert job.progress_total == test_images * 2  # two classes
+    with session_scope(home["engine"], readonly=True) as s:
+        in_test = {r.pseudonym for r in repository.list_images(s, home["cohort"], split="test")}
+        assert job.params["images"] == [r.id for r in repository.list_images(s, home["cohort"], split="test")]
+    for cached, _ in _sessions(home):
+        wanted = cached.image.name.split(".")[0] in in_test
+        assert [cached.is_cached("gradcam", c) for c in (0, 1)] == [wanted, wanted]
+
+
+def test_an_unreadable_image_is_named_and_the_other_images_stay_cached(home):
+    from db import repository
+    from db.session import session_scope
+    from service.jobs import start_explain_job
+
+    with session_scope(home["engine"], readonly=True) as s:
+        broken = repository.list_images(s, home["cohort"])[1]
+    repository.image_path(broken).write_bytes(b"not an image at all")
+    job = _finished(home["engine"], start_explain_job(home["engine"], dict(home["params"], methods=["gradcam"]),
+                                                      home["researcher"]))
+    assert job.status == "failed"
+    assert f"{broken.pseudonym}" in job.error and "1 image(s) failed" in job.error
+    assert f"{N_IMAGES - 1} maps of {N_IMAGES - 1} images ready" in job.error
+    readable = [cached for cached, _ in _sessions(home, skip=broken.id)]
+    assert len(readable) == N_IMAGES - 1
+    assert all(c.is_cached("gradcam", c.predict().predicted) for c in readable)
+
+
+def test_workers_run_precompute_chunks(home, monkeypatch):
+    from db.queue import chunks_of
+    from db.session import session_scope
+    from service import jobs
+    from service.worker import run_worker
+
+    monkeypatch.setenv("SOFTCAM_JOB_RUNNER", "worker")
+    monkeypatch.setattr(jobs, "WORKER_CHUNK_IMAGES", 3)
+    job_id = jobs.start_explain_job(home["engine"], home["params"], home["researcher"])
+    with session_scope(home["engine"], readonly=True) as s:
+        assert [(c.status, c.units) for c in chunks_of(s, job_id)] == [("queued", 3 * len(METHODS)),
+                                                                       ("queued", 1 * len(METHODS))]
+    assert run_worker(home["engine"], ["explain"], once=True, worker="w:1:1", log=lambda _: None) == 2
+    job = _finished(home["engine"], job_id, timeout=1)
+    assert job.status == "done" and job.message == f"maps of {N_IMAGES} images ready"
+    assert job.progress_done == job.progress_total == N_IMAGES * len(METHODS)
+    for cached, fresh in _sessions(home):
+        predicted = cached.predict().predicted
+        assert cached.forward_was_cached and cached.is_cached("scorecam", predicted)
+        np.testing.assert_allclose(cached.explain("scorecam", predicted).input_map,
+                                   fresh.explain("scorecam", predicted).input_map, rtol=1e-5, atol=1e-6)
+
+
+def test_cancel_stops_at_the_next_map_and_keeps_what_was_computed(home):
+    from service.jobs import JobCancelled, explain_image_ids, run_explain
+
+    steps = []
+
+    def progress(done, total, message):
+        steps.append(done)
+        if done == 2:
+            raise JobCancelled("cancelled by ada")
+
+    params = dict(home["params"], methods=["gradcam"])
+    with pytest.raises(JobCancelled):
+        run_explain(home["engine"], params, progress, images=explain_image_ids(home["engine"], params))
+    assert steps == [1, 2]
+    cached = [c.is_cached("gradcam", c.predict().predicted) for c, _ in _sessions(home)]
+    assert cached == [True, True, False, False]
+
+
+def test_bad_requests_are_refused_before_any_job_exists(home):
+    from db import repository
+    from db.session import session_scope
+    from service.access import AccessDenied
+    from service.jobs import start_explain_job
+
+    engine, params = home["engine"], home["params"]
+    with pytest.raises(ValueError, match="unknown nosuchcam"):
+        start_explain_job(engine, dict(params, methods=["gradcam", "nosuchcam"]), home["researcher"])
+    with pytest.raises(ValueError, match="target 'some'"):
+        start_explain_job(engine, dict(params, target="some"), home["researcher"])
+    with pytest.raises(ValueError, match="no image in split 'val'"):
+        start_explain_job(engine, dict(params, split="val", cohort=_empty_cohort(engine)), home["researcher"])
+    from tests.plugins.app import make_tiny_checkpoint
+
+    baseline = make_tiny_checkpoint(home["model"].with_name("baseline.pt"), head="baseline")
+    with pytest.raises(ValueError, match="black-box baseline: it has no SoftCAM evidence maps"):
+        start_explain_job(engine, dict(params, model=str(baseline)), home["researcher"])
+    with pytest.raises(AccessDenied):
+        start_explain_job(engine, params, home["annotator"])
+    with session_scope(engine, readonly=True) as s:
+        assert repository.list_jobs(s, "explain") == []
+
+
+def _empty_cohort(engine) -> str:
+    from db import repository
+    from db.session import session_scope
+
+    with session_scope(engine) as s:
+        repository.add_cohort(s, "empty", modality="fundus")
+    return "empty"
