@@ -101,6 +101,13 @@ def _held(s: Session, held: Claim) -> JobChunk:
     return chunk
 
 
+def holds(engine, held: Claim) -> bool:
+    """Whether ``held`` is still the chunk's current claim (not requeued for another worker, not gone)."""
+    with session_scope(engine, readonly=True) as s:
+        chunk = s.get(JobChunk, held.chunk_id)
+        return chunk is not None and chunk.status == "running" and chunk.attempt == held.attempt
+
+
 def heartbeat(engine, held: Claim, done: int | None = None, message: str | None = None,
               lease_seconds: float = LEASE_SECONDS) -> None:
     """Renew the lease and record progress. Raises :class:`JobFinishedError` when the job was

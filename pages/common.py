@@ -803,11 +803,11 @@ def cancel_job_and_tell(job_id: int, user: User | None) -> None:
     """A Cancel button's callback: cancel a queued or running job, or say in a toast why not (it had
     just finished)."""
     from db import repository
+    from service.access import AccessDenied
 
     try:
-        with session() as s:
-            repository.cancel_job(s, job_id, user.id if user else None)
-    except repository.RepositoryError as exc:
+        jobs.cancel_job(engine(), job_id, user.id if user else None)
+    except (repository.RepositoryError, AccessDenied) as exc:
         st.toast(one_line(exc))
 
 

@@ -8,10 +8,10 @@ import numpy as np
 import streamlit as st
 
 from pages import common
+from service.access import allowed as allowed_to
 from service.catalogue import model_identity
 from service.image_session import ImageSession, MapResult, activation_precision_for
 from softcam_core.explain.specs import BASE_METHODS, METHODS, cascam_methods, method_spec, method_title
-from service.access import allowed as allowed_to
 from service.boxes import zoomed_viewport
 from softcam_core.render import (
     DISPLAY_MAX_SIDE,
@@ -290,7 +290,8 @@ def precompute_panel(cohort_name: str) -> None:
     chosen = [m for m in (["softcam"] if session.is_softcam else []) + methods if m in offered]
     with st.form("review_precompute"):
         left, middle, right = st.columns([3, 1, 1])
-        wanted = left.multiselect("Maps", offered, default=chosen, format_func=method_title)
+        wanted = left.multiselect("Maps", offered, default=chosen, format_func=method_title,
+                                  key="review_precompute_methods")
         target_choice = middle.radio("For", ["pred", "all"], format_func={"pred": "predicted class",
                                                                           "all": "every class"}.get)
         split = right.selectbox("Images", ["all", "test", "val", "train"], help="Which split of the cohort.")
@@ -313,7 +314,7 @@ def precompute_panel(cohort_name: str) -> None:
     if job.status in ("queued", "running"):
         explain_job_progress(job.id, job.status)
         st.button("Cancel precompute", key=f"review_cancel_explain_{job.id}", icon=":material/cancel:",
-                  on_click=common.cancel_job_and_tell, args=(job.id, user),
+                  on_click=common.cancel_job_and_tell, args=(job.id, user), disabled=not allowed,
                   help="Stops after the current map; the maps computed so far stay cached.")
     elif job.status == "failed":
         st.error(f"Precompute failed: {common.plain(job.error)}")

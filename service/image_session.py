@@ -178,9 +178,12 @@ class ImageSession:
         image: a ``softcam_core.imaging.MedicalImage``.
         model_id: identity of the checkpoint for cache keys (e.g. its path, mtime and size).
         store: optional persistent cache (database) for maps.
+        memory: also use this process's in-memory map cache (off for batch work that must fill the
+            store itself and should not evict the maps of the images people are looking at).
     """
 
-    def __init__(self, model, meta: dict, image, model_id: str, store: MapStore | None = None):
+    def __init__(self, model, meta: dict, image, model_id: str, store: MapStore | None = None, *,
+                 memory: bool = True):
         import torch
 
         from softcam_core.imaging import preprocess
@@ -189,7 +192,7 @@ class ImageSession:
         self.classes = [str(c) for c in meta["classes"]]
         self.model_id = model_id
         self.image_id = image_fingerprint(image.pixels)
-        self.store = store
+        self.store, self.memory = store, memory
         # a page rerun (display control, reopened image) rebuilds the session: the model input is kept
         # (the fundus crop search and resampling cost 20-60 ms per run)
         prepared_key = (self.image_id, getattr(image, "modality", None), int(meta["img_size"]),
@@ -219,17 +222,18 @@ class ImageSession:
     def _lookup(self, method: str, target: int) -> tuple[np.ndarray, float] | None:
         """A cached array from memory, else from the persistent store (copied into memory)."""
         key = map_key(self.model_id, self.image_id, method, target)
-        hit = _memory_get(key)
+        hit = _memory_get(key) if self.memory else None
         if hit is None and self.store is not None:
             hit = self.store.get(key)
-            if hit is not None:
+            if hit is not None and self.memory:
                 _memory_put(key, *hit)
         return hit
 
     def _keep(self, method: str, target: int, array: np.ndarray, seconds: float) -> None:
         """Cache an array in memory and in the persistent store."""
         key = map_key(self.model_id, self.image_id, method, target)
-        _memory_put(key, array, seconds)
+        if self.memory:
+            _memory_put(key, array, seconds)
         if self.store is not None:
             self.store.put(key, array, seconds)
 
@@ -317,11 +321,11 @@ class ImageSession:
         return self._finish(method, target, array, seconds, False)
 
     def is_cached(self, method: str, target: int | None = None) -> bool:
-        """True when ``method``'s map for ``target`` is in memory or in the store (no computing)."""
+        """True when ``method``'s map for ``target`` is in memory (with ``memory``) or in the store (no computing)."""
         if target is None:
             target = self.predict().predicted
         key = map_key(self.model_id, self.image_id, method, target)
-        if _memory_get(key) is not None:
+        if self.memory and _memory_get(key) is not None:
             return True
         return self.store is not None and self.store.get(key) is not None
 

@@ -329,8 +329,9 @@ EXPLAIN_TARGETS = {"pred": "the predicted class", "all": "every class"}
 
 @dataclass
 class ExplainSummary:
-    """What an ``explain`` job did: images covered, maps now in the cache, how many it computed (the
-    rest were cached before), and the images it could not read (``pseudonym: reason``)."""
+    """What an ``explain`` job (or one worker chunk of it) did: images covered, maps now in the cache,
+    how many it computed (the rest were cached before), and the images it could not explain
+    (``pseudonym: reason``)."""
 
     images: int = 0
     maps: int = 0
@@ -340,6 +341,50 @@ class ExplainSummary:
     def text(self) -> str:
         return (f"{self.maps} maps of {self.images} images ready ({self.computed} computed, "
                 f"{self.maps - self.computed} were cached)")
+
+    def failure(self) -> str | None:
+        """The job's error when some images failed (their maps are missing, the others' are cached)."""
+        if not self.failed:
+            return None
+        return f"{self.text()}; {len(self.failed)} image(s) failed: {'; '.join(self.failed)}"
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps({"images": self.images, "maps": self.maps, "computed": self.computed,
+                           "failed": self.failed})
+
+    @classmethod
+    def read(cls, path: str | Path) -> "ExplainSummary":
+        import json
+
+        return cls(**json.loads(Path(path).read_text()))
+
+    @classmethod
+    def combined(cls, parts: Sequence["ExplainSummary"]) -> "ExplainSummary":
+        """One summary of a job's chunks."""
+        return cls(sum(p.images for p in parts), sum(p.maps for p in parts), sum(p.computed for p in parts),
+                   [f for p in parts for f in p.failed])
+
+
+def explain_folder(job_id: int) -> Path:
+    """Where the worker chunks of ``explain`` job ``job_id`` leave their summaries (the maps are in the
+    database map cache)."""
+    from softcam_core.paths import softcam_home
+
+    return softcam_home() / "explain" / f"job-{job_id}"
+
+
+def cancel_job(engine, job_id: int, user_id: int | None) -> None:
+    """Cancel a queued or running job as ``user_id`` (researchers and admins: the ones who run jobs);
+    its runner stops at its next step. Raises ``JobFinishedError`` when it has already finished."""
+    from db import repository
+    from db.session import session_scope
+    from service.access import require
+
+    with session_scope(engine) as s:
+        require(s, user_id, "run_jobs")
+        repository.cancel_job(s, job_id, user_id)
 
 
 def explain_image_ids(engine, params: dict) -> list[int]:
@@ -384,6 +429,13 @@ def start_explain_job(engine, params: dict, user_id: int | None) -> int:
     info = checkpoint_info(params["model"])
     if "softcam" in methods and info.head != "softcam":
         raise ValueError(f"{info.name} is a black-box baseline: it has no SoftCAM evidence maps")
+    with session_scope(engine, readonly=True) as s:
+        running = [job.id for job in repository.list_jobs(s, "explain") if job.status in ("queued", "running")
+                   and (job.params or {}).get("cohort") == params.get("cohort")
+                   and (job.params or {}).get("model") == params["model"]]
+    if running:
+        raise ValueError(f"precompute job #{running[0]} for this cohort and model has not finished yet; wait for "
+                         "it or cancel it")
     ids = explain_image_ids(engine, params)
     if not ids:
         raise ValueError(f"cohort {params.get('cohort')!r}: no image in split {params.get('split') or 'all'!r}")
@@ -407,8 +459,8 @@ def start_explain_job(engine, params: dict, user_id: int | None) -> int:
 
     def work(progress):
         summary = run_explain(engine, params, progress, images=ids)
-        if summary.failed:  # the maps of the other images stay cached; the job says which images failed
-            raise ValueError(f"{summary.text()}; {len(summary.failed)} image(s) failed: {'; '.join(summary.failed)}")
+        if summary.failure():  # the maps of the other images stay cached; the job names the failed ones
+            raise ValueError(summary.failure())
         return summary
 
     run_in_background(work, report=report, finish=finish_with(lambda summary: {"message": summary.text()}),
@@ -419,8 +471,8 @@ def start_explain_job(engine, params: dict, user_id: int | None) -> int:
 def run_explain(engine, params: dict, progress: ProgressReport | None, *, images: Sequence[int]) -> ExplainSummary:
     """Compute the maps of an ``explain`` job's ``params`` for the database images ``images`` (ids) into
     the database map cache (``DatabaseMapStore``: the cache Review reads), skipping those already
-    there. An unreadable image is recorded in ``failed`` and the others go on. ``progress(done,
-    total, message)`` counts maps (image x method x class)."""
+    there. An image that cannot be read (or was deleted since) is recorded in ``failed`` and the
+    others go on. ``progress(done, total, message)`` counts maps (image x method x class)."""
     from db import repository
     from db.session import session_scope
     from service.catalogue import load_model, model_identity, registered_model
@@ -435,26 +487,29 @@ def run_explain(engine, params: dict, progress: ProgressReport | None, *, images
     per_image = len(methods) * (len(classes) if every_class else 1)
     with session_scope(engine) as s:
         model_row = registered_model(s, params["model"])
-        records = [repository.get_image(s, int(i)) for i in images]
-    summary, done, total = ExplainSummary(), 0, len(records) * per_image
-    for record in records:
-        name = f"{record.pseudonym}{record.extension}"
+    summary, done, total = ExplainSummary(), 0, len(images) * per_image
+    for image_id in images:
         try:
-            image = load_image(repository.image_path(record), name=name, modality=record.modality)
-        except ImageLoadError as exc:
-            summary.failed.append(f"{record.pseudonym}: {exc}")
+            with session_scope(engine, readonly=True) as s:
+                record = repository.get_image(s, int(image_id))
+            image = load_image(repository.image_path(record), name=f"{record.pseudonym}{record.extension}",
+                               modality=record.modality)
+        except (ImageLoadError, repository.NotFoundError) as exc:
+            who = record.pseudonym if isinstance(exc, ImageLoadError) else f"image #{image_id}"
+            summary.failed.append(f"{who}: {exc}")
             done += per_image
             if progress is not None:
-                progress(done, total, f"{record.pseudonym}: unreadable")
+                progress(done, total, f"{who}: failed")
             continue
-        session = ImageSession(model, meta, image, identity, store=DatabaseMapStore(engine, model_row, record))
-        forward_cached = session.is_cached("forward:logits", 0)
+        # the database store only: a map in this process's memory is not in the cache Review reads
+        session = ImageSession(model, meta, image, identity, store=DatabaseMapStore(engine, model_row, record),
+                               memory=False)
         prediction = session.predict()  # caches the logits and, for a SoftCAM net, every class's evidence map
         summary.images += 1
         for method in methods:
             for target in (range(len(classes)) if every_class else [prediction.predicted]):
                 if method == "softcam":
-                    summary.computed += 0 if forward_cached else 1
+                    summary.computed += 0 if session.forward_was_cached else 1
                 elif not session.is_cached(method, target):
                     session.explain(method, target)
                     summary.computed += 1

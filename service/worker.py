@@ -11,7 +11,8 @@ and the same ``SOFTCAM_HOME`` (images, checkpoints, evaluation folders: a shared
   tables.
 * ``train`` jobs are one chunk.
 * ``explain`` jobs (precomputed maps, :func:`service.jobs.start_explain_job`) come in chunks of
-  images; each chunk writes its maps to the database map cache, so nothing is merged.
+  images; each chunk writes its maps to the database map cache and its summary (counts, images
+  that failed) to ``explain/job-<id>/<index>-attempt<n>.json``; the last one sums them up.
 * While a chunk runs, a thread heartbeats its lease every quarter lease; Cancel on a page makes the
   next heartbeat fail and the chunk stops at its next progress step.
 """
@@ -86,10 +87,11 @@ def _evaluation_source(engine, params: dict):
 def run_chunk(engine, held, lease_seconds: float) -> str:
     """Run one claimed chunk to its end; returns what happened (for the worker's log line)."""
     from db import repository
-    from db.queue import LeaseLost, chunks_of, complete
+    from db.queue import LeaseLost, chunks_of, complete, holds
     from db.repository.base import JobFinishedError
     from db.session import session_scope
-    from service.jobs import JobCancelled, evaluation_folder, run_evaluation, run_explain, run_training
+    from service.jobs import (JobCancelled, evaluation_folder, explain_folder, run_evaluation, run_explain,
+                              run_training)
 
     with session_scope(engine, readonly=True) as s:
         job = repository.get_job(s, held.job_id)
@@ -105,11 +107,12 @@ def run_chunk(engine, held, lease_seconds: float) -> str:
             elif held.kind == "train":
                 run_training(engine, held.job_params, user_id, lease.progress)
                 result_path = held.job_params["out"]
-            elif held.kind == "explain":
+            elif held.kind == "explain":  # the maps go to the database map cache; the summary to a file
                 summary = run_explain(engine, held.job_params, lease.progress, images=held.params["images"])
-                if summary.failed:
-                    raise ValueError(f"{len(summary.failed)} image(s) failed: {'; '.join(summary.failed)}")
-                result_path = ""  # the maps are in the database map cache
+                out = explain_folder(held.job_id) / f"{held.index:04d}-attempt{held.attempt}.json"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(summary.to_json())
+                result_path = str(out)
             else:
                 raise ValueError(f"no worker runs {held.kind!r} jobs")
         last = complete(engine, held, result_path)
@@ -119,6 +122,8 @@ def run_chunk(engine, held, lease_seconds: float) -> str:
         return f"dropped: {exc}"
     except Exception as exc:  # the job fails with the chunk's error, as in the app's own runner
         message = " ".join(str(exc).split()) or exc.__class__.__name__
+        if not holds(engine, held):  # its lease ran out meanwhile: the chunk is another worker's now
+            return f"dropped: {message}"
         try:
             with session_scope(engine) as s:
                 repository.update_job(s, held.job_id, status="failed", error=f"chunk {held.index}: {message}")
@@ -127,11 +132,21 @@ def run_chunk(engine, held, lease_seconds: float) -> str:
         return f"failed: {message}"
     if not last:
         return "done"
-    if held.kind in ("train", "explain"):
-        message = (f"saved {Path(result_path).name}" if held.kind == "train" else
-                   f"maps of {len(held.job_params['images'])} images ready")
+    if held.kind == "train":
         with session_scope(engine) as s:
-            repository.update_job(s, held.job_id, status="done", result_path=result_path or None, message=message)
+            repository.update_job(s, held.job_id, status="done", result_path=result_path,
+                                  message=f"saved {Path(result_path).name}")
+        return "done; job finished"
+    if held.kind == "explain":
+        from service.jobs import ExplainSummary
+
+        with session_scope(engine, readonly=True) as s:
+            summary = ExplainSummary.combined([ExplainSummary.read(c.result_path) for c in chunks_of(s, held.job_id)])
+        with session_scope(engine) as s:
+            if summary.failure():
+                repository.update_job(s, held.job_id, status="failed", error=summary.failure())
+            else:
+                repository.update_job(s, held.job_id, status="done", message=summary.text())
         return "done; job finished"
     from softcam_core.evaluate import EvalSettings, finalise, merge_rows
 

@@ -1,6 +1,7 @@
 """``explain`` jobs precompute a cohort's maps into the database map cache that Review reads (SQLite and
 the PostgreSQL service): in the app's own thread or on ``softcam worker`` processes, maps equal to
-computing them on the spot, nothing computed twice, unreadable images named, Cancel honoured."""
+computing them on the spot, nothing computed twice, unreadable images named while the others are
+done, Cancel honoured (by those who may run jobs)."""
 
 from __future__ import annotations
 
@@ -150,7 +151,8 @@ def test_workers_run_precompute_chunks(home, monkeypatch):
                                                                        ("queued", 1 * len(METHODS))]
     assert run_worker(home["engine"], ["explain"], once=True, worker="w:1:1", log=lambda _: None) == 2
     job = _finished(home["engine"], job_id, timeout=1)
-    assert job.status == "done" and job.message == f"maps of {N_IMAGES} images ready"
+    maps = N_IMAGES * len(METHODS)
+    assert job.status == "done" and job.message == f"{maps} maps of {N_IMAGES} images ready ({maps} computed, 0 were cached)"
     assert job.progress_done == job.progress_total == N_IMAGES * len(METHODS)
     for cached, fresh in _sessions(home):
         predicted = cached.predict().predicted
@@ -159,22 +161,73 @@ def test_workers_run_precompute_chunks(home, monkeypatch):
                                    fresh.explain("scorecam", predicted).input_map, rtol=1e-5, atol=1e-6)
 
 
-def test_cancel_stops_at_the_next_map_and_keeps_what_was_computed(home):
-    from service.jobs import JobCancelled, explain_image_ids, run_explain
+def test_workers_run_every_chunk_past_an_unreadable_image_and_the_job_names_it(home, monkeypatch):
+    from db import repository
+    from db.session import session_scope
+    from service import jobs
+    from service.worker import run_worker
 
-    steps = []
+    with session_scope(home["engine"], readonly=True) as s:
+        broken = repository.list_images(s, home["cohort"])[0]
+    repository.image_path(broken).write_bytes(b"\x89PNG broken")
+    monkeypatch.setenv("SOFTCAM_JOB_RUNNER", "worker")
+    monkeypatch.setattr(jobs, "WORKER_CHUNK_IMAGES", 2)
+    job_id = jobs.start_explain_job(home["engine"], dict(home["params"], methods=["gradcam"]), home["researcher"])
+    assert run_worker(home["engine"], ["explain"], once=True, worker="w:1:1", log=lambda _: None) == 2
+    job = _finished(home["engine"], job_id, timeout=1)
+    assert job.status == "failed" and broken.pseudonym in job.error and "1 image(s) failed" in job.error
+    assert job.error.startswith(f"{N_IMAGES - 1} maps of {N_IMAGES - 1} images ready")
+    readable = [cached for cached, _ in _sessions(home, skip=broken.id)]
+    assert all(c.is_cached("gradcam", c.predict().predicted) for c in readable)
 
-    def progress(done, total, message):
-        steps.append(done)
-        if done == 2:
-            raise JobCancelled("cancelled by ada")
 
-    params = dict(home["params"], methods=["gradcam"])
-    with pytest.raises(JobCancelled):
-        run_explain(home["engine"], params, progress, images=explain_image_ids(home["engine"], params))
-    assert steps == [1, 2]
+def test_cancel_on_the_page_stops_the_job_at_its_next_map_and_keeps_what_was_computed(home):
+    """The first image is a FIFO: the job's thread blocks on it, the job is cancelled, then the image
+    is fed: the thread computes that one map, sees the cancel at its progress report, and stops."""
+    import threading
+
+    from db import repository
+    from db.session import session_scope
+    from service.jobs import cancel_job, start_explain_job
+    from tests.plugins.blocking import feed, fifo_in_place_of, writer_once_read
+
+    with session_scope(home["engine"], readonly=True) as s:
+        first = repository.list_images(s, home["cohort"])[0]
+    path = repository.image_path(first)
+    with fifo_in_place_of(path) as real:
+        job_id = start_explain_job(home["engine"], dict(home["params"], methods=["gradcam"]), home["researcher"])
+        thread = next(t for t in threading.enumerate() if t.name == f"explain-{job_id}")
+        writer = writer_once_read(path, thread.is_alive, "the job's thread")
+        with pytest.raises(Exception, match="cannot run jobs"):
+            cancel_job(home["engine"], job_id, home["annotator"])  # only those who run jobs cancel them
+        cancel_job(home["engine"], job_id, home["researcher"])
+        feed(writer, real.read_bytes())
+        thread.join(timeout=300)
+    assert not thread.is_alive()
+    job = _finished(home["engine"], job_id, timeout=1)
+    assert job.status == "cancelled" and job.message == "cancelled by ada"
     cached = [c.is_cached("gradcam", c.predict().predicted) for c, _ in _sessions(home)]
-    assert cached == [True, True, False, False]
+    assert cached == [True] + [False] * (N_IMAGES - 1)
+
+
+def test_a_map_in_the_apps_memory_is_still_written_to_the_database_cache(home):
+    """Review's in-memory cache is keyed by pixels; the job must fill the database cache regardless."""
+    from service.catalogue import load_model
+    from service.image_session import ImageSession
+    from service.jobs import start_explain_job
+
+    model, meta = load_model(home["model"])
+    from service.catalogue import model_identity
+
+    cached, _ = next(_sessions(home))
+    in_memory = ImageSession(model, meta, cached.image, model_identity(home["model"]))  # no store: memory only
+    in_memory.explain("gradcam", in_memory.predict().predicted)
+    job = _finished(home["engine"], start_explain_job(home["engine"], dict(home["params"], methods=["gradcam"]),
+                                                      home["researcher"]))
+    assert job.status == "done" and job.message.endswith(f"({N_IMAGES} computed, 0 were cached)")
+    stored, _ = next(_sessions(home))
+    stored.memory = False
+    assert stored.is_cached("gradcam", stored.predict().predicted)
 
 
 def test_bad_requests_are_refused_before_any_job_exists(home):
@@ -199,6 +252,10 @@ def test_bad_requests_are_refused_before_any_job_exists(home):
         start_explain_job(engine, params, home["annotator"])
     with session_scope(engine, readonly=True) as s:
         assert repository.list_jobs(s, "explain") == []
+    first = start_explain_job(engine, dict(params, methods=["gradcam"]), home["researcher"])
+    with pytest.raises(ValueError, match=f"precompute job #{first} for this cohort and model has not finished"):
+        start_explain_job(engine, params, home["researcher"])
+    _finished(engine, first)
 
 
 def _empty_cohort(engine) -> str:

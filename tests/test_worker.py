@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from tests.plugins.app import prepare_home
+from tests.plugins.blocking import fifo_in_place_of, wait_until, writer_once_read
 
 METHODS = ["softcam", "gradcam"]
 METRICS = ["topk", "activation_precision", "deletion"]
@@ -92,32 +93,6 @@ def test_two_worker_processes_drain_one_job_each_chunk_once(queued, tmp_path):
                                   check_exact=False, rtol=1e-5, atol=1e-6)
 
 
-def _blocked_reading(fifo: Path, process: subprocess.Popen, timeout: float = 300.0) -> int:
-    """Wait until ``process`` holds ``fifo`` open for reading (then a writer can open it without
-    blocking); returns the writer's descriptor. Fails if the process ends first."""
-    import errno
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError as exc:
-            if exc.errno != errno.ENXIO:  # ENXIO: no reader yet
-                raise
-        if process.poll() is not None:
-            pytest.fail(f"the worker ended before it reached {fifo.name}: {process.stderr.read()[-3000:]}")
-        assert time.monotonic() < deadline, f"the worker did not reach {fifo.name} in {timeout:.0f} s"
-        time.sleep(0.05)
-
-
-def _wait_for(condition, what: str, timeout: float = 300.0):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
-        time.sleep(0.05)
-    return value
-
-
 def test_a_worker_killed_mid_chunk_is_recovered_by_another_and_nothing_is_counted_twice(queued, tmp_path):
     import signal
 
@@ -134,36 +109,29 @@ def test_a_worker_killed_mid_chunk_is_recovered_by_another_and_nothing_is_counte
             repository.image_path(r).stem: repository.image_path(r) for r in records}
     # chunk 0 is stems[0:3]; its second image becomes a FIFO, so the first worker reads stems[0] and then
     # blocks reading stems[1]: it is killed there, mid-chunk, at a point the test controls
-    image = paths[stems[1]]
-    real = image.with_name(image.name + ".real")
-    image.rename(real)
-    os.mkfifo(image)
     command = [sys.executable, "-m", "softcam_core", "worker", "--once", "--poll", "0.2", "--jobs", "evaluate"]
-    first = subprocess.Popen(command + ["--lease", "5"], env=queued["env"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    writer = None
-    try:
-        writer = _blocked_reading(image, first)
-
-        # blocked inside its claim: chunk 0 is running under its lease, its first image read
-        with session_scope(engine, readonly=True) as s:
-            held = chunks_of(s, queued["job"])[0]
-        assert (held.status, held.attempt) == ("running", 1) and held.worker.split(":")[1] == str(first.pid)
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=60)
-    finally:
-        if first.poll() is None:
-            first.kill()
-        if writer is not None:
+    with fifo_in_place_of(paths[stems[1]]):
+        log = open(tmp_path / "first-worker.log", "w")  # a file: a full pipe nobody reads would block it
+        first = subprocess.Popen(command + ["--lease", "5"], env=queued["env"], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            writer = writer_once_read(paths[stems[1]], lambda: first.poll() is None, "the first worker")
+            # blocked inside its claim: chunk 0 is running under its lease, its first image read
+            with session_scope(engine, readonly=True) as s:
+                held = chunks_of(s, queued["job"])[0]
+            assert (held.status, held.attempt) == ("running", 1) and held.worker.split(":")[1] == str(first.pid)
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=60)
             os.close(writer)
-        image.unlink()
-        real.rename(image)
+        finally:
+            if first.poll() is None:
+                first.kill()
+            log.close()
     assert first.returncode == -signal.SIGKILL
     with session_scope(engine, readonly=True) as s:
         dead = chunks_of(s, queued["job"])
         assert [c.status for c in dead] == ["running", "queued", "queued", "queued"]
         expires = dead[0].lease_expires_at
-    _wait_for(lambda: utcnow() > expires, "the killed worker's lease to run out", timeout=60)
+    wait_until(lambda: utcnow() > expires, "the killed worker's lease to run out", timeout=60)
 
     second = subprocess.run(command, env=queued["env"], capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]

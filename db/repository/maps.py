@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.repository.base import _write_atomically
@@ -37,21 +38,29 @@ def cache_map(session: Session, model: Model, image: Image, method: str, target:
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(saliency, dtype=np.float32))
     _write_atomically_replace(softcam_home() / relative, buffer.getvalue())
-    row = session.scalar(select(CachedMap).where(
-        CachedMap.model_id == model.id, CachedMap.image_id == image.id, CachedMap.method == method,
-        CachedMap.target == int(target), CachedMap.params_hash == digest))
+    def existing():
+        return session.scalar(select(CachedMap).where(
+            CachedMap.model_id == model.id, CachedMap.image_id == image.id, CachedMap.method == method,
+            CachedMap.target == int(target), CachedMap.params_hash == digest))
+
+    row = existing()
     if row is None:
-        row = CachedMap(model_id=model.id, image_id=image.id, method=method, target=int(target), params_hash=digest,
-                        path=str(relative))
-        session.add(row)
+        # a page and a precompute job (or two workers) can store the same map at once: the loser of the
+        # unique constraint takes the winner's row (the file is the same name, replaced atomically)
+        try:
+            with session.begin_nested():
+                row = CachedMap(model_id=model.id, image_id=image.id, method=method, target=int(target),
+                                params_hash=digest, path=str(relative))
+                session.add(row)
+        except IntegrityError:
+            row = existing()
     row.path, row.seconds, row.created_at = str(relative), seconds, utcnow()
     session.flush()
     return row
 
 
 def _write_atomically_replace(target: Path, data: bytes) -> None:
-    if target.exists():
-        target.unlink()
+    target.unlink(missing_ok=True)  # a concurrent writer may have replaced it already
     _write_atomically(target, data)
 
 
