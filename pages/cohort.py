@@ -135,25 +135,6 @@ job_id = st.selectbox("Evaluation", job_ids, key="cohort_job_choice",
 st.session_state["cohort_job"] = job_id
 
 
-@st.fragment(run_every=1.0)
-def job_progress(job_id: int, drawn_status: str) -> None:
-    """Polls the job row: progress survives reloads because it lives in the database, not the session.
-
-    ``drawn_status`` is the status the rest of the page was drawn for; when the row has moved on
-    (queued -> running -> done, failed or cancelled) the whole page is redrawn, so the status line,
-    the Cancel button and the results always describe the same moment.
-    """
-    job = common.get_job(job_id)
-    if job is None:
-        return
-    if job.status != drawn_status:
-        st.rerun()
-    total = job.progress_total or 0
-    fraction = (job.progress_done / total) if total else 0.0
-    st.progress(min(fraction, 1.0), text=f"{job.status.capitalize()}: {job.progress_done}/{total or '?'} "
-                                            f"image × method · {job.message or ''}")
-
-
 def compact_summary(cohort: pd.DataFrame) -> pd.DataFrame:
     """One column per metric: ``mean [95 % CI]  (n)``; the full table is in the downloads."""
     metrics = [c[:-5] for c in cohort.columns if c.endswith("_mean")]
@@ -173,7 +154,7 @@ job = next(j for j in jobs if j.id == job_id)  # the snapshot the selector's lab
 finished = f" {job.finished_at:%Y-%m-%d %H:%M} UTC" if job.finished_at else ""
 st.caption(f"Status: **{job.status}**{finished} · Ground truth: {common.plain(evaluation.ground_truth_text(job.params or {}))}")
 if job.status in ("queued", "running"):
-    job_progress(job_id, job.status)
+    common.job_progress(job_id, job.status, "image × method")
     # outside the polling fragment: a click there could land while the fragment redraws itself
     st.button("Cancel evaluation", key=f"cohort_cancel_{job_id}", icon=":material/cancel:",
               on_click=common.cancel_job_and_tell, args=(job_id, user),

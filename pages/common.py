@@ -799,6 +799,26 @@ def resumable(job, listed: list) -> bool:
     return jobs.resumable(job, listed)
 
 
+@st.fragment(run_every=1.0)
+def job_progress(job_id: int, drawn_status: str, unit: str) -> None:
+    """A progress bar that polls the job row: progress survives reloads because it lives in the
+    database, not the session. ``unit`` names what the job counts (``"maps"``).
+
+    ``drawn_status`` is the status the rest of the page was drawn for; when the row has moved on
+    (queued -> running -> done, failed or cancelled) the whole page is redrawn, so the status line,
+    the Cancel button and the results always describe the same moment.
+    """
+    job = get_job(job_id)
+    if job is None:
+        return
+    if job.status != drawn_status:
+        st.rerun()
+    total = job.progress_total or 0
+    fraction = (job.progress_done / total) if total else 0.0
+    st.progress(min(fraction, 1.0), text=f"{job.status.capitalize()}: {job.progress_done}/{total or '?'} "
+                                            f"{unit} · {job.message or ''}")
+
+
 def cancel_job_and_tell(job_id: int, user: User | None) -> None:
     """A Cancel button's callback: cancel a queued or running job, or say in a toast why not (it had
     just finished)."""

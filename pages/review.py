@@ -266,19 +266,6 @@ if cascam_base != "(none)":
                    f"map is cached and can be shown in the grid ({method_title('cascam:' + cascam_base)}).")
 
 # ---------------------------------------------------------------------------------------------- precompute
-@st.fragment(run_every=1.0)
-def explain_job_progress(job_id: int, drawn_status: str) -> None:
-    """Polls the job row (progress lives in the database); redraws the page when its status moves on."""
-    job = common.get_job(job_id)
-    if job is None:
-        return
-    if job.status != drawn_status:
-        st.rerun()
-    total = job.progress_total or 0
-    st.progress(min(job.progress_done / total, 1.0) if total else 0.0,
-                text=f"{job.status.capitalize()}: {job.progress_done}/{total or '?'} maps · {job.message or ''}")
-
-
 def precompute_panel(cohort_name: str) -> None:
     """Start (and follow) an ``explain`` job: this model's maps of every image of the cohort, cached."""
     st.caption("Computes the chosen maps of every image of the cohort in the background and keeps them in the "
@@ -312,7 +299,7 @@ def precompute_panel(cohort_name: str) -> None:
     job = jobs[0]  # the latest
     st.caption(f"Latest: {common.plain(common.job_label(job))}")
     if job.status in ("queued", "running"):
-        explain_job_progress(job.id, job.status)
+        common.job_progress(job.id, job.status, "maps")
         st.button("Cancel precompute", key=f"review_cancel_explain_{job.id}", icon=":material/cancel:",
                   on_click=common.cancel_job_and_tell, args=(job.id, user), disabled=not allowed,
                   help="Stops after the current map; the maps computed so far stay cached.")

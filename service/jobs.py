@@ -172,23 +172,14 @@ def start_evaluation_job(engine, params: dict | None, user_id: int | None, *, re
                              f"#{resume} started; start a new evaluation")
     params = dict(params, ground_truth=params.get("ground_truth") or "folder", ground_truth_summary=summary,
                   ground_truth_digest=digest)
-    if job_runner() == "worker":
-        from db.queue import enqueue
-
-        # workers run it: the job row and its chunks (slices of the split's images) are all the app writes
+    if job_runner() == "worker":  # workers run it: the job row and its chunks are all the app writes
         from softcam_core.evaluate import image_stems
 
         stems = image_stems(source, params.get("split", "test"), params.get("limit"))
-        parts = [({"images": stems[k:k + WORKER_CHUNK_IMAGES]},
-                  len(stems[k:k + WORKER_CHUNK_IMAGES]) * len(params["methods"]))
-                 for k in range(0, len(stems), WORKER_CHUNK_IMAGES)]
-        if not parts:
+        if not stems:
             raise ValueError(f"cohort {params.get('cohort')!r}: no image in split {params.get('split')!r}")
-        with session_scope(engine) as s:
-            job = repository.create_job(s, "evaluate", params=dict(params, images=stems), user=user_id,
-                                        message=f"queued for workers ({len(parts)} chunk(s))")
-            enqueue(s, job, parts)
-            return job.id
+        return enqueue_for_workers(engine, "evaluate", dict(params, images=stems), user_id, stems,
+                                   len(params["methods"]))
     with session_scope(engine) as s:
         job = repository.create_job(s, "evaluate", params=params, user=user_id,
                                     message="queued", worker=repository.this_worker())
@@ -209,6 +200,24 @@ def start_evaluation_job(engine, params: dict | None, user_id: int | None, *, re
 # that claim them from the database (SOFTCAM_JOB_RUNNER=worker: the app then only enqueues)
 JOB_RUNNERS = ("thread", "worker")
 WORKER_CHUNK_IMAGES = 8  # images per chunk of an evaluation run by workers
+
+
+def enqueue_for_workers(engine, kind: str, params: dict, user_id: int | None, images: Sequence,
+                        units_per_image: int) -> int:
+    """A ``kind`` job row for ``softcam worker`` processes, cut into chunks of :data:`WORKER_CHUNK_IMAGES`
+    of ``images`` (each chunk's ``params["images"]``); returns the job id."""
+    from db import repository
+    from db.queue import enqueue
+    from db.session import session_scope
+
+    images = list(images)
+    parts = [({"images": images[k:k + WORKER_CHUNK_IMAGES]}, len(images[k:k + WORKER_CHUNK_IMAGES]) * units_per_image)
+             for k in range(0, len(images), WORKER_CHUNK_IMAGES)]
+    with session_scope(engine) as s:
+        job = repository.create_job(s, kind, params=params, user=user_id,
+                                    message=f"queued for workers ({len(parts)} chunk(s))")
+        enqueue(s, job, parts)
+        return job.id
 
 
 def job_runner() -> str:
@@ -442,15 +451,7 @@ def start_explain_job(engine, params: dict, user_id: int | None) -> int:
     per_image = len(methods) * (1 if target == "pred" else len(info.meta.get("classes", [])))
     params = dict(params, methods=methods, target=target, split=params.get("split") or "all")
     if job_runner() == "worker":
-        from db.queue import enqueue
-
-        parts = [({"images": ids[k:k + WORKER_CHUNK_IMAGES]}, len(ids[k:k + WORKER_CHUNK_IMAGES]) * per_image)
-                 for k in range(0, len(ids), WORKER_CHUNK_IMAGES)]
-        with session_scope(engine) as s:
-            job = repository.create_job(s, "explain", params=dict(params, images=ids), user=user_id,
-                                        message=f"queued for workers ({len(parts)} chunk(s))")
-            enqueue(s, job, parts)
-            return job.id
+        return enqueue_for_workers(engine, "explain", dict(params, images=ids), user_id, ids, per_image)
     with session_scope(engine) as s:
         job = repository.create_job(s, "explain", params=dict(params, images=ids), user=user_id,
                                     total=len(ids) * per_image, message="queued", worker=repository.this_worker())
