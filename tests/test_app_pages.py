@@ -59,6 +59,20 @@ def heat_values(heatmap: dict):
     return np.asarray(z, dtype=np.float64)
 
 
+def latest_job_finished(kind: str, timeout: float = 120.0):
+    """The newest ``kind`` job row once it is done or failed (or as it stands after ``timeout`` s)."""
+    from db import repository
+    from db.session import session_scope
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with session_scope() as s:
+            job = repository.list_jobs(s, kind)[0]
+        if job.status in ("done", "failed") or time.monotonic() > deadline:
+            return job
+        time.sleep(0.2)
+
+
 def annotated_image(cohort: str) -> tuple[int, str]:
     from db import repository
     from db.session import session_scope
@@ -189,13 +203,7 @@ def test_review_precomputes_a_cohorts_maps_and_then_opens_them_cached(app_home):
     maps.set_value(["softcam", "gradcam", "scorecam"])
     next(b for b in at.button if b.label == "Precompute").click().run()
     assert not at.exception and not at.error, texts(at.error)
-    deadline = time.monotonic() + 120
-    while True:
-        with session_scope() as s:
-            job = repository.list_jobs(s, "explain")[0]
-        if job.status in ("done", "failed") or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    job = latest_job_finished("explain")
     assert job.status == "done", job.error
     with session_scope() as s:
         images = repository.count_images(s, app_home["cohort"])
@@ -349,21 +357,13 @@ def test_data_page_imports_a_folder_and_reports_rejections(app_home, tmp_path, r
 def _train_one_epoch(at: AppTest, name: str):
     """Fill the Models page's training form (1 epoch, 64 px), submit it and wait for the job to end;
     returns the job row."""
-    from db import repository
-    from db.session import session_scope
 
     next(t for t in at.text_input if t.label == "Checkpoint name").input(name)
     next(n for n in at.number_input if n.label == "Epochs").set_value(1)
     next(s for s in at.select_slider if s.label == "Input size (px)").set_value(64)
     next(b for b in at.button if b.label == "Train").click().run()
     assert not at.exception and not at.error, texts(at.error)
-    deadline = time.monotonic() + 120
-    while True:
-        with session_scope() as s:
-            job = repository.list_jobs(s, "train")[0]
-        if job.status in ("done", "failed") or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    job = latest_job_finished("train")
     assert job.status == "done", job.error
     return job
 
