@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "softcam_core.demo",
     "db.cli",
     "service.worker",
+    "service.jobs_cli",
 )
 
 

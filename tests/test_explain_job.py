@@ -265,3 +265,133 @@ def _empty_cohort(engine) -> str:
     with session_scope(engine) as s:
         repository.add_cohort(s, "empty", modality="fundus")
     return "empty"
+
+
+# ----------------------------------------------------------------------------- softcam jobs (the terminal)
+
+
+def _cli(*argv: str) -> int:
+    from softcam_core.cli import main
+
+    return main(list(argv))
+
+
+def _precompute_argv(home, *extra: str) -> list[str]:
+    return ["jobs", "precompute", "--cohort", home["cohort"], "--model", str(home["model"]), *extra]
+
+
+def test_softcam_jobs_precompute_waits_for_the_job_and_jobs_list_and_show_report_it(home, capsys):
+    from db import repository
+    from db.session import session_scope
+
+    assert _cli(*_precompute_argv(home, "--methods", "softcam,gradcam", "--user", "ada")) == 0
+    with session_scope(home["engine"], readonly=True) as s:
+        (job,) = repository.list_jobs(s, "explain")
+    maps = N_IMAGES * 2
+    out = capsys.readouterr().out
+    assert f"precompute job #{job.id} running in this process" in out
+    assert f"job #{job.id} done: {maps} maps of {N_IMAGES} images ready ({maps} computed, 0 were cached)" in out
+    assert job.status == "done" and job.user_id == home["researcher"]
+    for cached, _ in _sessions(home):
+        predicted = cached.predict().predicted
+        assert cached.forward_was_cached and cached.is_cached("gradcam", predicted)
+
+    assert _cli("jobs", "list", "--kind", "explain") == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith(f"#{job.id} · {home['cohort']}") and f"\texplain\t{maps}/{maps}\t{maps} maps" in line
+    assert _cli("jobs", "show", str(job.id)) == 0
+    shown = capsys.readouterr().out
+    assert "status: done" in shown and f"progress: {maps}/{maps}" in shown
+
+
+def test_softcam_jobs_refuses_what_the_page_refuses(home, capsys):
+    from db import repository
+    from db.session import session_scope
+
+    assert _cli(*_precompute_argv(home, "--methods", "gradcam", "--user", "bo")) == 2
+    assert "a annotator cannot run jobs" in capsys.readouterr().err
+    assert _cli(*_precompute_argv(home, "--methods", "gradcam,nosuchcam", "--user", "ada")) == 2
+    assert "unknown nosuchcam" in capsys.readouterr().err
+    assert _cli(*_precompute_argv(home, "--methods", "gradcam", "--user", "ada", "--detach")) == 2
+    assert "--detach needs SOFTCAM_JOB_RUNNER=worker" in capsys.readouterr().err
+    assert _cli("jobs", "precompute", "--cohort", home["cohort"], "--model", "missing.pt", "--methods", "gradcam",
+                "--user", "ada") == 2
+    assert "missing.pt: no such checkpoint" in capsys.readouterr().err
+    with session_scope(home["engine"], readonly=True) as s:
+        assert repository.list_jobs(s) == []
+    assert _cli("jobs", "show", "99") == 2
+    assert "no job 99" in capsys.readouterr().err
+
+
+def test_softcam_jobs_precompute_detached_is_run_by_workers_and_cancel_needs_a_runner_of_jobs(home, monkeypatch,
+                                                                                              capsys):
+    from db import repository
+    from db.session import session_scope
+    from service import jobs
+    from service.worker import run_worker
+
+    monkeypatch.setenv("SOFTCAM_JOB_RUNNER", "worker")
+    monkeypatch.setattr(jobs, "WORKER_CHUNK_IMAGES", 3)
+    argv = _precompute_argv(home, "--methods", "gradcam", "--user", "ada", "--detach")
+    assert _cli(*argv) == 0
+    with session_scope(home["engine"], readonly=True) as s:
+        (job,) = repository.list_jobs(s, "explain")
+    assert f"precompute job #{job.id} queued for `softcam worker`" in capsys.readouterr().out
+    assert job.status == "queued"
+    assert _cli("jobs", "show", str(job.id)) == 0
+    shown = capsys.readouterr().out
+    assert "chunk 0: queued, 0/3, attempt 0" in shown and "chunk 1: queued, 0/1, attempt 0" in shown
+    assert run_worker(home["engine"], ["explain"], once=True, worker="w:1:1", log=lambda _: None) == 2
+    assert _cli("jobs", "show", str(job.id)) == 0
+    shown = capsys.readouterr().out
+    assert "status: done" in shown and "chunk 0: done, 3/3, attempt 1, w:1:1" in shown
+
+    assert _cli(*_precompute_argv(home, "--methods", "scorecam", "--user", "ada", "--detach")) == 0
+    with session_scope(home["engine"], readonly=True) as s:
+        second = repository.list_jobs(s, "explain")[0].id
+    capsys.readouterr()
+    assert _cli("jobs", "cancel", str(second), "--user", "bo") == 2
+    assert "a annotator cannot run jobs" in capsys.readouterr().err
+    assert _cli("jobs", "cancel", str(second), "--user", "ada") == 0
+    assert run_worker(home["engine"], ["explain"], once=True, worker="w:1:1", log=lambda _: None) == 0
+    with session_scope(home["engine"], readonly=True) as s:
+        cancelled = repository.get_job(s, second)
+    assert cancelled.status == "cancelled" and cancelled.message == "cancelled by ada"
+    assert _cli("jobs", "cancel", str(second), "--user", "ada") == 2
+    assert f"job {second} is cancelled: cancelled by ada" in capsys.readouterr().err
+
+
+def test_ctrl_c_on_softcam_jobs_precompute_cancels_the_job_it_runs(home):
+    """A real ``softcam jobs precompute`` process: its job thread blocks on a FIFO in place of the
+    first image, the test sends SIGINT, and the job is recorded as cancelled (its thread dies with
+    the process, so it must not stay 'running')."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from db import repository
+    from db.session import session_scope
+    from tests.plugins.blocking import fifo_in_place_of, writer_once_read
+
+    with session_scope(home["engine"], readonly=True) as s:
+        path = repository.image_path(repository.list_images(s, home["cohort"])[0])
+    with fifo_in_place_of(path):
+        proc = subprocess.Popen([sys.executable, "-m", "softcam_core",
+                                 *_precompute_argv(home, "--methods", "gradcam", "--user", "ada")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        writer = None
+        try:
+            writer = writer_once_read(path, lambda: proc.poll() is None, "softcam jobs precompute")
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            if writer is not None:
+                os.close(writer)
+    assert proc.returncode == 130, err
+    with session_scope(home["engine"], readonly=True) as s:
+        (job,) = repository.list_jobs(s, "explain")
+    assert "precompute job" in out and f"job #{job.id} cancelled" in err
+    assert job.status == "cancelled" and job.message == "cancelled by ada"

@@ -202,3 +202,21 @@ def test_the_app_only_enqueues_when_workers_are_configured(queued):
     status, done, total, result_path, chunks = _state(queued["engine"], queued["job"])
     assert status == "queued" and (done, total) == (0, N_IMAGES * len(METHODS)) and result_path is None
     assert [(index, state, attempt) for index, state, attempt, _ in chunks] == [(k, "queued", 0) for k in range(4)]
+
+
+def test_the_worker_units_in_docs_deploy_claim_every_kind_of_job_the_app_enqueues():
+    """The compose and systemd units a lab copies from docs/deploy.md: with SOFTCAM_JOB_RUNNER=worker
+    the app enqueues every kind of job, so a unit that leaves one out leaves those jobs queued forever."""
+    import re
+
+    from service.worker import WORKER_KINDS
+    from softcam_core.cli import build_parser
+
+    text = (Path(__file__).parents[1] / "docs" / "deploy.md").read_text()
+    blocks = re.findall(r"```(?:yaml|ini)\n(.*?)```", text, flags=re.S)
+    commands = [line.split("softcam worker", 1)[1].split("#")[0].split()
+                for block in blocks for line in block.splitlines() if "softcam worker" in line]
+    assert len(commands) >= 3  # compose worker, compose GPU worker, systemd template
+    for argv in commands:
+        args = build_parser().parse_args(["worker", *argv])
+        assert sorted(args.jobs.split(",")) == sorted(WORKER_KINDS), argv
