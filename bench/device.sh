@@ -15,4 +15,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" | tee -a "$out/bench_cuda.log"
 # most informative first, so a run cut off at the time limit still answers the open rows
 python3 -m bench --device cuda --out "$out" \
-    --only explain_overhead,deletion,fast_methods,forward,evaluate_memory 2>&1 | tee -a "$out/bench_cuda.log"
+    --only explain_overhead,deletion,fast_methods,forward,evaluate_memory,evaluate_scaling 2>&1 | tee -a "$out/bench_cuda.log"
+# evaluate_scaling's CUDA rows include `torchrun --nproc_per_node 1` (the NCCL process group and rank 0's
+# merge, checked to write the one-process rows); 2 and 4 processes run only where 2 and 4 GPUs are visible

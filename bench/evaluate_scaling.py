@@ -10,7 +10,11 @@ On CPU the machine's cores are split between the processes (``OMP_NUM_THREADS`` 
 every run has the same compute and the speed-up shows what sharding adds or costs beyond it (less
 thread synchronisation per process, more start-up). On CUDA each rank needs its own GPU
 (``LOCAL_RANK``): N processes run only where N GPUs are visible; the others are reported as not run.
-There is no pass/fail target (INFO): the figures feed docs/deploy.md.
+On CUDA ``torchrun --nproc_per_node 1`` runs too, so that one GPU already exercises the NCCL process
+group and rank 0's merge (its row: the cost of torchrun over a plain process).
+There is no pass/fail target (INFO): the figures feed docs/deploy.md. Each torchrun run's
+``per_image.csv`` must hold the rows of the one-process run (same image × method pairs, values
+within rtol 1e-4); otherwise the benchmark fails with the first differing column.
 """
 
 from __future__ import annotations
@@ -48,9 +52,29 @@ def _run(command: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
+def same_rows(sharded: Path, single: Path) -> str | None:
+    """``None`` when ``sharded/per_image.csv`` holds the rows of ``single/per_image.csv`` (same image ×
+    method pairs, every numeric column but ``seconds`` within rtol 1e-4, atol 1e-6, the others equal);
+    else what differs, in words."""
+    import numpy as np
+    import pandas as pd
+
+    a, b = (pd.read_csv(folder / "per_image.csv").sort_values(["image", "method"]).reset_index(drop=True)
+            for folder in (sharded, single))
+    if list(a.columns) != list(b.columns) or a[["image", "method"]].values.tolist() != b[["image", "method"]].values.tolist():
+        return f"{len(a)} rows of other images, methods or columns than the one-process run's {len(b)}"
+    for column in (c for c in a.columns if c != "seconds"):  # seconds: each run's own timing
+        if a[column].dtype.kind not in "fiub":
+            if not a[column].fillna("").astype(str).equals(b[column].fillna("").astype(str)):
+                return f"column {column} differs from the one-process run"
+        elif not np.allclose(a[column], b[column], rtol=1e-4, atol=1e-6, equal_nan=True):
+            return f"column {column} differs from the one-process run (max |diff| {float((a[column] - b[column]).abs().max()):.3g})"
+    return None
+
+
 def run(config: Config) -> list[Result]:
     s = settings(config)
-    torchrun = Path(sys.executable).with_name("torchrun")
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]  # `torchrun`, wherever this Python's scripts are
     cores = os.cpu_count() or 1
     results = []
     with tempfile.TemporaryDirectory(prefix="softcam-bench-") as tmp:
@@ -61,8 +85,10 @@ def run(config: Config) -> list[Result]:
         checkpoint = write_checkpoint(root / "model.pt", list(CohortFolder(cohort).classes), s["img_size"])
         for device in config.devices:
             gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-            rates: dict[int, float] = {}
-            for n in s["processes"]:
+            # (processes, launched by torchrun); one torchrun rank only on CUDA, where it is the NCCL path
+            runs = [(1, False)] + [(1, True)] * (device.type == "cuda") + [(n, True) for n in s["processes"] if n > 1]
+            rates: dict[tuple[int, bool], float] = {}
+            for n, launched in runs:
                 if device.type == "cuda" and n > gpus:
                     print(f"evaluate_scaling: {n} processes need {n} GPUs, {gpus} visible: not run", flush=True)
                     continue
@@ -70,19 +96,27 @@ def run(config: Config) -> list[Result]:
                            OMP_NUM_THREADS=str(max(1, cores // n)))
                 if device.type == "cpu":
                     env["CUDA_VISIBLE_DEVICES"] = ""
-                launcher = [sys.executable] if n == 1 else [str(torchrun), "--standalone", "--nproc_per_node", str(n)]
+                launcher = [*torchrun, "--standalone", "--nproc_per_node", str(n)] if launched else [sys.executable]
+                out = root / f"eval-{device.type}-{n}{'-torchrun' * launched}"
                 command = [*launcher, "-m", "softcam_core", "evaluate", "--model", str(checkpoint), "--data",
-                           str(cohort), "--methods", METHODS, "--out", str(root / f"eval-{device.type}-{n}"),
+                           str(cohort), "--methods", METHODS, "--out", str(out),
                            "--split", "all", "--no-figures", "--bootstrap", "200", "--steps", str(s["steps"])]
-                rates[n] = s["images"] / _run(command, env)
-            for n, rate in rates.items():
-                if n == 1:
+                rates[n, launched] = s["images"] / _run(command, env)
+                if launched:
+                    differs = same_rows(out, root / f"eval-{device.type}-1")
+                    if differs:
+                        raise RuntimeError(f"{n} torchrun process(es) on {device.type}: {differs}")
+            single = rates[1, False]
+            for (n, launched), rate in rates.items():
+                if not launched:
                     continue
+                what = f"{n} processes" if n > 1 else "torchrun 1 process"
                 result = Result(
-                    f"evaluate images/s, {n} processes vs 1 ({s['images']} images, {METHODS}, {s['img_size']}px)",
-                    device_label(device), rate, rates[1], rate / rates[1], None, ">=", unit="img/s",
-                    ours_label=f"{n} processes", reference_label="1 process",
-                    extra={"threads per process": max(1, cores // n), "images/s": {k: round(v, 3) for k, v in rates.items()}},
+                    f"evaluate images/s, {what} vs 1 ({s['images']} images, {METHODS}, {s['img_size']}px)",
+                    device_label(device), rate, single, rate / single, None, ">=", unit="img/s",
+                    ours_label=what, reference_label="1 process",
+                    extra={"threads per process": max(1, cores // n), "same rows as 1 process": True,
+                           "images/s": {f"{k}{' torchrun' * t}": round(v, 3) for (k, t), v in rates.items()}},
                 )
                 results.append(result)
                 print(result.line(), flush=True)

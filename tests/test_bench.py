@@ -128,6 +128,26 @@ def test_evaluate_scaling_tiny_times_one_and_two_processes(tmp_path, capsys):
     assert result["unit"] == "img/s" and result["ours"] > 0 and result["reference"] > 0
     assert "2 processes vs 1" in result["name"] and result["verdict"] == "INFO"  # speed-up reported, no target
     assert re.search(r"2 processes [\d.]+ img/s, 1 process [\d.]+ img/s, ratio [\d.]+ \(no target\) INFO", out), out
+    assert result["extra"]["same rows as 1 process"] is True
+
+
+def test_evaluate_scaling_refuses_sharded_rows_that_differ_from_one_process(tmp_path):
+    import pandas as pd
+
+    from bench.evaluate_scaling import same_rows
+
+    rows = pd.DataFrame({"image": ["a", "a", "b", "b"], "method": ["gradcam", "softcam"] * 2,
+                         "topk": [0.5, 0.25, 1.0, 0.0], "seconds": [0.1, 0.2, 0.3, 0.4], "notes": ["", "x", "", ""]})
+    for name, table in {"one": rows, "same": rows.iloc[::-1].assign(seconds=1.0),
+                        "off": rows.assign(topk=[0.5, 0.25, 1.0, 0.01]), "noted": rows.assign(notes="y"),
+                        "short": rows.iloc[:3]}.items():
+        (tmp_path / name).mkdir()
+        table.to_csv(tmp_path / name / "per_image.csv", index=False)
+    assert same_rows(tmp_path / "same", tmp_path / "one") is None  # row order and timings do not matter
+    assert same_rows(tmp_path / "off", tmp_path / "one") == "column topk differs from the one-process run " \
+                                                            "(max |diff| 0.01)"
+    assert same_rows(tmp_path / "noted", tmp_path / "one") == "column notes differs from the one-process run"
+    assert "3 rows of other images" in same_rows(tmp_path / "short", tmp_path / "one")
 
 
 def test_report_cost_tiny_predicts_against_the_budget(tmp_path, capsys):
