@@ -333,7 +333,7 @@ class EvalSettings:
             "topk": [f"topk_precision_k{k}" for k in ks],
             "topk_positive": [f"topk_precision_pos_k{k}" for k in ks],
             "activation_precision": ["activation_precision"],
-            "activation_sensitivity": ["activation_sensitivity"],
+            "activation_sensitivity": ["activation_sensitivity", "activation_sensitivity_count"],
             "activation_consistency": ["activation_consistency_diseased", "activation_consistency_healthy",
                                        "activation_consistency"],
             "pointing_game": ["pointing_game"],
@@ -384,6 +384,7 @@ def score_map(
         calls.append(("activation_precision", M.activation_precision, (sal, mask)))
     if "activation_sensitivity" in chosen:
         calls.append(("activation_sensitivity", M.activation_sensitivity, (sal, mask)))
+        calls.append(("activation_sensitivity_count", M.activation_sensitivity, (sal, mask, "count")))
     if "activation_consistency" in chosen:
         from softcam_core.explain.specs import is_method, method_spec
 

@@ -2,8 +2,9 @@
 
 Defaults follow the papers: the SoftCAM paper (Djoumessi & Berens, MIDL 2026, Appendix E) for
 activation consistency, top-k localization precision, activation precision / sensitivity and
-deletion (faithfulness), and the CasCAM evaluation for the top-10 % IoU, top-15 % energy and the
-trapezoid AP. Every departure from a paper is a *named* option or function (``denominator=
+deletion (faithfulness), and the CasCAM evaluation (§4.5) for IoU, top-15 % energy and AP (CasCAM
+states neither IoU's region nor AP's estimator: the top 10 % and the trapezoid come from the papers'
+index and issue 16, and the step AP is reported beside it). Every departure from a paper is a *named* option or function (``denominator=
 "positive"``, ``positive_only=True``, ``protocol="full"``, ``scale="logodds"``,
 :func:`activation_consistency_mass`, ...); ``docs/metrics.md`` lists each one beside the paper
 sentence it departs from, with every formula and edge-case rule.
@@ -245,40 +246,63 @@ def topk_localization_precision(sal: Any, mask: Any, k: int, patch: int, denomin
     return float(touches[chosen].sum() / int(k))
 
 
-def activation_precision(sal: Any, mask: Any) -> float:
-    """Share of the positive evidence mass that lies inside the annotation.
+def _mass_problem(sal: np.ndarray, mask: np.ndarray) -> str | None:
+    """What makes a mass metric (activation precision / sensitivity) undefined: a non-finite or
+    empty map, or an empty mask. A constant map or one without positive evidence has a value."""
+    if not np.all(np.isfinite(sal)):
+        return "map contains NaN or infinite values"
+    if sal.size == 0:
+        return "map is empty"
+    if not mask.any():
+        return "empty annotation mask"
+    return None
 
-    ``sum(P * mask) / sum(P)`` with ``P = max(sal, 0)`` (the positive part, clipped here).
-    Returns float in [0, 1]; nan for an empty mask, a constant / non-finite map, or no positive
-    evidence.
+
+def activation_precision(sal: Any, mask: Any) -> float:
+    """Share of the positive evidence mass that lies inside the annotation (SoftCAM App. E.3, Eq. 8).
+
+    ``sum(P * mask) / (sum(P) + eps)`` with ``P = max(sal, 0)`` (the positive part, clipped here).
+    The paper's ``eps`` only prevents division by zero, so it is taken to 0: the ratio where the map
+    has positive evidence, and 0 where it has none (none of its evidence is on the lesion). A
+    constant positive map scores the annotated share of the image, i.e. chance.
+    Returns float in [0, 1]; nan for an empty mask or a non-finite map.
     """
     sal, mask = _pair(sal, mask)
-    problem = _pair_problem(sal, mask)
+    problem = _mass_problem(sal, mask)
     if problem:
         return _undefined(problem)
     positive = np.clip(sal, 0.0, None)
     total = positive.sum()
-    if total <= 0:
-        return _undefined("map has no positive activation")
-    return float(positive[mask].sum() / total)
+    return float(positive[mask].sum() / total) if total > 0 else 0.0
 
 
-def activation_sensitivity(sal: Any, mask: Any) -> float:
-    """Mean normalised positive evidence over the annotated pixels.
+SENSITIVITY_KINDS = ("weighted", "count")
 
-    ``sum(P / max(P) * mask) / sum(mask)`` with ``P = max(sal, 0)``: the positive part is scaled
-    to a maximum of 1, so the value is in [0, 1] and is 1 only when every annotated pixel carries
-    the map's peak evidence. Units: fraction of the peak, averaged per annotated pixel.
-    Returns nan for an empty mask, a constant / non-finite map, or no positive evidence.
+
+def activation_sensitivity(sal: Any, mask: Any, kind: str = "weighted") -> float:
+    """How completely the positive evidence covers the annotation (SoftCAM App. E.3, Eq. 9).
+
+    ``kind="weighted"`` (default): ``sum(P / max(P) * mask) / sum(mask)`` with ``P = max(sal, 0)``,
+    the paper's reading in which "the low activation contributes only minimally to the numerator":
+    each annotated pixel counts with its evidence as a fraction of the map's peak, so the value is 1
+    only when every annotated pixel carries the peak. ``kind="count"``: the share of annotated pixels
+    with ``P > 0`` (the paper's other sentence, "the proportion of mask pixels that receive any
+    positive activation"). A map without positive evidence scores 0; a constant positive map 1 (a
+    recall: read it beside :func:`activation_precision`, which scores that map at chance).
+    Returns float in [0, 1]; nan for an empty mask or a non-finite map.
     """
+    if kind not in SENSITIVITY_KINDS:
+        raise ValueError(f"kind must be one of {SENSITIVITY_KINDS}, got {kind!r}")
     sal, mask = _pair(sal, mask)
-    problem = _pair_problem(sal, mask)
+    problem = _mass_problem(sal, mask)
     if problem:
         return _undefined(problem)
     positive = np.clip(sal, 0.0, None)
+    if kind == "count":
+        return float((positive[mask] > 0).sum() / mask.sum())
     peak = positive.max()
     if peak <= 0:
-        return _undefined("map has no positive activation")
+        return 0.0
     return float((positive[mask] / peak).sum() / mask.sum())
 
 

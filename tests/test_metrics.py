@@ -105,6 +105,30 @@ def test_activation_sensitivity_hand_computed():
     assert M.activation_sensitivity(sal, _mask((2, 2), (0, 0), (0, 1))) == pytest.approx(1 / 3)
     # whole image: (2/3 + 0 + 1/3 + 1) / 4 = 0.5
     assert M.activation_sensitivity(sal, np.ones((2, 2), bool)) == pytest.approx(0.5)
+    # count: share of annotated pixels with P > 0; {(0,0), (0,1)}: 1 of 2; whole image: 3 of 4
+    assert M.activation_sensitivity(sal, _mask((2, 2), (0, 0), (0, 1)), kind="count") == pytest.approx(0.5)
+    assert M.activation_sensitivity(sal, np.ones((2, 2), bool), kind="count") == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="kind"):
+        M.activation_sensitivity(sal, np.ones((2, 2), bool), kind="area")
+
+
+def test_activation_precision_and_sensitivity_score_a_map_without_evidence_0_and_a_flat_map_at_chance():
+    """SoftCAM E.3: the epsilon in Eqs. 8-9 only prevents division by zero, so a map with no positive
+    evidence scores 0 (it is kept in the cohort mean: leaving it out would reward abstaining), and a
+    constant map has a value: precision at chance (the annotated share), sensitivity 1 (a recall)."""
+    mask = _mask((4, 4), (0, 0), (0, 1), (1, 1))  # 3 of 16 pixels
+    negative = -np.arange(1, 17, dtype=float).reshape(4, 4)
+    assert M.metric_or_reason(M.activation_precision, negative, mask) == (0.0, None)
+    assert M.metric_or_reason(M.activation_sensitivity, negative, mask) == (0.0, None)
+    assert M.activation_sensitivity(negative, mask, kind="count") == 0.0
+    assert M.activation_precision(np.zeros((4, 4)), mask) == 0.0
+    flat = np.full((4, 4), 2.5)
+    assert M.activation_precision(flat, mask) == pytest.approx(3 / 16)
+    assert M.activation_sensitivity(flat, mask) == pytest.approx(1.0)
+    assert M.activation_sensitivity(flat, mask, kind="count") == pytest.approx(1.0)
+    # a cohort of one perfect map and one without evidence: mean 0.5 (the paper's), not 1.0
+    perfect = mask.astype(float)
+    assert np.mean([M.activation_precision(perfect, mask), M.activation_precision(negative, mask)]) == 0.5
 
 
 def test_activation_consistency_hand_computed():
@@ -270,6 +294,7 @@ def test_average_precision_matches_sklearn():
 
 # ---------------------------------------------------------------- edge cases shared by all map metrics
 
+MASS_METRICS = (M.activation_precision, M.activation_sensitivity)
 MAP_METRICS = [
     lambda s, m: M.topk_localization_precision(s, m, 2, 2),
     lambda s, m: M.topk_localization_precision(s, m, 2, 2, denominator="positive"),
@@ -294,7 +319,10 @@ def test_edge_cases_are_explicit(metric):
     value, reason = M.metric_or_reason(metric, good, np.zeros((4, 4), bool))
     assert math.isnan(value) and reason == "empty annotation mask"
     value, reason = M.metric_or_reason(metric, np.full((4, 4), 3.0), mask)
-    assert math.isnan(value) and "constant" in reason
+    if metric in MASS_METRICS:  # defined on a constant map (chance; see the test above)
+        assert np.isfinite(value) and reason is None
+    else:
+        assert math.isnan(value) and "constant" in reason
     with_nan = good.copy()
     with_nan[1, 1] = np.nan
     value, reason = M.metric_or_reason(metric, with_nan, mask)
@@ -308,8 +336,8 @@ def test_edge_cases_are_explicit(metric):
 def test_no_positive_evidence_is_undefined():
     negative = -np.arange(16, dtype=float).reshape(4, 4) - 1
     mask = _mask((4, 4), (0, 0))
-    needs_positive = (
-        M.activation_precision, M.activation_sensitivity, M.energy_top_fraction,
+    needs_positive = (  # (activation precision / sensitivity score such a map 0: see above)
+        M.energy_top_fraction,
         lambda s, m: M.iou_top_fraction(s, m, positive_only=True),
         lambda s, m: M.topk_localization_precision(s, m, 1, 2, denominator="positive"),
     )
