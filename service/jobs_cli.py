@@ -29,13 +29,16 @@ def _engine():
 
 
 def _user_id(engine, username: str) -> int:
-    """The id of account ``username`` (created as a researcher if new, as ``images label --user`` does).
-    The role check is the service function's: an annotator's account is refused there."""
-    from db.repository import get_or_create_user
+    """The id of the existing account ``username``. Not created when missing: a mistyped name must
+    not become a new account that may run jobs. The role check is the service function's."""
+    from db.repository import get_user
     from db.session import session_scope
 
-    with session_scope(engine) as s:
-        return get_or_create_user(s, username, role="researcher").id
+    with session_scope(engine, readonly=True) as s:
+        user = get_user(s, username)
+        if user is None:
+            raise ValueError(f"no account {username!r}: create it with `softcam users add {username} --role researcher`")
+        return user.id
 
 
 def _progress(job) -> str:
@@ -167,7 +170,7 @@ def register_cli(subparsers) -> None:
     show.set_defaults(func=_show)
     cancel = sub.add_parser("cancel", help="cancel a queued or running job (researchers and admins)")
     cancel.add_argument("job", type=int, metavar="ID")
-    cancel.add_argument("--user", required=True, help="account that cancels (created as a researcher if new)")
+    cancel.add_argument("--user", required=True, help="account that cancels: a researcher or admin")
     cancel.set_defaults(func=_cancel)
     pre = sub.add_parser(
         "precompute", help="compute a cohort's maps into the database cache Review reads (the Review page's "
@@ -181,7 +184,7 @@ def register_cli(subparsers) -> None:
     pre.add_argument("--split", choices=("all", *STANDARD_SPLITS), default="all")
     pre.add_argument("--limit", type=int, default=None, help="the first N images only")
     pre.add_argument("--user", required=True,
-                     help="account the job runs as: a researcher or admin (created as a researcher if new)")
+                     help="account the job runs as: a researcher or admin (`softcam users add`)")
     pre.add_argument("--detach", action="store_true",
                      help="return once enqueued (needs SOFTCAM_JOB_RUNNER=worker)")
     pre.add_argument("--poll", type=float, default=0.5, help="seconds between looks at the job's progress")

@@ -319,6 +319,10 @@ def test_softcam_jobs_refuses_what_the_page_refuses(home, capsys):
     assert "missing.pt: no such checkpoint" in capsys.readouterr().err
     with session_scope(home["engine"], readonly=True) as s:
         assert repository.list_jobs(s) == []
+    assert _cli(*_precompute_argv(home, "--methods", "gradcam", "--user", "adaa")) == 2
+    assert "no account 'adaa': create it with `softcam users add adaa --role researcher`" in capsys.readouterr().err
+    with session_scope(home["engine"], readonly=True) as s:
+        assert repository.get_user(s, "adaa") is None  # a mistyped name is not made an account
     assert _cli("jobs", "show", "99") == 2
     assert "no job 99" in capsys.readouterr().err
 
