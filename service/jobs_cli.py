@@ -13,8 +13,10 @@ the workers' progress, and ``--detach`` returns at once.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-import time
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 FINISHED = ("done", "failed", "cancelled")
@@ -91,16 +93,18 @@ def _cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def wait_for_job(engine, job_id: int, *, poll_seconds: float = 0.5, out=sys.stderr):
+def wait_for_job(engine, job_id: int, *, poll_seconds: float = 0.5, stop: threading.Event | None = None,
+                 out=sys.stderr):
     """Poll job ``job_id`` until it is done, failed or cancelled, with a tqdm bar of its progress on
-    ``out``; returns the finished job row."""
+    ``out``; returns the finished job row, or None once ``stop`` is set (Ctrl-C: :func:`interrupt_event`)."""
     from tqdm import tqdm
 
     from db import repository
     from db.session import session_scope
 
+    stop = stop or threading.Event()
     with tqdm(desc=f"job #{job_id}", unit="map", file=out, leave=False) as bar:
-        while True:
+        while not stop.is_set():
             with session_scope(engine, readonly=True) as s:
                 job = repository.get_job(s, job_id)
             if job.progress_total and bar.total != job.progress_total:
@@ -110,7 +114,26 @@ def wait_for_job(engine, job_id: int, *, poll_seconds: float = 0.5, out=sys.stde
             bar.refresh()
             if job.status in FINISHED:
                 return job
-            time.sleep(poll_seconds)
+            stop.wait(poll_seconds)
+    return None
+
+
+@contextmanager
+def interrupt_event():
+    """An Event that SIGINT (Ctrl-C) sets instead of raising KeyboardInterrupt, for the block.
+
+    A KeyboardInterrupt can land anywhere, e.g. between creating a job and the ``try`` that would
+    cancel it, or inside a database transaction; a flag is read only where the caller looks."""
+    stop = threading.Event()
+    # signal handlers live in the main thread; an ignored SIGINT (nohup, a background job) stays ignored
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        yield stop
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _precompute(args: argparse.Namespace) -> int:
@@ -128,22 +151,22 @@ def _precompute(args: argparse.Namespace) -> int:
     params = {"model": str(model.resolve()), "cohort": args.cohort,
               "methods": [m.strip() for m in args.methods.split(",") if m.strip()],
               "target": args.target, "split": args.split, "limit": args.limit}
-    job_id = start_explain_job(engine, params, user_id)
-    where = "queued for `softcam worker`" if runner == "worker" else "running in this process"
-    print(f"precompute job #{job_id} {where}", flush=True)
-    if args.detach:
-        print(f"follow it with `softcam jobs show {job_id}`")
-        return 0
-    try:
-        job = wait_for_job(engine, job_id, poll_seconds=args.poll)
-    except KeyboardInterrupt:
+    with interrupt_event() as stop:
+        job_id = start_explain_job(engine, params, user_id)
+        where = "queued for `softcam worker`" if runner == "worker" else "running in this process"
+        print(f"precompute job #{job_id} {where}", flush=True)
+        if args.detach:
+            print(f"follow it with `softcam jobs show {job_id}`")
+            return 0
+        job = wait_for_job(engine, job_id, poll_seconds=args.poll, stop=stop)
+    if job is None:  # Ctrl-C
         if runner == "worker":  # the workers go on without this terminal
             print(f"\njob #{job_id} goes on in the workers: `softcam jobs show {job_id}`; "
                   f"`softcam jobs cancel {job_id} --user {args.user}` stops it", file=sys.stderr)
         else:  # the job's thread dies with this process: record why it stopped
             cancel_job(engine, job_id, user_id)
             print(f"\njob #{job_id} cancelled; the maps computed so far stay cached", file=sys.stderr)
-        raise
+        return 130
     if job.status == "done":
         print(f"job #{job_id} done: {job.message}")
         return 0

@@ -383,7 +383,10 @@ def test_ctrl_c_on_softcam_jobs_precompute_cancels_the_job_it_runs(home):
     with fifo_in_place_of(path):
         proc = subprocess.Popen([sys.executable, "-m", "softcam_core",
                                  *_precompute_argv(home, "--methods", "gradcam", "--user", "ada")],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                # a suite started in the background (nohup, `&`) passes SIGINT on ignored,
+                                # and an ignored SIGINT stays ignored: the child gets it as a terminal would
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         writer = None
         try:
             writer = writer_once_read(path, lambda: proc.poll() is None, "softcam jobs precompute")
