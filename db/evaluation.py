@@ -54,9 +54,8 @@ class DatabaseRecord:
     """One image of a database cohort, shaped like :class:`softcam_core.data.Record`.
 
     ``path``: the stored file (``SOFTCAM_HOME/images/<sha256>.<ext>``); ``stem``: the image's
-    pseudonym. ``evaluate_cohort`` keys rows (the ``image`` column) and masks by ``path.stem``,
-    the sha256, today; :meth:`DatabaseCohort.mask` accepts either, so the tables show pseudonyms as
-    soon as it honours ``record.stem``. ``label_index`` into :attr:`DatabaseCohort.classes`;
+    pseudonym, which ``evaluate_cohort`` keys rows (the ``image`` column) and masks by;
+    :meth:`DatabaseCohort.mask` also accepts the sha256. ``label_index`` into :attr:`DatabaseCohort.classes`;
     ``split``: ``train``/``val``/``test`` or ``""``; ``width``/``height``: pixels of the stored image.
     """
 

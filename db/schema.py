@@ -3,7 +3,8 @@
 The Alembic revisions under db/migrations/versions create exactly these tables; a test compares the
 migrated database with this metadata, so a change here needs a new revision.
 
-Privacy: images are known by a pseudonym (``img-`` + 16 hex of the stored file's sha256) and by
+Privacy: images are known by a pseudonym (``img-`` + 16 hex of an HMAC of the stored file's sha256
+under ``names.key``, :func:`db.repository.images.pseudonym_for`) and by
 keyed hashes of their names / DICOM ids (``image_keys``), never by a patient name or ID.
 Timestamps are stored as naive UTC and come back as aware UTC datetimes (:class:`UTCDateTime`).
 """

@@ -20,8 +20,8 @@ from sqlalchemy import func, select, text
 
 from annotations.geometry import Box, Mask, Point, Polygon
 from db import repository as repo
-from db.schema import Annotation, AnnotationAudit, Image
-from db.session import current_revision, get_engine, head_revision, session_scope, upgrade
+from db.schema import Annotation, AnnotationAudit, Image, ImageKey
+from db.session import current_revision, downgrade, get_engine, head_revision, session_scope, upgrade
 
 FIRST_REVISION = "0001_initial"
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def test_migrated_database_matches_the_models(engine):
 
     from db.schema import Base
 
-    assert current_revision(engine) == head_revision() == "0008_job_chunks"
+    assert current_revision(engine) == head_revision() == "0009_keyed_pseudonyms"
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     assert upgrade(engine) == head_revision()  # idempotent: the app calls it on every start
@@ -68,6 +68,42 @@ def db_at_first_revision(db_url):
             for table in ("cohorts", "users", "images", "annotations", "annotation_audit", "models"):
                 connection.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), 10)"))
     return engine
+
+
+def test_upgrade_keys_old_pseudonyms_and_old_exports_still_find_their_images(db_url):
+    from db.repository.annotation_files import CohortResolver
+
+    engine = get_engine(db_url)
+    assert upgrade(engine, "0008_job_chunks") == "0008_job_chunks"
+    old_sha, kept_sha = hashlib.sha256(b"old").hexdigest(), hashlib.sha256(b"kept").hexdigest()
+    rows = [(1, f"img-{old_sha[:16]}", old_sha), (2, "img-handmade000001", kept_sha)]
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO cohorts (id, name, created_at) VALUES (1, 'old', :at)"), {"at": datetime(2026, 1, 2)})
+        for image_id, pseudonym, sha in rows:
+            connection.execute(text(
+                "INSERT INTO images (id, cohort_id, pseudonym, sha256, modality, extension, stored_path, burned_in,"
+                " metadata, created_at) VALUES (:id, 1, :p, :sha, 'cxr', '.png', 'images/x.png', :f, '{}', :at)"),
+                {"id": image_id, "p": pseudonym, "sha": sha, "f": False, "at": datetime(2026, 1, 2)})
+    assert upgrade(engine) == head_revision()
+    with session_scope(engine) as s:
+        migrated, kept = s.get(Image, 1), s.get(Image, 2)
+        assert migrated.pseudonym == repo.pseudonym_for(repo.names_key(), old_sha) != f"img-{old_sha[:16]}"
+        assert kept.pseudonym == "img-handmade000001"  # not of the old form: left as it was
+        assert old_sha[:16] not in migrated.pseudonym
+        # a table or annotation file exported before the upgrade still names the image
+        assert repo.get_image(s, f"img-{old_sha[:16]}").id == 1
+        resolve = CohortResolver(s, repo.get_cohort(s, "old"))
+        assert resolve(f"img-{old_sha[:16]}.png").key == 1 and resolve(migrated.pseudonym).key == 1
+        assert [i.id for i in repo.list_images(s, "old", search=f"img-{old_sha[:16]}")] == [1]
+        with pytest.raises(repo.NotFoundError):
+            repo.get_image(s, f"img-{kept_sha[:16]}")  # no old pseudonym was ever made for it
+    assert upgrade(engine) == head_revision()  # idempotent: nothing of the old form is left
+    with session_scope(engine) as s:
+        assert s.scalar(select(func.count()).select_from(ImageKey).where(ImageKey.kind == "legacy_pseudonym")) == 1
+    downgrade(engine, "0008_job_chunks")
+    with session_scope(engine) as s:
+        assert s.get(Image, 1).pseudonym == f"img-{old_sha[:16]}" and s.get(Image, 2).pseudonym == "img-handmade000001"
+        assert s.scalar(select(func.count()).select_from(ImageKey)) == 0
 
 
 def test_old_database_upgrades_without_loss(db_at_first_revision):
@@ -299,7 +335,7 @@ def test_import_images_accepts_rejects_and_is_idempotent(session, real_data, tmp
     for image in images:
         stored = repo.image_path(image)
         assert stored.name == f"{image.sha256}.png" and stored.is_file()
-        assert image.pseudonym == f"img-{image.sha256[:16]}"
+        assert image.pseudonym == repo.pseudonym_for(repo.names_key(), image.sha256)
     again = repo.import_images(session, [folder], "cxr")
     assert again.new == 0 and len(again.accepted) == 4
     assert repo.count_images(session, repo.get_cohort(session, "cxr")) == 5
@@ -461,7 +497,7 @@ def test_cli_commands(db_env, real_data, tmp_path, capsys):
 
     folder = real_data / "cxr_rsna_png"
     assert main(["db", "upgrade"]) == 0
-    assert "0008_job_chunks" in capsys.readouterr().out
+    assert "0009_keyed_pseudonyms" in capsys.readouterr().out
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"")
     assert main(["images", "import", str(folder / "images"), str(junk), "--cohort", "rsna", "--modality", "cxr"]) == 1
@@ -637,6 +673,27 @@ def test_no_original_file_name_or_hash_of_the_identified_file_is_stored(session,
     assert [i.id for i in repo.list_images(session, "names", search="Doe_Jane_19450212_fundus")] == [accepted.image_id]
     assert repo.list_images(session, "names", search="Jane") == []  # no partial match on a name nobody stored
     assert not repo.import_images(session, [path], "names").accepted[0].new
+
+
+def test_pseudonyms_are_keyed_so_a_source_file_does_not_give_its_pseudonym(session, tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    path = tmp_path / "Doe_Jane_fundus.png"
+    PILImage.fromarray(np.random.default_rng(4).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(path)
+    [first] = repo.import_images(session, [path], "a").accepted
+    image = repo.get_image(session, first.image_id)
+    source_sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert repo.image_path(image).read_bytes() == path.read_bytes()  # no metadata: stored unchanged
+    assert source_sha[:16] not in first.pseudonym and first.pseudonym.startswith("img-") and len(first.pseudonym) == 20
+    [again] = repo.import_images(session, [path], "b").accepted
+    assert again.pseudonym == first.pseudonym  # one server: the same file has one pseudonym in every cohort
+    repo.get_or_create_user(session, "ann")
+    repo.save_annotation(session, first.image_id, Box(1, 1, 9, 9), "lesion", "ann")
+    exported = repo.export_annotations(session, "coco", "a", tmp_path / "a.json").read_text()
+    assert first.pseudonym in exported and source_sha[:16] not in exported and "Doe_Jane" not in exported
+    monkeypatch.setenv("SOFTCAM_NAMES_KEY", "another server's key")
+    [elsewhere] = repo.import_images(session, [path], "c").accepted
+    assert elsewhere.pseudonym != first.pseudonym  # another key, other pseudonyms
 
 
 # --- hostile archives and folders ---------------------------------------------------------------

@@ -54,6 +54,8 @@ from db.repository.images import (  # noqa: F401
     image_path,
     import_images,
     list_images,
+    names_key,
+    pseudonym_for,
     release_image,
 )
 from db.repository.adjudication import (  # noqa: F401

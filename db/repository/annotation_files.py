@@ -22,7 +22,7 @@ from annotations.geometry import Mask, Polygon
 from db.repository.annotation_edits import annotation_geometry, list_annotations
 from db.repository.base import AnnotationImportError, Progress
 from db.repository.cohorts import get_cohort
-from db.repository.images import _digest, _hmac_key, image_path, list_images
+from db.repository.images import LEGACY_PSEUDONYM_KIND, _digest, _hmac_key, image_path, list_images
 from db.repository.users import _user_id
 from db.schema import (
     Annotation,
@@ -43,8 +43,8 @@ class _Resolved:
 
 
 class CohortResolver:
-    """Finds the image an annotation file names, within one cohort: pseudonym, content hash (of the
-    stored file), file name, stem, DICOM PatientID / SOP / Study UID (RSNA ``patientId``), or,
+    """Finds the image an annotation file names, within one cohort: pseudonym (or one from before
+    pseudonyms were keyed, which older exports carry), content hash (of the stored file), file name, stem, DICOM PatientID / SOP / Study UID (RSNA ``patientId``), or,
     for masks, a unique leading token of the stem."""
 
     def __init__(self, session: Session, cohort: Cohort):
@@ -71,6 +71,7 @@ class CohortResolver:
         stem = PurePosixPath(base).stem
         steps = [
             lambda: self.by_text.get(ref.strip().lower(), set()) | self.by_text.get(stem.lower(), set()),
+            lambda: self._lookup(LEGACY_PSEUDONYM_KIND, ref.strip()) | self._lookup(LEGACY_PSEUDONYM_KIND, stem),
             lambda: self._lookup("name", base),
             lambda: self._lookup("stem", stem) or self._lookup("stem", base),
             lambda: self._lookup("patient", ref) | self._lookup("sop", ref) | self._lookup("study", ref),

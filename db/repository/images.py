@@ -44,16 +44,24 @@ def _hmac_key(session: Session) -> bytes:
     :func:`softcam_core.paths.secret_key`; ``SOFTCAM_NAMES_KEY`` overrides). Databases made before the
     key folder kept it in their ``settings`` table, beside the hashes it protects: such a key moves
     to the key folder and its row is deleted (on the first writable session)."""
-    from softcam_core.paths import secret_key
-
     setting = session.get(Setting, _KEY_SETTING)
-    key = secret_key("names.key", "SOFTCAM_NAMES_KEY", legacy=setting.value.encode("ascii") if setting else None)
+    key = names_key(legacy=setting.value.encode("ascii") if setting else None)
     if setting is not None:
         try:
             with session.begin_nested():
                 session.delete(setting)
         except DBAPIError:  # a read-only session: the next write deletes it
             pass
+    return key
+
+
+def names_key(legacy: bytes | None = None) -> bytes:
+    """The raw HMAC key behind pseudonyms and name hashes (32 bytes from ``names.key``, made on first
+    use, or ``legacy`` if the key folder has none yet). :func:`_hmac_key` is the session-aware entry;
+    this one exists for the migration that re-keys old pseudonyms."""
+    from softcam_core.paths import secret_key
+
+    key = secret_key("names.key", "SOFTCAM_NAMES_KEY", legacy=legacy)
     return bytes.fromhex(key.decode("ascii")) if _is_hex(key) else hashlib.sha256(key).digest()
 
 
@@ -67,6 +75,18 @@ def _is_hex(key: bytes) -> bool:
 
 def _digest(key: bytes, kind: str, value: str) -> str:
     return hmac.new(key, f"{kind}\x00{value.strip().lower()}".encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+
+
+def pseudonym_for(key: bytes, sha256: str) -> str:
+    """An image's pseudonym: ``img-`` + 16 hex of HMAC-SHA256(names key, sha256 of the stored file).
+
+    Keyed because a PNG or JPEG without metadata is stored unchanged: an unkeyed hash of its bytes
+    would let anyone holding the source files (named after patients) link every export row back to
+    them. The same stored file gets the same pseudonym in every cohort of one server."""
+    return "img-" + _digest(key, "pseudonym", sha256)[:16]
+
+
+LEGACY_PSEUDONYM_KIND = "legacy_pseudonym"  # image_keys kind: a pseudonym from before keying (migration 0009)
 
 
 def _name_keys(name: str) -> dict[str, str]:
@@ -285,7 +305,7 @@ def import_images(session: Session, paths: Iterable[str | Path], cohort: Cohort 
             if kind == "dicom":
                 names.update(_dicom_ids(data))
             pending.append(_PreparedImage(name, base, dict(
-                pseudonym=f"img-{sha[:16]}", sha256=sha, modality=image.modality, extension=extension,
+                pseudonym=pseudonym_for(key, sha), sha256=sha, modality=image.modality, extension=extension,
                 stored_path=target.relative_to(softcam_home()).as_posix(), width=image.width, height=image.height,
                 burned_in=bool(image.flags.get("burned_in_annotation")), metadata_json=_jsonable(image.metadata),
                 quarantine_reason=burned_in_text_risk(image.metadata),
@@ -312,7 +332,8 @@ def image_path(image: Image) -> Path:
 
 
 def get_image(session: Session, ref: int | str, cohort: Cohort | None = None) -> Image:
-    """Image by id, pseudonym or sha256 (optionally within ``cohort``)."""
+    """Image by id, pseudonym (or one from before pseudonyms were keyed) or sha256 (optionally within
+    ``cohort``)."""
     if isinstance(ref, int):
         image = session.get(Image, ref)
     else:
@@ -320,6 +341,13 @@ def get_image(session: Session, ref: int | str, cohort: Cohort | None = None) ->
         if cohort is not None:
             query = query.where(Image.cohort_id == cohort.id)
         image = session.scalars(query.order_by(Image.id)).first()
+        if image is None and ref.startswith("img-"):  # a pseudonym from before keying, kept as a keyed hash
+            legacy = select(ImageKey.image_id).where(ImageKey.kind == LEGACY_PSEUDONYM_KIND, ImageKey.digest ==
+                                                     _digest(_hmac_key(session), LEGACY_PSEUDONYM_KIND, ref))
+            query = select(Image).where(Image.id.in_(legacy))
+            if cohort is not None:
+                query = query.where(Image.cohort_id == cohort.id)
+            image = session.scalars(query.order_by(Image.id)).first()
     if image is None:
         raise NotFoundError(f"no image {ref!r}")
     return image
@@ -330,7 +358,7 @@ def _visible():
     return or_(Image.quarantine_reason.is_(None), Image.released_at.is_not(None))
 
 
-_SEARCH_KINDS = ("name", "stem", "token", *_DICOM_ID_KEYWORDS)
+_SEARCH_KINDS = ("name", "stem", "token", LEGACY_PSEUDONYM_KIND, *_DICOM_ID_KEYWORDS)
 
 
 def _image_filter(session: Session, query, cohort: Cohort | str | None, modality: str | None, label: str | None,
