@@ -892,6 +892,24 @@ class ExportImage:
 
 WRITERS = {"coco": write_coco, "voc": write_voc, "rsna": write_rsna, "yolo": write_yolo, "csv": write_csv,
            "points": write_points}
+# the annotation kinds each export format writes; the rest are left out (and reported: not_carried)
+CARRIED_KINDS = {"coco": ("box", "polygon", "point"), "voc": ("box", "polygon"), "rsna": ("box",), "yolo": ("box",),
+                 "csv": ("box",), "points": ("point",)}
+
+
+def not_carried(fmt: str, images: Sequence[ExportImage]) -> dict[str, int]:
+    """``{kind: count}`` of the live annotations that ``fmt`` does not write (empty when it writes
+    them all), so an export can say what it left out instead of dropping it silently."""
+    if fmt not in CARRIED_KINDS:
+        raise AnnotationFormatError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    carried = CARRIED_KINDS[fmt]
+    counts: dict[str, int] = {}
+    for img in images:
+        for a in img.annotations:
+            kind = getattr(a.geometry, "kind", type(a.geometry).__name__.lower())
+            if kind not in carried:
+                counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def write_annotations(out: Path, fmt: str, images: Sequence[ExportImage]) -> Path:

@@ -149,8 +149,9 @@ def _annotations_import(args: argparse.Namespace) -> int:
                                         progress=update, skip_unknown_images=args.skip_unknown_images)
     except AnnotationImportError as exc:
         close()
-        print(exc.report.summary(limit=None), file=sys.stderr)
-        print(f"{exc.report.source}: {len(exc.report.errors)} bad row(s); nothing imported", file=sys.stderr)
+        print(exc.report.summary(limit=None if args.all_errors else 50), file=sys.stderr)
+        shown = "" if args.all_errors or len(exc.report.errors) + len(exc.report.warnings) <= 50 else " (--all-errors lists them all)"
+        print(f"{exc.report.source}: {len(exc.report.errors)} bad row(s){shown}; nothing imported", file=sys.stderr)
         if any(e.problem.startswith("no image matches") for e in exc.report.errors) and not args.skip_unknown_images:
             print("rows naming images that are not in the cohort can be skipped with --skip-unknown-images",
                   file=sys.stderr)
@@ -180,8 +181,13 @@ def _annotations_export(args: argparse.Namespace) -> int:
             written = (export_dicom_seg if args.format == "seg" else export_dicom_sr)(session, cohort, args.out)
             print(f"wrote {len(written)} DICOM {args.format.upper()} file(s) to {args.out}")
             return 0
-        out = export_annotations(session, args.format, cohort, args.out)
+        left_out: dict[str, int] = {}
+        out = export_annotations(session, args.format, cohort, args.out, left_out=left_out)
     print(f"wrote {out}")
+    if left_out:
+        where = {"point": "coco or points", "polygon": "coco or voc", "mask": "seg, for DICOM images"}
+        print(f"not in {args.format}: " + "; ".join(f"{n} {kind} annotation(s) (written by --format {where.get(kind, 'coco')})"
+                                                   for kind, n in left_out.items()), file=sys.stderr)
     return 0
 
 
@@ -407,6 +413,7 @@ def register_cli(subparsers) -> None:
     aimp.add_argument("--skip-unknown-images", action="store_true",
                       help="rows naming images not in the cohort are counted and skipped instead of refusing the file "
                            "(a study file covering more images than were imported)")
+    aimp.add_argument("--all-errors", action="store_true", help="list every bad row (default: the first 50)")
     aimp.set_defaults(func=_annotations_import)
     aexp = ann_sub.add_parser("export", help="export the cohort's annotations (pseudonymous image ids only): COCO boxes, "
                               "polygons and keypoints; points CSV; VOC/RSNA/YOLO/CSV boxes; DICOM SEG / SR")

@@ -64,10 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one line for users, never a bare traceback
         if os.environ.get("SOFTCAM_DEBUG"):
             traceback.print_exc()
-        message = " ".join(str(exc).split()) or exc.__class__.__name__
-        print(f"softcam {args.command}: error: {message}", file=sys.stderr)
+        print(f"softcam {args.command}: error: {error_message(exc)}", file=sys.stderr)
         return 2
     return int(result or 0)
+
+
+def error_message(exc: BaseException) -> str:
+    """One line for a user: an OSError as ``<path>: <reason>`` (``out/run: File exists``) rather than
+    Python's ``[Errno 17] File exists: 'out/run'``; anything else as its message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        paths = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        return f"{paths}: {exc.strerror}" if paths else exc.strerror
+    return " ".join(str(exc).split()) or exc.__class__.__name__
 
 
 if __name__ == "__main__":

@@ -492,6 +492,51 @@ def test_exports_carry_pseudonyms_only(session, tmp_path):
 # --- CLI ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the CLI calls the functions tested on both
+def test_cli_export_counts_what_its_format_cannot_hold_and_import_lists_the_first_50_bad_rows(db_env, tmp_path, capsys):
+    from PIL import Image as PILImage
+
+    from softcam_core.cli import main
+
+    PILImage.fromarray(np.zeros((40, 40), dtype=np.uint8)).save(tmp_path / "eye.png")
+    assert main(["images", "import", str(tmp_path / "eye.png"), "--cohort", "c", "--modality", "fundus"]) == 0
+    (tmp_path / "points.csv").write_text("filename,label,x,y,participant\neye.png,ma,10,12,ann\neye.png,ma,20,22,ann\n")
+    (tmp_path / "boxes.csv").write_text("image,x0,y0,x1,y1,label\neye.png,1,2,30,31,lesion\n")
+    assert main(["annotations", "import", str(tmp_path / "points.csv"), "--format", "points", "--cohort", "c"]) == 0
+    assert main(["annotations", "import", str(tmp_path / "boxes.csv"), "--format", "csv", "--cohort", "c",
+                 "--user", "ann"]) == 0
+    capsys.readouterr()
+    assert main(["annotations", "export", "--format", "csv", "--cohort", "c", "--out", str(tmp_path / "out.csv")]) == 0
+    err = capsys.readouterr().err
+    assert "not in csv: 2 point annotation(s) (written by --format coco or points)" in err
+    assert len((tmp_path / "out.csv").read_text().splitlines()) == 2  # header + the box
+    assert main(["annotations", "export", "--format", "coco", "--cohort", "c", "--out", str(tmp_path / "out.json")]) == 0
+    assert "not in" not in capsys.readouterr().err  # COCO holds boxes and points
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,x0,y0,x1,y1,label\n" + "".join(f"eye.png,x{i},2,30,31,lesion\n" for i in range(80)))
+    assert main(["annotations", "import", str(bad), "--format", "csv", "--cohort", "c"]) == 1
+    err = capsys.readouterr().err
+    assert sum(line.startswith("bad.csv: line") for line in err.splitlines()) == 50
+    assert "... and 30 more" in err and "80 bad row(s) (--all-errors lists them all); nothing imported" in err
+    assert main(["annotations", "import", str(bad), "--format", "csv", "--cohort", "c", "--all-errors"]) == 1
+    err = capsys.readouterr().err
+    assert sum(line.startswith("bad.csv: line") for line in err.splitlines()) == 80 and "more" not in err
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_cli_reports_a_file_system_error_as_path_and_reason_not_errno(db_env, tmp_path, capsys):
+    from softcam_core.cli import main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    with session_scope(db_env) as s:
+        repo.add_cohort(s, "c")
+    assert main(["annotations", "export", "--format", "csv", "--cohort", "c", "--out", str(a_file / "x.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"softcam annotations: error: {a_file}") and "Errno" not in err and "'" not in err
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the CLI calls the functions tested on both
 def test_cli_commands(db_env, real_data, tmp_path, capsys):
     from softcam_core.cli import main
 
@@ -694,6 +739,30 @@ def test_pseudonyms_are_keyed_so_a_source_file_does_not_give_its_pseudonym(sessi
     monkeypatch.setenv("SOFTCAM_NAMES_KEY", "another server's key")
     [elsewhere] = repo.import_images(session, [path], "c").accepted
     assert elsewhere.pseudonym != first.pseudonym  # another key, other pseudonyms
+
+
+def test_a_cohort_keeps_one_modality_and_an_import_of_another_is_refused(session, tmp_path):
+    from PIL import Image as PILImage
+
+    eye = tmp_path / "eye.png"
+    PILImage.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(eye)
+    cohort = repo.add_cohort(session, "eyes", modality="fundus")
+    assert repo.add_cohort(session, "eyes", modality="fundus") is cohort and repo.add_cohort(session, "eyes") is cohort
+    assert repo.import_images(session, [eye], "eyes", modality="fundus").new == 1
+    with pytest.raises(repo.RepositoryError, match="cohort 'eyes' holds fundus images, not cxr"):
+        repo.import_images(session, [eye], "eyes", modality="cxr")  # before: accepted, modality kept silently
+    assert cohort.modality == "fundus" and repo.count_images(session, cohort) == 1
+    PILImage.fromarray(np.full((20, 20, 3), 9, dtype=np.uint8)).save(tmp_path / "eye2.png")
+    [second] = repo.import_images(session, [tmp_path / "eye2.png"], cohort).accepted  # no modality given
+    assert repo.get_image(session, second.image_id).modality == "fundus"  # the cohort's, not a guess
+    # a cohort made without a modality takes the first one given, unless its images say otherwise
+    loose = repo.add_cohort(session, "loose")
+    assert repo.add_cohort(session, "loose", modality="oct").modality == "oct"
+    guessed = repo.add_cohort(session, "guessed")
+    repo.import_images(session, [eye], guessed)  # no modality given: the image's own guess (cxr for a plain PNG)
+    with pytest.raises(repo.RepositoryError, match="holds cxr images, not fundus"):
+        repo.add_cohort(session, "guessed", modality="fundus")
+    assert loose.modality == "oct" and guessed.modality is None
 
 
 # --- hostile archives and folders ---------------------------------------------------------------

@@ -15,6 +15,7 @@ from annotations.formats import (
     ExportImage,
     ImportReport,
     leading_token,
+    not_carried,
     read_annotations,
     write_annotations,
 )
@@ -221,10 +222,16 @@ def export_images(session: Session, cohort: Cohort | str) -> list[ExportImage]:
     return [ExportImage(i.pseudonym, i.extension, i.width, i.height, by_image[i.id]) for i in images]
 
 
-def export_annotations(session: Session, fmt: str, cohort: Cohort | str, out: str | Path) -> Path:
+def export_annotations(session: Session, fmt: str, cohort: Cohort | str, out: str | Path,
+                       left_out: dict[str, int] | None = None) -> Path:
     """Write the cohort's live annotations as ``fmt`` to ``out`` (pseudonymous image ids only): COCO
-    carries boxes, polygons and points, ``points`` the points, the others boxes."""
-    return write_annotations(Path(out), fmt, export_images(session, cohort))
+    carries boxes, polygons and points, VOC boxes and polygons, ``points`` the points, the others
+    boxes. ``left_out``, when given, is filled with ``{kind: count}`` of the annotations the format
+    cannot carry (:data:`annotations.formats.CARRIED_KINDS`)."""
+    images = export_images(session, cohort)
+    if left_out is not None:
+        left_out.update(not_carried(fmt, images))
+    return write_annotations(Path(out), fmt, images)
 
 
 def export_dicom_sr(session: Session, cohort: Cohort | str, out_dir: str | Path) -> list[Path]:

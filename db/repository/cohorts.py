@@ -11,11 +11,15 @@ from db.repository.base import NotFoundError, RepositoryError
 from db.schema import (
     ClassLabel,
     Cohort,
+    Image,
 )
 
 
 def add_cohort(session: Session, name: str, description: str | None = None, modality: str | None = None) -> Cohort:
-    """The cohort called ``name``, created if new (idempotent)."""
+    """The cohort called ``name``, created if new (idempotent). ``modality`` must agree with an
+    existing cohort's (one cohort, one modality: a fundus model's metrics on a cohort that is half
+    chest X-rays mean nothing); a cohort made without one takes it, unless it already holds images of
+    another modality. Raises :class:`RepositoryError` on a disagreement."""
     name = (name or "").strip()
     if not name:
         raise RepositoryError("cohort name must not be empty")
@@ -23,6 +27,14 @@ def add_cohort(session: Session, name: str, description: str | None = None, moda
     if cohort is None:
         cohort = Cohort(name=name, description=description, modality=modality)
         session.add(cohort)
+        session.flush()
+    elif modality and cohort.modality != modality:
+        held = ([cohort.modality] if cohort.modality else
+                sorted(set(session.scalars(select(Image.modality).where(Image.cohort_id == cohort.id))) - {modality}))
+        if held:
+            raise RepositoryError(f"cohort {name!r} holds {', '.join(held)} images, not {modality}: "
+                                  f"import {modality} images into a cohort of their own")
+        cohort.modality = modality
         session.flush()
     return cohort
 

@@ -251,8 +251,9 @@ def import_images(session: Session, paths: Iterable[str | Path], cohort: Cohort 
     )
     from softcam_core.paths import images_dir, softcam_home
 
-    if isinstance(cohort, str):
-        cohort = add_cohort(session, cohort, modality=modality)
+    # one cohort, one modality (add_cohort refuses another); files imported without one take the cohort's
+    cohort = add_cohort(session, cohort if isinstance(cohort, str) else cohort.name, modality=modality)
+    modality = modality or cohort.modality
     cohort_id = cohort.id
     key = _hmac_key(session)
     known: dict[str, tuple[int, str, str | None]] = {}
