@@ -6,7 +6,12 @@ Three layouts of a weights file are read:
   ``fc.weight``), as ``torch.save(model.state_dict(), path)`` writes it; also wrapped in a dict
   under ``state_dict`` / ``model`` and with DataParallel's ``module.`` prefix.
 * ``whole model``: ``torch.save(model, path)``. Unpickling it runs code from the file, so it is read
-  only with ``trust=True`` (``--trust``); its ``state_dict()`` is then imported as above.
+  only with ``trust=True`` (``--trust``); its ``state_dict()`` is then imported as above. The object
+  must be exactly the torchvision class of ``arch`` (``torchvision.models.ResNet`` for ``resnet18``;
+  a ``DataParallel`` around one is unwrapped): a subclass or another class may compute something
+  its weights do not say (its own ``forward``), so it is refused with the advice to save its
+  ``state_dict()``. The check below then compares against the unpickled object's own outputs
+  (its forward, hooks and modules as saved), not against a rebuilt copy.
 * ``softcam-authors``: the ``FullyConvModel`` of the SoftCAM authors' code (kdjoumessi/SoftCAM,
   ``modules/models.py``): ``backbone.<i>.*`` = the torchvision model's children without pooling and
   head, ``classifier.*`` = the 1x1 evidence convolution (VGG: ``backbone.1.{0,3}`` the two 4096
@@ -20,15 +25,19 @@ backbone table has a single Linear after the pooling (ResNet, DenseNet, Efficien
 
 Before anything is written the imported checkpoint is loaded back through the same path the app
 and ``softcam predict`` use and compared with the original network on a fixed input: the class
-probabilities must agree to :data:`PROBABILITY_TOLERANCE`. Any mismatch (missing or unexpected
-keys, a wrong class count, weights of another architecture) raises :class:`ModelImportError`
-naming the keys, and no file is written.
+probabilities must agree to :data:`PROBABILITY_TOLERANCE`. The original is the torchvision network
+rebuilt from a state_dict, or the unpickled object itself for a whole model. Any mismatch (missing
+or unexpected keys, a wrong class count, weights of another architecture, a pickled model that
+computes something else) raises :class:`ModelImportError` naming the keys, and no file is written.
+``mean`` and ``std`` must be 1 or 3 finite numbers, ``std`` positive (a NaN there would make every
+prediction NaN).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import pickle
 import re
 import zipfile
@@ -91,6 +100,12 @@ def read_weights_file(path: str | Path, trust: bool = False) -> tuple[dict[str, 
     Raises:
         ModelImportError: missing or unreadable file, a pickled model without ``trust``, no tensors.
     """
+    state, kind, _ = _read_weights(path, trust)
+    return state, kind
+
+
+def _read_weights(path: str | Path, trust: bool) -> tuple[dict[str, torch.Tensor], str, nn.Module | None]:
+    """:func:`read_weights_file` plus the unpickled ``nn.Module`` of a whole saved model (else None)."""
     path = Path(path)
     if not path.is_file():
         raise ModelImportError(f"{path}: weights file not found")
@@ -117,22 +132,68 @@ def read_weights_file(path: str | Path, trust: bool = False) -> tuple[dict[str, 
         kind = "whole model"
     except Exception as exc:  # not a zip / pickle at all, truncated
         raise ModelImportError(f"{path}: not a readable PyTorch file ({exc.__class__.__name__})") from None
+    module: nn.Module | None = None
     if isinstance(payload, nn.Module):
-        payload, kind = payload.state_dict(), "whole model"
+        module, payload, kind = payload, payload.state_dict(), "whole model"
     if isinstance(payload, dict) and payload.get("format") == "softcam-review-checkpoint":
         raise ModelImportError(f"{path}: already a SoftCAM Review checkpoint; use it as it is")
     if isinstance(payload, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             inner = payload.get(key)
             if isinstance(inner, nn.Module):
-                payload, kind = inner.state_dict(), "whole model"
+                module, payload, kind = inner, inner.state_dict(), "whole model"
                 break
             if isinstance(inner, dict):
                 payload = inner
                 break
     if not isinstance(payload, dict) or not any(isinstance(v, torch.Tensor) for v in payload.values()):
         raise ModelImportError(f"{path}: holds no state_dict of weights")
-    return {str(k).removeprefix("module."): v for k, v in payload.items() if isinstance(v, torch.Tensor)}, kind
+    state = {str(k).removeprefix("module."): v for k, v in payload.items() if isinstance(v, torch.Tensor)}
+    return state, kind, module
+
+
+def check_pickled_model(module: nn.Module, arch: str, source: str = "weights") -> nn.Module:
+    """The unpickled whole model to compare the import against: exactly torchvision's class for
+    ``arch`` (``DataParallel`` unwrapped), in eval mode and float32.
+
+    Raises:
+        ModelImportError: any other class, a subclass included: its own ``forward`` may compute
+            something that its weights loaded into torchvision's network do not.
+    """
+    if type(module) is nn.DataParallel:
+        module = module.module
+    with torch.device("meta"):  # the class only: no weights allocated or initialised
+        expected = type(torchvision.models.get_model(arch, weights=None, num_classes=2))
+    if type(module) is expected:
+        return module.float().eval()
+    found = f"{type(module).__module__}.{type(module).__qualname__}"
+    if not isinstance(module, expected) and type(module).__module__.startswith("torchvision.models."):
+        raise ModelImportError(f"{source}: the pickled model is torchvision's {found}, not the "
+                               f"{expected.__qualname__} of {arch}; give its architecture with --arch")
+    raise ModelImportError(
+        f"{source}: the pickled model is a {found}, not exactly torchvision's "
+        f"{expected.__module__}.{expected.__qualname__} ({arch}); its own code (a forward of its own) may "
+        "compute something its weights do not say, so it is not imported. Save model.state_dict() where it was "
+        f"trained, check it loads into torchvision.models.{arch}(num_classes=...) with the same outputs, and "
+        "import that")
+
+
+def _check_normalisation(values: Any, name: str) -> tuple[float, ...]:
+    """``values`` (``mean`` or ``std``) as 1 or 3 finite floats, ``std`` positive; else ModelImportError."""
+    if isinstance(values, (int, float)):
+        values = (values,)
+    try:
+        floats = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ModelImportError(f"--{name} needs 1 or 3 numbers, got {values!r}") from None
+    shown = ",".join(f"{v:g}" for v in floats)
+    if len(floats) not in (1, 3):
+        raise ModelImportError(f"--{name} needs 1 or 3 numbers (one per channel), got {len(floats)}: {shown}")
+    if not all(math.isfinite(v) for v in floats):
+        raise ModelImportError(f"--{name} must be finite numbers, got {shown}")
+    if name == "std" and not all(v > 0 for v in floats):
+        raise ModelImportError(f"--std must be positive (it divides the intensities), got {shown}")
+    return floats
 
 
 def detect_layout(state: dict[str, torch.Tensor]) -> str:
@@ -214,6 +275,22 @@ def _probabilities(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(model(x).double(), dim=1)
 
 
+def _pickled_probabilities(model: nn.Module, x: torch.Tensor, num_classes: int, source: str) -> torch.Tensor:
+    """Class probabilities of the unpickled whole model on ``x``: its own call, whatever it returns
+    checked to be one row of ``num_classes`` logits per input."""
+    try:
+        with torch.no_grad():
+            logits = model(x.clone())
+    except Exception as exc:  # code from the file: it may raise anything
+        raise ModelImportError(f"{source}: the pickled model fails on a {tuple(x.shape)} input "
+                               f"({exc.__class__.__name__}: {exc}); nothing written") from None
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (x.shape[0], num_classes):
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ModelImportError(f"{source}: the pickled model returns {got} for {x.shape[0]} images, not "
+                               f"({x.shape[0]}, {num_classes}) class logits; nothing written")
+    return torch.softmax(logits.double(), dim=1)
+
+
 def check_input(img_size: int, seed: int = 0) -> torch.Tensor:
     """The fixed input (2, 3, S, S) both networks are compared on: normalised-scale Gaussian noise."""
     generator = torch.Generator().manual_seed(seed)
@@ -229,12 +306,15 @@ def import_model(weights: str | Path, *, arch: str, classes: list[str] | tuple[s
         weights: a ``.pth`` / ``.pt`` file. arch: torchvision name (:data:`softcam_core.models.ARCHS`).
         classes: class names in the network's output order (the negative class first).
         img_size: input side (px) the network was trained at. modality: fundus | oct | cxr | other.
-        mean, std: per-channel normalisation of [0, 1] intensities it was trained with (1 or 3 values).
+        mean, std: per-channel normalisation of [0, 1] intensities it was trained with (1 or 3 finite
+            values; std positive).
         out: checkpoint path to write. to_softcam: convert GAP + Linear exactly into a SoftCAM head.
         name: a display name kept in the metadata (default: ``out``'s stem). trust: allow unpickling
-            a whole saved model (runs code from the file).
+            a whole saved model (runs code from the file); it must be exactly torchvision's class for
+            ``arch`` and the import is checked against its own outputs.
     Raises:
-        ModelImportError: bad arguments or weights that do not fit; nothing is written then.
+        ModelImportError: bad arguments, weights that do not fit or a pickled model whose own outputs
+            the import does not reproduce; nothing is written then.
     """
     weights, out = Path(weights), Path(out)
     source = weights.name
@@ -245,9 +325,12 @@ def import_model(weights: str | Path, *, arch: str, classes: list[str] | tuple[s
         raise ModelImportError(f"--classes needs two or more distinct names, got {','.join(classes)!r}")
     if modality not in MODALITIES:
         raise ModelImportError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
+    mean, std = _check_normalisation(mean, "mean"), _check_normalisation(std, "std")
     if out.suffix != ".pt":
         raise ModelImportError(f"{out}: the checkpoint name must end in .pt (the app lists *.pt)")
-    state, kind = read_weights_file(weights, trust=trust)
+    state, kind, pickled = _read_weights(weights, trust)
+    if pickled is not None:
+        pickled = check_pickled_model(pickled, arch, source)
     layout = detect_layout(state)
     num_classes = len(classes)
     reference: nn.Module | None = None
@@ -292,8 +375,18 @@ def import_model(weights: str | Path, *, arch: str, classes: list[str] | tuple[s
         difference = None
         if reference is not None:
             x = check_input(int(img_size))
-            difference = float((_probabilities(loaded, x) - _probabilities(reference, x)).abs().max())
+            if pickled is not None:
+                # the object the user gave, run as saved (its forward, hooks, modules), not a rebuilt copy
+                expected = _pickled_probabilities(pickled, x, num_classes, source)
+            else:
+                expected = _probabilities(reference, x.clone())
+            difference = float((_probabilities(loaded, x.clone()) - expected).abs().max())
             if not difference <= PROBABILITY_TOLERANCE:
+                if pickled is not None:
+                    raise ModelImportError(
+                        f"{source}: the pickled model's own outputs differ from {arch} with its weights by "
+                        f"{difference:.2e} in probability (> {PROBABILITY_TOLERANCE:g}): it computes something "
+                        f"else than torchvision's {arch} (a replaced layer or a hook?); nothing written")
                 raise ModelImportError(f"{source}: the imported model's probabilities differ from the original's by "
                                        f"{difference:.2e} (> {PROBABILITY_TOLERANCE:g}); nothing written")
             meta["imported"]["max_probability_difference"] = difference
@@ -327,14 +420,22 @@ def import_uploaded_model(data: bytes, directory: str | Path, **kwargs: Any) -> 
 
 # --- command line ------------------------------------------------------------------------------
 
-def _floats(text: str) -> tuple[float, ...]:
+def _floats(text: str, positive: bool = False) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
     if len(values) not in (1, 3):
         raise argparse.ArgumentTypeError(f"expected 1 or 3 values, got {len(values)}")
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    if positive and not all(v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
     return values
+
+
+def _positive_floats(text: str) -> tuple[float, ...]:
+    return _floats(text, positive=True)
 
 
 def register_cli(subparsers) -> None:
@@ -351,7 +452,7 @@ def register_cli(subparsers) -> None:
     imp.add_argument("--img-size", type=int, required=True, help="input side in pixels the model was trained at")
     imp.add_argument("--modality", required=True, choices=MODALITIES)
     imp.add_argument("--mean", type=_floats, required=True, help="normalisation mean of [0,1] intensities: m1,m2,m3")
-    imp.add_argument("--std", type=_floats, required=True, help="normalisation std: s1,s2,s3")
+    imp.add_argument("--std", type=_positive_floats, required=True, help="normalisation std (positive): s1,s2,s3")
     imp.add_argument("--to-softcam", action="store_true", help="convert GAP + Linear exactly into a SoftCAM evidence head")
     imp.add_argument("--name", help="display name (default: the checkpoint's file stem)")
     imp.add_argument("--trust", action="store_true", help="allow a whole pickled model (runs code from the file)")
@@ -368,8 +469,9 @@ def _cli_import(args: argparse.Namespace) -> int:
                           to_softcam=args.to_softcam, name=args.name, trust=args.trust)
     how = "converted to SoftCAM (exact GAP+FC conversion)" if result.converted else (
         "SoftCAM net" if result.meta["head"] == "softcam" else "unchanged (black box for post-hoc methods)")
+    original = "the pickled model's own outputs" if result.layout == "whole model" else "the original"
     check = ("" if result.max_probability_difference is None
-             else f"; probabilities match the original to {result.max_probability_difference:.1e}")
+             else f"; probabilities match {original} to {result.max_probability_difference:.1e}")
     print(f"imported {args.weights} ({result.layout} layout) as {args.arch}, {how}{check}")
     print(f"wrote {result.path}")
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -349,7 +350,8 @@ class CheckpointMeta:
                     "fewer than two classes" if typed.num_classes < 2 else "",
                     f"img_size {typed.img_size} is not positive" if typed.img_size <= 0 else "",
                     "mean and std need 1 or 3 values each" if {len(typed.mean), len(typed.std)} - {1, 3} else "",
-                    "std must be positive" if any(v <= 0 for v in typed.std) else ""]
+                    "mean and std must be finite" if not all(math.isfinite(v) for v in typed.mean + typed.std) else "",
+                    "std must be positive" if not all(v > 0 for v in typed.std) else ""]
         problems = [p for p in problems if p]
         if problems:
             raise CheckpointError(f"{source}: bad checkpoint metadata: {'; '.join(problems)}")

@@ -242,3 +242,137 @@ def test_the_models_page_import_writes_into_the_models_folder(tmp_path):
     with pytest.raises(ModelImportError, match="model name"):
         import_uploaded_model(weights.read_bytes(), folder, name="../escape", **kwargs)
     assert sorted(p.name for p in folder.iterdir()) == ["lab_cxr.pt"]
+
+
+# --- whole pickled models: checked against the object itself ------------------------------------
+
+class ClassSwappingResNet(torchvision.models.ResNet):
+    """A torchvision ResNet subclass whose own forward scales the logits and swaps the classes: its
+    weights are resnet18's, what it computes is not. Module level so that it unpickles."""
+
+    def forward(self, x):
+        return super().forward(x).flip(1) * 5
+
+
+def swap_the_classes(module, inputs, output):
+    """A forward hook pickled with the model: the same swap on an exact torchvision ResNet."""
+    return output.flip(1) * 5
+
+
+def whole_model_kwargs(tmp_path, **extra):
+    return dict(arch="resnet18", classes=CLASSES, img_size=64, modality="fundus", out=tmp_path / "whole.pt",
+                trust=True, **IMAGENET, **extra)
+
+
+def import_cli(weights: Path, out: Path, *extra: str, mean: str = "0.5", std: str = "0.5") -> int:
+    return main(["models", "import", "--arch", "resnet18", "--weights", str(weights), "--classes", ",".join(CLASSES),
+                 "--img-size", "64", "--modality", "fundus", "--mean", mean, "--std", std, "--out", str(out), *extra])
+
+
+def test_a_pickled_subclass_with_its_own_forward_is_refused(tmp_path, capsys):
+    original = trained_elsewhere("resnet18")
+    swapped = ClassSwappingResNet(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2], num_classes=2)
+    swapped.load_state_dict(original.state_dict())
+    swapped.eval()
+    x = check_input(64)
+    # what the review found: the rebuilt resnet18 and the object the user gave predict different classes
+    assert not torch.equal(probabilities(swapped, x).argmax(1), probabilities(original, x).argmax(1))
+    weights = tmp_path / "subclass.pth"
+    torch.save(swapped, weights)
+    kwargs = whole_model_kwargs(tmp_path)
+    with pytest.raises(ModelImportError, match=r"subclass\.pth: the pickled model is a .*ClassSwappingResNet, not "
+                                               r"exactly torchvision's torchvision\.models\.resnet\.ResNet .*state_dict"):
+        import_model(weights, **kwargs)
+    assert not kwargs["out"].exists()
+    assert import_cli(weights, kwargs["out"], "--trust", "--to-softcam") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ClassSwappingResNet" in err and "state_dict" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["subclass.pth"]
+
+
+@pytest.mark.parametrize("change", ["forward hook", "max pooling"])
+@pytest.mark.parametrize("to_softcam", [False, True])
+def test_a_pickled_model_is_checked_against_its_own_outputs(tmp_path, capsys, change, to_softcam):
+    # exactly torchvision's ResNet with resnet18's keys, but computing something else
+    changed = trained_elsewhere("resnet18")
+    if change == "forward hook":
+        changed.register_forward_hook(swap_the_classes)
+    else:
+        changed.avgpool = nn.AdaptiveMaxPool2d(1)  # no weights: the state_dict is unchanged
+    weights = tmp_path / "changed.pth"
+    torch.save(changed, weights)
+    assert type(torch.load(weights, weights_only=False)) is torchvision.models.ResNet
+    kwargs = whole_model_kwargs(tmp_path, to_softcam=to_softcam)
+    with pytest.raises(ModelImportError, match=r"changed\.pth: the pickled model's own outputs differ from resnet18 "
+                                               r"with its weights by .* nothing written"):
+        import_model(weights, **kwargs)
+    assert not kwargs["out"].exists()
+    assert import_cli(weights, kwargs["out"], "--trust", *(["--to-softcam"] if to_softcam else [])) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "own outputs differ" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["changed.pth"]
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_a_plain_pickled_model_imports_and_reproduces_its_own_outputs(tmp_path, capsys, wrap):
+    original = trained_elsewhere("resnet18", seed=2)
+    weights = tmp_path / "whole.pth"
+    torch.save(nn.DataParallel(original) if wrap else original, weights)
+    out = tmp_path / "imported.pt"
+    assert import_cli(weights, out, "--trust", "--to-softcam", mean="0.485,0.456,0.406",
+                      std="0.229,0.224,0.225") == 0
+    assert "probabilities match the pickled model's own outputs" in capsys.readouterr().out
+    model, meta = load_checkpoint(out)
+    assert meta["imported"]["layout"] == "whole model" and meta["imported"]["max_probability_difference"] <= 1e-4
+    x = check_input(64, seed=5)
+    assert probabilities(model, x) == pytest.approx(probabilities(original, x), abs=1e-4)
+
+
+def test_a_pickled_model_of_another_architecture_names_it(tmp_path):
+    weights = tmp_path / "densenet.pth"
+    torch.save(torchvision.models.densenet121(num_classes=2).eval(), weights)
+    with pytest.raises(ModelImportError, match=r"torchvision's torchvision\.models\.densenet\.DenseNet, not the "
+                                               r"ResNet of resnet18; give its architecture with --arch"):
+        import_model(weights, **whole_model_kwargs(tmp_path))
+    assert not (tmp_path / "whole.pt").exists()
+
+
+# --- normalisation: finite, std positive ---------------------------------------------------------
+
+@pytest.mark.parametrize("mean,std,match", [
+    ((float("nan"), 0.456, 0.406), IMAGENET["std"], r"--mean must be finite numbers, got nan,0\.456,0\.406"),
+    ((float("inf"),), IMAGENET["std"], r"--mean must be finite numbers, got inf"),
+    (IMAGENET["mean"], (0.229, float("nan"), 0.225), r"--std must be finite numbers"),
+    (IMAGENET["mean"], (float("inf"),) * 3, r"--std must be finite numbers"),
+    (IMAGENET["mean"], (0.229, 0.0, 0.225), r"--std must be positive"),
+    (IMAGENET["mean"], (-0.5,), r"--std must be positive"),
+    ((0.5, 0.5), IMAGENET["std"], r"--mean needs 1 or 3 numbers \(one per channel\), got 2"),
+], ids=["nan-mean", "inf-mean", "nan-std", "inf-std", "zero-std", "negative-std", "two-means"])
+def test_mean_and_std_must_be_finite_with_a_positive_std(tmp_path, mean, std, match):
+    weights = tmp_path / "r18.pth"
+    torch.save(trained_elsewhere("resnet18").state_dict(), weights)
+    out = tmp_path / "m.pt"
+    with pytest.raises(ModelImportError, match=match):
+        import_model(weights, arch="resnet18", classes=CLASSES, img_size=64, modality="fundus", out=out,
+                     mean=mean, std=std)
+    with pytest.raises(ModelImportError, match=match):  # the Models page's path
+        import_uploaded_model(weights.read_bytes(), tmp_path / "models", name="up", arch="resnet18", classes=CLASSES,
+                              img_size=64, modality="fundus", mean=mean, std=std)
+    assert not out.exists() and not (tmp_path / "models" / "up.pt").exists()
+
+
+@pytest.mark.parametrize("flag,value,match", [
+    ("mean", "nan,0.5,0.5", "argument --mean: expected finite numbers"),
+    ("mean", "0.5,inf,0.5", "argument --mean: expected finite numbers"),
+    ("std", "nan", "argument --std: expected finite numbers"),
+    ("std", "0.2,0,0.2", "argument --std: expected positive numbers"),
+], ids=["nan-mean", "inf-mean", "nan-std", "zero-std"])
+def test_the_cli_refuses_a_non_finite_mean_or_std_as_a_usage_error(tmp_path, capsys, flag, value, match):
+    weights = tmp_path / "r18.pth"
+    torch.save(trained_elsewhere("resnet18").state_dict(), weights)
+    out = tmp_path / "m.pt"
+    values = {"mean": "0.5", "std": "0.5", flag: value}
+    with pytest.raises(SystemExit) as exited:
+        import_cli(weights, out, **values)
+    assert exited.value.code == 2 and match in capsys.readouterr().err
+    assert not out.exists()

@@ -250,6 +250,8 @@ def test_checkpoint_meta_types_validates_and_round_trips_by_hand():
     assert CheckpointMeta.from_dict(stored) == typed  # what save_checkpoint writes reads back the same
     for broken, reason in ((dict(meta, head="gap"), "head 'gap'"), (dict(meta, classes=["one"]), "two classes"),
                            (dict(meta, std=[0.2, 0.0, 0.2]), "std must be positive"),
+                           (dict(meta, std=[float("nan")]), "must be finite"),  # NaN <= 0 is False: it passed
+                           (dict(meta, mean=[0.5, float("inf"), 0.5]), "must be finite"),
                            (dict(meta, mean=[0.5, 0.5]), "1 or 3 values"), (dict(meta, img_size="big"), "malformed"),
                            ({k: v for k, v in meta.items() if k != "modality"}, "lacks modality")):
         with pytest.raises(CheckpointError, match=reason):
