@@ -16,7 +16,7 @@ Output files in ``out_dir``:
                                predicted class, paper protocol)
     cohort.csv / .parquet      one row per method: <metric>_mean/_std/_ci_low/_ci_high/_n
     paired.csv / .parquet      one row per metric x method pair
-    config.json                the settings (checked on --resume)
+    config.json                the settings (checked on --resume) and ``warnings`` (e.g. a modality mismatch)
     figures/*.html (+ .png)    top-k precision vs k, deletion curves, per-method box plots
 """
 
@@ -31,6 +31,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
@@ -642,6 +643,7 @@ class EvaluationResult:
     paired: pd.DataFrame
     curves: pd.DataFrame
     files: dict[str, Path] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # config.json's: e.g. a modality mismatch
 
 
 def evaluate_cohort(
@@ -701,7 +703,9 @@ def evaluate_cohort(
 
     from softcam_core.device import default_device, join_process_group
     from softcam_core.explain import explain
+    from softcam_core.explain.cli import check_methods
     from softcam_core.imaging import load_image, preprocess
+    from softcam_core.inference import modality_warning
 
     settings = settings or EvalSettings()
     if metrics is not None:
@@ -710,6 +714,9 @@ def evaluate_cohort(
     methods = list(dict.fromkeys(m.strip() for m in methods if m.strip()))
     if not methods:
         raise ValueError("no explanation method given")
+    # every method must apply to this model before anything is written (a refused run leaves the
+    # output folder as it was: no config.json, no cleared rows)
+    check_methods(model, methods)
     folder = _open_folder(folder)
     classes = list(meta["classes"])
     img_size = int(meta["img_size"])
@@ -731,6 +738,10 @@ def evaluate_cohort(
     # point annotations ((x, y) in original pixels per image), where the cohort source has them
     folder_points = getattr(folder, "points", None) if boxes is None else None
     point_radius = float(patch) / 2 if settings.point_radius is None else float(settings.point_radius)
+    cohort_modality = getattr(folder, "modality", None)
+    root = getattr(folder, "root", None)  # a database cohort names itself ("database cohort 'ward7'")
+    what = root if isinstance(root, str) else f"the cohort folder {root}" if root is not None else "the cohort"
+    warnings = [w for w in [modality_warning(meta.get("modality"), cohort_modality, what)] if w]
 
     out_dir = Path(out_dir)
     per_image_path = out_dir / "per_image.csv"
@@ -750,7 +761,8 @@ def evaluate_cohort(
         per_image_path = out_dir / SHARD_FOLDER / f"rank{rank}-of-{world}.per_image.csv"
         curves_path = out_dir / SHARD_FOLDER / f"rank{rank}-of-{world}.deletion_curves.csv"
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        for warning in warnings:
+            print(f"softcam evaluate: warning: {warning}", file=sys.stderr)
         if resume and config_path.exists():
             previous = json.loads(config_path.read_text())
             changed = [k for k, v in fingerprint.items() if previous.get("fingerprint", {}).get(k) != v]
@@ -759,6 +771,7 @@ def evaluate_cohort(
                     f"{config_path}: earlier run used other settings ({', '.join(changed)}); "
                     "use another --out or run without --resume"
                 )
+        out_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             for stale in (out_dir / "per_image.csv", out_dir / "deletion_curves.csv"):
                 stale.unlink(missing_ok=True)
@@ -766,7 +779,9 @@ def evaluate_cohort(
         config_path.write_text(json.dumps(
             {"fingerprint": fingerprint, "methods": methods, "split": settings.split, "limit": settings.limit,
              "resamples": settings.resamples, "seed": settings.seed, "classes": classes,
-             "arch": meta.get("arch"), "head": meta.get("head")}, indent=2, default=str))
+             "arch": meta.get("arch"), "head": meta.get("head"),
+             "modality": {"model": meta.get("modality"), "cohort": cohort_modality},
+             "warnings": warnings}, indent=2, default=str))
     if world > 1:
         _barrier()  # rank 0 has checked the settings and cleared a fresh run's old rows
         per_image_path.parent.mkdir(parents=True, exist_ok=True)
@@ -1020,7 +1035,18 @@ def read_result(out_dir: str | Path) -> EvaluationResult:
     curves_path = out_dir / "deletion_curves.csv"
     curves = restore_frame(pd.read_csv(curves_path, dtype={"image": str})) if curves_path.exists() else pd.DataFrame()
     files = {name: out_dir / f"{name}.csv" for name in ("per_image", "cohort", "paired")}
-    return EvaluationResult(out_dir, tables["per_image"], tables["cohort"], tables["paired"], curves, files)
+    return EvaluationResult(out_dir, tables["per_image"], tables["cohort"], tables["paired"], curves, files,
+                            _config_warnings(out_dir))
+
+
+def _config_warnings(out_dir: Path) -> list[str]:
+    """The ``warnings`` an evaluation recorded in ``out_dir/config.json`` (empty when none or no file)."""
+    try:
+        config = json.loads((Path(out_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    found = config.get("warnings") if isinstance(config, dict) else None
+    return [str(w) for w in found] if isinstance(found, list) else []
 
 
 def finalise(
@@ -1059,7 +1085,7 @@ def finalise(
         for name, paths in write_figures(per_image, curves, out_dir / "figures", png=settings.png).items():
             for path in paths:
                 files[f"figure_{name}{path.suffix}"] = path
-    return EvaluationResult(out_dir, per_image, cohort, paired, curves, files)
+    return EvaluationResult(out_dir, per_image, cohort, paired, curves, files, _config_warnings(out_dir))
 
 
 def cohort_figures(per_image: pd.DataFrame, curves: pd.DataFrame, group: str | None = None, title: str = "") -> dict:
@@ -1160,6 +1186,9 @@ def _cli(args: argparse.Namespace) -> int:
     if args.data is not None and not Path(args.data).is_dir():
         raise ValueError(f"{args.data}: cohort folder not found")
     model, meta = load_checkpoint(args.model)
+    from softcam_core.explain.cli import check_methods, parse_methods
+
+    check_methods(model, parse_methods(args.methods))  # before a database cohort is opened or --out is made
     baseline: Any = args.baseline
     try:
         baseline = float(baseline)

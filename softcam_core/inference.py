@@ -8,11 +8,17 @@ path as training and the app.
 given; ``pred`` is the class name, probabilities are softmax values). Unreadable files do not stop
 the run: each prints one line ``softcam predict: error: <file>: <problem>`` on stderr, the CSV holds
 the good images, and the exit status is 1 when any file failed (0 when all succeeded).
+
+A model trained on one modality (checkpoint ``modality``) run on images of another (the image's
+own modality: DICOM header, else inferred from the pixels) prints one warning line on stderr
+(:func:`modality_warning`; nothing when either is unknown or ``other``); the run goes on, since a
+researcher may do it on purpose.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +31,26 @@ from softcam_core.device import default_device
 from softcam_core.models import inference_layout, load_checkpoint
 
 PHOTO_MODALITIES = ("fundus", "oct", "cxr")
+# the modalities a model or an image can be "known" to be; "other", None or anything else is unknown
+KNOWN_MODALITIES = PHOTO_MODALITIES
+
+
+def modality_warning(model_modality: str | None, data_modality: str | None, what: str = "the data",
+                     verb: str = "is") -> str | None:
+    """One line when a model of one modality is run on data of another, both known; else None.
+
+    ``model_modality``: the checkpoint's ``modality``; ``data_modality``: the image's or cohort's;
+    ``what`` / ``verb``: how the line names the data (``"this image"``, ``"cohort 'ward7'"``; ``"are"``
+    for a plural). Unknown
+    (None, ``"other"``) on either side gives no warning. Callers print it and go on: running a
+    model on another modality can be deliberate.
+    """
+    if model_modality not in KNOWN_MODALITIES or data_modality not in KNOWN_MODALITIES:
+        return None
+    if model_modality == data_modality:
+        return None
+    return (f"modality mismatch: the model was trained on {model_modality} images but {what} {verb} {data_modality}; "
+            "its predictions and maps may not be meaningful there")
 
 
 def load_model(path: str | Path, device: str | torch.device | None = None) -> tuple[nn.Module, dict]:
@@ -46,13 +72,24 @@ def model_input(image, meta: dict):
     decoded with the checkpoint's modality, so they are cropped and windowed as in training.
     Raises :class:`softcam_core.imaging.ImageLoadError` for unreadable input.
     """
+    x, geometry, image, _ = _model_input(image, meta)
+    return x, geometry, image
+
+
+def _model_input(image, meta: dict):
+    """:func:`model_input` plus the image's own modality (before the checkpoint's replaced it)."""
     from softcam_core.imaging import MedicalImage, load_image, preprocess
 
     if not isinstance(image, MedicalImage):
+        image = load_image(image)
+        own = image.modality
         modality = meta.get("modality")
-        image = load_image(image, modality=modality if modality in PHOTO_MODALITIES else None)
+        if modality in PHOTO_MODALITIES:  # decoded as in training (same as load_image(..., modality=))
+            image = dataclasses.replace(image, modality=modality)
+    else:
+        own = image.modality
     x, geometry = preprocess(image, int(meta["img_size"]), meta["mean"], meta["std"])
-    return x, geometry, image
+    return x, geometry, image, own
 
 
 @dataclass
@@ -63,6 +100,7 @@ class Prediction:
     pred: str
     pred_index: int
     probs: list[float]
+    modality: str | None = None  # the image's own modality (not in the CSV)
 
     def row(self, classes: Sequence[str]) -> dict:
         """CSV row ``image, pred, prob_<class>...``."""
@@ -91,22 +129,39 @@ def predict(model: nn.Module, meta: dict, images: Sequence, batch_size: int = 16
     Raises:
         ImageLoadError for the first unreadable image (use :func:`predict_files` to skip bad files).
     """
-    inputs, labels = [], []
+    inputs, labels, modalities = [], [], []
     for i, image in enumerate(images):
-        x, _, loaded = model_input(image, meta)
+        x, _, loaded, own = _model_input(image, meta)
         inputs.append(x)
         labels.append(names[i] if names is not None else str(image) if isinstance(image, (str, Path)) else loaded.name)
+        modalities.append(own)
     if not inputs:
         return []
-    return _predictions(labels, predict_tensors(model, torch.stack(inputs), batch_size), meta["classes"])
+    return _predictions(labels, predict_tensors(model, torch.stack(inputs), batch_size), meta["classes"], modalities)
 
 
-def _predictions(names: Sequence[str], probs: torch.Tensor, classes: Sequence[str]) -> list[Prediction]:
+def _predictions(names: Sequence[str], probs: torch.Tensor, classes: Sequence[str],
+                 modalities: Sequence[str | None] | None = None) -> list[Prediction]:
     result = []
-    for name, p in zip(names, probs):
+    for i, (name, p) in enumerate(zip(names, probs)):
         k = int(p.argmax())
-        result.append(Prediction(image=name, pred=classes[k], pred_index=k, probs=[float(v) for v in p]))
+        result.append(Prediction(image=name, pred=classes[k], pred_index=k, probs=[float(v) for v in p],
+                                 modality=modalities[i] if modalities is not None else None))
     return result
+
+
+def modality_warnings(meta: dict, predictions: Sequence[Prediction]) -> list[str]:
+    """One line per other known modality among ``predictions`` (:func:`modality_warning`), naming up
+    to three of its images; empty when every image matches the model or either side is unknown."""
+    by_modality: dict[str, list[str]] = {}
+    for p in predictions:
+        if modality_warning(meta.get("modality"), p.modality) is not None:
+            by_modality.setdefault(str(p.modality), []).append(p.image)
+    lines = []
+    for modality, names in by_modality.items():
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        lines.append(modality_warning(meta.get("modality"), modality, f"{len(names)} image(s) ({shown})", "are"))
+    return lines
 
 
 def predict_files(model: nn.Module, meta: dict, paths: Sequence[str | Path], batch_size: int = 16) -> tuple[list[Prediction], list[str]]:
@@ -117,7 +172,8 @@ def predict_files(model: nn.Module, meta: dict, paths: Sequence[str | Path], bat
     good, errors = [], []
     for path in paths:
         try:
-            good.append((str(path), model_input(path, meta)[0]))
+            x, _, _, own = _model_input(path, meta)
+            good.append((str(path), x, own))
         except ImageLoadError as exc:
             message = " ".join(str(exc).split())
             # ImageLoadError names the file by its base name; the CLI user gave a path: show that
@@ -125,8 +181,8 @@ def predict_files(model: nn.Module, meta: dict, paths: Sequence[str | Path], bat
             errors.append(f"{path}: {message}")
     if not good:
         return [], errors
-    probs = predict_tensors(model, torch.stack([x for _, x in good]), batch_size)
-    return _predictions([name for name, _ in good], probs, meta["classes"]), errors
+    probs = predict_tensors(model, torch.stack([x for _, x, _ in good]), batch_size)
+    return _predictions([name for name, _, _ in good], probs, meta["classes"], [own for _, _, own in good]), errors
 
 
 def write_predictions(path: str | Path, predictions: Sequence[Prediction], classes: Sequence[str]) -> Path:
@@ -173,6 +229,8 @@ def _cli_predict(args) -> int:
             errors += bad
             bar.update(len(files[start : start + chunk]))
     write_predictions(args.out, predictions, meta["classes"])
+    for warning in modality_warnings(meta, predictions):
+        print(f"softcam predict: warning: {warning}", file=sys.stderr)
     for error in errors:
         print(f"softcam predict: error: {error}", file=sys.stderr)
     print(f"{len(predictions)} image(s) classified, {len(errors)} failed -> {args.out}")

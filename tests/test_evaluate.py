@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -273,3 +274,52 @@ def test_deletion_tracks_the_predicted_class_with_its_map(checkpoint, cohort, tm
             target_map = explain(model, x[None], row["method"], target=[1])[0].detach().numpy()
             assert M.audc(M.deletion_curve(model, x, target_map, 1, 4, 4)) != pytest.approx(row["audc"], abs=1e-4)
     assert per_image["audc_logodds"].notna().all()
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_refused_run_writes_nothing_and_resume_still_works(cohort, tmp_path, capsys):
+    """Methods are checked against the model before the output folder is touched: an unknown name or
+    a method the model cannot run leaves no folder behind, and an earlier run's folder exactly as it
+    was (no config.json rewritten, no rows cleared); a --resume into it then resumes as before."""
+    from softcam_core.cli import main
+    from tests.plugins.app import make_tiny_checkpoint
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "softcam.pt")  # untrained: quick, and enough here
+    baseline = make_tiny_checkpoint(tmp_path / "baseline.pt", head="baseline")
+    common = ["--data", str(cohort), "--split", "all", "--limit", "2", "--steps", "3", "--topk", "1,2",
+              "--bootstrap", "50", "--no-figures", "--metrics", "topk,deletion"]
+    earlier = tmp_path / "earlier"
+    assert main(["evaluate", "--model", str(checkpoint), "--methods", "softcam", "--out", str(earlier), *common,
+                 "--limit", "1"]) == 0  # a run of one image (the later --limit wins): a second one to resume to
+    capsys.readouterr()
+    before = _tree(earlier)
+    cases = [
+        (checkpoint, "softcam,nosuch", "unknown method 'nosuch'"),
+        (checkpoint, "softcam,cam", "use 'softcam'"),  # a SoftCAM net has no GAP + Linear head
+        (baseline, "gradcam,softcam", "needs a SoftCAM net"),
+    ]
+    for model, methods, message in cases:
+        for out, resume in ((tmp_path / "new" / "results", []), (earlier, []), (earlier, ["--resume"])):
+            code = main(["evaluate", "--model", str(model), "--methods", methods, "--out", str(out), *common, *resume])
+            err = capsys.readouterr().err.strip()
+            assert code == 2 and message in err and len(err.splitlines()) == 1, (methods, err)
+        assert not (tmp_path / "new").exists(), methods
+        assert _tree(earlier) == before, methods
+    # the library call refuses the same way (the app's and the worker's path)
+    from softcam_core.models import load_checkpoint
+
+    model, meta = load_checkpoint(baseline)
+    with pytest.raises(ValueError, match="needs a SoftCAM net"):
+        E.evaluate_cohort(model, meta, cohort, ["softcam"], None, tmp_path / "lib", settings=E.EvalSettings(**FAST))
+    assert not (tmp_path / "lib").exists()
+    # resume is unchanged: the one image already scored is kept, the second one computed
+    assert main(["evaluate", "--model", str(checkpoint), "--methods", "softcam", "--out", str(earlier), "--resume",
+                 *common]) == 0
+    per_image = pd.read_csv(earlier / "per_image.csv", dtype={"image": str})
+    assert len(per_image) == 2
+    first = pd.read_csv(io.BytesIO(before["per_image.csv"]), dtype={"image": str})
+    assert per_image.iloc[0]["image"] == first.iloc[0]["image"]
+    assert per_image.iloc[0]["seconds"] == first.iloc[0]["seconds"]  # kept, not recomputed

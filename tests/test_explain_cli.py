@@ -113,3 +113,104 @@ def test_explain_cli_cascam_retrain(tiny_checkpoint, synth_cohort, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cascam"]["retrain"] is True
     assert np.load(out / "cascam-gradcam.npy").shape == (64, 64)
+
+
+def _tree(folder):
+    """{relative path: bytes} of every file under ``folder`` (what a refused run must leave as it was)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_explain_cli_refused_run_writes_nothing(synth_cohort, tmp_path, capsys):
+    """A method that cannot explain the model (or an unknown one) is refused before --out is made, even
+    after methods that could run; an existing --out folder is left byte for byte as it was."""
+    from tests.plugins.app import make_tiny_checkpoint
+
+    softcam = make_tiny_checkpoint(tmp_path / "softcam.pt")
+    baseline = make_tiny_checkpoint(tmp_path / "baseline.pt", head="baseline")
+    image = _first_image(synth_cohort("fundus"))
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    (kept / "summary.json").write_text('{"earlier": true}')
+    before = _tree(kept)
+    cases = [
+        (softcam, "sanity:edge,cam", "use 'softcam'"),  # the sanity map could run first; cam cannot
+        (baseline, "gradcam,softcam", "needs a SoftCAM net"),
+        (baseline, "sanity:centre,cascam:softcam_contrast", "cascam:softcam_contrast: 'softcam_contrast' needs"),
+        (softcam, "softcam,nosuch", "unknown method 'nosuch'"),
+    ]
+    for model, methods, message in cases:
+        for out in (tmp_path / "new" / "maps", kept):
+            code = main(["explain", "--model", str(model), "--image", str(image), "--methods", methods,
+                         "--out", str(out), "--quiet"])
+            err = capsys.readouterr().err.strip()
+            assert code == 2 and message in err and len(err.splitlines()) == 1, (methods, err)
+        assert not (tmp_path / "new").exists(), methods
+        assert _tree(kept) == before, methods
+    # --cascam-retrain with a cohort folder that is not there: refused before anything is trained or written
+    code = main(["explain", "--model", str(softcam), "--image", str(image), "--methods", "cascam:gradcam",
+                 "--cascam-retrain", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "new"), "--quiet"])
+    assert code == 2 and "cohort folder not found" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    # the same folder takes a good run, next to what was there
+    assert main(["explain", "--model", str(softcam), "--image", str(image), "--methods", "softcam",
+                 "--out", str(kept), "--quiet"]) == 0
+    assert (kept / "notes.txt").read_text() == "mine" and (kept / "softcam.npy").is_file()
+
+
+def test_explain_cli_output_carries_no_input_path_or_name(synth_cohort, tmp_path, capsys):
+    """File names count as PHI: neither the DICOM input's path nor its name (nor its header's patient
+    identifiers) reaches summary.json, the maps, the Parametric Maps, their file names or stdout; the
+    summary names the image by the fingerprint of its decoded pixels, the app's image key."""
+    from softcam_core.imaging import load_image
+    from softcam_core.render import image_fingerprint
+    from tests.plugins.app import dicom_from_png, make_tiny_checkpoint
+
+    model = make_tiny_checkpoint(tmp_path / "m.pt", modality="cxr")
+    folder = tmp_path / "Jane_Doe_1970-01-01"
+    folder.mkdir()
+    dicom = dicom_from_png(_first_image(synth_cohort("fundus")), folder / "Jane_Doe_PID-0042.dcm",
+                           patient_name="Doe^Jane", patient_id="PID-0042")
+    out = tmp_path / "maps"
+    assert main(["explain", "--model", str(model), "--image", str(dicom), "--methods", "softcam,sanity:edge",
+                 "--dicom", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["image_id"] == image_fingerprint(load_image(dicom).pixels)
+    assert "image" not in summary
+    secrets = ["Jane_Doe", "Doe^Jane", "PID-0042", "1970-01-01", dicom.name, dicom.stem, str(dicom)]
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    assert {p.name for p in files} == {"summary.json", "softcam.npy", "softcam.png", "softcam-pm.dcm",
+                                       "sanity-edge.npy", "sanity-edge.png", "sanity-edge-pm.dcm"}
+    for secret in secrets:
+        assert secret not in printed.out, secret
+        for path in files:
+            assert secret not in str(path.relative_to(tmp_path / "maps")), (secret, path)
+            assert secret.encode() not in path.read_bytes(), (secret, path.name)
+
+
+def test_model_problem_agrees_with_explain():
+    """The up-front check refuses exactly the methods explain() fails on, for a SoftCAM net, a GAP +
+    Linear baseline and a plain nn.Sequential classifier (no automatic target layer, no CAM head)."""
+    from torch import nn
+
+    from softcam_core.explain import METHODS, explain
+    from softcam_core.explain.cli import model_problem
+    from tests.plugins.explain import hand_built_baseline, hand_built_softcam, square_image
+
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2)).eval()
+    x = square_image([(8, 8, 8, 2.0)])[None]
+    options = {"integrated_gradients": {"n_steps": 4}}
+    for model in (hand_built_softcam(), hand_built_baseline(), plain):
+        for method in [*METHODS, "cascam:cam", "cascam:softcam"]:
+            problem = model_problem(model, method)
+            try:
+                extra = {"stages": 2} if method.startswith("cascam:") else options.get(method, {})
+                explain(model, x, method, target=0, **extra)
+            except ValueError as exc:
+                assert problem is not None, (type(model).__name__, method, str(exc))
+            else:
+                assert problem is None, (type(model).__name__, method, problem)
+    assert model_problem(plain, "gradcam").startswith("no automatic target layer")
+    assert "unknown method" in model_problem(plain, "gradcam++")
