@@ -185,6 +185,14 @@ if result is None:
     st.warning(f"The results of job {job.id} are no longer at {common.plain(job.result_path)}.")
     st.stop()
 
+for warning in result.warnings:
+    st.warning(common.plain(warning), icon=":material/warning:")
+lesion_file = result.files.get("lesion_occlusion")
+if lesion_file is not None and Path(lesion_file).is_file():
+    lesion = pd.read_csv(lesion_file).iloc[0]
+    show = {"holds": st.success, "fails": st.error}.get(lesion["verdict"], st.warning)
+    show(f"**Does the model use the annotated lesions? {common.plain(lesion['verdict'])}.** "
+         f"{common.plain(lesion['evidence'])}", icon=":material/center_focus_strong:")
 st.subheader("Cohort summary")
 st.caption("Mean, standard deviation and 95 % bootstrap interval over the images where the metric is defined.")
 st.dataframe(compact_summary(result.cohort), hide_index=True, width="stretch")

@@ -62,6 +62,11 @@ class Verdict:
     def row(self) -> dict[str, str]:
         return {"claim": self.claim, "verdict": self.verdict, "evidence": self.evidence}
 
+    def table(self) -> pd.DataFrame:
+        """One row: :meth:`row` followed by the first row of ``details`` (its numbers), for a CSV."""
+        extra = self.details.iloc[0].to_dict() if not self.details.empty else {}
+        return pd.DataFrame([{**self.row(), **extra}])
+
 
 def fmt_number(value: Any, digits: int = 3) -> str:
     """``value`` with ``digits`` decimals for tables; "–" for None / nan / inf; never "-0.000"."""
@@ -277,3 +282,61 @@ def cascam_shortcut_claim(
     if p < alpha:
         return Verdict(claim, HOLDS if diff.mean() > 0 else FAILS, evidence)
     return Verdict(claim, CANNOT_TELL, evidence + "; the difference is not significant")
+
+
+# Wilcoxon's two-sided exact p cannot go below 0.0625 with 5 pairs: 6 is the fewest that can say anything
+MIN_LESION_IMAGES = 6
+LESION_CLAIM = "the model's prediction depends on the annotated lesions"
+
+
+def lesion_reliance_claim(per_image: pd.DataFrame, resamples: int = 2000, seed: int = 0,
+                          alpha: float = ALPHA) -> Verdict:
+    """Does the model use the annotated lesions? Not a claim of the paper but a check of the
+    benchmark every localisation number rests on (:func:`softcam_core.metrics.lesion_occlusion`).
+
+    ``per_image``: an evaluation's table with ``image``, ``lesion_drop`` and ``control_drop`` (the
+    same on every method's row; one per image is used). Paired over the images where both are
+    defined: two-sided Wilcoxon on ``lesion_drop - control_drop`` and 95 % bootstrap intervals.
+    ``holds`` when occluding the lesions lowers the explained class's probability significantly
+    more than occluding as many other cells; ``fails`` when significantly less (the model decides
+    from elsewhere); ``cannot tell`` otherwise, or with fewer than :data:`MIN_LESION_IMAGES` images:
+    then a map that avoids the lesions may still be faithful, and localisation metrics cannot tell
+    a good map from a bad one on this cohort. ``details``: n and the three means with intervals.
+    """
+    needed = {"image", "lesion_drop", "control_drop"}
+    if not needed <= set(per_image.columns):
+        return Verdict(LESION_CLAIM, CANNOT_TELL, "no lesion occlusion columns (metric lesion_occlusion not run)")
+    images = per_image.drop_duplicates("image")[["lesion_drop", "control_drop"]].astype(float).dropna()
+    lesion, control = images["lesion_drop"].to_numpy(), images["control_drop"].to_numpy()
+    diff = lesion - control
+    lesion_mean, lesion_low, lesion_high, n = _mean_ci(lesion, resamples, seed)
+    control_mean, control_low, control_high, _ = _mean_ci(control, resamples, seed)
+    diff_mean, diff_low, diff_high, _ = _mean_ci(diff, resamples, seed)
+    p = math.nan
+    if n and np.all(diff == 0):
+        p = 1.0
+    elif n:
+        from scipy.stats import wilcoxon
+
+        p = float(wilcoxon(diff, zero_method="wilcox", alternative="two-sided").pvalue)
+    details = pd.DataFrame([{"n": n, "lesion_drop_mean": lesion_mean, "lesion_drop_ci_low": lesion_low,
+                             "lesion_drop_ci_high": lesion_high, "control_drop_mean": control_mean,
+                             "control_drop_ci_low": control_low, "control_drop_ci_high": control_high,
+                             "diff_mean": diff_mean, "diff_ci_low": diff_low, "diff_ci_high": diff_high,
+                             "p_value": p}])
+    evidence = (f"target probability drop when the annotated cells are occluded {fmt_number(lesion_mean)} "
+                f"[{fmt_number(lesion_low)}, {fmt_number(lesion_high)}] vs as many other cells "
+                f"{fmt_number(control_mean)} [{fmt_number(control_low)}, {fmt_number(control_high)}], "
+                f"difference {fmt_number(diff_mean)} [{fmt_number(diff_low)}, {fmt_number(diff_high)}], "
+                f"Wilcoxon p {fmt_number(p, 4)}, {n} images")
+    if n < MIN_LESION_IMAGES:
+        return Verdict(LESION_CLAIM, CANNOT_TELL, evidence + f"; fewer than {MIN_LESION_IMAGES} annotated images "
+                       "with both drops", details)
+    if p < alpha and diff_mean > 0:
+        return Verdict(LESION_CLAIM, HOLDS, evidence, details)
+    if p < alpha and diff_mean < 0:
+        return Verdict(LESION_CLAIM, FAILS, evidence + "; the model decides from other regions, so maps are scored "
+                       "against lesions its prediction does not need", details)
+    return Verdict(LESION_CLAIM, CANNOT_TELL, evidence + "; occluding the lesions changes the prediction no more than "
+                   "occluding other cells: the localisation metrics cannot tell whether a faithful map should point "
+                   "at them", details)

@@ -16,6 +16,8 @@ Output files in ``out_dir``:
                                predicted class, paper protocol)
     cohort.csv / .parquet      one row per method: <metric>_mean/_std/_ci_low/_ci_high/_n
     paired.csv / .parquet      one row per metric x method pair
+    lesion_occlusion.csv       does the model use the annotated lesions? (one row: the verdict of
+                               softcam_core.claims.lesion_reliance_claim with its evidence)
     config.json                the settings (checked on --resume) and ``warnings`` (e.g. a modality mismatch)
     figures/*.html (+ .png)    top-k precision vs k, deletion curves, per-method box plots
 """
@@ -57,6 +59,7 @@ METRIC_CHOICES = (
     "iou_top",
     "energy_top",
     "average_precision",
+    "lesion_occlusion",
     "deletion",
     "deletion_full",
     "deletion_blur",
@@ -77,6 +80,9 @@ TARGET_POLICIES = ("disease", "label", "pred")
 DEFAULT_TOPK = (1, 3, 5, 10, 15, 20)
 DEFAULT_DELETION_STEPS = M.DEFAULT_DELETION_STEPS  # the paper's top-30 patches (SoftCAM App. I)
 ID_COLUMNS = ("image", "split", "label", "pred", "correct", "target", "p_target", "method", "seconds")
+# per-image columns of the model, not of a map (the same on every method's row): left out of the
+# per-method summaries and paired tests; summarised once in lesion_occlusion.csv
+LESION_COLUMNS = ("lesion_drop", "control_drop")
 # bumped whenever a metric's definition changes, so --resume never mixes rows of two definitions
 METRIC_DEFINITIONS = 2
 NOT_SIGNED = ("not applicable: {method} maps are non-negative by construction, so no pixel can carry evidence "
@@ -100,7 +106,7 @@ EVAL_BATCH_CPU = 8
 
 def metric_columns(per_image: pd.DataFrame) -> list[str]:
     """The metric columns of a per-image table (everything numeric that is not an id column)."""
-    skip = set(ID_COLUMNS) | {"notes", "model", "model_method", "modality", "label_index"}
+    skip = set(ID_COLUMNS) | set(LESION_COLUMNS) | {"notes", "model", "model_method", "modality", "label_index"}
     return [c for c in per_image.columns if c not in skip and pd.api.types.is_numeric_dtype(per_image[c])]
 
 
@@ -341,6 +347,7 @@ class EvalSettings:
             "iou_top": [f"iou_top{iou}"],
             "energy_top": [f"energy_top{energy}", f"energy_count_top{energy}"],
             "average_precision": ["average_precision", "average_precision_cascam"],
+            "lesion_occlusion": list(LESION_COLUMNS),
             "deletion": ["audc", "audc_correct"],
             **{m: [column] for m, (column, _) in DELETION_VARIANTS.items() if m != "deletion"},
         }
@@ -422,6 +429,37 @@ def score_map(
         if reason:
             reasons[column] = reason
     return values, reasons
+
+
+NO_REGION = "no annotated region"
+
+
+def _add_lesion_occlusion(rows: list[dict], order: list[tuple[int, str]], model, xs: torch.Tensor,
+                          masks: list[np.ndarray], point_masks: list[np.ndarray | None], targets: list[int],
+                          patch: int, settings: "EvalSettings") -> None:
+    """Fill ``lesion_drop`` / ``control_drop`` (:func:`softcam_core.metrics.lesion_occlusion`, the
+    explained class, the deletion baseline) on every row of each annotated image of the batch."""
+    import warnings
+
+    regions = [m if pm is None else (m | pm) for m, pm in zip(masks, point_masks)]
+    annotated = [k for k in dict.fromkeys(k for k, _ in order) if regions[k].any()]
+    drops: dict[int, tuple[float, float]] = {}
+    if annotated:
+        baseline = settings.deletion_baseline
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", M.MetricUndefined)  # the reasons are written below
+            lesion, control = M.lesion_occlusion(model, xs[annotated], np.stack([regions[k] for k in annotated]),
+                                                 [targets[k] for k in annotated], patch, baseline)
+        drops = {k: (float(a), float(b)) for k, a, b in zip(annotated, lesion, control)}
+    for row, (k, _) in zip(rows, order):
+        lesion_drop, control_drop = drops.get(k, (math.nan, math.nan))
+        row["lesion_drop"], row["control_drop"] = lesion_drop, control_drop
+        if k not in drops:
+            row["_reasons"]["lesion_drop"] = row["_reasons"]["control_drop"] = NO_REGION
+        elif math.isnan(lesion_drop):
+            row["_reasons"]["lesion_drop"] = row["_reasons"]["control_drop"] = "target probability of the intact image is 0"
+        elif math.isnan(control_drop):
+            row["_reasons"]["control_drop"] = "the annotation touches more than half of the cells: no same-size control"
 
 
 def _notes(reasons: dict[str, str]) -> str:
@@ -903,6 +941,8 @@ def evaluate_cohort(
                     "target": classes[targets[k]], "p_target": float(probs[k][targets[k]]),
                     "method": method, "seconds": round(seconds, 6), **values, "_reasons": reasons,
                 })
+            if "lesion_occlusion" in settings.metrics:
+                _add_lesion_occlusion(rows, order, model, xs, masks, point_masks, targets, patch, settings)
             if deletions:
                 image_rows = torch.tensor([k for k, _ in order], device=xs.device)
                 deletion_sals = np.stack([deletion_maps[pair] for pair in order])
@@ -1034,7 +1074,8 @@ def read_result(out_dir: str | Path) -> EvaluationResult:
     tables = {name: pd.read_parquet(out_dir / f"{name}.parquet") for name in ("per_image", "cohort", "paired")}
     curves_path = out_dir / "deletion_curves.csv"
     curves = restore_frame(pd.read_csv(curves_path, dtype={"image": str})) if curves_path.exists() else pd.DataFrame()
-    files = {name: out_dir / f"{name}.csv" for name in ("per_image", "cohort", "paired")}
+    files = {name: out_dir / f"{name}.csv" for name in ("per_image", "cohort", "paired", "lesion_occlusion")
+             if name != "lesion_occlusion" or (out_dir / f"{name}.csv").is_file()}
     return EvaluationResult(out_dir, tables["per_image"], tables["cohort"], tables["paired"], curves, files,
                             _config_warnings(out_dir))
 
@@ -1073,6 +1114,12 @@ def finalise(
     cohort = summarise(per_image, resamples=settings.resamples, seed=settings.seed)
     paired = paired_tests(per_image)
     files = {"per_image": out_dir / "per_image.csv", "cohort": out_dir / "cohort.csv", "paired": out_dir / "paired.csv"}
+    if set(LESION_COLUMNS) <= set(per_image.columns):
+        from softcam_core.claims import lesion_reliance_claim
+
+        verdict = lesion_reliance_claim(per_image, resamples=settings.resamples, seed=settings.seed)
+        files["lesion_occlusion"] = out_dir / "lesion_occlusion.csv"
+        neutralise_frame(verdict.table()).to_csv(files["lesion_occlusion"], index=False)
     neutralise_frame(cohort).to_csv(files["cohort"], index=False)
     neutralise_frame(paired).to_csv(files["paired"], index=False)
     for name, table in (("per_image", per_image), ("cohort", cohort), ("paired", paired)):
@@ -1261,7 +1308,11 @@ def _run_cli_evaluation(args: argparse.Namespace, model, meta: dict, settings: "
     columns = [c for c in ("activation_precision_mean", "topk_precision_k5_mean", "audc_mean", "audc_correct_mean")
                if c in result.cohort]
     print(result.cohort[["method", "images", *columns]].to_string(index=False))
-    print(f"wrote {result.out_dir}/per_image.csv, cohort.csv, paired.csv (+ .parquet, figures/)")
+    if "lesion_occlusion" in result.files:
+        lesion = restore_frame(pd.read_csv(result.files["lesion_occlusion"])).iloc[0]
+        print(f"{lesion['claim']}: {lesion['verdict']} ({lesion['evidence']})")
+    print(f"wrote {result.out_dir}/per_image.csv, cohort.csv, paired.csv"
+          f"{', lesion_occlusion.csv' if 'lesion_occlusion' in result.files else ''} (+ .parquet, figures/)")
     return result
 
 

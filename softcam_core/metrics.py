@@ -1074,3 +1074,134 @@ def audc(curve: Any) -> float:
         return _undefined("deletion curve is undefined (nan)")
     x = np.linspace(0.0, 1.0, values.size)
     return float(np.sum((values[1:] + values[:-1]) * np.diff(x)) / 2.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# does the model use the annotated lesions? (a check of the benchmark, not of a map)
+
+DEFAULT_OCCLUSION_CONTROLS = 8
+
+
+def lesion_cells(mask: Any, patch: int) -> np.ndarray:
+    """(nr, nc) bool: the grid cells that touch the annotation by at least one pixel (the
+    "patch-annotation" of top-k precision, SoftCAM App. E.2)."""
+    mask = np.asarray(mask).astype(bool)
+    return _cell_reduce(mask.astype(np.float64), patch) > 0
+
+
+def _occlusion_seed(image: torch.Tensor, cells: np.ndarray, seed: int) -> np.random.Generator:
+    """A generator seeded by the image's content and its lesion cells: the same controls for one
+    image whatever its position in a batch, a shard or a resumed run."""
+    import hashlib
+
+    digest = hashlib.sha256(image.detach().cpu().float().numpy().tobytes() + np.packbits(cells).tobytes())
+    return np.random.default_rng([int(seed), int.from_bytes(digest.digest()[:8], "little")])
+
+
+def lesion_occlusion(
+    model: nn.Module,
+    images: torch.Tensor,
+    masks: Any,
+    targets: Sequence[int] | np.ndarray | torch.Tensor,
+    patch: int,
+    baseline: str | float | torch.Tensor = "zero",
+    controls: int = DEFAULT_OCCLUSION_CONTROLS,
+    seed: int = 0,
+    batch_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Relative drop of the target's probability when the annotated lesions are occluded, and when
+    as many cells elsewhere are (the control). Not a map metric: it asks whether the *model*
+    depends on the annotated regions at all. Where it does not (lesion drop no larger than the
+    control's), localisation metrics score maps against regions the prediction does not use, and a
+    map that avoids the lesions may still be faithful: the benchmark cannot tell.
+
+    Every ``patch`` cell touching the annotation (:func:`lesion_cells`) is replaced by the
+    deletion baseline at once (``_resolve_baseline``: ``"zero"``, ``"mean"``, ``"blur"``, a number
+    or a tensor, as in :func:`deletion_curves`). ``drop = 1 - p_occluded / p_intact`` of class
+    ``targets[n]`` (softmax; sigmoid for one logit), the complement of a deletion curve's point. The
+    control occludes ``controls`` random sets of the same number of cells drawn from the cells
+    that do not touch the annotation (seeded by ``seed`` and the image's content) and averages
+    their drops.
+
+    Args:
+        model: classifier returning logits (B, C), run in eval mode on its own device under
+            ``torch.inference_mode`` (its mode is restored). images: (N, 3, H, W) model inputs.
+        masks: (N, H, W) bool annotations at input resolution. targets: (N,) class indices.
+        patch: cell side in pixels. controls: random control sets per image (>= 1).
+        batch_size: occluded inputs per forward (None: 16 at 224 px on CPU, as deletion).
+    Returns:
+        ``(lesion_drop (N,), control_drop (N,))`` float64, each <= 1 (negative when occluding
+        raises the probability). nan with a :class:`MetricUndefined` reason for an empty mask, a
+        zero intact probability, or (control only) fewer cells outside the annotation than in it.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, 3, H, W), got shape {tuple(images.shape)}")
+    mask_arr = np.asarray(masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else masks).astype(bool)
+    if mask_arr.shape != (images.shape[0], *images.shape[2:]):
+        raise ValueError(f"masks shape {mask_arr.shape} does not match images {tuple(images.shape)}: need (N, H, W)")
+    target_np = np.asarray(targets.detach().cpu().numpy() if isinstance(targets, torch.Tensor) else targets,
+                           dtype=np.int64).reshape(-1)
+    if target_np.size != images.shape[0]:
+        raise ValueError(f"{target_np.size} targets for {images.shape[0]} images")
+    if int(controls) != controls or controls < 1:
+        raise ValueError(f"controls must be a positive integer, got {controls!r}")
+    device = _model_device(model)
+    images = images.to(device)
+    rows, cols = cell_grid(images.shape[2:], patch)
+    n = images.shape[0]
+    lesion = np.full(n, np.nan)
+    control = np.full(n, np.nan)
+    # (image, cell set) per forward: the intact image first, then the lesion set, then the controls
+    jobs: list[tuple[int, np.ndarray | None]] = []
+    plan: list[tuple[int, int, list[int]]] = []  # image, its lesion job, its control jobs
+    for i in range(n):
+        cells = lesion_cells(mask_arr[i], patch)
+        if not cells.any():
+            _undefined("empty annotation mask")
+            continue
+        intact = len(jobs)
+        jobs.append((i, None))
+        jobs.append((i, cells))
+        outside = np.flatnonzero(~cells.ravel())
+        count = int(cells.sum())
+        control_jobs: list[int] = []
+        if outside.size >= count:
+            rng = _occlusion_seed(images[i], cells, seed)
+            for _ in range(int(controls)):
+                chosen = np.zeros(cells.size, dtype=bool)
+                chosen[rng.choice(outside, size=count, replace=False)] = True
+                control_jobs.append(len(jobs))
+                jobs.append((i, chosen.reshape(cells.shape)))
+        plan.append((i, intact, control_jobs))
+    if not jobs:
+        return lesion, control
+    if batch_size is None:
+        batch_size = _default_batch(device, images.shape[1:], len(jobs))
+    scores = np.empty(len(jobs))
+    baselines: dict[int, torch.Tensor] = {}
+    with _EvalMode(model), torch.inference_mode():
+        for start in range(0, len(jobs), max(1, int(batch_size))):
+            chunk = jobs[start:start + max(1, int(batch_size))]
+            inputs = []
+            for i, cells in chunk:
+                if cells is None:
+                    inputs.append(images[i])
+                    continue
+                if i not in baselines:
+                    baselines[i] = _resolve_baseline(images[i], baseline, patch)
+                pixels = np.repeat(np.repeat(cells, patch, axis=0), patch, axis=1)[: images.shape[2], : images.shape[3]]
+                inputs.append(torch.where(torch.as_tensor(pixels, device=device), baselines[i], images[i]))
+            table = _class_scores(model(torch.stack(inputs))).double().cpu().numpy()
+            for k, (i, _) in enumerate(chunk):
+                scores[start + k] = table[k, 0 if table.shape[1] == 1 else target_np[i]]
+    for i, intact, control_jobs in plan:
+        p0 = scores[intact]
+        if not p0 > 0:
+            _undefined("target probability of the intact image is 0")
+            continue
+        lesion[i] = 1.0 - scores[intact + 1] / p0
+        if control_jobs:
+            control[i] = float(np.mean(1.0 - scores[control_jobs] / p0))
+        else:
+            _undefined("the annotation touches more than half of the cells: no same-size control outside it")
+    return lesion, control

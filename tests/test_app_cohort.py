@@ -49,7 +49,7 @@ def test_cohort_without_a_folder_is_scored_against_its_database_boxes(app_home):
     assert truth.options == ["Boxes in the database (drawn or imported)"]  # no folder: no masks to offer
     assert truth.value == "database"
     at.multiselect[0].set_value(["softcam"])
-    at.multiselect[1].set_value(["activation_precision", "pointing_game"])
+    at.multiselect[1].set_value(["activation_precision", "pointing_game", "lesion_occlusion"])
     at.selectbox[2].set_value("all")  # imported images have no split
     at.number_input[0].set_value(3)
     at.button[0].click().run()
@@ -68,6 +68,9 @@ def test_cohort_without_a_folder_is_scored_against_its_database_boxes(app_home):
     assert "Clinic B" in label and "database boxes (1 of 3 images with boxes)" in label
     assert any("Ground truth: database boxes (1 of 3 images with boxes)" in c for c in texts(at.caption))
     assert any(s.value == "Cohort summary" for s in at.subheader)
+    # one image annotated, its box the whole image (no same-size control outside): the check says so
+    [lesion] = [w for w in texts(at.warning) if "Does the model use the annotated lesions?" in w]
+    assert "cannot tell" in lesion and "fewer than 6 annotated images" in lesion
     per_image = next(d.value for d in at.dataframe if "activation_precision" in d.value.columns
                      and "image" in d.value.columns)
     rows = per_image.set_index("image")

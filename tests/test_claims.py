@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
+import pytest
 
 from softcam_core import claims as C
 
@@ -85,3 +88,27 @@ def test_cascam_claim_needs_a_shortcut_to_uncover():
     flat.loc[flat["row"] == "gradcam · baseline", "m"] = 0.5 + 0.01 * (np.arange(20) % 10)
     verdict = C.cascam_shortcut_claim(flat, "m", "cascam:gradcam · baseline", "gradcam · baseline")
     assert verdict.verdict == C.CANNOT_TELL and "no hidden cue" in verdict.evidence
+
+
+def _lesion_rows(lesion, control, methods=("softcam", "gradcam")):
+    """An evaluation's per-image table: the same two drops on every method's row of an image."""
+    return pd.DataFrame([{"image": f"i{k}", "method": m, "lesion_drop": a, "control_drop": b}
+                         for k, (a, b) in enumerate(zip(lesion, control)) for m in methods])
+
+
+def test_lesion_reliance_holds_fails_or_cannot_tell():
+    from softcam_core.claims import lesion_reliance_claim
+
+    uses = lesion_reliance_claim(_lesion_rows([0.5, 0.6, 0.4, 0.7, 0.55, 0.45, 0.65, 0.5], [0.1] * 8))
+    assert uses.verdict == "holds" and uses.details.loc[0, "n"] == 8  # images, not image x method rows
+    assert uses.details.loc[0, "diff_mean"] == pytest.approx(4.35 / 8 - 0.1)
+    assert uses.details.loc[0, "p_value"] == pytest.approx(2 / 2 ** 8)  # exact: all 8 differences positive
+    elsewhere = lesion_reliance_claim(_lesion_rows([0.0] * 8, [0.3, 0.2, 0.4, 0.3, 0.25, 0.35, 0.3, 0.2]))
+    assert elsewhere.verdict == "fails" and "other regions" in elsewhere.evidence
+    same = lesion_reliance_claim(_lesion_rows([0.3, 0.1, 0.3, 0.1, 0.3, 0.1, 0.2, 0.2], [0.1, 0.3, 0.1, 0.3, 0.1, 0.3, 0.2, 0.2]))
+    assert same.verdict == "cannot tell" and "cannot tell whether a faithful map should point" in same.evidence
+    few = lesion_reliance_claim(_lesion_rows([0.9] * 5, [0.0] * 5))
+    assert few.verdict == "cannot tell" and "fewer than 6" in few.evidence  # 5 pairs: Wilcoxon p >= 0.0625
+    missing = lesion_reliance_claim(_lesion_rows([0.9, math.nan] * 4, [0.0] * 8))
+    assert missing.details.loc[0, "n"] == 4
+    assert lesion_reliance_claim(pd.DataFrame({"image": ["a"], "method": ["softcam"]})).verdict == "cannot tell"

@@ -114,6 +114,38 @@ def test_outputs_and_columns(one_run):
     assert len([c for c in calls if c[2] == "deletion curves of 8 map(s)"]) == 1
 
 
+def test_lesion_occlusion_is_one_value_per_image_summarised_once(one_run, checkpoint, cohort):
+    from softcam_core import metrics as M
+    from softcam_core.imaging import load_image, preprocess
+    from softcam_core.models import load_checkpoint
+
+    result, _ = one_run
+    per_image = result.per_image
+    assert (per_image.groupby("image")[["lesion_drop", "control_drop"]].nunique(dropna=False) <= 1).all().all()
+    healthy = per_image["label"] == "healthy"
+    assert per_image.loc[healthy, ["lesion_drop", "control_drop"]].isna().all().all()
+    assert per_image.loc[healthy, "notes"].str.contains("no annotated region").all()
+    assert per_image.loc[~healthy, ["lesion_drop", "control_drop"]].notna().all().all()
+    # a property of the model on the image, not of a map: in no per-method summary or paired test
+    assert not [c for c in result.cohort.columns if c.startswith(("lesion_drop", "control_drop"))]
+    assert not {"lesion_drop", "control_drop"} & set(result.paired["metric"])
+    summary = pd.read_csv(result.files["lesion_occlusion"])
+    diseased = per_image.loc[~healthy, "image"].nunique()
+    assert summary.loc[0, "n"] == diseased and summary.loc[0, "verdict"] == "cannot tell"  # 4 images < 6
+    assert "fewer than 6" in summary.loc[0, "evidence"]
+    # the column is the metric itself on the evaluation's own input and mask
+    model, meta = load_checkpoint(checkpoint)
+    folder = E._open_folder(cohort)
+    stem = per_image.loc[~healthy, "image"].iloc[0]
+    record = next(r for r in folder.records if r.stem == stem)
+    x, geometry = preprocess(load_image(record.path), meta["img_size"], meta["mean"], meta["std"])
+    mask = geometry.mask_to_input(np.asarray(folder.mask(stem)) > 0)
+    lesion, control = M.lesion_occlusion(model, x[None], mask[None], [1], meta["img_size"] // 16)
+    row = per_image[per_image["image"] == stem].iloc[0]
+    assert row["lesion_drop"] == pytest.approx(lesion[0], abs=1e-5)
+    assert row["control_drop"] == pytest.approx(control[0], abs=1e-5)
+
+
 def test_resume_after_a_stop_gives_the_same_rows(one_run, checkpoint, cohort, tmp_path):
     result, _ = one_run
     out = tmp_path / "resumed"

@@ -595,3 +595,61 @@ def test_batched_deletion_on_gpu_equals_loop():
     np.testing.assert_allclose(batched, cpu_ref, atol=1e-4, rtol=0)
     print(f"\nGPU deletion, 6 images x 21 steps, resnet18 128px: batched {t_batched * 1e3:.1f} ms, "
           f"loop {t_loop * 1e3:.1f} ms, speed-up {t_loop / t_batched:.1f}x")
+
+
+# --- lesion occlusion: does the model use the annotated regions? --------------------------------
+
+class _QuadrantModel(torch.nn.Module):
+    """Two logits: 0 and ``10 x`` the mean of channel 0 over the rows/cols ``region`` of the input."""
+
+    def __init__(self, region: tuple[slice, slice]):
+        super().__init__()
+        self.region = region
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # a device for _model_device
+
+    def forward(self, x):
+        evidence = 10 * x[:, 0, self.region[0], self.region[1]].mean(dim=(1, 2)) + self.anchor
+        return torch.stack([torch.zeros_like(evidence), evidence], dim=1)
+
+
+def test_lesion_occlusion_hand_computed():
+    top_left = (slice(0, 4), slice(0, 4))
+    model = _QuadrantModel(top_left)
+    images = torch.ones(2, 3, 8, 8)
+    masks = np.zeros((2, 8, 8), dtype=bool)
+    masks[0, 1:3, 1:3] = True  # touches the 4 cells of the top-left quadrant (patch 2: cells (0..1, 0..1))
+    masks[1, 0, 0] = True  # touches one cell: (0, 0)
+    lesion, control = M.lesion_occlusion(model, images, masks, [1, 1], patch=2)
+    p_intact = 1 / (1 + math.exp(-10))
+    # image 0: the whole quadrant zeroed -> logit 0 -> p = 0.5; no control cell is in the quadrant
+    assert lesion[0] == pytest.approx(1 - 0.5 / p_intact, abs=1e-6)  # float32 softmax
+    assert control[0] == pytest.approx(0.0, abs=1e-6)
+    # image 1: a quarter of the quadrant zeroed -> logit 7.5; each control is one of 15 other cells
+    assert lesion[1] == pytest.approx(1 - (1 / (1 + math.exp(-7.5))) / p_intact, abs=1e-6)
+    assert 0 <= control[1] <= lesion[1]
+    # the controls follow the image and its mask, not its place in the batch
+    again_l, again_c = M.lesion_occlusion(model, images.flip(0), masks[::-1].copy(), [1, 1], patch=2)
+    assert np.array_equal(again_l[::-1], lesion) and np.array_equal(again_c[::-1], control)
+
+
+def test_lesion_occlusion_says_no_for_a_model_that_looks_elsewhere():
+    model = _QuadrantModel((slice(4, 8), slice(4, 8)))  # the bottom-right quadrant
+    masks = np.zeros((1, 8, 8), dtype=bool)
+    masks[0, :4, :4] = True
+    lesion, control = M.lesion_occlusion(model, torch.ones(1, 3, 8, 8), masks, [1], patch=2, controls=32)
+    assert lesion[0] == pytest.approx(0.0, abs=1e-12)  # the lesions do not matter to it
+    assert control[0] > 0.001  # occluding 4 of the 12 other cells hits its region
+
+
+def test_lesion_occlusion_undefined_cases_and_shapes():
+    model = _QuadrantModel((slice(0, 4), slice(0, 4)))
+    masks = np.zeros((2, 8, 8), dtype=bool)
+    masks[1, :6, :] = True  # 12 of 16 cells: no same-size control outside
+    with pytest.warns(M.MetricUndefined):
+        lesion, control = M.lesion_occlusion(model, torch.ones(2, 3, 8, 8), masks, [1, 1], patch=2)
+    assert np.isnan(lesion[0]) and np.isnan(control[0])  # empty mask
+    assert not np.isnan(lesion[1]) and np.isnan(control[1])
+    with pytest.raises(ValueError, match="masks shape"):
+        M.lesion_occlusion(model, torch.ones(2, 3, 8, 8), masks[:1], [1, 1], patch=2)
+    with pytest.raises(ValueError, match="controls"):
+        M.lesion_occlusion(model, torch.ones(2, 3, 8, 8), masks, [1, 1], patch=2, controls=0)
