@@ -290,12 +290,13 @@ LESION_CLAIM = "the model's prediction depends on the annotated lesions"
 
 
 def lesion_reliance_claim(per_image: pd.DataFrame, resamples: int = 2000, seed: int = 0,
-                          alpha: float = ALPHA) -> Verdict:
+                          alpha: float = ALPHA, unit: str = "image", claim: str = LESION_CLAIM) -> Verdict:
     """Does the model use the annotated lesions? Not a claim of the paper but a check of the
     benchmark every localisation number rests on (:func:`softcam_core.metrics.lesion_occlusion`).
 
-    ``per_image``: an evaluation's table with ``image``, ``lesion_drop`` and ``control_drop`` (the
-    same on every method's row; one per image is used). Paired over the images where both are
+    ``per_image``: an evaluation's table with ``unit`` (default ``image``; the report's
+    ``seed/image``), ``lesion_drop`` and ``control_drop`` (the same on every method's row of one
+    model; one per unit is used). ``claim``: the verdict's wording. Paired over the images where both are
     defined: two-sided Wilcoxon on ``lesion_drop - control_drop`` and 95 % bootstrap intervals.
     ``holds`` when occluding the lesions lowers the explained class's probability significantly
     more than occluding as many other cells; ``fails`` when significantly less (the model decides
@@ -303,10 +304,10 @@ def lesion_reliance_claim(per_image: pd.DataFrame, resamples: int = 2000, seed: 
     then a map that avoids the lesions may still be faithful, and localisation metrics cannot tell
     a good map from a bad one on this cohort. ``details``: n and the three means with intervals.
     """
-    needed = {"image", "lesion_drop", "control_drop"}
+    needed = {unit, "lesion_drop", "control_drop"}
     if not needed <= set(per_image.columns):
-        return Verdict(LESION_CLAIM, CANNOT_TELL, "no lesion occlusion columns (metric lesion_occlusion not run)")
-    images = per_image.drop_duplicates("image")[["lesion_drop", "control_drop"]].astype(float).dropna()
+        return Verdict(claim, CANNOT_TELL, "no lesion occlusion columns (metric lesion_occlusion not run)")
+    images = per_image.drop_duplicates(unit)[["lesion_drop", "control_drop"]].astype(float).dropna()
     lesion, control = images["lesion_drop"].to_numpy(), images["control_drop"].to_numpy()
     diff = lesion - control
     lesion_mean, lesion_low, lesion_high, n = _mean_ci(lesion, resamples, seed)
@@ -330,13 +331,13 @@ def lesion_reliance_claim(per_image: pd.DataFrame, resamples: int = 2000, seed: 
                 f"difference {fmt_number(diff_mean)} [{fmt_number(diff_low)}, {fmt_number(diff_high)}], "
                 f"Wilcoxon p {fmt_number(p, 4)}, {n} images")
     if n < MIN_LESION_IMAGES:
-        return Verdict(LESION_CLAIM, CANNOT_TELL, evidence + f"; fewer than {MIN_LESION_IMAGES} annotated images "
+        return Verdict(claim, CANNOT_TELL, evidence + f"; fewer than {MIN_LESION_IMAGES} annotated images "
                        "with both drops", details)
     if p < alpha and diff_mean > 0:
-        return Verdict(LESION_CLAIM, HOLDS, evidence, details)
+        return Verdict(claim, HOLDS, evidence, details)
     if p < alpha and diff_mean < 0:
-        return Verdict(LESION_CLAIM, FAILS, evidence + "; the model decides from other regions, so maps are scored "
+        return Verdict(claim, FAILS, evidence + "; the model decides from other regions, so maps are scored "
                        "against lesions its prediction does not need", details)
-    return Verdict(LESION_CLAIM, CANNOT_TELL, evidence + "; occluding the lesions changes the prediction no more than "
+    return Verdict(claim, CANNOT_TELL, evidence + "; occluding the lesions changes the prediction no more than "
                    "occluding other cells: the localisation metrics cannot tell whether a faithful map should point "
                    "at them", details)
