@@ -632,6 +632,9 @@ def target_log_odds(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return table.gather(1, targets.view(-1, 1)).squeeze(1)
 
 
+BASELINE_NAMES = ("zero", "mean", "blur")  # the named fills of _resolve_baseline (besides a number or a tensor)
+
+
 def _resolve_baseline(image: torch.Tensor, baseline: str | float | torch.Tensor, patch: int) -> torch.Tensor:
     """What an occluded pixel becomes, (3, H, W) in the model's (normalised) input space.
 
@@ -655,7 +658,7 @@ def _resolve_baseline(image: torch.Tensor, baseline: str | float | torch.Tensor,
         limit = 2 * min(image.shape[-2:]) - 1  # reflect padding must stay inside the image
         kernel = min(kernel, limit if limit % 2 else limit - 1)
         return gaussian_blur(image.unsqueeze(0), [kernel, kernel], [sigma, sigma])[0]
-    raise ValueError(f"unknown deletion baseline {baseline!r}; use 'zero', 'mean', 'blur', a number or a tensor")
+    raise ValueError(f"unknown deletion baseline {baseline!r}; use {', '.join(BASELINE_NAMES)}, a number or a tensor")
 
 
 def _deletion_counts(n_cells: int, steps: int, protocol: str = "top") -> np.ndarray:
@@ -1104,7 +1107,7 @@ def lesion_occlusion(
     masks: Any,
     targets: Sequence[int] | np.ndarray | torch.Tensor,
     patch: int,
-    baseline: str | float | torch.Tensor = "zero",
+    baseline: str | float | torch.Tensor = "blur",
     controls: int = DEFAULT_OCCLUSION_CONTROLS,
     seed: int = 0,
     batch_size: int | None = None,
@@ -1116,8 +1119,9 @@ def lesion_occlusion(
     map that avoids the lesions may still be faithful: the benchmark cannot tell.
 
     Every ``patch`` cell touching the annotation (:func:`lesion_cells`) is replaced by the
-    deletion baseline at once (``_resolve_baseline``: ``"zero"``, ``"mean"``, ``"blur"``, a number
-    or a tensor, as in :func:`deletion_curves`). ``drop = 1 - p_occluded / p_intact`` of class
+    baseline at once (``_resolve_baseline``: ``"blur"`` by default, the image blurred with sigma
+    ``patch / 2``, so the lesion's detail goes but the image stays in distribution; ``"zero"``,
+    ``"mean"``, a number or a tensor as in :func:`deletion_curves`). ``drop = 1 - p_occluded / p_intact`` of class
     ``targets[n]`` (softmax; sigmoid for one logit), the complement of a deletion curve's point. The
     control occludes ``controls`` random sets of the same number of cells drawn from the cells
     that do not touch the annotation (seeded by ``seed`` and the image's content) and averages

@@ -198,6 +198,9 @@ def test_bad_settings_fail_clearly(checkpoint, cohort, tmp_path):
         _run(checkpoint, cohort, tmp_path / "k", settings={"topk": (1, 300)})
     with pytest.raises(ValueError, match="--iou-fraction"):
         _run(checkpoint, cohort, tmp_path / "f", settings={"iou_fraction": 0.0})
+    with pytest.raises(ValueError, match="unknown occlusion baseline 'inpaint'; use zero, mean, blur or a number"):
+        _run(checkpoint, cohort, tmp_path / "o", settings={"occlusion_baseline": "inpaint"})
+    assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
 def test_cli(checkpoint, cohort, tmp_path, capsys):

@@ -619,7 +619,7 @@ def test_lesion_occlusion_hand_computed():
     masks = np.zeros((2, 8, 8), dtype=bool)
     masks[0, 1:3, 1:3] = True  # touches the 4 cells of the top-left quadrant (patch 2: cells (0..1, 0..1))
     masks[1, 0, 0] = True  # touches one cell: (0, 0)
-    lesion, control = M.lesion_occlusion(model, images, masks, [1, 1], patch=2)
+    lesion, control = M.lesion_occlusion(model, images, masks, [1, 1], patch=2, baseline="zero")
     p_intact = 1 / (1 + math.exp(-10))
     # image 0: the whole quadrant zeroed -> logit 0 -> p = 0.5; no control cell is in the quadrant
     assert lesion[0] == pytest.approx(1 - 0.5 / p_intact, abs=1e-6)  # float32 softmax
@@ -628,7 +628,7 @@ def test_lesion_occlusion_hand_computed():
     assert lesion[1] == pytest.approx(1 - (1 / (1 + math.exp(-7.5))) / p_intact, abs=1e-6)
     assert 0 <= control[1] <= lesion[1]
     # the controls follow the image and its mask, not its place in the batch
-    again_l, again_c = M.lesion_occlusion(model, images.flip(0), masks[::-1].copy(), [1, 1], patch=2)
+    again_l, again_c = M.lesion_occlusion(model, images.flip(0), masks[::-1].copy(), [1, 1], patch=2, baseline="zero")
     assert np.array_equal(again_l[::-1], lesion) and np.array_equal(again_c[::-1], control)
 
 
@@ -636,7 +636,7 @@ def test_lesion_occlusion_says_no_for_a_model_that_looks_elsewhere():
     model = _QuadrantModel((slice(4, 8), slice(4, 8)))  # the bottom-right quadrant
     masks = np.zeros((1, 8, 8), dtype=bool)
     masks[0, :4, :4] = True
-    lesion, control = M.lesion_occlusion(model, torch.ones(1, 3, 8, 8), masks, [1], patch=2, controls=32)
+    lesion, control = M.lesion_occlusion(model, torch.ones(1, 3, 8, 8), masks, [1], patch=2, controls=32, baseline="zero")
     assert lesion[0] == pytest.approx(0.0, abs=1e-12)  # the lesions do not matter to it
     assert control[0] > 0.001  # occluding 4 of the 12 other cells hits its region
 
@@ -646,7 +646,7 @@ def test_lesion_occlusion_undefined_cases_and_shapes():
     masks = np.zeros((2, 8, 8), dtype=bool)
     masks[1, :6, :] = True  # 12 of 16 cells: no same-size control outside
     with pytest.warns(M.MetricUndefined):
-        lesion, control = M.lesion_occlusion(model, torch.ones(2, 3, 8, 8), masks, [1, 1], patch=2)
+        lesion, control = M.lesion_occlusion(model, torch.ones(2, 3, 8, 8), masks, [1, 1], patch=2, baseline="zero")
     assert np.isnan(lesion[0]) and np.isnan(control[0])  # empty mask
     assert not np.isnan(lesion[1]) and np.isnan(control[1])
     with pytest.raises(ValueError, match="masks shape"):
