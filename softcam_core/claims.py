@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from softcam_core import evaluate as E
+from softcam_core.stats import bootstrap_ci, holm
 
 HOLDS, FAILS, CANNOT_TELL = "holds", "fails", "cannot tell"
 ALPHA = 0.05
@@ -81,7 +81,7 @@ def _mean_ci(values: np.ndarray, resamples: int, seed: int) -> tuple[float, floa
     values = values[np.isfinite(values)]
     if values.size == 0:
         return math.nan, math.nan, math.nan, 0
-    low, high = E.bootstrap_ci(values, resamples, seed)
+    low, high = bootstrap_ci(values, resamples, seed)
     return float(values.mean()), low, high, int(values.size)
 
 
@@ -139,7 +139,7 @@ def ranking_claim(
                       "mean_competitor": means[other], "mean_diff": float(diff.mean()) if diff.size else math.nan,
                       "p_value": p})
     details = pd.DataFrame(tests)
-    details["p_holm"] = E.holm(details["p_value"].to_numpy())
+    details["p_holm"] = holm(details["p_value"].to_numpy())
     significant = details["p_holm"] < alpha
     better_other = significant & (sign * details["mean_diff"] < 0)
     worse_other = significant & (sign * details["mean_diff"] > 0)
