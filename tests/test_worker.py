@@ -24,6 +24,18 @@ N_IMAGES = 10
 CHUNK_IMAGES = 3  # 10 images -> chunks of 3, 3, 3, 1
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_like_the_workers():
+    """This process computes at the worker processes' one thread (OMP_NUM_THREADS=1 below), so that
+    tables computed here and there are comparable: another thread count sums the maps in another
+    order (~1e-7), which reorders the near-tied grid cells of the barely trained 64 px model's
+    upsampled maps and with them the deletion order (AUDC ~1e-3 apart, seen on some CPUs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def queued(db_env, tmp_path, monkeypatch):
     """A home with a synthetic cohort and a tiny model in the test database, and one evaluation job
@@ -66,15 +78,7 @@ def _one_process_tables(queued, tmp_path) -> pd.DataFrame:
 
     with session_scope(queued["engine"], readonly=True) as s:
         source, _ = evaluation_source(s, queued["params"], ["healthy", "disease"])
-    # with the workers' one thread (OMP_NUM_THREADS=1): another thread count sums the maps in another
-    # order (~1e-7), which reorders the near-tied grid cells of this barely trained 64 px model's
-    # upsampled maps and so the deletion order (AUDC ~1e-3 apart), on some CPUs
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_evaluation(queued["params"], source, tmp_path / "one", None, figures=False)
-    finally:
-        torch.set_num_threads(threads)
+    run_evaluation(queued["params"], source, tmp_path / "one", None, figures=False)
     return pd.read_csv(tmp_path / "one" / "per_image.csv")
 
 
