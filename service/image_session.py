@@ -186,7 +186,7 @@ class ImageSession:
                  memory: bool = True):
         import torch
 
-        from softcam_core.imaging import preprocess
+        from softcam_core.inference import model_input
 
         self.model, self.meta, self.image = model, meta, image
         self.classes = [str(c) for c in meta["classes"]]
@@ -195,12 +195,12 @@ class ImageSession:
         self.store, self.memory = store, memory
         # a page rerun (display control, reopened image) rebuilds the session: the model input is kept
         # (the fundus crop search and resampling cost 20-60 ms per run)
-        prepared_key = (self.image_id, getattr(image, "modality", None), int(meta["img_size"]),
+        prepared_key = (self.image_id, getattr(image, "modality", None), meta.get("modality"), int(meta["img_size"]),
                         tuple(meta["mean"]), tuple(meta["std"]))  # the modality picks crop vs letterbox
         with _MAP_LOCK:
             prepared = _PREPARED.get(prepared_key)
         if prepared is None:
-            prepared = preprocess(image, int(meta["img_size"]), meta["mean"], meta["std"])
+            prepared = model_input(image, meta)[:2]  # the one preparation predict, explain and evaluate use
             with _MAP_LOCK:
                 _PREPARED[prepared_key] = prepared
                 while len(_PREPARED) > 16:

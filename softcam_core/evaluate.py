@@ -750,8 +750,7 @@ def evaluate_cohort(
     from softcam_core.device import default_device, join_process_group
     from softcam_core.explain import explain
     from softcam_core.explain.cli import check_methods
-    from softcam_core.imaging import load_image, preprocess
-    from softcam_core.inference import modality_warning
+    from softcam_core.inference import modality_warning, model_input
 
     settings = settings or EvalSettings()
     if metrics is not None:
@@ -836,7 +835,6 @@ def evaluate_cohort(
     done = set().union(*(_read_done(path, header, repair=path == per_image_path)
                          for path in _row_files(out_dir, "per_image"))) if resume else set()
     model = model.to(device).eval()
-    mean, std = meta["mean"], meta["std"]
     total = len(items) * len(methods)
     finished = sum(1 for it in items for m in methods if (it.stem, m) in done)
     bar = tqdm(total=total, initial=finished, desc="evaluate" if world == 1 else f"evaluate [rank {rank}/{world}]",
@@ -852,8 +850,7 @@ def evaluate_cohort(
         """File reads, decoding and preprocessing of a batch: (original (H, W), input, geometry)."""
         decoded = []
         for item, _ in batch:
-            image = load_image(item.path)
-            x, geometry = preprocess(image, img_size, mean, std)
+            x, geometry, image = model_input(item.path, meta)  # as predict and the app prepare it
             decoded.append((tuple(image.pixels.shape[:2]), x, geometry))
         return decoded
 

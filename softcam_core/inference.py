@@ -68,26 +68,28 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> tu
 def model_input(image, meta: dict):
     """One image -> ``(x (3, S, S) float32, Geometry, MedicalImage)`` for the checkpoint ``meta``.
 
-    ``image``: a path, bytes or an already loaded :class:`softcam_core.imaging.MedicalImage`. Files are
-    decoded with the checkpoint's modality, so they are cropped and windowed as in training.
+    ``image``: a path, bytes or an already loaded :class:`softcam_core.imaging.MedicalImage`. The one
+    preparation every model input goes through (predict, explain, evaluate, the Review page): the
+    image takes the checkpoint's modality when that is fundus, oct or cxr, so it is cropped or
+    letterboxed and windowed as in training, whatever its own modality was inferred to be.
     Raises :class:`softcam_core.imaging.ImageLoadError` for unreadable input.
     """
-    x, geometry, image, _ = _model_input(image, meta)
+    x, geometry, image, _ = prepared_input(image, meta)
     return x, geometry, image
 
 
-def _model_input(image, meta: dict):
-    """:func:`model_input` plus the image's own modality (before the checkpoint's replaced it)."""
+def prepared_input(image, meta: dict):
+    """:func:`model_input` plus the image's own modality (DICOM header or inferred from the pixels,
+    before the checkpoint's replaced it), for :func:`modality_warning`:
+    ``(x, Geometry, MedicalImage, own_modality)``."""
     from softcam_core.imaging import MedicalImage, load_image, preprocess
 
     if not isinstance(image, MedicalImage):
         image = load_image(image)
-        own = image.modality
-        modality = meta.get("modality")
-        if modality in PHOTO_MODALITIES:  # decoded as in training (same as load_image(..., modality=))
-            image = dataclasses.replace(image, modality=modality)
-    else:
-        own = image.modality
+    own = image.modality
+    modality = meta.get("modality")
+    if modality in PHOTO_MODALITIES and modality != own:  # as in training (load_image(..., modality=) sets only this)
+        image = dataclasses.replace(image, modality=modality)
     x, geometry = preprocess(image, int(meta["img_size"]), meta["mean"], meta["std"])
     return x, geometry, image, own
 
@@ -131,7 +133,7 @@ def predict(model: nn.Module, meta: dict, images: Sequence, batch_size: int = 16
     """
     inputs, labels, modalities = [], [], []
     for i, image in enumerate(images):
-        x, _, loaded, own = _model_input(image, meta)
+        x, _, loaded, own = prepared_input(image, meta)
         inputs.append(x)
         labels.append(names[i] if names is not None else str(image) if isinstance(image, (str, Path)) else loaded.name)
         modalities.append(own)
@@ -172,7 +174,7 @@ def predict_files(model: nn.Module, meta: dict, paths: Sequence[str | Path], bat
     good, errors = [], []
     for path in paths:
         try:
-            x, _, _, own = _model_input(path, meta)
+            x, _, _, own = prepared_input(path, meta)
             good.append((str(path), x, own))
         except ImageLoadError as exc:
             message = " ".join(str(exc).split())

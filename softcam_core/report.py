@@ -354,15 +354,14 @@ def _randomisation(steps: Steps, key: str, checkpoint: Path, data: Path, methods
 
         from softcam_core.data import CohortFolder
         from softcam_core.explain.randomisation import model_randomisation_test, randomisation_units
-        from softcam_core.imaging import load_image, preprocess
+        from softcam_core.inference import model_input
         from softcam_core.models import load_checkpoint
 
         model, meta = load_checkpoint(checkpoint)
         folder = CohortFolder(data)
         records = [r for r in folder.split("test") if r.label_index != 0]
         records = records[: config.randomisation_images]
-        x = torch.stack([preprocess(load_image(r.path), int(meta["img_size"]), meta["mean"], meta["std"])[0]
-                         for r in records])
+        x = torch.stack([model_input(r.path, meta)[0] for r in records])
         n_units = len(randomisation_units(model))
         depths = sorted({1, min(3, n_units), n_units})
         rows = []

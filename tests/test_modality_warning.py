@@ -108,3 +108,36 @@ def test_predict_warns(models, fundus_png, chest_dicom, tmp_path, capsys):
     for model in ("cxr", "other"):  # matching; model modality unknown
         assert main(["predict", "--model", str(models[model]), "--images", str(chest_dicom), "--out", str(out)]) == 0
         assert "warning" not in capsys.readouterr().err, model
+
+
+def test_every_command_prepares_a_mismatched_image_as_its_model_was_trained(models, fundus_png, chest_dicom, tmp_path,
+                                                                              capsys):
+    """One preparation for predict, explain and the Review page: the checkpoint's modality decides the
+    crop (fundus: the disc; else a letterbox), not the image's own, or the commands would show three
+    different predictions for one file."""
+    import numpy as np
+
+    from softcam_core.imaging import load_image, preprocess
+    from softcam_core.inference import load_model, model_input
+    from service.image_session import ImageSession
+
+    own = load_image(chest_dicom)
+    assert own.modality == "cxr"
+    model, meta = load_model(models["fundus"])
+    x, _, prepared = model_input(chest_dicom, meta)
+    assert prepared.modality == "fundus"
+    as_own, _ = preprocess(own, int(meta["img_size"]), meta["mean"], meta["std"])
+    assert not np.allclose(x.numpy(), as_own.numpy())  # the two crops differ: the test can tell them apart
+    out = tmp_path / "preds.csv"
+    assert main(["predict", "--model", str(models["fundus"]), "--images", str(chest_dicom), "--out", str(out)]) == 0
+    with open(out, newline="") as handle:
+        [row] = list(csv.DictReader(handle))
+    predicted = [float(row["prob_healthy"]), float(row["prob_disease"])]
+    assert main(["explain", "--model", str(models["fundus"]), "--image", str(chest_dicom), "--methods", "softcam",
+                 "--out", str(tmp_path / "maps"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "maps" / "summary.json").read_text())
+    explained = [summary["probabilities"][c] for c in ("healthy", "disease")]
+    session = ImageSession(model, meta, own, model_id="fundus")
+    reviewed = [float(p) for p in session.predict().probabilities]
+    np.testing.assert_allclose(explained, predicted, atol=1e-5)
+    np.testing.assert_allclose(reviewed, predicted, atol=1e-5)

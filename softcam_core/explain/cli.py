@@ -162,8 +162,8 @@ def run_explain(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from softcam_core.device import default_device
-    from softcam_core.imaging import denormalise, load_image, preprocess
-    from softcam_core.inference import modality_warning
+    from softcam_core.imaging import denormalise
+    from softcam_core.inference import modality_warning, prepared_input
     from softcam_core.models import load_checkpoint
     from softcam_core.render import image_fingerprint, map_png, map_problem
 
@@ -182,11 +182,10 @@ def run_explain(args: argparse.Namespace) -> int:
     classes = [str(c) for c in meta["classes"]]
     target = parse_target(args.target, classes)
     check_methods(model, methods)
-    image = load_image(args.image)
-    x, geometry = preprocess(image, int(meta["img_size"]), meta["mean"], meta["std"])
+    x, geometry, image, own_modality = prepared_input(args.image, meta)  # as predict and the app prepare it
     dicom_source = _dicom_source(args.image) if args.dicom else None
     image_id = image_fingerprint(image.pixels)  # never the path or file name: they may carry PHI
-    warnings = [w for w in [modality_warning(meta.get("modality"), image.modality, "this image")] if w]
+    warnings = [w for w in [modality_warning(meta.get("modality"), own_modality, "this image")] if w]
     for warning in warnings:
         print(f"softcam explain: warning: {warning}", file=sys.stderr)
 
@@ -254,7 +253,7 @@ def run_explain(args: argparse.Namespace) -> int:
         summary = {
             "model": str(args.model),
             "image_id": image_id,
-            "modality": {"model": meta.get("modality"), "image": image.modality},
+            "modality": {"model": meta.get("modality"), "image": own_modality},
             "warnings": warnings,
             "device": str(device),
             "input_size": list(batch.shape[-2:]),
