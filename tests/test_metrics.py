@@ -653,3 +653,20 @@ def test_lesion_occlusion_undefined_cases_and_shapes():
         M.lesion_occlusion(model, torch.ones(2, 3, 8, 8), masks[:1], [1, 1], patch=2)
     with pytest.raises(ValueError, match="controls"):
         M.lesion_occlusion(model, torch.ones(2, 3, 8, 8), masks, [1, 1], patch=2, controls=0)
+
+
+def test_deletion_says_no_to_a_map_that_ranks_what_the_model_reads_last():
+    """AUDC, hand-computed: a model reading only the top-left quadrant; the map ranking its 4 cells
+    first loses a quarter of the evidence per step, the map ranking them last loses nothing."""
+    model = _QuadrantModel((slice(0, 4), slice(0, 4)))
+    image = torch.ones(1, 3, 8, 8)
+    reads = np.zeros((8, 8))
+    reads[:4, :4] = 1.0
+    sigmoid = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    expected = np.array([sigmoid(10 - 2.5 * s) / sigmoid(10) for s in range(5)])
+    faithful = M.deletion_curve(model, image, reads, 1, patch=2, steps=4)
+    np.testing.assert_allclose(faithful, expected, atol=1e-6)
+    assert M.audc(faithful) == pytest.approx(np.sum((expected[1:] + expected[:-1]) * 0.25) / 2, abs=1e-6)
+    elsewhere = M.deletion_curve(model, image, 1.0 - reads, 1, patch=2, steps=4)
+    np.testing.assert_allclose(elsewhere, 1.0, atol=1e-6)  # 4 cells outside the quadrant: nothing lost
+    assert M.audc(elsewhere) == pytest.approx(1.0, abs=1e-6) and M.audc(faithful) < M.audc(elsewhere) - 0.05
